@@ -1,0 +1,167 @@
+"""Python mirror of bpf/aegis_abi.h: constants and byte layouts.
+
+Every layout here is compared field by field with the compiled object's BTF by
+tests/test_abi_btf.py (as tetragon's alignchecker does), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+ABI_VERSION: Final = 1
+SLOTS: Final = 2
+MAX_RULES: Final = 65536
+MAX_SCOPES: Final = 1024
+MAX_CGROUP_DEPTH: Final = 16
+
+
+class Hook(enum.IntEnum):
+    FILE_OPEN = 0
+    BPRM_CHECK = 1
+    MMAP_FILE = 2
+
+
+HOOK_NAMES: Final = {
+    Hook.FILE_OPEN: "file_open",
+    Hook.BPRM_CHECK: "bprm_check_security",
+    Hook.MMAP_FILE: "mmap_file",
+}
+#: the BPF program attached to each hook, as named in aegis.bpf.c
+HOOK_PROGRAMS: Final = {
+    Hook.FILE_OPEN: "aegis_file_open",
+    Hook.BPRM_CHECK: "aegis_bprm_check",
+    Hook.MMAP_FILE: "aegis_mmap_file",
+}
+
+
+class Decision(enum.IntEnum):
+    ALLOW = 0
+    DENY = 1
+    AUDIT = 2
+
+
+class Mode(enum.IntEnum):
+    AUDIT = 0
+    ENFORCE = 1
+
+
+ACTION_OPEN: Final = 1 << 0
+ACTION_EXEC: Final = 1 << 1
+ACTION_BITS: Final = {"open": ACTION_OPEN, "exec": ACTION_EXEC}
+
+SLOT_VALID: Final = 1 << 0
+SLOT_SCOPE_HOST: Final = 1 << 1
+
+
+class Counter(enum.IntEnum):
+    EVALUATED = 0
+    RULE_MATCHED = 1
+    SCOPE_MATCHED = 2
+    DENIED = 3
+    AUDITED = 4
+    RINGBUF_FAIL = 5
+    NO_POLICY = 6
+
+
+COUNTERS_PER_HOOK: Final = len(Counter)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A C struct as (field, struct-format) pairs; native alignment is explicit."""
+
+    c_name: str
+    fields: tuple[tuple[str, str], ...]
+
+    @property
+    def fmt(self) -> str:
+        return "<" + "".join(f for _, f in self.fields)
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize(self.fmt)
+
+    def offsets(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        acc = "<"
+        for name, f in self.fields:
+            out[name] = struct.calcsize(acc)
+            acc += f
+        return out
+
+    def pack(self, *values: object) -> bytes:
+        return struct.pack(self.fmt, *values)
+
+    def unpack(self, data: bytes) -> tuple:
+        return struct.unpack(self.fmt, data)
+
+
+INODE_KEY = Layout("aegis_inode_key", (("ino", "Q"), ("dev", "I"), ("slot", "I")))
+RULE = Layout("aegis_rule", (("rule_id", "I"), ("actions", "I"), ("flags", "I"), ("_pad", "I")))
+SCOPE_KEY = Layout("aegis_scope_key", (("cgroup_id", "Q"), ("slot", "I"), ("_pad", "I")))
+SCOPE = Layout("aegis_scope", (("scope_id", "I"), ("_pad", "I")))
+CONTROL = Layout("aegis_control", (("active_slot", "I"), ("_pad", "I"), ("_reserved", "Q")))
+SLOT_CONFIG = Layout(
+    "aegis_slot_config",
+    (("generation", "Q"), ("mode", "I"), ("flags", "I"), ("rule_count", "I"), ("scope_count", "I")),
+)
+RULE_COUNTER_KEY = Layout(
+    "aegis_rule_counter_key", (("generation", "Q"), ("rule_id", "I"), ("hook", "I"))
+)
+RULE_COUNTER = Layout("aegis_rule_counter", (("denied", "Q"), ("audited", "Q")))
+EVENT = Layout(
+    "aegis_event",
+    (
+        ("abi_version", "H"),
+        ("hook", "B"),
+        ("decision", "B"),
+        ("rule_id", "I"),
+        ("generation", "Q"),
+        ("ktime_ns", "Q"),
+        ("cgroup_id", "Q"),
+        ("scope_cgroup_id", "Q"),
+        ("ino", "Q"),
+        ("dev", "I"),
+        ("action", "I"),
+        ("pid", "I"),
+        ("tgid", "I"),
+        ("uid", "I"),
+        ("gid", "I"),
+        ("mode", "I"),
+        ("slot", "I"),
+        ("comm", "16s"),
+    ),
+)
+
+ALL_LAYOUTS: Final = (
+    INODE_KEY,
+    RULE,
+    SCOPE_KEY,
+    SCOPE,
+    CONTROL,
+    SLOT_CONFIG,
+    RULE_COUNTER_KEY,
+    RULE_COUNTER,
+    EVENT,
+)
+
+#: map names in aegis.bpf.c
+MAP_RULES: Final = "aegis_rules"
+MAP_SCOPES: Final = "aegis_scopes"
+MAP_CONFIG: Final = "aegis_config"
+MAP_COUNTERS: Final = "aegis_counters"
+MAP_RULE_COUNTERS: Final = "aegis_rule_counters"
+MAP_DENY_EVENTS: Final = "aegis_deny_events"
+MAP_AUDIT_EVENTS: Final = "aegis_audit_events"
+ALL_MAPS: Final = (
+    MAP_RULES,
+    MAP_SCOPES,
+    MAP_CONFIG,
+    MAP_COUNTERS,
+    MAP_RULE_COUNTERS,
+    MAP_DENY_EVENTS,
+    MAP_AUDIT_EVENTS,
+)

@@ -1,0 +1,217 @@
+"""The `aegis` command line.  Every error is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+
+from aegis_stream import __version__, abi
+from aegis_stream.errors import AegisError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _fail(msg: str, code: int = EXIT_ERROR) -> int:
+    print(f"aegis: error: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from aegis_stream.agent import AgentConfig, run_agent
+
+    cfg = AgentConfig(
+        policy=args.policy,
+        events=args.events,
+        metrics_addr=args.metrics_addr,
+        mode=args.mode,
+        status_file=args.status_file,
+        exit_after=args.exit_after,
+    )
+    return trio.run(run_agent, cfg)
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    from aegis_stream.apply import apply_policy
+    from aegis_stream.loader import open_pinned
+    from aegis_stream.policy import model
+    from aegis_stream.store import PolicyStore
+
+    policy = model.load(args.file)  # validate before touching anything
+    pinned = open_pinned()
+    try:
+        res = apply_policy(
+            pinned.policy_maps(), PolicyStore(), policy, Path(args.file).read_bytes(),
+            mode_override=args.mode,
+        )
+    finally:
+        pinned.close()
+    print(
+        f"applied {res.policy.name} v{res.policy.version}: generation {res.generation} "
+        f"(was {res.previous_generation}), slot {res.slot}, mode {res.mode}, "
+        f"{len(res.policy.rules)} rules, "
+        f"{'host-wide' if res.policy.host_scope else f'{len(res.policy.scopes)} scopes'}"
+    )
+    return EXIT_OK
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    from aegis_stream import slots
+    from aegis_stream.loader import open_pinned
+    from aegis_stream.store import PolicyStore
+
+    pinned = open_pinned()
+    try:
+        st = slots.read_state(pinned.policy_maps())
+    finally:
+        pinned.close()
+    active = st.active
+    doc: dict[str, object] = {
+        "active_slot": st.active_slot,
+        "generation": active.generation,
+        "valid": active.valid,
+        "mode": "enforce" if active.mode == abi.Mode.ENFORCE else "audit",
+        "rules_in_kernel": active.rule_count,
+        "scopes_in_kernel": active.scope_count,
+        "hooks_pinned": pinned.links,
+    }
+    if active.valid:
+        rec = PolicyStore().load(active.generation)
+        doc["policy"] = msgspec.to_builtins(rec.policy)
+    if args.json:
+        print(msgspec.json.encode(doc).decode())
+        return EXIT_OK
+    if not active.valid:
+        print("no policy active (every hook allows)")
+        return EXIT_OK
+    pol = doc["policy"]
+    assert isinstance(pol, dict)
+    print(f"policy {pol['name']} v{pol['version']} generation {active.generation} "
+          f"mode {doc['mode']} digest {pol['digest']}")
+    for r in pol["rules"]:
+        from aegis_stream.devnum import split_kernel_dev
+        from aegis_stream.policy.compiler import actions_names
+
+        ma, mi = split_kernel_dev(r["dev"])
+        print(f"  rule {r['id']}: {r['source']} -> {ma}:{mi}:{r['ino']} "
+              f"[{','.join(actions_names(r['actions']))}]")
+    for s in pol["scopes"] or [{"cgroup": "(host-wide)", "cgroup_id": 0}]:
+        print(f"  scope {s['cgroup']} (cgroup id {s['cgroup_id']})")
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from aegis_stream.doctor import render, run_doctor
+
+    report = run_doctor()
+    if args.json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        print(render(report))
+    return report.exit_code
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from aegis_stream.counters import read_counters
+    from aegis_stream.loader import open_pinned
+
+    pinned = open_pinned()
+    try:
+        doc = read_counters(pinned.maps)
+    finally:
+        pinned.close()
+    if args.json:
+        print(msgspec.json.encode(doc).decode())
+    else:
+        for hook, ctrs in doc["hooks"].items():
+            print(f"{hook}: " + " ".join(f"{k}={v}" for k, v in ctrs.items()))
+        for r in doc["rules"]:
+            print(f"rule gen={r['generation']} id={r['rule_id']} hook={r['hook']} "
+                  f"denied={r['denied']} audited={r['audited']}")
+    return EXIT_OK
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    from aegis_stream.loader import remove_pins
+
+    removed = remove_pins()
+    print(f"removed {len(removed)} pins; enforcement stops when no agent holds the programs")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from aegis_stream.demo import run_demo
+
+    return run_demo(args.kernel)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aegis", description=__doc__)
+    p.add_argument("--version", action="version", version=f"aegis {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="foreground agent: load, attach, apply, stream events")
+    r.add_argument("--policy", help="policy TOML to apply at start")
+    r.add_argument("--events", default="-", help="JSON lines output file ('-' = stdout)")
+    r.add_argument("--metrics-addr", help="HOST:PORT for Prometheus metrics")
+    r.add_argument("--mode", choices=["audit", "enforce"], help="override the policy's mode")
+    r.add_argument("--status-file", help="write the agent's state (JSON) here")
+    r.add_argument("--exit-after", type=float, help=argparse.SUPPRESS)
+    r.set_defaults(func=cmd_run)
+
+    pol = sub.add_parser("policy", help="policy lifecycle").add_subparsers(
+        dest="policy_command", required=True
+    )
+    pa = pol.add_parser("apply", help="apply a policy to the loaded agent (pinned state)")
+    pa.add_argument("file")
+    pa.add_argument("--mode", choices=["audit", "enforce"])
+    pa.set_defaults(func=cmd_policy_apply)
+    ps = pol.add_parser("show", help="the policy the kernel enforces now")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_policy_show)
+
+    d = sub.add_parser("doctor", help="can this host enforce? (proves it with a real deny)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
+
+    st = sub.add_parser("stats", help="live counters from the pinned maps")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_stats)
+
+    u = sub.add_parser("unload", help="remove pinned programs and maps")
+    u.set_defaults(func=cmd_unload)
+
+    dm = sub.add_parser("demo", help="boot a lab kernel and show audit, enforce and a deny")
+    dm.add_argument("--kernel", default="6.1")
+    dm.set_defaults(func=cmd_demo)
+
+    try:
+        from aegis_stream.lab import add_lab_subparsers
+    except ImportError:  # lab module not present
+        add_lab_subparsers = None
+    if add_lab_subparsers is not None:
+        lab = sub.add_parser("lab", help="real Debian kernels under QEMU")
+        add_lab_subparsers(lab.add_subparsers(dest="lab_command", required=True))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except AegisError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

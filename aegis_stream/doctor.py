@@ -1,0 +1,288 @@
+"""`aegis doctor`: can this host enforce, and is enforcement a measured fact?
+
+Each check is pass / warn / fail with a reason and a fix.  Exit codes:
+0 ready, 1 degraded (enforcement possible with caveats), 2 cannot enforce.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from aegis_stream import abi, libbpf, slots
+from aegis_stream.errors import AegisError
+from aegis_stream.loader import REQUIRED_PROGRAMS, BpfObject, default_object_path
+from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope, cgroup2_mounts
+
+SCHEMA = "aegis.doctor.v1"
+CAP_SYS_ADMIN, CAP_BPF, CAP_PERFMON = 21, 39, 38
+
+
+class Check(msgspec.Struct, frozen=True):
+    name: str
+    status: str  # pass | warn | fail
+    reason: str
+    fix: str = ""
+
+
+class DoctorReport(msgspec.Struct, frozen=True):
+    schema: str
+    kernel: str
+    verdict: str  # ready | degraded | cannot_enforce
+    exit_code: int
+    checks: list[Check]
+
+
+@dataclass
+class Ctx:
+    lsm_has_bpf: bool = False
+    loadable: bool = False
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def check_kernel(ctx: Ctx) -> Check:
+    rel = platform.release()
+    try:
+        major, minor = (int(x) for x in rel.split(".")[:2])
+    except ValueError:
+        return Check("kernel", "warn", f"cannot parse kernel release {rel!r}")
+    if (major, minor) < (5, 10):
+        return Check("kernel", "fail", f"kernel {rel} < 5.10 (no BPF LSM with ring buffers)",
+                     "use a 5.10+ kernel (6.1+ recommended)")
+    return Check("kernel", "pass", f"kernel {rel}")
+
+
+def check_btf(ctx: Ctx) -> Check:
+    if os.path.exists("/sys/kernel/btf/vmlinux"):
+        return Check("btf", "pass", "kernel BTF at /sys/kernel/btf/vmlinux (CO-RE relocations)")
+    return Check("btf", "fail", "no /sys/kernel/btf/vmlinux: CO-RE cannot relocate",
+                 "use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+
+
+def check_lsm(ctx: Ctx) -> Check:
+    lsm = _read("/sys/kernel/security/lsm")
+    if lsm is None:
+        return Check("lsm", "fail", "securityfs not mounted: active LSM list unknown",
+                     "mount -t securityfs securityfs /sys/kernel/security")
+    ctx.lsm_has_bpf = "bpf" in lsm.split(",")
+    if ctx.lsm_has_bpf:
+        return Check("lsm", "pass", f"bpf is an active LSM ({lsm})")
+    return Check("lsm", "fail", f"bpf is not in the active LSM list ({lsm})",
+                 f"add lsm={lsm},bpf to the kernel command line and reboot")
+
+
+def check_bpffs(ctx: Ctx) -> Check:
+    with open("/proc/self/mountinfo") as fh:
+        if any(" /sys/fs/bpf " in line and " - bpf " in line for line in fh):
+            return Check("bpffs", "pass", "bpffs mounted at /sys/fs/bpf (links and maps can be pinned)")
+    return Check("bpffs", "warn", "bpffs not mounted: enforcement would stop with the agent",
+                 "mount -t bpf bpf /sys/fs/bpf")
+
+
+def check_cgroup2(ctx: Ctx) -> Check:
+    mounts = cgroup2_mounts()
+    if not mounts:
+        return Check("cgroup2", "fail", "no cgroup v2 mount: scopes cannot be selected",
+                     "mount -t cgroup2 none /sys/fs/cgroup")
+    if "/sys/fs/cgroup" in mounts:
+        return Check("cgroup2", "pass", "unified cgroup v2 at /sys/fs/cgroup")
+    return Check("cgroup2", "warn", f"hybrid cgroup hierarchy: cgroup v2 at {', '.join(mounts)}",
+                 "scope paths must name directories under that mount")
+
+
+def _cap_eff() -> int:
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_caps(ctx: Ctx) -> Check:
+    eff = _cap_eff()
+    have = {n for n, b in (("CAP_SYS_ADMIN", CAP_SYS_ADMIN), ("CAP_BPF", CAP_BPF),
+                           ("CAP_PERFMON", CAP_PERFMON)) if eff & (1 << b)}
+    if "CAP_SYS_ADMIN" in have or {"CAP_BPF", "CAP_PERFMON"} <= have:
+        return Check("capabilities", "pass", f"effective: {', '.join(sorted(have))}")
+    return Check("capabilities", "fail", "needs CAP_SYS_ADMIN (or CAP_BPF + CAP_PERFMON)",
+                 "run as root")
+
+
+def check_lockdown(ctx: Ctx) -> Check:
+    ld = _read("/sys/kernel/security/lockdown")
+    if ld is None:
+        return Check("lockdown", "pass", "lockdown not reported (securityfs) or not built in")
+    if "[confidentiality]" in ld:
+        return Check("lockdown", "warn", f"lockdown={ld}: some BPF helpers are refused")
+    return Check("lockdown", "pass", f"lockdown {ld}")
+
+
+def check_memlock(ctx: Ctx) -> Check:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    try:
+        memcg = tuple(int(x) for x in platform.release().split(".")[:2]) >= (5, 11)
+    except ValueError:
+        memcg = False
+    if memcg:
+        return Check("memlock", "pass", "kernel >= 5.11 charges BPF memory to memcg, not memlock")
+    if soft == resource.RLIM_INFINITY or soft >= 64 << 20:
+        return Check("memlock", "pass", "memlock limit sufficient")
+    return Check("memlock", "warn", f"RLIMIT_MEMLOCK {soft} bytes: kernels < 5.11 need more",
+                 "ulimit -l unlimited")
+
+
+def probe_program(name: str, lsm_has_bpf: bool = True) -> Check:
+    """Load exactly one program (others not autoloaded): a real verifier pass."""
+    obj = BpfObject(pin_root_dir="/nonexistent-doctor-probe")
+    try:
+        obj.open()
+        lib = libbpf.lib()
+        assert obj._obj is not None
+        for other in REQUIRED_PROGRAMS:
+            p = lib.bpf_object__find_program_by_name(obj._obj, other.encode())
+            lib.bpf_program__set_autoload(p, other == name)
+        ret = lib.bpf_object__load(obj._obj)
+        if ret < 0:
+            err = libbpf.errno_of(ret)
+            vlog = obj._log_bufs[name].value.decode(errors="replace").strip()
+            ename = errno_mod.errorcode.get(err, str(err))
+            if err == errno_mod.EPERM and not vlog:
+                return Check(f"load:{name}", "fail",
+                             "kernel refused to load the LSM program with EPERM before the "
+                             "verifier ran (empty verifier log)"
+                             + (", although bpf is in the active LSM list: this kernel does "
+                                "not allow BPF LSM programs here" if lsm_has_bpf else ""),
+                             "this host cannot enforce; run enforcement in the lab: "
+                             "aegis lab exec -- aegis doctor")
+            tail = " | ".join(vlog.splitlines()[-3:])
+            return Check(f"load:{name}", "fail", f"load failed: {ename}; verifier: {tail}",
+                         "see the verifier log with --json")
+        return Check(f"load:{name}", "pass", "loaded and verified")
+    except AegisError as exc:
+        return Check(f"load:{name}", "fail", str(exc))
+    finally:
+        obj.close(keep_pins=False)
+
+
+_PROOF_CHILD = (
+    "import os,sys\n"
+    "open(sys.argv[1]+'/cgroup.procs','w').write(str(os.getpid()))\n"
+    "try:\n"
+    "    os.close(os.open(sys.argv[2], os.O_RDONLY)); print('opened')\n"
+    "except OSError as e:\n"
+    "    print('errno', e.errno)\n"
+)
+
+
+def synthetic_deny_proof() -> Check:
+    """Deny a fresh file for a throwaway cgroup and watch the kernel refuse the open."""
+    roots = cgroup2_mounts()
+    if not roots:
+        return Check("deny-proof", "fail", "no cgroup v2 mount to build a throwaway scope")
+    libc = ctypes.CDLL(None, use_errno=True)
+    mnt = tempfile.mkdtemp(prefix="aegis-doctor-")
+    cg = os.path.join(roots[0], f"aegis-doctor-{os.getpid()}")
+    obj = BpfObject(pin_root_dir="/nonexistent-doctor-probe")
+    mounted = False
+    try:
+        if libc.mount(b"tmpfs", mnt.encode(), b"tmpfs", 0, b"size=1m") != 0:
+            return Check("deny-proof", "fail", f"mount tmpfs: {os.strerror(ctypes.get_errno())}")
+        mounted = True
+        target = os.path.join(mnt, "canary")
+        Path(target).write_text("canary\n")
+        os.mkdir(cg)
+        obj.open()
+        obj.load()
+        report = obj.attach_all(pin=False)
+        if not report.enforcing_capable:
+            return Check("deny-proof", "fail", report.summary())
+        from aegis_stream.devnum import resolve_inode
+
+        ident = resolve_inode(target)
+        cp = CompiledPolicy(
+            "doctor-proof", 1, "enforce", "sha256:doctor",
+            [CompiledRule(0, "doctor-canary", target, ident.dev, ident.ino, abi.ACTION_OPEN)],
+            [CompiledScope(0, cg, os.stat(cg).st_ino)],
+        )
+        slots.swap(obj.policy_maps(), cp, 1, int(abi.Mode.ENFORCE))
+        out = subprocess.run([sys.executable, "-c", _PROOF_CHILD, cg, target],
+                             capture_output=True, text=True, timeout=30)
+        inside = out.stdout.strip()
+        outside_ok = True
+        try:
+            os.close(os.open(target, os.O_RDONLY))
+        except OSError:
+            outside_ok = False
+        if inside == f"errno {errno_mod.EPERM}" and outside_ok:
+            return Check("deny-proof", "pass",
+                         "open of a denied inode from a selected cgroup got EPERM; "
+                         "the same open outside the scope succeeded")
+        return Check("deny-proof", "fail",
+                     f"expected EPERM in scope and success outside; got {inside or out.stderr!r}"
+                     f" in scope, {'success' if outside_ok else 'failure'} outside")
+    except (AegisError, OSError, subprocess.SubprocessError) as exc:
+        return Check("deny-proof", "fail", f"proof could not run: {exc}")
+    finally:
+        obj.close(keep_pins=False)
+        if os.path.isdir(cg):
+            try:
+                os.rmdir(cg)
+            except OSError:
+                pass
+        if mounted:
+            libc.umount2(mnt.encode(), 0)
+        shutil.rmtree(mnt, ignore_errors=True)
+
+
+def run_doctor() -> DoctorReport:
+    ctx = Ctx()
+    checks = [f(ctx) for f in (check_kernel, check_btf, check_lsm, check_bpffs, check_cgroup2,
+                              check_caps, check_lockdown, check_memlock)]
+    if not default_object_path().exists():
+        checks.append(Check("object", "fail", f"{default_object_path()} missing", "make -C bpf"))
+    else:
+        probes = [probe_program(p, ctx.lsm_has_bpf) for p in REQUIRED_PROGRAMS]
+        checks += probes
+        if all(c.status == "pass" for c in probes):
+            checks.append(synthetic_deny_proof())
+        else:
+            checks.append(Check("deny-proof", "fail", "skipped: programs do not load here"))
+    fails = [c for c in checks if c.status == "fail"]
+    warns = [c for c in checks if c.status == "warn"]
+    if fails:
+        verdict, code = "cannot_enforce", 2
+    elif warns:
+        verdict, code = "degraded", 1
+    else:
+        verdict, code = "ready", 0
+    return DoctorReport(SCHEMA, platform.release(), verdict, code, checks)
+
+
+def render(report: DoctorReport) -> str:
+    mark = {"pass": "ok  ", "warn": "WARN", "fail": "FAIL"}
+    lines = [f"aegis doctor — kernel {report.kernel}"]
+    for c in report.checks:
+        lines.append(f"  [{mark[c.status]}] {c.name}: {c.reason}")
+        if c.fix and c.status != "pass":
+            lines.append(f"         fix: {c.fix}")
+    lines.append(f"verdict: {report.verdict} (exit {report.exit_code})")
+    return "\n".join(lines)
+
+

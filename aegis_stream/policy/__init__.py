@@ -1,0 +1,1 @@
+"""Policy: the model (model.py), its compiler to kernel entries (compiler.py)."""

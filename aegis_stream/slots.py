@@ -1,0 +1,192 @@
+"""Gapless generation swap over the two kernel slots.
+
+A new generation is written into the inactive slot (rules, scopes, slot config),
+verified by reading it back, and only then activated by a single write of the
+control word.  A decision reads the control word once and then only that slot, so
+no decision ever sees a mix of generations, and there is no instant without a policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+from dataclasses import dataclass
+
+from aegis_stream import abi
+from aegis_stream.errors import KernelError, StateError
+from aegis_stream.maps import PolicyMaps
+from aegis_stream.policy.compiler import CompiledPolicy
+
+CONTROL_KEY = struct.pack("<I", 0)
+# in-flight decisions that read the old control word finish within microseconds
+# (LSM programs run under RCU); we never rewrite a slot sooner than this after it
+# was deactivated.
+SLOT_REUSE_GRACE_S = 0.05
+
+
+def slot_key(slot: int) -> bytes:
+    return struct.pack("<I", 1 + slot)
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    generation: int
+    mode: int
+    flags: int
+    rule_count: int
+    scope_count: int
+
+    @property
+    def valid(self) -> bool:
+        return bool(self.flags & abi.SLOT_VALID)
+
+
+@dataclass(frozen=True)
+class KernelPolicyState:
+    active_slot: int
+    slots: tuple[SlotConfig, SlotConfig]
+
+    @property
+    def active(self) -> SlotConfig:
+        return self.slots[self.active_slot]
+
+    @property
+    def inactive_slot(self) -> int:
+        return 1 - self.active_slot
+
+
+def read_state(maps: PolicyMaps) -> KernelPolicyState:
+    raw = maps.config.lookup(CONTROL_KEY)
+    if raw is None:
+        raise StateError("config map has no control entry")
+    active = abi.CONTROL.unpack(raw[: abi.CONTROL.size])[0] & 1
+    slots = []
+    for s in range(abi.SLOTS):
+        v = maps.config.lookup(slot_key(s))
+        if v is None:
+            raise StateError(f"config map has no entry for slot {s}")
+        slots.append(SlotConfig(*abi.SLOT_CONFIG.unpack(v)[:5]))
+    return KernelPolicyState(active, (slots[0], slots[1]))
+
+
+def _rule_entries(cp: CompiledPolicy, slot: int) -> dict[bytes, bytes]:
+    return {
+        abi.INODE_KEY.pack(r.ino, r.dev, slot): abi.RULE.pack(r.index, r.actions, 0, 0)
+        for r in cp.rules
+    }
+
+
+def _scope_entries(cp: CompiledPolicy, slot: int) -> dict[bytes, bytes]:
+    return {
+        abi.SCOPE_KEY.pack(s.cgroup_id, slot, 0): abi.SCOPE.pack(s.index, 0) for s in cp.scopes
+    }
+
+
+def _slot_of_rule_key(key: bytes) -> int:
+    return abi.INODE_KEY.unpack(key)[2]
+
+
+def _slot_of_scope_key(key: bytes) -> int:
+    return abi.SCOPE_KEY.unpack(key)[1]
+
+
+def slot_digest(maps: PolicyMaps, slot: int) -> str:
+    """Digest of what the kernel holds for one slot, read back from the maps."""
+    h = hashlib.sha256()
+    rules = sorted(
+        (k, maps.rules.lookup(k) or b"") for k in maps.rules.keys() if _slot_of_rule_key(k) == slot
+    )
+    scopes = sorted(
+        (k, maps.scopes.lookup(k) or b"")
+        for k in maps.scopes.keys()
+        if _slot_of_scope_key(k) == slot
+    )
+    for k, v in rules + scopes:
+        h.update(k + v)
+    return h.hexdigest()
+
+
+def expected_digest(cp: CompiledPolicy, slot: int) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(_rule_entries(cp, slot).items()) + sorted(_scope_entries(cp, slot).items()):
+        h.update(k + v)
+    return h.hexdigest()
+
+
+def clear_slot(maps: PolicyMaps, slot: int) -> None:
+    maps.config.update(slot_key(slot), abi.SLOT_CONFIG.pack(0, 0, 0, 0, 0))
+    for k in maps.rules.keys():
+        if _slot_of_rule_key(k) == slot:
+            maps.rules.delete(k)
+    for k in maps.scopes.keys():
+        if _slot_of_scope_key(k) == slot:
+            maps.scopes.delete(k)
+
+
+@dataclass(frozen=True)
+class StagedSlot:
+    slot: int
+    generation: int
+    digest: str
+
+
+def stage(maps: PolicyMaps, cp: CompiledPolicy, generation: int, mode: int) -> StagedSlot:
+    """Write a generation into the inactive slot and verify it.  Nothing is activated."""
+    state = read_state(maps)
+    slot = state.inactive_slot
+    clear_slot(maps, slot)
+    try:
+        for k, v in _rule_entries(cp, slot).items():
+            maps.rules.update(k, v)
+        for k, v in _scope_entries(cp, slot).items():
+            maps.scopes.update(k, v)
+    except KernelError as exc:
+        clear_slot(maps, slot)
+        raise KernelError(f"staging generation {generation} failed, nothing applied: {exc}") from None
+    got = slot_digest(maps, slot)
+    want = expected_digest(cp, slot)
+    if got != want:
+        clear_slot(maps, slot)
+        raise StateError(f"slot {slot} read-back digest mismatch; nothing applied")
+    flags = abi.SLOT_VALID | (abi.SLOT_SCOPE_HOST if cp.host_scope else 0)
+    maps.config.update(
+        slot_key(slot),
+        abi.SLOT_CONFIG.pack(generation, mode, flags, len(cp.rules), len(cp.scopes)),
+    )
+    return StagedSlot(slot, generation, got)
+
+
+def activate(maps: PolicyMaps, slot: int) -> None:
+    """The single write that switches every hook to ``slot``."""
+    maps.config.update(CONTROL_KEY, abi.CONTROL.pack(slot, 0, 0).ljust(maps.config.value_size, b"\0"))
+
+
+def set_slot_mode(maps: PolicyMaps, slot: int, mode: int) -> None:
+    v = maps.config.lookup(slot_key(slot))
+    if v is None:
+        raise StateError(f"no config for slot {slot}")
+    gen, _, flags, rc, sc = abi.SLOT_CONFIG.unpack(v)
+    maps.config.update(slot_key(slot), abi.SLOT_CONFIG.pack(gen, mode, flags, rc, sc))
+
+
+def swap(maps: PolicyMaps, cp: CompiledPolicy, generation: int, mode: int) -> StagedSlot:
+    staged = stage(maps, cp, generation, mode)
+    activate(maps, staged.slot)
+    return staged
+
+
+def deactivate_all(maps: PolicyMaps) -> None:
+    """Make the active slot invalid: every hook allows (used by unload/break-glass)."""
+    state = read_state(maps)
+    a = state.active
+    maps.config.update(
+        slot_key(state.active_slot),
+        abi.SLOT_CONFIG.pack(a.generation, a.mode, a.flags & ~abi.SLOT_VALID, a.rule_count, a.scope_count),
+    )
+
+
+def wait_grace(last_switch_monotonic: float) -> None:
+    left = SLOT_REUSE_GRACE_S - (time.monotonic() - last_switch_monotonic)
+    if left > 0:
+        time.sleep(left)

@@ -1,0 +1,133 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * aegis_abi.h - the one place where the kernel programs and the agent agree on
+ * event and map layouts.  Plain fixed-width types only; every struct here is
+ * checked against the compiled object's BTF by tests/test_abi_btf.py, and the
+ * Python mirror lives in aegis_stream/abi.py.
+ *
+ * Bump AEGIS_ABI_VERSION on any layout change.  Fields are only ever appended.
+ */
+#ifndef AEGIS_ABI_H
+#define AEGIS_ABI_H
+
+#define AEGIS_ABI_VERSION 1
+
+/* Two rule generations ("slots") live in the kernel at once; a decision reads
+ * the active slot once and then only that slot's rules, scopes and config. */
+#define AEGIS_SLOTS 2
+#define AEGIS_MAX_RULES 65536     /* per slot */
+#define AEGIS_MAX_SCOPES 1024     /* per slot */
+#define AEGIS_MAX_CGROUP_DEPTH 16 /* ancestors walked for hierarchical scope */
+
+enum aegis_hook {
+	AEGIS_HOOK_FILE_OPEN = 0,
+	AEGIS_HOOK_BPRM_CHECK = 1,
+	AEGIS_HOOK_MMAP_FILE = 2,
+	AEGIS_HOOK_COUNT = 3,
+};
+
+enum aegis_decision {
+	AEGIS_DECISION_ALLOW = 0,
+	AEGIS_DECISION_DENY = 1,  /* enforce mode: -EPERM returned */
+	AEGIS_DECISION_AUDIT = 2, /* audit mode: would deny, allowed */
+};
+
+enum aegis_mode {
+	AEGIS_MODE_AUDIT = 0,
+	AEGIS_MODE_ENFORCE = 1,
+};
+
+/* rule actions (bits) */
+#define AEGIS_ACTION_OPEN (1U << 0)
+#define AEGIS_ACTION_EXEC (1U << 1)
+
+/* slot config flags */
+#define AEGIS_SLOT_VALID (1U << 0)      /* slot holds a complete generation */
+#define AEGIS_SLOT_SCOPE_HOST (1U << 1) /* no scope: every cgroup */
+
+/* per-hook counters (per-CPU array index = hook * AEGIS_CTR_COUNT + ctr) */
+enum aegis_counter {
+	AEGIS_CTR_EVALUATED = 0,    /* hook ran with a valid active slot */
+	AEGIS_CTR_RULE_MATCHED = 1, /* inode + action matched a rule */
+	AEGIS_CTR_SCOPE_MATCHED = 2,/* ... and the task was in scope */
+	AEGIS_CTR_DENIED = 3,
+	AEGIS_CTR_AUDITED = 4,
+	AEGIS_CTR_RINGBUF_FAIL = 5, /* event reserve failed (decision still made) */
+	AEGIS_CTR_NO_POLICY = 6,    /* no valid active slot: allowed */
+	AEGIS_CTR_COUNT = 7,
+};
+
+struct aegis_inode_key {
+	__u64 ino;
+	__u32 dev;  /* kernel encoding: MAJOR << 20 | MINOR (sb->s_dev) */
+	__u32 slot;
+};
+
+struct aegis_rule {
+	__u32 rule_id;  /* index into the compiled policy's rule table */
+	__u32 actions;  /* AEGIS_ACTION_* */
+	__u32 flags;
+	__u32 _pad;
+};
+
+struct aegis_scope_key {
+	__u64 cgroup_id; /* cgroup v2 id (the cgroup directory's inode number) */
+	__u32 slot;
+	__u32 _pad;
+};
+
+struct aegis_scope {
+	__u32 scope_id;
+	__u32 _pad;
+};
+
+/* config map: index 0 = struct aegis_control, index 1 + slot = aegis_slot_config */
+struct aegis_control {
+	__u32 active_slot; /* the single word whose write activates a generation */
+	__u32 _pad;
+	__u64 _reserved;
+};
+
+struct aegis_slot_config {
+	__u64 generation; /* monotonic policy generation */
+	__u32 mode;       /* enum aegis_mode */
+	__u32 flags;      /* AEGIS_SLOT_* */
+	__u32 rule_count;
+	__u32 scope_count;
+};
+
+/* per-rule exact counters: kept apart from events so totals stay exact */
+struct aegis_rule_counter_key {
+	__u64 generation;
+	__u32 rule_id;
+	__u32 hook;
+};
+
+struct aegis_rule_counter {
+	__u64 denied;
+	__u64 audited;
+};
+
+/* one decision record on a ring buffer; 96 bytes */
+struct aegis_event {
+	__u16 abi_version;
+	__u8 hook;      /* enum aegis_hook */
+	__u8 decision;  /* enum aegis_decision */
+	__u32 rule_id;
+	__u64 generation;
+	__u64 ktime_ns;
+	__u64 cgroup_id;       /* the task's own cgroup */
+	__u64 scope_cgroup_id; /* the selected cgroup that matched (0: host scope) */
+	__u64 ino;
+	__u32 dev;      /* kernel encoding */
+	__u32 action;   /* AEGIS_ACTION_* that was evaluated */
+	__u32 pid;      /* thread id */
+	__u32 tgid;     /* process id */
+	__u32 uid;
+	__u32 gid;
+	__u32 mode;     /* enum aegis_mode of the deciding slot */
+	__u32 slot;
+	char comm[16];
+};
+
+#endif /* AEGIS_ABI_H */
