@@ -1,0 +1,222 @@
+"""Kernel-lab fixtures: a real BPF LSM object loaded in a real kernel (QEMU guest).
+
+These tests run only inside `aegis lab exec` (AEGIS_LAB=1).  Outside the lab they
+skip with the reason; inside the lab a missing capability is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from aegis_stream import abi
+from aegis_stream.apply import ApplyResult, apply_policy
+from aegis_stream.events import RawDecision, decode_raw
+from aegis_stream.loader import BpfObject
+from aegis_stream.maps import FdMap
+from aegis_stream.policy import model
+from aegis_stream.ringbuf import RingBuffer
+from aegis_stream.store import PolicyStore
+
+IN_LAB = os.environ.get("AEGIS_LAB") == "1"
+PROBE = str(Path(__file__).with_name("probe.py"))
+ROOT = Path("/tmp/aegis-kt")
+CG_ROOT = Path("/sys/fs/cgroup")
+EPERM = errno.EPERM
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "tests/kernel/" in str(item.fspath):
+            item.add_marker(pytest.mark.kernel)
+            if not IN_LAB:
+                item.add_marker(
+                    pytest.mark.skip(reason="needs a lab kernel: aegis lab exec -- pytest -m kernel")
+                )
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(src: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    if _libc.mount(src.encode(), target.encode(), fstype.encode(), flags, data.encode() or None):
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {fstype} on {target}: {os.strerror(e)}")
+
+
+def is_mounted(target: str, fstype: str) -> bool:
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            f = line.split()
+            if f[4] == target and f[f.index("-") + 1] == fstype:
+                return True
+    return False
+
+
+def ensure_mounts() -> None:
+    if not is_mounted("/sys/kernel/security", "securityfs"):
+        mount("securityfs", "/sys/kernel/security", "securityfs")
+    if not is_mounted("/sys/fs/bpf", "bpf"):
+        mount("bpf", "/sys/fs/bpf", "bpf")
+    if not is_mounted(str(CG_ROOT), "cgroup2"):
+        mount("cgroup2", str(CG_ROOT), "cgroup2")
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def result(self) -> dict:
+        lines = [ln for ln in self.stdout.splitlines() if ln.startswith("{")]
+        return json.loads(lines[-1]) if lines else {}
+
+    @property
+    def errno(self) -> int | None:
+        return self.result.get("errno")
+
+
+@dataclass
+class Lab:
+    obj: BpfObject
+    maps: dict[str, FdMap]
+    store: PolicyStore
+    rings: dict[str, RingBuffer]
+    cg_selected: Path
+    cg_child: Path
+    cg_other: Path
+    files: Path
+    applied: list[ApplyResult] = field(default_factory=list)
+
+    # -- policy ---------------------------------------------------------------------
+    def apply(
+        self,
+        rules: list[dict],
+        *,
+        mode: str = "enforce",
+        scopes: list[Path] | None = None,
+        name: str = "kt",
+    ) -> ApplyResult:
+        version = len(self.applied) + 1
+        doc = f'apiVersion = "aegis/v1"\nname = "{name}"\nversion = {version}\nmode = "{mode}"\n'
+        for sc in [self.cg_selected] if scopes is None else scopes:
+            doc += f'[[scope]]\ncgroup = "{sc}"\n'
+        for i, r in enumerate(rules):
+            doc += f'[[rules]]\nid = "{r.get("id", f"rule-{i}")}"\n'
+            if "inode" in r:
+                doc += f'inode = "{r["inode"]}"\n'
+            else:
+                doc += f'path = "{r["path"]}"\n'
+            acts = r.get("actions", ["open", "exec"])
+            doc += "actions = [" + ", ".join(f'"{a}"' for a in acts) + "]\n"
+        policy = model.loads(doc)
+        pm = self.obj.policy_maps()
+        res = apply_policy(pm, self.store, policy, doc.encode())
+        self.applied.append(res)
+        self.drain()
+        return res
+
+    # -- processes ------------------------------------------------------------------
+    def run(self, argv: list[str], cgroup: Path | None = None, stdin: str | None = None,
+            timeout: float = 60) -> Outcome:
+        cg = self.cg_selected if cgroup is None else cgroup
+        wrapped = ["/bin/sh", "-c", f'echo $$ > "{cg}/cgroup.procs" && exec "$@"', "sh", *argv]
+        p = subprocess.run(wrapped, capture_output=True, text=True, input=stdin, timeout=timeout)
+        return Outcome(p.returncode, p.stdout, p.stderr)
+
+    def probe(self, op: str, path: str | Path, *extra: str, cgroup: Path | None = None) -> Outcome:
+        return self.run([sys.executable, PROBE, op, str(path), *extra], cgroup=cgroup)
+
+    # -- events ---------------------------------------------------------------------
+    def drain(self) -> list[RawDecision]:
+        out = []
+        for ring in self.rings.values():
+            out += [decode_raw(r) for r in ring.drain(1 << 16)]
+        return out
+
+    def events_for(self, path: str | Path) -> list[RawDecision]:
+        ino = os.stat(path).st_ino
+        return [e for e in self.drain() if e.ino == ino]
+
+    def file(self, name: str, content: str = "secret\n", mode: int = 0o644) -> Path:
+        p = self.files / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(content)
+        p.chmod(mode)
+        return p
+
+    def binary(self, name: str, source: str = "/bin/true") -> Path:
+        p = self.files / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, p)
+        return p
+
+    def clear_policy(self) -> None:
+        """Apply an inert policy (a rule on a file no test touches)."""
+        inert = self.file(".inert", "x")
+        self.apply([{"id": "inert", "path": str(inert)}])
+
+
+def cgroup_id(p: Path) -> int:
+    return os.stat(p).st_ino
+
+
+@pytest.fixture(scope="session")
+def lab_env(tmp_path_factory) -> Iterator[Lab]:
+    if not IN_LAB:
+        pytest.skip("not in a lab kernel")
+    if os.geteuid() != 0:
+        pytest.fail("kernel tests must run as root inside the lab guest")
+    ensure_mounts()
+    os.makedirs(ROOT, exist_ok=True)
+    mount("tmpfs", str(ROOT), "tmpfs", 0, "size=64m,mode=0755")
+    files = ROOT / "files"
+    files.mkdir()
+    state = tmp_path_factory.mktemp("state")
+    os.environ["AEGIS_STATE_DIR"] = str(state)
+    base = CG_ROOT / f"aegis-kt-{os.getpid()}"
+    sel, child, other = base / "selected", base / "selected" / "child", base / "other"
+    for d in (base, sel, child, other):
+        d.mkdir()
+    obj = BpfObject(pin_root_dir="/sys/fs/bpf/aegis-kt")
+    obj.open()
+    obj.load()
+    report = obj.attach_all(pin=False)
+    if not report.enforcing_capable:
+        pytest.fail(f"lab kernel cannot attach: {report.summary()}")
+    maps = obj.maps()
+    rings = {
+        "deny": RingBuffer(maps[abi.MAP_DENY_EVENTS].fd, maps[abi.MAP_DENY_EVENTS].max_entries),
+        "audit": RingBuffer(maps[abi.MAP_AUDIT_EVENTS].fd, maps[abi.MAP_AUDIT_EVENTS].max_entries),
+    }
+    lab = Lab(obj, maps, PolicyStore(state), rings, sel, child, other, files)
+    yield lab
+    for r in rings.values():
+        r.close()
+    obj.close(keep_pins=False)
+    for d in (child, sel, other, base):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    _libc.umount2(str(ROOT).encode(), 2)
+
+
+@pytest.fixture
+def lab(lab_env: Lab) -> Iterator[Lab]:
+    lab_env.drain()
+    yield lab_env
+    lab_env.clear_policy()
