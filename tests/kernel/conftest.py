@@ -6,7 +6,6 @@ skip with the reason; inside the lab a missing capability is a failure, never a 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -26,6 +25,7 @@ from aegis_stream.loader import BpfObject
 from aegis_stream.maps import FdMap
 from aegis_stream.policy import model
 from aegis_stream.ringbuf import RingBuffer
+from aegis_stream.labmounts import ensure_guest_mounts, mount_tmpfs, umount
 from aegis_stream.store import PolicyStore
 
 IN_LAB = os.environ.get("AEGIS_LAB") == "1"
@@ -43,34 +43,6 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(
                     pytest.mark.skip(reason="needs a lab kernel: aegis lab exec -- pytest -m kernel")
                 )
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def mount(src: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
-    os.makedirs(target, exist_ok=True)
-    if _libc.mount(src.encode(), target.encode(), fstype.encode(), flags, data.encode() or None):
-        e = ctypes.get_errno()
-        raise OSError(e, f"mount {fstype} on {target}: {os.strerror(e)}")
-
-
-def is_mounted(target: str, fstype: str) -> bool:
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            f = line.split()
-            if f[4] == target and f[f.index("-") + 1] == fstype:
-                return True
-    return False
-
-
-def ensure_mounts() -> None:
-    if not is_mounted("/sys/kernel/security", "securityfs"):
-        mount("securityfs", "/sys/kernel/security", "securityfs")
-    if not is_mounted("/sys/fs/bpf", "bpf"):
-        mount("bpf", "/sys/fs/bpf", "bpf")
-    if not is_mounted(str(CG_ROOT), "cgroup2"):
-        mount("cgroup2", str(CG_ROOT), "cgroup2")
 
 
 @dataclass
@@ -180,9 +152,9 @@ def lab_env(tmp_path_factory) -> Iterator[Lab]:
         pytest.skip("not in a lab kernel")
     if os.geteuid() != 0:
         pytest.fail("kernel tests must run as root inside the lab guest")
-    ensure_mounts()
+    ensure_guest_mounts()
     os.makedirs(ROOT, exist_ok=True)
-    mount("tmpfs", str(ROOT), "tmpfs", 0, "size=64m,mode=0755")
+    mount_tmpfs(ROOT)
     files = ROOT / "files"
     files.mkdir()
     state = tmp_path_factory.mktemp("state")
@@ -212,7 +184,7 @@ def lab_env(tmp_path_factory) -> Iterator[Lab]:
             d.rmdir()
         except OSError:
             pass
-    _libc.umount2(str(ROOT).encode(), 2)
+    umount(ROOT)
 
 
 @pytest.fixture
