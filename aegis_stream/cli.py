@@ -36,30 +36,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return trio.run(run_agent, cfg)
 
 
-def cmd_policy_apply(args: argparse.Namespace) -> int:
-    from aegis_stream.apply import apply_policy
-    from aegis_stream.loader import open_pinned
-    from aegis_stream.policy import model
-    from aegis_stream.store import PolicyStore
-
-    policy = model.load(args.file)  # validate before touching anything
-    pinned = open_pinned()
-    try:
-        res = apply_policy(
-            pinned.policy_maps(), PolicyStore(), policy, Path(args.file).read_bytes(),
-            mode_override=args.mode,
-        )
-    finally:
-        pinned.close()
-    print(
-        f"applied {res.policy.name} v{res.policy.version}: generation {res.generation} "
-        f"(was {res.previous_generation}), slot {res.slot}, mode {res.mode}, "
-        f"{len(res.policy.rules)} rules, "
-        f"{'host-wide' if res.policy.host_scope else f'{len(res.policy.scopes)} scopes'}"
-    )
-    return EXIT_OK
-
-
 def cmd_policy_show(args: argparse.Namespace) -> int:
     from aegis_stream import slots
     from aegis_stream.loader import open_pinned
@@ -170,10 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     pa = pol.add_parser("apply", help="apply a policy to the loaded agent (pinned state)")
     pa.add_argument("file")
     pa.add_argument("--mode", choices=["audit", "enforce"])
-    pa.set_defaults(func=cmd_policy_apply)
+    from aegis_stream.cli_policy import (
+        add_policy_apply_arguments,
+        add_policy_lifecycle_commands,
+    )
+    from aegis_stream.cli_policy import cmd_policy_apply as lifecycle_apply
+
+    add_policy_apply_arguments(pa)  # --dry-run, --events, --canary-seconds, --max-deny-rate
+    pa.set_defaults(func=lifecycle_apply)
     ps = pol.add_parser("show", help="the policy the kernel enforces now")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=cmd_policy_show)
+    add_policy_lifecycle_commands(pol, sub)  # sign, verify, lint, log, rollback, keys, break-glass
 
     d = sub.add_parser("doctor", help="can this host enforce? (proves it with a real deny)")
     d.add_argument("--json", action="store_true")

@@ -66,9 +66,18 @@ def inside() -> int:
         _say("audit mode: the workload reads the secret (allowed, audited)")
         r = _in_cgroup(cg, ["cat", str(secret)])
         print(f"$ cat {secret}  -> exit {r.returncode}: {r.stdout.strip() or r.stderr.strip()}")
+        _say("enforce mode needs a signed policy: generate a key, trust it, sign")
+        keys = work / "keys"
+        for argv in (["keys", "generate", "--id", "demo-signer", "--out", str(keys)],
+                     ["keys", "add", str(keys / "demo-signer.pub"), "--id", "demo-signer"],
+                     ["policy", "sign", str(_policy(work / "p2.toml", version=2, mode="enforce",
+                                                    **kw)),
+                      "--key", str(keys / "demo-signer.key"), "--out", str(work / "p2.signed")]):
+            out = subprocess.run([*AEGIS, *argv], env=env, capture_output=True, text=True)
+            print(f"$ aegis {' '.join(argv[:2])} ... -> {out.stdout.strip().splitlines()[0]}"
+                  if out.returncode == 0 else out.stderr.strip())
         _say("switching to enforce: aegis policy apply (gapless slot swap)")
-        out = subprocess.run([*AEGIS, "policy", "apply",
-                              str(_policy(work / "p2.toml", version=2, mode="enforce", **kw))],
+        out = subprocess.run([*AEGIS, "policy", "apply", str(work / "p2.signed")],
                              env=env, capture_output=True, text=True)
         print(out.stdout.strip() or out.stderr.strip())
         _say("enforce mode: the workload is denied")
@@ -95,6 +104,10 @@ def inside() -> int:
         stats = subprocess.run([*AEGIS, "stats"], env=env, capture_output=True, text=True)
         _say("kernel counters (aegis stats):")
         print(stats.stdout.strip())
+        log = subprocess.run([*AEGIS, "policy", "log", "--verify"], env=env, capture_output=True,
+                             text=True)
+        _say("provenance (aegis policy log --verify):")
+        print(log.stdout.strip() or log.stderr.strip())
         rc = 0 if len(denies) >= 2 else 1
     finally:
         agent.terminate()
@@ -110,7 +123,10 @@ def run_demo(kernel: str) -> int:
     from aegis_stream import lab
 
     k = lab.fetch_kernel(kernel)
-    res = lab.lab_exec(k, [sys.executable, "-m", "aegis_stream.demo", "--inside"], stream=True)
+    print(f"booting Debian kernel {k.version} under QEMU (TCG); this takes a minute...",
+          flush=True)
+    res = lab.lab_exec(k, [sys.executable, "-m", "aegis_stream.demo", "--inside"], timeout=900)
+    print(res.stdout)
     return res.returncode
 
 

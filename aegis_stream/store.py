@@ -28,6 +28,7 @@ class GenerationRecord(msgspec.Struct, frozen=True):
     applied_at: float
     policy: CompiledPolicy
     signer: str = ""  # key id when the policy was signed; "" = unsigned
+    mode: str = ""  # effective mode it was applied in ("" = policy.mode)
 
 
 def state_dir() -> Path:
@@ -69,7 +70,9 @@ class PolicyStore:
         gens = self.generations()
         return (gens[-1] + 1) if gens else 1
 
-    def record(self, rec: GenerationRecord, source: bytes = b"") -> None:
+    def record(self, rec: GenerationRecord, source: bytes = b"", *, envelope: bytes = b"") -> None:
+        if envelope:  # the signed envelope, kept so rollback can re-verify it
+            atomic_write(self.gen_dir / f"{rec.generation}.signed", envelope)
         if source:
             atomic_write(self.gen_dir / f"{rec.generation}.toml", source)
         atomic_write(self.gen_dir / f"{rec.generation}.json", _enc.encode(rec))
@@ -86,3 +89,12 @@ class PolicyStore:
     def source(self, generation: int) -> bytes | None:
         p = self.gen_dir / f"{generation}.toml"
         return p.read_bytes() if p.exists() else None
+
+    def envelope(self, generation: int) -> bytes | None:
+        p = self.gen_dir / f"{generation}.signed"
+        return p.read_bytes() if p.exists() else None
+
+    def discard(self, generation: int) -> None:
+        """Forget a generation that was recorded but never became active."""
+        for ext in ("json", "toml", "signed"):
+            (self.gen_dir / f"{generation}.{ext}").unlink(missing_ok=True)

@@ -37,6 +37,20 @@ def _policy(tmp_path: Path, lab: Lab, target: Path, mode: str, version: int = 1)
     return p
 
 
+def _signed(env: dict, tmp_path: Path, policy: Path) -> Path:
+    """Enforce mode needs a signed envelope: make a key, trust it, sign."""
+    keys = tmp_path / "keys"
+    if not (keys / "kt.key").exists():
+        subprocess.run([*AEGIS, "keys", "generate", "--id", "kt", "--out", str(keys)],
+                       env=env, check=True, capture_output=True)
+        subprocess.run([*AEGIS, "keys", "add", str(keys / "kt.pub"), "--id", "kt"],
+                       env=env, check=True, capture_output=True)
+    out = policy.with_suffix(".signed")
+    subprocess.run([*AEGIS, "policy", "sign", str(policy), "--key", str(keys / "kt.key"),
+                    "--out", str(out)], env=env, check=True, capture_output=True)
+    return out
+
+
 def _wait_for(path: Path, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,8 +74,12 @@ def test_cli_001_run_apply_deny_and_event(lab: Lab, agent_env, tmp_path):
         assert st["state"] == "auditing"
         assert all(h["phase"] == "attached" for h in st["hooks"].values())
         assert lab.probe("read", target).result == {"ok": True}  # audit: allowed
-        out = subprocess.run([*AEGIS, "policy", "apply",
-                              str(_policy(tmp_path, lab, target, "enforce", 2))],
+        unsigned = _policy(tmp_path, lab, target, "enforce", 2)
+        refused = subprocess.run([*AEGIS, "policy", "apply", str(unsigned)],
+                                 env=agent_env, capture_output=True, text=True)
+        assert refused.returncode != 0 and refused.stderr.count("\n") == 1
+        assert lab.probe("read", target).result == {"ok": True}  # refusal changed nothing
+        out = subprocess.run([*AEGIS, "policy", "apply", str(_signed(agent_env, tmp_path, unsigned))],
                              env=agent_env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "generation 2" in out.stdout and "mode enforce" in out.stdout
@@ -100,7 +118,7 @@ def test_cli_001_run_apply_deny_and_event(lab: Lab, agent_env, tmp_path):
 
 def test_cli_002_restart_reuses_pinned_state(lab: Lab, agent_env, tmp_path):
     target = lab.file("restart-secret")
-    pol = _policy(tmp_path, lab, target, "enforce")
+    pol = _signed(agent_env, tmp_path, _policy(tmp_path, lab, target, "enforce"))
     first = subprocess.run([*AEGIS, "run", "--policy", str(pol), "--events", os.devnull,
                             "--exit-after", "0.5"], env=agent_env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
@@ -114,6 +132,9 @@ def test_cli_002_restart_reuses_pinned_state(lab: Lab, agent_env, tmp_path):
     show = subprocess.run([*AEGIS, "policy", "show", "--json"], env=agent_env,
                           capture_output=True, text=True, check=True)
     assert json.loads(show.stdout)["generation"] == 1
+    log = subprocess.run([*AEGIS, "policy", "log", "--verify"], env=agent_env,
+                         capture_output=True, text=True)
+    assert log.returncode == 0, log.stderr
 
 
 def test_cli_003_apply_without_agent_fails_clearly(lab: Lab, tmp_path):
@@ -127,13 +148,14 @@ def test_cli_003_apply_without_agent_fails_clearly(lab: Lab, tmp_path):
 
 def test_cli_004_bad_policy_changes_nothing(lab: Lab, agent_env, tmp_path):
     target = lab.file("bad-policy-target")
-    pol = _policy(tmp_path, lab, target, "enforce")
+    src = _policy(tmp_path, lab, target, "enforce")
+    pol = _signed(agent_env, tmp_path, src)
     subprocess.run([*AEGIS, "run", "--policy", str(pol), "--events", os.devnull,
                     "--exit-after", "0.2"], env=agent_env, check=True, capture_output=True)
     bad = tmp_path / "bad.toml"
-    bad.write_text(pol.read_text().replace(str(target), "/nonexistent/file").replace(
+    bad.write_text(src.read_text().replace(str(target), "/nonexistent/file").replace(
         "version = 1", "version = 2"))
-    out = subprocess.run([*AEGIS, "policy", "apply", str(bad)], env=agent_env,
+    out = subprocess.run([*AEGIS, "policy", "apply", str(bad), "--mode", "audit"], env=agent_env,
                          capture_output=True, text=True)
     assert out.returncode == 1 and "No such file" in out.stderr and out.stderr.count("\n") == 1
     show = json.loads(subprocess.run([*AEGIS, "policy", "show", "--json"], env=agent_env,

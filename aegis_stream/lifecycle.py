@@ -1,0 +1,587 @@
+"""Policy lifecycle orchestration: apply, rollback, break-glass, canary, reconciliation.
+
+Every operation takes the lifecycle lock (``<state dir>/lifecycle.lock``), and every
+outcome, refusals included, is appended to the provenance log.
+
+apply, step by step (``STEPS``; a test hook can stop the process after any of them)::
+
+    verified   envelope verified against the trust store (or unsigned + audit), the
+               anti-rollback counter allows the version, the policy compiled
+    pending    a journal (lifecycle.pending.json) names old and new generation
+    recorded   generations/N.{json,toml,signed} written and fsync'd
+    counter    the anti-rollback counter persisted (failure = refusal)
+    staged     the inactive slot written and verified by read-back digest
+    activated  the single control-word write: the new generation is enforcing
+    logged     the provenance record appended; then the journal is removed
+
+Until ``activated`` the previously active generation is the one in force; a refusal
+before it discards the new generation's record.  After a crash, :func:`reconcile` reads
+the journal and the kernel's control word, finds that exactly the old or the new
+generation is effective, cleans up, and records which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from aegis_stream import abi, slots
+from aegis_stream.errors import AegisError, PolicyError, SignatureError, StateError
+from aegis_stream.maps import PolicyMaps
+from aegis_stream.policy import compiler, model, signing
+from aegis_stream.policy.antirollback import VersionCounter
+from aegis_stream.policy.trust import TrustStore
+from aegis_stream.provenance import ProvenanceLog
+from aegis_stream.store import GenerationRecord, PolicyStore, atomic_write, state_dir
+
+STEPS = ("verified", "pending", "recorded", "counter", "staged", "activated", "logged")
+PENDING_NAME = "lifecycle.pending.json"
+BREAK_GLASS_NAME = "break-glass.json"
+LOCK_NAME = "lifecycle.lock"
+
+
+class SimulatedCrash(BaseException):
+    """Raised by the test hook: like kill -9, no except/finally cleanup in lifecycle runs."""
+
+
+def _mode_val(mode: str) -> int:
+    return int(abi.Mode.ENFORCE if mode == "enforce" else abi.Mode.AUDIT)
+
+
+def _mode_name(val: int) -> str:
+    return "enforce" if val == abi.Mode.ENFORCE else "audit"
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class Admission:
+    policy: model.Policy
+    source: bytes  # policy TOML
+    envelope: bytes  # b"" when unsigned
+    signer: str  # key id, "" when unsigned
+    mode: str  # effective mode
+    digest: str
+
+    @property
+    def signer_label(self) -> str:
+        return self.signer or "unsigned"
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    generation: int
+    previous_generation: int
+    slot: int
+    policy: compiler.CompiledPolicy
+    mode: str
+    signer: str
+
+
+@dataclass(frozen=True)
+class RollbackOutcome:
+    generation: int  # the generation now active (0 = none)
+    previous_generation: int
+    method: str  # flip | reapply | deactivate
+    policy_name: str
+    version: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class BreakGlassOutcome:
+    generation: int
+    method: str  # audit | deactivate
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReconcileOutcome:
+    status: str  # clean | recovered | inconsistent
+    effective: str  # none | old | new | unknown
+    generation: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class CanaryOutcome:
+    passed: bool
+    deny_rate: float
+    apply: ApplyOutcome
+    rollback: RollbackOutcome | None = None
+
+
+# ------------------------------------------------------------------------------- canary
+def deny_delta(before: Mapping[Any, int], after: Mapping[Any, int]) -> int:
+    total = 0
+    for k, a in after.items():
+        b = before.get(k, 0)
+        total += a - b if a >= b else a  # a counter that went down was reset
+    return total
+
+
+def evaluate_canary(
+    deny_counts_before: Mapping[Any, int],
+    deny_counts_after: Mapping[Any, int],
+    seconds: float,
+    *,
+    max_deny_rate: float,
+) -> bool:
+    """True when the canary passes: denies per second over the window <= max_deny_rate."""
+    if seconds <= 0:
+        raise PolicyError("canary window must be positive")
+    return deny_delta(deny_counts_before, deny_counts_after) / seconds <= max_deny_rate
+
+
+# ------------------------------------------------------------------------------ lifecycle
+class Lifecycle:
+    def __init__(
+        self,
+        maps: PolicyMaps,
+        root: Path | str | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        hook: Callable[[str], None] | None = None,
+    ) -> None:
+        self.maps = maps
+        self.root = Path(root) if root else state_dir()
+        self.store = PolicyStore(self.root)
+        self.log = ProvenanceLog(self.root)
+        self.trust = TrustStore(self.root, log=self.log)
+        self.counter = VersionCounter(self.root)
+        self.clock = clock
+        self.hook = hook
+        self._last_switch = 0.0
+
+    # ---------------------------------------------------------------- helpers
+    def _step(self, name: str) -> None:
+        if self.hook is not None:
+            self.hook(name)
+
+    @contextlib.contextmanager
+    def _locked(self, *, wait_s: float | None = None) -> Iterator[bool]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        got = False
+        try:
+            if wait_s is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                got = True
+            else:
+                deadline = time.monotonic() + wait_s
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        got = True
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            break
+                        time.sleep(0.05)
+            yield got
+        finally:
+            os.close(fd)
+
+    @property
+    def pending_path(self) -> Path:
+        return self.root / PENDING_NAME
+
+    @property
+    def break_glass_path(self) -> Path:
+        return self.root / BREAK_GLASS_NAME
+
+    def break_glass_state(self) -> dict | None:
+        try:
+            doc = msgspec.json.decode(self.break_glass_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError):
+            return {"reason": "(unreadable break-glass marker)"}
+        return doc if isinstance(doc, dict) else {"reason": "(unreadable break-glass marker)"}
+
+    def _write_pending(self, doc: dict) -> None:
+        atomic_write(self.pending_path, msgspec.json.encode(doc))
+
+    def _clear_pending(self) -> None:
+        self.pending_path.unlink(missing_ok=True)
+
+    def _active(self) -> tuple[slots.KernelPolicyState, int]:
+        st = slots.read_state(self.maps)
+        return st, (st.active.generation if st.active.valid else 0)
+
+    def _new_generation(self, st: slots.KernelPolicyState) -> int:
+        return max(self.store.next_generation(), max(s.generation for s in st.slots) + 1)
+
+    def _record_refusal(self, action: str, exc: AegisError, info: dict) -> None:
+        try:
+            self.log.append(action, result="refused", reason=str(exc), **info)
+        except StateError as e2:
+            raise StateError(f"{exc} (and the refusal could not be recorded: {e2})") from exc
+
+    # ---------------------------------------------------------------- admission
+    def admit(
+        self, data: bytes, origin: str = "policy", *, mode_override: str | None = None
+    ) -> Admission:
+        """Parse and verify a policy document (TOML or signed envelope); no side effects."""
+        if signing.is_envelope(data):
+            vp = signing.verify_envelope(data, self.trust, now=self.clock(), source=origin)
+            policy, source, envelope, signer = vp.policy, vp.source, data, vp.key_id
+        else:
+            policy = model.loads(data, origin)
+            source, envelope, signer = data, b"", ""
+        mode = mode_override or policy.mode
+        if mode == "enforce" and not signer:
+            raise SignatureError(
+                f"{origin}: enforce mode requires a signed policy (`aegis policy sign`); "
+                "audit mode accepts an unsigned one"
+            )
+        bg = self.break_glass_state()
+        if mode == "enforce" and bg is not None:
+            raise PolicyError(
+                f"break-glass is in effect ({bg.get('reason', '')}); enforce is refused until "
+                "`aegis break-glass --clear --reason ...`"
+            )
+        return Admission(policy, source, envelope, signer, mode, model.policy_digest(policy))
+
+    # ---------------------------------------------------------------- apply
+    def apply(
+        self, data: bytes, origin: str = "policy", *, mode_override: str | None = None
+    ) -> ApplyOutcome:
+        with self._locked():
+            self._reconcile_locked()
+            return self._apply_locked(data, origin, mode_override)
+
+    def _apply_locked(self, data: bytes, origin: str, mode_override: str | None) -> ApplyOutcome:
+        info: dict[str, Any] = {"origin": origin}
+        recorded_gen = 0
+        try:
+            adm = self.admit(data, origin, mode_override=mode_override)
+            info.update(policy=adm.policy.name, version=adm.policy.version, digest=adm.digest,
+                        signer=adm.signer_label, mode=adm.mode)
+            self.counter.check(adm.policy.name, adm.policy.version, adm.digest)
+            compiled = compiler.compile_policy(adm.policy)
+            st, old_gen = self._active()
+            gen = self._new_generation(st)
+            info.update(generation=gen, previous_generation=old_gen)
+            self._step("verified")
+            self._write_pending({"op": "apply", "old_generation": old_gen,
+                                 "new_generation": gen, "policy": adm.policy.name,
+                                 "version": adm.policy.version, "digest": adm.digest})
+            self._step("pending")
+            recorded_gen = gen
+            self.store.record(
+                GenerationRecord(gen, self.clock(), compiled, adm.signer, adm.mode),
+                adm.source, envelope=adm.envelope,
+            )
+            self._step("recorded")
+            self.counter.commit(adm.policy.name, adm.policy.version, adm.digest, now=self.clock())
+            self._step("counter")
+            slots.wait_grace(self._last_switch)
+            staged = slots.stage(self.maps, compiled, gen, _mode_val(adm.mode))
+            self._step("staged")
+            if adm.mode == "enforce" and self.break_glass_state() is not None:
+                raise PolicyError("break-glass was engaged during the apply; not activated")
+            slots.activate(self.maps, staged.slot)
+            self._last_switch = time.monotonic()
+        except AegisError as exc:
+            if recorded_gen:
+                self.store.discard(recorded_gen)
+            self._clear_pending()
+            self._record_refusal("apply", exc, info)
+            raise
+        except OSError as exc:  # store/journal write failed before activation
+            if recorded_gen:
+                self.store.discard(recorded_gen)
+            self._clear_pending()
+            err = StateError(f"cannot write the state dir ({exc}); nothing applied")
+            self._record_refusal("apply", err, info)
+            raise err from None
+        self._step("activated")
+        self.log.append("apply", slot=staged.slot, **info)
+        self._step("logged")
+        self._clear_pending()
+        return ApplyOutcome(gen, old_gen, staged.slot, compiled, adm.mode, adm.signer)
+
+    # ---------------------------------------------------------------- rollback
+    def rollback(
+        self,
+        *,
+        to_version: int | None = None,
+        to_generation: int | None = None,
+        reason: str = "",
+    ) -> RollbackOutcome:
+        with self._locked():
+            self._reconcile_locked()
+            return self._rollback_locked(to_version, to_generation, reason)
+
+    def _pick_target(self, cur_gen: int, to_version: int | None) -> GenerationRecord:
+        if not cur_gen:
+            raise PolicyError("no policy is active; nothing to roll back from")
+        cur = self.store.load(cur_gen).policy
+        candidates: list[GenerationRecord] = []
+        for g in self.store.generations():
+            if g == cur_gen:
+                continue
+            try:
+                rec = self.store.load(g)
+            except StateError:
+                continue
+            if rec.policy.name == cur.name:
+                candidates.append(rec)
+        if to_version is not None:
+            hits = [r for r in candidates if r.policy.version == to_version]
+            if not hits:
+                raise PolicyError(f"no stored generation of {cur.name} v{to_version}")
+        else:
+            older = [r for r in candidates if r.policy.version < cur.version]
+            if not older:
+                raise PolicyError(f"no stored version of {cur.name} older than v{cur.version}")
+            best = max(r.policy.version for r in older)
+            hits = [r for r in older if r.policy.version == best]
+        return max(hits, key=lambda r: r.generation)
+
+    def _reverify(self, rec: GenerationRecord, mode: str) -> Admission:
+        """Re-verify a stored generation's signature and trust (keys may be revoked since)."""
+        g = rec.generation
+        env = self.store.envelope(g)
+        if env:
+            vp = signing.verify_envelope(env, self.trust, now=self.clock(),
+                                         source=f"generation {g}")
+            if vp.digest != rec.policy.digest:
+                raise SignatureError(f"generation {g}: stored envelope does not match its record")
+            return Admission(vp.policy, vp.source, env, vp.key_id, mode, vp.digest)
+        if rec.signer:
+            raise SignatureError(f"generation {g}: signed by {rec.signer!r} but its envelope is "
+                                 "missing from the store; cannot re-verify")
+        if mode == "enforce":
+            raise SignatureError(f"generation {g} is unsigned; it cannot be enforced again")
+        src = self.store.source(g)
+        if src is None:
+            raise StateError(f"generation {g}: policy source missing from the store")
+        policy = model.loads(src, f"generation {g}")
+        return Admission(policy, src, b"", "", mode, model.policy_digest(policy))
+
+    def _rollback_locked(
+        self, to_version: int | None, to_generation: int | None, reason: str
+    ) -> RollbackOutcome:
+        info: dict[str, Any] = {}
+        if reason:
+            info["why"] = reason
+        new_rec: int = 0
+        try:
+            st, cur_gen = self._active()
+            info["previous_generation"] = cur_gen
+            if to_generation == 0:
+                slots.deactivate_all(self.maps)
+                self._last_switch = time.monotonic()
+                info.update(generation=0, method="deactivate")
+                self.log.append("rollback", **info)
+                return RollbackOutcome(0, cur_gen, "deactivate", "", 0, "audit")
+            if to_generation is not None:
+                target = self.store.load(to_generation)
+            else:
+                target = self._pick_target(cur_gen, to_version)
+            mode = target.mode or target.policy.mode
+            if self.break_glass_state() is not None:
+                mode = "audit"
+            info.update(policy=target.policy.name, version=target.policy.version,
+                        digest=target.policy.digest, mode=mode,
+                        target_generation=target.generation)
+            adm = self._reverify(target, mode)
+            info["signer"] = adm.signer_label
+            inactive = st.inactive_slot
+            ic = st.slots[inactive]
+            if (
+                ic.valid
+                and ic.generation == target.generation
+                and slots.slot_digest(self.maps, inactive)
+                == slots.expected_digest(target.policy, inactive)
+            ):
+                method, gen, slot = "flip", target.generation, inactive
+                info.update(generation=gen, method=method)
+                self._write_pending({"op": "rollback", "old_generation": cur_gen,
+                                     "new_generation": gen, "new_record": False})
+                self._step("pending")
+                if ic.mode != _mode_val(mode):
+                    slots.set_slot_mode(self.maps, inactive, _mode_val(mode))
+                compiled = target.policy
+            else:
+                method = "reapply"
+                compiled = compiler.compile_policy(adm.policy)  # re-resolve paths now
+                gen = self._new_generation(st)
+                info.update(generation=gen, method=method)
+                self._write_pending({"op": "rollback", "old_generation": cur_gen,
+                                     "new_generation": gen})
+                self._step("pending")
+                new_rec = gen
+                self.store.record(
+                    GenerationRecord(gen, self.clock(), compiled, adm.signer, mode),
+                    adm.source, envelope=adm.envelope,
+                )
+                self._step("recorded")
+                slots.wait_grace(self._last_switch)
+                slot = slots.stage(self.maps, compiled, gen, _mode_val(mode)).slot
+                self._step("staged")
+            slots.activate(self.maps, slot)
+            self._last_switch = time.monotonic()
+        except AegisError as exc:
+            if new_rec:
+                self.store.discard(new_rec)
+            self._clear_pending()
+            self._record_refusal("rollback", exc, info)
+            raise
+        self._step("activated")
+        self.log.append("rollback", slot=slot, **info)
+        self._step("logged")
+        self._clear_pending()
+        return RollbackOutcome(gen, cur_gen, method, compiled.name, compiled.version, mode)
+
+    # ---------------------------------------------------------------- canary
+    def apply_with_canary(
+        self,
+        data: bytes,
+        origin: str = "policy",
+        *,
+        mode_override: str | None = None,
+        canary_seconds: float,
+        max_deny_rate: float,
+        read_denies: Callable[[int], Mapping[Any, int]],
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> CanaryOutcome:
+        """Apply, watch the new generation's deny counters, roll back if they run hot."""
+        if canary_seconds <= 0 or max_deny_rate < 0:
+            raise PolicyError("canary needs canary_seconds > 0 and max_deny_rate >= 0")
+        res = self.apply(data, origin, mode_override=mode_override)
+        before = dict(read_denies(res.generation))
+        sleep(canary_seconds)
+        after = dict(read_denies(res.generation))
+        rate = deny_delta(before, after) / canary_seconds
+        info: dict[str, Any] = dict(policy=res.policy.name, version=res.policy.version,
+                    generation=res.generation, deny_rate=round(rate, 3),
+                    max_deny_rate=max_deny_rate, canary_seconds=canary_seconds)
+        if evaluate_canary(before, after, canary_seconds, max_deny_rate=max_deny_rate):
+            self.log.append("canary", **info)
+            return CanaryOutcome(True, rate, res)
+        why = (f"canary: {rate:.2f} denies/s over {canary_seconds:g}s exceeds "
+               f"{max_deny_rate:g}/s")
+        self.log.append("canary", result="refused", reason=why, **info)
+        _, cur = self._active()
+        if cur != res.generation:
+            raise StateError(f"{why}; but generation {cur} replaced {res.generation} meanwhile, "
+                             "not rolling back")
+        rb = self.rollback(to_generation=res.previous_generation, reason=why)
+        return CanaryOutcome(False, rate, res, rb)
+
+    # ---------------------------------------------------------------- break-glass
+    def break_glass(self, reason: str, *, deactivate: bool = False) -> BreakGlassOutcome:
+        """Stop denying now.  Never blocked by a stuck lock or a broken log: the map writes
+        come first; problems recording them are returned, not raised."""
+        if not reason.strip():
+            raise PolicyError("break-glass needs --reason")
+        problems: list[str] = []
+        with self._locked(wait_s=2.0) as got:
+            if not got:
+                problems.append("lifecycle lock busy; proceeded without it")
+            st, gen = self._active()
+            if deactivate:
+                slots.deactivate_all(self.maps)
+                method = "deactivate"
+            else:
+                order = (st.active_slot, st.inactive_slot)
+                for s in order:
+                    if st.slots[s].valid or s == st.active_slot:
+                        slots.set_slot_mode(self.maps, s, int(abi.Mode.AUDIT))
+                method = "audit"
+            self._last_switch = time.monotonic()
+            now = self.clock()
+            try:
+                atomic_write(self.break_glass_path, msgspec.json.encode(
+                    {"since": now, "reason": reason, "uid": os.getuid(), "method": method}))
+            except OSError as exc:
+                problems.append(f"cannot write {self.break_glass_path}: {exc}")
+            try:
+                self.log.append("break-glass", reason=reason, generation=gen, method=method)
+            except StateError as exc:
+                problems.append(str(exc))
+        return BreakGlassOutcome(gen, method, problems)
+
+    def clear_break_glass(self, reason: str) -> None:
+        if not reason.strip():
+            raise PolicyError("clearing break-glass needs --reason")
+        with self._locked():
+            if self.break_glass_state() is None:
+                raise PolicyError("break-glass is not in effect")
+            self.break_glass_path.unlink()
+            self.log.append("break-glass-clear", reason=reason)
+
+    # ---------------------------------------------------------------- reconcile
+    def reconcile(self) -> ReconcileOutcome:
+        with self._locked():
+            return self._reconcile_locked()
+
+    def _reconcile_locked(self) -> ReconcileOutcome:
+        try:
+            pending = msgspec.json.decode(self.pending_path.read_bytes())
+        except FileNotFoundError:
+            _, gen = self._active()
+            return ReconcileOutcome("clean", "none", gen)
+        except (OSError, msgspec.DecodeError):
+            pending = None
+        st, active = self._active()
+        if not isinstance(pending, dict):
+            self.log.append("reconcile", result="refused", generation=active,
+                            reason="unreadable lifecycle journal; discarded")
+            self._clear_pending()
+            return ReconcileOutcome("inconsistent", "unknown", active, "unreadable journal")
+        op = str(pending.get("op", "?"))
+        old = int(pending.get("old_generation", 0))
+        new = int(pending.get("new_generation", 0))
+        last = self.log.last()
+        if (
+            active == new
+            and last is not None
+            and last.get("action") == op
+            and last.get("result") == "ok"
+            and last.get("generation") == new
+        ):
+            self._clear_pending()  # crashed after logging: nothing left to do
+            return ReconcileOutcome("clean", "new", new)
+        if active == new and new != old:
+            effective, status = "new", "recovered"
+            detail = f"interrupted {op} had completed: new generation {new} is effective"
+        elif active == old:
+            effective, status = "old", "recovered"
+            detail = f"interrupted {op} did not complete: old generation {old} is effective"
+            self._undo_unactivated(st, pending)
+        else:
+            effective, status = "unknown", "inconsistent"
+            detail = (f"interrupted {op}: kernel runs generation {active}, neither old {old} "
+                      f"nor new {new}")
+        self.log.append(
+            "reconcile", result="ok" if status == "recovered" else "refused", reason=detail,
+            interrupted=op, effective=effective, generation=active, previous_generation=old,
+            new_generation=new,
+        )
+        self._clear_pending()
+        return ReconcileOutcome(status, effective, active, detail)
+
+    def _undo_unactivated(self, st: slots.KernelPolicyState, pending: dict) -> None:
+        new = int(pending.get("new_generation", 0))
+        if not new or not pending.get("new_record", True):
+            return  # a flip-rollback's target is an existing generation: keep slot and record
+        ic = st.slots[st.inactive_slot]
+        if ic.generation == new and st.active.generation != new:
+            slots.clear_slot(self.maps, st.inactive_slot)  # half- or fully-staged, never active
+        self.store.discard(new)
+
+
+def reconcile(maps: PolicyMaps, store: PolicyStore | None = None) -> ReconcileOutcome:
+    """Startup reconciliation after a crash (see :meth:`Lifecycle.reconcile`)."""
+    return Lifecycle(maps, store.root if store is not None else None).reconcile()

@@ -1,0 +1,248 @@
+"""Append-only, hash-chained provenance log: ``<state dir>/provenance.jsonl``.
+
+One JSON object per line.  Every record carries ``seq`` (1, 2, ...), ``prev_hash`` (the
+previous record's ``hash``; 64 zeros for the first) and ``hash`` = sha256 of the record's
+canonical JSON (sorted keys, no whitespace) without the ``hash`` key.  Editing a record
+breaks its hash; deleting or reordering records breaks ``seq``/``prev_hash``; deleting
+records at the end is caught by ``provenance.head`` (count and last hash, rewritten
+atomically after every append).  This is tamper-evident, not tamper-proof: root can
+rewrite the whole chain and the head, so ship the log off-host if that matters.
+
+A record torn by a crash mid-append (no trailing newline) is not silently skipped: the
+next append terminates it and writes a ``log-repair`` record naming the torn line and its
+sha256, chained to the last intact record; :func:`verify` accepts exactly that pattern.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import pwd
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from aegis_stream.errors import StateError
+from aegis_stream.store import atomic_write, state_dir
+
+GENESIS = "0" * 64
+LOG_NAME = "provenance.jsonl"
+HEAD_NAME = "provenance.head"
+
+_enc = msgspec.json.Encoder(order="sorted")
+
+
+def record_hash(rec: dict[str, Any]) -> str:
+    body = {k: v for k, v in rec.items() if k != "hash"}
+    return hashlib.sha256(_enc.encode(body)).hexdigest()
+
+
+def _user() -> dict[str, Any]:
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    out: dict[str, Any] = {"uid": uid, "user": name}
+    if os.environ.get("SUDO_USER"):
+        out["sudo_user"] = os.environ["SUDO_USER"]
+    return out
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    bad_line: int = 0  # 1-based; 0 when ok
+    reason: str = ""
+
+
+class ProvenanceLog:
+    def __init__(self, root: Path | str | None = None, *, host: str | None = None) -> None:
+        self.root = Path(root) if root else state_dir()
+        self.path = self.root / LOG_NAME
+        self.head_path = self.root / HEAD_NAME
+        self.host = host or socket.gethostname()
+
+    # ------------------------------------------------------------------ writing
+    def append(self, action: str, *, result: str = "ok", reason: str = "", **fields: Any) -> dict:
+        """Append one record (fsync'd) and return it.  Raises StateError if it cannot."""
+        now = time.time()
+        rec: dict[str, Any] = {
+            "time": _iso(now),
+            "host": self.host,
+            **_user(),
+            "action": action,
+            "result": result,
+            "reason": reason,
+        }
+        for k, v in fields.items():
+            if v is not None:
+                rec[k] = v
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot open provenance log: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = _read_all(fd)
+            lines = data.split(b"\n")
+            torn = lines.pop()  # b"" when the file ends with a newline
+            count = len(lines)
+            last = _last_intact(lines)
+            prev_hash = last["hash"] if last else GENESIS
+            seq = (last["seq"] if last else 0) + 1
+            out = b""
+            if torn:
+                # a crash tore the last append: terminate it and say so, chained to the last
+                # intact record, so verify() can tell a crash from an edit
+                repair = {
+                    "time": rec["time"], "host": self.host, **_user(), "action": "log-repair",
+                    "result": "ok", "reason": "torn record left by a crash mid-append",
+                    "discarded_line": count + 1,
+                    "discarded_sha256": hashlib.sha256(torn).hexdigest(),
+                    "seq": seq, "prev_hash": prev_hash,
+                }
+                repair["hash"] = record_hash(repair)
+                out += b"\n" + _enc.encode(repair) + b"\n"
+                prev_hash, seq, count = repair["hash"], seq + 1, count + 2
+            rec["seq"] = seq
+            rec["prev_hash"] = prev_hash
+            rec["hash"] = record_hash(rec)
+            out += _enc.encode(rec) + b"\n"
+            n = os.write(fd, out)
+            if n != len(out):
+                raise OSError(28, "short write")
+            os.fsync(fd)
+            atomic_write(
+                self.head_path,
+                _enc.encode({"records": count + 1, "seq": seq, "hash": rec["hash"]}),
+            )
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot append provenance record: {exc}") from None
+        finally:
+            os.close(fd)
+        return rec
+
+    # ------------------------------------------------------------------ reading
+    def lines(self) -> list[bytes]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot read: {exc.strerror}") from None
+        out = data.split(b"\n")
+        if out and out[-1] == b"":
+            out.pop()
+        return out
+
+    def records(self) -> Iterator[dict]:
+        for line in self.lines():
+            try:
+                rec = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+    def last(self) -> dict | None:
+        recs = list(self.records())
+        return recs[-1] if recs else None
+
+    def verify(self) -> VerifyResult:
+        lines = self.lines()
+        prev_hash, prev_seq = GENESIS, 0
+        pending_torn: tuple[int, bytes] | None = None
+        good = 0
+        for i, raw in enumerate(lines, start=1):
+            try:
+                rec = msgspec.json.decode(raw)
+                if not isinstance(rec, dict) or not isinstance(rec.get("hash"), str):
+                    raise ValueError
+            except (msgspec.DecodeError, ValueError):
+                if pending_torn is None:
+                    pending_torn = (i, raw)
+                    continue
+                return VerifyResult(False, good, pending_torn[0], "not a JSON record")
+            if pending_torn is not None:
+                ok = (
+                    rec.get("action") == "log-repair"
+                    and rec.get("discarded_line") == pending_torn[0]
+                    and rec.get("discarded_sha256") == hashlib.sha256(pending_torn[1]).hexdigest()
+                )
+                if not ok:
+                    return VerifyResult(False, good, pending_torn[0], "not a JSON record")
+                pending_torn = None
+            if record_hash(rec) != rec["hash"]:
+                return VerifyResult(False, good, i, "record hash mismatch (record was edited)")
+            if rec.get("seq") != prev_seq + 1:
+                return VerifyResult(
+                    False, good, i,
+                    f"sequence {rec.get('seq')} follows {prev_seq} "
+                    "(a record was deleted or records were reordered)",
+                )
+            if rec.get("prev_hash") != prev_hash:
+                return VerifyResult(
+                    False, good, i, "prev_hash does not match the previous record (chain broken)"
+                )
+            prev_hash, prev_seq = rec["hash"], rec["seq"]
+            good += 1
+        if pending_torn is not None:
+            return VerifyResult(False, good, pending_torn[0], "torn record at the end of the log")
+        head = self._head()
+        if head is not None:
+            if head.get("seq", 0) > prev_seq or (
+                head.get("seq") == prev_seq and head.get("hash") != prev_hash
+            ):
+                return VerifyResult(
+                    False, good, len(lines) + 1,
+                    f"log ends at record {prev_seq} but {HEAD_NAME} says {head.get('seq')} "
+                    "(records were deleted from the end)",
+                )
+        elif lines:
+            return VerifyResult(False, good, len(lines) + 1, f"{HEAD_NAME} is missing")
+        return VerifyResult(True, good)
+
+    def _head(self) -> dict | None:
+        try:
+            h = msgspec.json.decode(self.head_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError):
+            return {"seq": -1, "hash": "corrupt"}
+        return h if isinstance(h, dict) else {"seq": -1, "hash": "corrupt"}
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    off = 0
+    while True:
+        b = os.pread(fd, 1 << 20, off)
+        if not b:
+            break
+        chunks.append(b)
+        off += len(b)
+    return b"".join(chunks)
+
+
+def _last_intact(lines: list[bytes]) -> dict | None:
+    for raw in reversed(lines):
+        try:
+            rec = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(rec, dict) and "hash" in rec and "seq" in rec:
+            return rec
+    return None
