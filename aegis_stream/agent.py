@@ -24,12 +24,11 @@ import msgspec
 import trio
 
 from aegis_stream import abi, libbpf
-from aegis_stream.apply import apply_policy
 from aegis_stream.errors import AegisError
 from aegis_stream.events import decode_raw
+from aegis_stream.lifecycle import Lifecycle
 from aegis_stream.loader import AttachReport, BpfObject
 from aegis_stream.normalise import Normaliser
-from aegis_stream.policy import model
 from aegis_stream.ringbuf import RingBuffer
 from aegis_stream.sinks import JsonLinesSink, Sink
 from aegis_stream.store import PolicyStore, atomic_write
@@ -137,26 +136,36 @@ async def run_agent(cfg: AgentConfig) -> int:
         _log(report.summary())
     maps = obj.maps()
     state = "auditing"
+    lifecycle = Lifecycle(obj.policy_maps())
+    rec = lifecycle.reconcile()  # after a crash mid-apply: exactly old or new, recorded
+    if rec.status != "clean":
+        _log(f"reconciled pinned state: {rec.status}, effective {rec.effective} "
+             f"(generation {rec.generation}) {rec.detail}")
     if cfg.policy:
         try:
-            policy = model.load(cfg.policy)
-            res = apply_policy(
-                obj.policy_maps(),
-                store,
-                policy,
-                Path(cfg.policy).read_bytes(),
-                mode_override=cfg.mode,
-            )
+            data = Path(cfg.policy).read_bytes()
+            res = lifecycle.apply(data, cfg.policy, mode_override=cfg.mode)
+        except OSError as exc:
+            _log(f"policy not applied: {cfg.policy}: {exc.strerror}")
+            obj.close()
+            return 2
         except AegisError as exc:
             _log(f"policy not applied: {exc}")
             obj.close()
             return 2
         _log(
-            f"applied policy {policy.name} v{policy.version} as generation {res.generation} "
-            f"in {res.mode} mode ({len(res.policy.rules)} rules, "
-            f"{len(res.policy.scopes) or 'host-wide'} scopes)"
+            f"applied policy {res.policy.name} v{res.policy.version} as generation "
+            f"{res.generation} in {res.mode} mode ({len(res.policy.rules)} rules, "
+            f"{len(res.policy.scopes) or 'host-wide'} scopes, "
+            f"signed by {res.signer or 'nobody: unsigned, audit only'})"
         )
         state = "enforcing" if res.mode == "enforce" and report.enforcing_capable else "auditing"
+    else:
+        from aegis_stream import slots
+
+        active = slots.read_state(obj.policy_maps()).active
+        if active.valid and active.mode == abi.Mode.ENFORCE:
+            state = "enforcing"
     if not report.enforcing_capable:
         state = "degraded"
     write_status(cfg.status_file, report, state, {"reused_maps": reused})

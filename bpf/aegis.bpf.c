@@ -20,7 +20,8 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define EPERM 1
 #define PROT_EXEC 0x4
-#define FMODE_EXEC 0x20
+#define FMODE_EXEC 0x20   /* f_mode bit on kernels that set it at open */
+#define __FMODE_EXEC 0x20 /* f_flags bit do_open_execat() passes (6.1 sets only this) */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -204,7 +205,7 @@ int BPF_PROG(aegis_file_open, struct file *file, int ret)
 		return ret;
 	/* opens made by execve/uselib (FMODE_EXEC) are exec decisions, taken in
 	 * bprm_check_security so one exec yields exactly one decision */
-	if (BPF_CORE_READ(file, f_mode) & FMODE_EXEC)
+	if ((BPF_CORE_READ(file, f_flags) & __FMODE_EXEC) || (BPF_CORE_READ(file, f_mode) & FMODE_EXEC))
 		return 0;
 	return decide(BPF_CORE_READ(file, f_inode), AEGIS_HOOK_FILE_OPEN, AEGIS_ACTION_OPEN);
 }

@@ -67,7 +67,7 @@ def test_cli_001_run_apply_deny_and_event(lab: Lab, agent_env, tmp_path):
     agent = subprocess.Popen(
         [*AEGIS, "run", "--policy", str(_policy(tmp_path, lab, target, "audit")),
          "--events", str(events), "--status-file", str(status)],
-        env=agent_env, stderr=subprocess.PIPE, text=True,
+        env=agent_env, stderr=subprocess.DEVNULL,
     )
     try:
         st = _wait_for(status)
@@ -86,11 +86,12 @@ def test_cli_001_run_apply_deny_and_event(lab: Lab, agent_env, tmp_path):
         assert lab.probe("read", target).errno == EPERM
         deadline = time.monotonic() + 20
         recs: list[dict] = []
-        while time.monotonic() < deadline and len(recs) < 2:
+        while time.monotonic() < deadline and len(recs) < 3:
             recs = [json.loads(x) for x in events.read_text().splitlines()] if events.exists() else []
             time.sleep(0.2)
-        assert [r["decision"] for r in recs] == ["audit", "deny"]
-        deny = recs[1]
+        # two audited reads (before and after the refused apply), then the deny
+        assert [r["decision"] for r in recs] == ["audit", "audit", "deny"]
+        deny = recs[2]
         assert deny["schema"] == "aegis.decision.v1"
         assert deny["rule_id"] == "deny-target" and deny["generation"] == 2
         assert deny["policy_name"] == "cli-test" and deny["policy_version"] == 2

@@ -87,6 +87,18 @@ def test_open_006_write_and_rdwr_denied(lab: Lab):
     assert f.read_text() == "secret\n"  # the truncating open never happened
 
 
+def test_open_008_exec_intent_flag_from_userspace_is_masked(lab: Lab):
+    """open(2) with the kernel-internal __FMODE_EXEC bit (0x20) set: the kernel strips it
+    (VALID_OPEN_FLAGS), so it cannot pass for an exec open and skip the open decision."""
+    f = lab.file("secret")
+    lab.apply([{"path": str(f)}])
+    out = lab.run([sys.executable, "-c",
+                   f"import os\ntry:\n os.open({str(f)!r}, os.O_RDONLY | 0x20); print('{{}}')\n"
+                   "except OSError as e:\n print('{\"errno\": %d}' % e.errno)"])
+    assert out.errno == EPERM
+    assert_deny_event(lab, f)
+
+
 def test_open_007_unrelated_file_in_same_dir_allowed(lab: Lab):
     f, g = lab.file("d/secret"), lab.file("d/public")
     lab.apply([{"path": str(f)}])
