@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import msgspec
 
@@ -174,13 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--kernel", default="6.1")
     dm.set_defaults(func=cmd_demo)
 
-    try:
-        from aegis_stream.lab import add_lab_subparsers
-    except ImportError:  # lab module not present
-        add_lab_subparsers = None
-    if add_lab_subparsers is not None:
-        lab = sub.add_parser("lab", help="real Debian kernels under QEMU")
-        add_lab_subparsers(lab.add_subparsers(dest="lab_command", required=True))
+    from aegis_stream.lab import add_lab_subparsers
+
+    lab = sub.add_parser("lab", help="real Debian kernels under QEMU")
+    add_lab_subparsers(lab.add_subparsers(dest="lab_command", required=True))
     return p
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,16 @@ import pytest
 from aegis_stream import abi
 from aegis_stream.apply import ApplyResult, apply_policy
 from aegis_stream.events import RawDecision, decode_raw
+from aegis_stream.labmounts import ensure_guest_mounts, mount_tmpfs, umount
 from aegis_stream.loader import BpfObject
 from aegis_stream.maps import FdMap
 from aegis_stream.policy import model
 from aegis_stream.ringbuf import RingBuffer
-from aegis_stream.labmounts import ensure_guest_mounts, mount_tmpfs, umount
 from aegis_stream.store import PolicyStore
 
 IN_LAB = os.environ.get("AEGIS_LAB") == "1"
-PROBE = str(Path(__file__).with_name("probe.py"))
+PROBE_SRC = Path(__file__).with_name("probe.c")
+PROBE = str(Path(__file__).parent / ".build" / "probe")  # built by scripts/setup
 ROOT = Path("/tmp/aegis-kt")
 CG_ROOT = Path("/sys/fs/cgroup")
 EPERM = errno.EPERM
@@ -110,7 +110,7 @@ class Lab:
         return Outcome(p.returncode, p.stdout, p.stderr)
 
     def probe(self, op: str, path: str | Path, *extra: str, cgroup: Path | None = None) -> Outcome:
-        return self.run([sys.executable, PROBE, op, str(path), *extra], cgroup=cgroup)
+        return self.run([PROBE, op, str(path), *extra], cgroup=cgroup)
 
     # -- events ---------------------------------------------------------------------
     def drain(self) -> list[RawDecision]:
@@ -152,6 +152,8 @@ def lab_env(tmp_path_factory) -> Iterator[Lab]:
         pytest.skip("not in a lab kernel")
     if os.geteuid() != 0:
         pytest.fail("kernel tests must run as root inside the lab guest")
+    if not os.access(PROBE, os.X_OK):
+        pytest.fail(f"{PROBE} missing: build it with `make -C tests/kernel` (scripts/setup does)")
     ensure_guest_mounts()
     os.makedirs(ROOT, exist_ok=True)
     mount_tmpfs(ROOT)
