@@ -68,6 +68,42 @@ def check_kernel(ctx: Ctx) -> Check:
     return Check("kernel", "pass", f"kernel {rel}")
 
 
+def _kernel_config() -> tuple[str, dict[str, str]] | None:
+    import gzip
+
+    rel = platform.release()
+    for path in (f"/boot/config-{rel}", "/proc/config.gz", f"/lib/modules/{rel}/config"):
+        try:
+            if path.endswith(".gz"):
+                text = gzip.open(path, "rt").read()
+            else:
+                text = Path(path).read_text()
+        except OSError:
+            continue
+        conf = {}
+        for line in text.splitlines():
+            if line.startswith("CONFIG_") and "=" in line:
+                k, v = line.split("=", 1)
+                conf[k] = v
+        return path, conf
+    return None
+
+
+def check_config(ctx: Ctx) -> Check:
+    found = _kernel_config()
+    if found is None:
+        return Check("kernel-config", "pass",
+                     "kernel config not readable here; BPF LSM support is judged from the active "
+                     "LSM list and the load probes below")
+    path, conf = found
+    missing = [k for k in ("CONFIG_BPF_LSM", "CONFIG_DEBUG_INFO_BTF", "CONFIG_BPF_SYSCALL")
+               if conf.get(k) != "y"]
+    if missing:
+        return Check("kernel-config", "fail", f"{path}: {', '.join(missing)} not set",
+                     "use a kernel built with CONFIG_BPF_LSM=y and CONFIG_DEBUG_INFO_BTF=y")
+    return Check("kernel-config", "pass", f"{path}: CONFIG_BPF_LSM=y, CONFIG_DEBUG_INFO_BTF=y")
+
+
 def check_btf(ctx: Ctx) -> Check:
     if os.path.exists("/sys/kernel/btf/vmlinux"):
         return Check("btf", "pass", "kernel BTF at /sys/kernel/btf/vmlinux (CO-RE relocations)")
@@ -253,7 +289,7 @@ def synthetic_deny_proof() -> Check:
 
 def run_doctor() -> DoctorReport:
     ctx = Ctx()
-    checks = [f(ctx) for f in (check_kernel, check_btf, check_lsm, check_bpffs, check_cgroup2,
+    checks = [f(ctx) for f in (check_kernel, check_config, check_btf, check_lsm, check_bpffs, check_cgroup2,
                               check_caps, check_lockdown, check_memlock)]
     if not default_object_path().exists():
         checks.append(Check("object", "fail", f"{default_object_path()} missing", "make -C bpf"))

@@ -87,30 +87,80 @@ class AttachReport:
         return f"partial attach: {len(self.attached)}/{len(self.programs)} hooks; not attached: {bad}"
 
 
-_FAILED_PROG = re.compile(r"prog '(\w+)': (?:BPF program load failed|failed to load)")
+_FAILED_PROG = re.compile(
+    r"prog '(\w+)': (?:BPF program load failed|failed to load|failed to prepare load attributes"
+    r"|failed to find kernel BTF type ID)"
+)
+_CORE_FAIL = re.compile(r"failed to resolve CO-RE relocation (.*?)(?:\(\d+:\d+ @|$)", re.M)
+_NO_HOOK = re.compile(r"failed to find kernel BTF type ID of '(\w+)'")
+_VSTATS = re.compile(r"processed (\d+) insns \(limit (\d+)\) max_states_per_insn (\d+) "
+                     r"total_states (\d+) peak_states (\d+)")
+FAULTS_ENV = "AEGIS_FAULT_INJECT"
+
+
+def fault_injection(text: str | None = None) -> dict[str, set[str]]:
+    """Test-only fault injection: ``attach:aegis_file_open,attach:aegis_mmap_file``."""
+    text = os.environ.get(FAULTS_ENV, "") if text is None else text
+    out: dict[str, set[str]] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        kind, _, prog = item.partition(":")
+        if kind != "attach" or prog not in REQUIRED_PROGRAMS:
+            raise LoadError(f"{FAULTS_ENV}: unknown fault {item!r} (use attach:<program>)")
+        out.setdefault(kind, set()).add(prog)
+    return out
+
+
+@dataclass(frozen=True)
+class VerifierStats:
+    insns_processed: int
+    insn_limit: int
+    max_states_per_insn: int
+    total_states: int
+    peak_states: int
+
+
+def parse_verifier_stats(log: str) -> VerifierStats | None:
+    m = _VSTATS.search(log)
+    return VerifierStats(*(int(g) for g in m.groups())) if m else None
 _HOOK_OF = {prog: abi.HOOK_NAMES[h] for h, prog in abi.HOOK_PROGRAMS.items()}
 
 
 class BpfObject:
     """One loaded instance of aegis.bpf.o."""
 
-    def __init__(self, path: Path | None = None, *, pin_root_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        pin_root_dir: str | None = None,
+        log_level: int = 0,
+        partial: bool = True,
+    ) -> None:
         self.path = Path(path or default_object_path())
         self.pin_root = pin_root_dir or pin_root()
         self.report = AttachReport(
             {name: ProgramStatus(name, _HOOK_OF[name]) for name in REQUIRED_PROGRAMS}
         )
+        self.log_level = log_level  # 4 = BPF_LOG_STATS: verified insns per program
+        self.partial = partial  # keep the hooks that load when one does not
         self._obj: int | None = None
         self._links: dict[str, int] = {}
         self._log_bufs: dict[str, ctypes.Array[ctypes.c_char]] = {}
-        self.fail_attach: set[str] = set()  # test hook: programs whose attach is refused
+        self._reuse = False
+        self._disabled: set[str] = set()
+        # test hook: programs whose attach is refused (AEGIS_FAULT_INJECT=attach:prog,...)
+        self.fail_attach: set[str] = fault_injection().get("attach", set())
+        self.verifier_stats: dict[str, VerifierStats] = {}
 
     # -- lifecycle --------------------------------------------------------------------
     def open(self) -> None:
         if not self.path.exists():
             raise LoadError(f"BPF object {self.path} not found; run `make -C bpf`")
-        lib = libbpf.lib()
         libbpf.clear_log()
+        self._open_obj()
+
+    def _open_obj(self) -> None:
+        lib = libbpf.lib()
         obj = lib.bpf_object__open_file(str(self.path).encode(), None)
         if not obj:
             raise LoadError(f"bpf_object__open_file({self.path})", err=libbpf.errno_of())
@@ -120,12 +170,23 @@ class BpfObject:
             if not prog:
                 self.close()
                 raise LoadError(f"program {name} missing from {self.path}")
+            if name in self._disabled:
+                lib.bpf_program__set_autoload(prog, False)
+                continue
             buf = ctypes.create_string_buffer(LOG_BUF_SIZE)
             self._log_bufs[name] = buf
             lib.bpf_program__set_log_buf(prog, buf, LOG_BUF_SIZE)
+            if self.log_level:
+                lib.bpf_program__set_log_level(prog, self.log_level)
+        if self._reuse:
+            self._set_pin_paths()
 
     def reuse_pinned_maps(self) -> list[str]:
         """Point every map at its pin path: libbpf reuses an existing pin at load."""
+        self._reuse = True
+        return self._set_pin_paths()
+
+    def _set_pin_paths(self) -> list[str]:
         assert self._obj is not None
         lib = libbpf.lib()
         reused = []
@@ -141,34 +202,64 @@ class BpfObject:
                 reused.append(name)
         return reused
 
+    def _classify(self, name: str, err: int, tail: str) -> tuple[str, str]:
+        vlog = self._log_bufs[name].value.decode(errors="replace").strip() if name in self._log_bufs else ""
+        mine = "\n".join(line for line in tail.splitlines() if f"prog '{name}'" in line)
+        core = _CORE_FAIL.search(mine)
+        if core:
+            return (f"CO-RE relocation failed: {core.group(1).strip()} does not exist in kernel "
+                    f"{os.uname().release}", vlog)
+        hook = _NO_HOOK.search(mine)
+        if hook:
+            return (f"LSM hook {hook.group(1)!r} not found in kernel {os.uname().release} "
+                    "(load failed before the verifier)", vlog)
+        if vlog:
+            last = [ln for ln in vlog.splitlines() if ln.strip()][-1]
+            return f"verifier rejected the program: {last.strip()}", vlog
+        if err == 1:
+            return "kernel refused the load before the verifier ran (empty verifier log)", vlog
+        return f"load failed ({os.strerror(err)})", vlog
+
     def load(self) -> None:
+        """Load the object.  When a program fails, record why and (partial mode) load the
+        others without it, so the report shows exactly which hooks work."""
         assert self._obj is not None, "open() first"
         os.makedirs(f"{self.pin_root}/maps", exist_ok=True)
-        ret = libbpf.lib().bpf_object__load(self._obj)
-        if ret < 0:
+        lib = libbpf.lib()
+        while True:
+            libbpf.clear_log()
+            ret = lib.bpf_object__load(self._obj)
+            if ret >= 0:
+                break
             err = libbpf.errno_of(ret)
-            tail = libbpf.log_tail()
-            failed = sorted(set(_FAILED_PROG.findall(tail)) & set(REQUIRED_PROGRAMS))
-            for name in REQUIRED_PROGRAMS:
+            tail = libbpf.log_tail(400)
+            failed = sorted(set(_FAILED_PROG.findall(tail)) & set(REQUIRED_PROGRAMS) - self._disabled)
+            for name in failed:
                 st = self.report.programs[name]
-                st.phase = "failed"
-                st.errno = err
-                if name in failed:
-                    vlog = self._log_bufs[name].value.decode(errors="replace").strip()
-                    st.log_tail = "\n".join(vlog.splitlines()[-20:])
-                    st.error = (
-                        "verifier rejected the program"
-                        if vlog
-                        else "kernel refused the load before the verifier ran (empty verifier log)"
-                    )
-                else:
-                    st.error = "not loaded: the object load stopped at an earlier program"
-            where = ", ".join(failed) or "(object)"
-            raise LoadError(
-                f"loading {self.path.name} failed at {where}", err=err, log_tail=tail
-            )
-        for st in self.report.programs.values():
+                st.phase, st.errno = "failed", err
+                st.error, vlog = self._classify(name, err, tail)
+                st.log_tail = "\n".join(vlog.splitlines()[-20:])
+            self._disabled |= set(failed)
+            remaining = set(REQUIRED_PROGRAMS) - self._disabled
+            if not failed or not remaining or not self.partial:
+                for name in remaining:
+                    st = self.report.programs[name]
+                    st.phase, st.errno = "failed", err
+                    st.error = st.error or "not loaded: the object load failed"
+                where = ", ".join(failed) or "(object)"
+                raise LoadError(f"loading {self.path.name} failed at {where}", err=err,
+                                log_tail=tail)
+            lib.bpf_object__close(self._obj)
+            self._obj = None
+            self._open_obj()
+        for name, st in self.report.programs.items():
+            if name in self._disabled:
+                continue
             st.phase = "loaded"
+            if self.log_level and name in self._log_bufs:
+                stats = parse_verifier_stats(self._log_bufs[name].value.decode(errors="replace"))
+                if stats:
+                    self.verifier_stats[name] = stats
 
     def attach_all(self, *, pin: bool = True) -> AttachReport:
         """Attach every program; a failure is recorded per program, never hidden."""

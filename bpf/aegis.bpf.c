@@ -198,9 +198,51 @@ static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action)
 	return enforce ? -EPERM : 0;
 }
 
-SEC("lsm/file_open")
+/*
+ * Test fixtures (tests/kernel/Makefile builds them; the shipped object has none):
+ *   -DAEGIS_SEC_<PROG>='"lsm/no_such_hook"'  hook missing in the kernel: load fails
+ *   -DAEGIS_BREAK_VERIFIER=<hook>            unchecked map value: the verifier rejects
+ *   -DAEGIS_BREAK_CORE=<hook>                a field no kernel has: CO-RE relocation fails
+ */
+#ifndef AEGIS_SEC_FILE_OPEN
+#define AEGIS_SEC_FILE_OPEN "lsm/file_open"
+#endif
+#ifndef AEGIS_SEC_BPRM_CHECK
+#define AEGIS_SEC_BPRM_CHECK "lsm/bprm_check_security"
+#endif
+#ifndef AEGIS_SEC_MMAP_FILE
+#define AEGIS_SEC_MMAP_FILE "lsm/mmap_file"
+#endif
+#if defined(AEGIS_BREAK_VERIFIER) || defined(AEGIS_BREAK_CORE)
+struct inode___aegis_fixture {
+	long aegis_no_such_field;
+} __attribute__((preserve_access_index));
+
+static __always_inline int broken(__u32 hook, struct inode *inode)
+{
+#ifdef AEGIS_BREAK_VERIFIER
+	if (hook == AEGIS_BREAK_VERIFIER) {
+		__u32 idx = 0;
+		__u64 *v = bpf_map_lookup_elem(&aegis_counters, &idx);
+
+		return (int)*v; /* no NULL check: "invalid mem access 'map_value_or_null'" */
+	}
+#endif
+#ifdef AEGIS_BREAK_CORE
+	if (hook == AEGIS_BREAK_CORE)
+		return (int)BPF_CORE_READ((struct inode___aegis_fixture *)inode, aegis_no_such_field);
+#endif
+	return 0;
+}
+#define FIXTURE(hook, inode) do { int __b = broken(hook, inode); if (__b) return __b; } while (0)
+#else
+#define FIXTURE(hook, inode) do { } while (0)
+#endif
+
+SEC(AEGIS_SEC_FILE_OPEN)
 int BPF_PROG(aegis_file_open, struct file *file, int ret)
 {
+	FIXTURE(AEGIS_HOOK_FILE_OPEN, BPF_CORE_READ(file, f_inode));
 	if (ret)
 		return ret;
 	/* opens made by execve/uselib (FMODE_EXEC) are exec decisions, taken in
@@ -210,19 +252,21 @@ int BPF_PROG(aegis_file_open, struct file *file, int ret)
 	return decide(BPF_CORE_READ(file, f_inode), AEGIS_HOOK_FILE_OPEN, AEGIS_ACTION_OPEN);
 }
 
-SEC("lsm/bprm_check_security")
+SEC(AEGIS_SEC_BPRM_CHECK)
 int BPF_PROG(aegis_bprm_check, struct linux_binprm *bprm, int ret)
 {
+	FIXTURE(AEGIS_HOOK_BPRM_CHECK, BPF_CORE_READ(bprm, file, f_inode));
 	if (ret)
 		return ret;
 	/* called once per binfmt stage: the script, then its interpreter */
 	return decide(BPF_CORE_READ(bprm, file, f_inode), AEGIS_HOOK_BPRM_CHECK, AEGIS_ACTION_EXEC);
 }
 
-SEC("lsm/mmap_file")
+SEC(AEGIS_SEC_MMAP_FILE)
 int BPF_PROG(aegis_mmap_file, struct file *file, unsigned long reqprot, unsigned long prot,
 	     unsigned long flags, int ret)
 {
+	FIXTURE(AEGIS_HOOK_MMAP_FILE, file ? BPF_CORE_READ(file, f_inode) : 0);
 	if (ret)
 		return ret;
 	/* PROT_EXEC file mappings: ld.so ./binary, dlopen of a denied library */
