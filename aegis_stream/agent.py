@@ -1,11 +1,14 @@
-"""The trio agent: load + attach + apply, then drain both rings into the sinks.
+"""The trio agent: load + attach + apply, then run the event pipeline.
 
 Task tree (one nursery owns everything; cancellation is explicit)::
 
     run_agent
-    ├── ring_reader(deny ring)   -> bounded channel (denies: block, never shed)
-    ├── ring_reader(audit ring)  -> bounded channel (audit: shed when full, counted)
-    └── sink_writer              <- both channels, normalise + write
+    └── serve_pipeline
+        ├── Pipeline.run        readers, spool feeder, normalisers, writers, ticker
+        │                       (see aegis_stream/pipeline.py)
+        ├── serve_metrics       Prometheus text at --metrics-addr (trio-native HTTP)
+        └── stop_on_signal      SIGINT/SIGTERM: drain what the kernel already produced,
+                                then stop
 
 On exit the links stay pinned: enforcement continues without the agent (documented
 in docs/REFERENCE_ENFORCEMENT_SLICE.md).  ``aegis unload`` removes them.
@@ -17,30 +20,28 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import trio
 
 from aegis_stream import abi, libbpf
 from aegis_stream.errors import AegisError
-from aegis_stream.events import decode_raw
 from aegis_stream.lifecycle import Lifecycle
 from aegis_stream.loader import AttachReport, BpfObject
 from aegis_stream.normalise import Normaliser
+from aegis_stream.pipeline import MapsKernelView, Pipeline, PipelineConfig
 from aegis_stream.ringbuf import RingBuffer
-from aegis_stream.sinks import JsonLinesSink, Sink
-from aegis_stream.store import PolicyStore, atomic_write
+from aegis_stream.schema import StateEvent
+from aegis_stream.sinks import Sink, open_sink
+from aegis_stream.store import PolicyStore, atomic_write, state_dir
+from pipelines.degraded import DegradedConfig
+from pipelines.slo import AlertRule, SloConfig
 
-POLL_INTERVAL_S = 0.2
-
-
-@dataclass
-class AgentCounters:
-    delivered: dict[str, int] = field(default_factory=lambda: {"deny": 0, "audit": 0})
-    shed: dict[str, int] = field(default_factory=lambda: {"deny": 0, "audit": 0})
-    decode_errors: int = 0
+POLL_INTERVAL_S = 0.05
 
 
 @dataclass
@@ -51,74 +52,95 @@ class AgentConfig:
     mode: str | None = None  # override the policy's mode
     status_file: str | None = None
     exit_after: float | None = None  # for demos and tests: stop after N seconds
+    # pipeline knobs (defaults documented in docs/EVENTS.md)
+    audit_sample_n: int = 1
+    spool_dir: str | None = None  # default: <state dir>/spool
+    spool_max_bytes: int = 64 << 20
+    events_max_bytes: int = 256 << 20  # rotate the events file at this size
+    events_backups: int = 5
+    slo_objective: float = 0.001
+    slo_burn: float = 14.4
+    tick_s: float = 1.0
+    explain_denies: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig(
+            audit_sample_n=self.audit_sample_n,
+            spool_dir=self.spool_dir or str(state_dir() / "spool"),
+            spool_max_bytes=self.spool_max_bytes,
+            tick_s=self.tick_s,
+            explain_denies=self.explain_denies,
+            poll_interval_s=POLL_INTERVAL_S,
+            degraded=DegradedConfig(),
+            slo=SloConfig(objective=self.slo_objective, alerts=[AlertRule(burn=self.slo_burn)]),
+        )
 
 
 def _log(msg: str) -> None:
     print(f"aegis: {msg}", file=sys.stderr, flush=True)
 
 
-async def ring_reader(
-    ring: RingBuffer, send: trio.MemorySendChannel[bytes], klass: str, counters: AgentCounters
+def write_status(
+    path: str | None, report: AttachReport | Mapping[str, bool], state: str, extra: dict
 ) -> None:
-    async with send:
-        while True:
-            batch = ring.drain()
-            if not batch:
-                with trio.move_on_after(POLL_INTERVAL_S):
-                    await trio.lowlevel.wait_readable(ring.fd)
-                continue
-            for rec in batch:
-                if klass == "deny":
-                    await send.send(rec)  # backpressure: denies are never shed
-                else:
-                    try:
-                        send.send_nowait(rec)
-                    except trio.WouldBlock:
-                        counters.shed[klass] += 1
-            await trio.sleep(0)
-
-
-async def sink_writer(
-    recv: trio.MemoryReceiveChannel[bytes],
-    klass: str,
-    norm: Normaliser,
-    sinks: list[Sink],
-    counters: AgentCounters,
-) -> None:
-    async with recv:
-        async for rec in recv:
-            batch: list[msgspec.Struct] = []
-            for data in [rec, *_drain_nowait(recv)]:
-                try:
-                    batch.append(norm.normalise(decode_raw(data)))
-                except AegisError:
-                    counters.decode_errors += 1
-            for s in sinks:
-                s.write(batch)
-            counters.delivered[klass] += len(batch)
-
-
-def _drain_nowait(recv: trio.MemoryReceiveChannel[bytes], limit: int = 1024) -> list[bytes]:
-    out = []
-    while len(out) < limit:
-        try:
-            out.append(recv.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return out
-
-
-def write_status(path: str | None, report: AttachReport, state: str, extra: dict) -> None:
     if not path:
         return
-    doc = {
-        "pid": os.getpid(),
-        "state": state,
-        "hooks": {p.hook: p.as_dict() for p in report.programs.values()},
-        "time": time.time(),
-        **extra,
-    }
+    if isinstance(report, AttachReport):
+        hooks: dict[str, Any] = {p.hook: p.as_dict() for p in report.programs.values()}
+    else:
+        hooks = {h: {"hook": h, "phase": "attached" if ok else "failed"} for h, ok in report.items()}
+    doc = {"pid": os.getpid(), "state": state, "hooks": hooks, "time": time.time(), **extra}
     atomic_write(Path(path), msgspec.json.encode(doc))
+
+
+async def serve_pipeline(
+    pipeline: Pipeline,
+    *,
+    metrics_addr: str | None = None,
+    exit_after: float | None = None,
+    signals: bool = True,
+    drain_timeout: float = 5.0,
+    metrics_started: Callable[[tuple[str, int]], None] | None = None,
+) -> None:
+    """Run the pipeline (and the metrics endpoint) until a signal or ``exit_after``;
+    either way what the kernel already produced is drained first."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        if metrics_addr:
+            from aegis_stream.metrics import AegisMetrics, serve_metrics
+
+            metrics = AegisMetrics(pipeline.statistics, caches=pipeline.norm.cache_statistics)
+            bound = await nursery.start(serve_metrics, metrics, metrics_addr)
+            _log(f"metrics on http://{bound[0]}:{bound[1]}/metrics")
+            if metrics_started is not None:
+                metrics_started(bound)
+
+        async def finish() -> None:
+            await pipeline.drain_and_stop(drain_timeout)
+            nursery.cancel_scope.cancel()
+
+        if signals:
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                    async for _ in sigs:
+                        nursery.start_soon(finish)
+                        return
+
+            nursery.start_soon(stop_on_signal)
+        if exit_after is not None:
+            await trio.sleep(exit_after)
+            await finish()
+
+
+def _summary(pipeline: Pipeline) -> str:
+    st = pipeline.statistics()
+    parts = []
+    for k, c in st.classes.items():
+        drops = ", ".join(f"{s}/{r}={n}" for (s, r), n in sorted(c.dropped.items()))
+        parts.append(f"{k}: delivered={c.delivered} kernel_dropped={c.kernel_dropped}"
+                     + (f" dropped {drops}" if drops else ""))
+    return "; ".join(parts)
 
 
 async def run_agent(cfg: AgentConfig) -> int:
@@ -171,45 +193,34 @@ async def run_agent(cfg: AgentConfig) -> int:
     write_status(cfg.status_file, report, state, {"reused_maps": reused})
     _log(f"state: {state}")
 
-    counters = AgentCounters()
+    def on_state(ev: StateEvent) -> None:
+        write_status(cfg.status_file, report, ev.state,
+                     {"reused_maps": reused, "reasons": ev.reasons, "generation": ev.generation})
+
     rings = {
-        "deny": RingBuffer(maps[abi.MAP_DENY_EVENTS].fd, maps[abi.MAP_DENY_EVENTS].max_entries),
-        "audit": RingBuffer(maps[abi.MAP_AUDIT_EVENTS].fd, maps[abi.MAP_AUDIT_EVENTS].max_entries),
+        "deny": RingBuffer(maps[abi.MAP_DENY_EVENTS].fd, maps[abi.MAP_DENY_EVENTS].max_entries,
+                           abi.MAP_DENY_EVENTS),
+        "audit": RingBuffer(maps[abi.MAP_AUDIT_EVENTS].fd, maps[abi.MAP_AUDIT_EVENTS].max_entries,
+                            abi.MAP_AUDIT_EVENTS),
     }
-    sinks: list[Sink] = [JsonLinesSink(cfg.events)]
-    norm = Normaliser(store)
+    view = MapsKernelView(
+        maps, obj.policy_maps(),
+        lambda: {p.hook: p.phase == "attached" for p in report.programs.values()},
+        libbpf.num_possible_cpus(),
+    )
+    sinks: list[Sink] = [open_sink(cfg.events, max_bytes=cfg.events_max_bytes, backups=cfg.events_backups)]
+    pipeline = Pipeline(rings, Normaliser(store), sinks, view, config=cfg.pipeline_config(),
+                        on_state=on_state)
     try:
-        async with trio.open_nursery() as nursery:
-            for klass, ring in rings.items():
-                send, recv = trio.open_memory_channel[bytes](4096 if klass == "deny" else 1024)
-                nursery.start_soon(ring_reader, ring, send, klass, counters)
-                nursery.start_soon(sink_writer, recv, klass, norm, sinks, counters)
-
-            async def stop_on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
-                    async for _ in sigs:
-                        nursery.cancel_scope.cancel()
-
-            nursery.start_soon(stop_on_signal)
-            if cfg.exit_after is not None:
-                await trio.sleep(cfg.exit_after)
-                # let readers catch up with what the kernel already produced
-                for ring in rings.values():
-                    while ring.available_bytes():
-                        await trio.sleep(0.05)
-                await trio.sleep(0.1)
-                nursery.cancel_scope.cancel()
+        await serve_pipeline(pipeline, metrics_addr=cfg.metrics_addr, exit_after=cfg.exit_after)
     finally:
-        for s in sinks:
-            s.close()
+        with trio.CancelScope(shield=True):
+            for s in sinks:
+                await s.aclose()
         for r in rings.values():
             r.close()
         obj.close(keep_pins=True)
-        _log(
-            f"stopped; delivered deny={counters.delivered['deny']} audit={counters.delivered['audit']}"
-            f" shed audit={counters.shed['audit']} decode_errors={counters.decode_errors};"
-            " pinned links keep enforcing"
-        )
+        _log(f"stopped; {_summary(pipeline)}; pinned links keep enforcing")
     return 0
 
 

@@ -115,3 +115,111 @@ def resolve_inode(path: str, *, follow_symlinks: bool = True) -> InodeId:
     if mnt is not None:
         return InodeId(kernel_dev(mnt.major, mnt.minor), st.st_ino, mnt.fstype)
     return InodeId(kernel_dev_from_st_dev(st.st_dev), st.st_ino)
+
+
+# --------------------------------------------------------------------------- identity
+# (dev, ino) names an inode only while it exists: a filesystem may hand the same number
+# to a file created after the old one is gone (ext4 and xfs reuse freed inode numbers at
+# once; tmpfs does not while it stays mounted).  The inode's i_generation tells the two
+# apart.  Userspace reads it without opening the file: the export file handle carries it
+# for the filesystems below; FS_IOC_GETVERSION is the fallback for regular files.
+
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
+FILEID_INO32_GEN = 0x01
+FILEID_INO64_GEN = 0x81  # xfs with 64-bit inode numbers
+FILEID_BTRFS_WITHOUT_PARENT = 0x4D
+FILEID_BTRFS_WITH_PARENT = 0x4E
+FILEID_BTRFS_WITH_PARENT_ROOT = 0x4F
+MAX_HANDLE_SZ = 128
+
+
+@dataclass(frozen=True)
+class FileHandle:
+    handle_type: int
+    data: bytes
+    mount_id: int
+
+
+def file_handle(path: str, *, follow_symlinks: bool = True) -> FileHandle | None:
+    """name_to_handle_at(2) of ``path``; None where the filesystem cannot export handles."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
+    ctypes.c_uint.from_buffer(buf, 0).value = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int(0)
+    at_fdcwd, at_symlink_follow = -100, 0x400
+    flags = at_symlink_follow if follow_symlinks else 0
+    if libc.name_to_handle_at(at_fdcwd, os.fsencode(path), buf, ctypes.byref(mount_id), flags):
+        return None
+    nbytes = ctypes.c_uint.from_buffer(buf, 0).value
+    htype = ctypes.c_int.from_buffer(buf, 4).value
+    return FileHandle(htype, bytes(buf.raw[8 : 8 + nbytes]), mount_id.value)
+
+
+def generation_from_handle(h: FileHandle, ino: int) -> int | None:
+    """i_generation out of a file handle of a known layout, cross-checked with ``ino``.
+
+    Layouts (fs/exportfs, mm/shmem.c, fs/xfs/xfs_export.c, fs/btrfs/export.h):
+    INO32_GEN 8 bytes ``[ino32, gen]`` (ext2/3/4, xfs); tmpfs 12 bytes ``[gen, ino_lo,
+    ino_hi]``; xfs INO64_GEN ``[ino64, gen]``; btrfs ``{objectid u64, root u64, gen u32 ...}``.
+    """
+    import struct
+
+    d, t = h.data, h.handle_type
+    if t == FILEID_INO32_GEN and len(d) == 8:
+        hino, gen = struct.unpack_from("<II", d)
+        return gen if hino == ino & 0xFFFFFFFF else None
+    if t == FILEID_INO32_GEN and len(d) == 12:
+        gen, lo, hi = struct.unpack_from("<III", d)
+        return gen if (hi << 32 | lo) == ino else None
+    if t == FILEID_INO64_GEN and len(d) >= 12:
+        hino, gen = struct.unpack_from("<QI", d)
+        return gen if hino == ino else None
+    if t in (FILEID_BTRFS_WITHOUT_PARENT, FILEID_BTRFS_WITH_PARENT,
+             FILEID_BTRFS_WITH_PARENT_ROOT) and len(d) >= 20:
+        objectid, _root, gen = struct.unpack_from("<QQI", d)
+        return gen if objectid == ino else None
+    return None
+
+
+def btrfs_root_of_handle(h: FileHandle) -> int | None:
+    """The btrfs subvolume (root objectid) a file handle names, None if not btrfs."""
+    import struct
+
+    if h.handle_type in (FILEID_BTRFS_WITHOUT_PARENT, FILEID_BTRFS_WITH_PARENT,
+                         FILEID_BTRFS_WITH_PARENT_ROOT) and len(h.data) >= 16:
+        return int(struct.unpack_from("<Q", h.data, 8)[0])
+    return None
+
+
+def inode_generation(path: str) -> int | None:
+    """The i_generation of the inode ``path`` names (symlinks followed), or None when the
+    filesystem exposes none (overlayfs, procfs ...).  Never opens the file for reading
+    unless it is a regular file and the handle route failed."""
+    import fcntl
+    import stat
+    import struct
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    h = file_handle(path)
+    if h is not None:
+        gen = generation_from_handle(h, st.st_ino)
+        if gen is not None:
+            return gen
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        raw = fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 8)
+        return int(struct.unpack("<Q", raw)[0]) & 0xFFFFFFFF
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -1,12 +1,32 @@
 """Versioned, normalised event schemas (msgspec Structs; JSON Schema in schemas/).
 
-Evolution rules (msgspec's): new fields go last with defaults; a field's type never
-changes; the schema tag changes (v2) on any incompatible change.
+Every record the agent writes carries its schema name and version in the ``schema``
+field (the msgspec tag): ``aegis.decision.v1``, ``aegis.state.v1``,
+``aegis.explanation.v1``, ``aegis.slo.v1``.  :data:`Event` is the tagged union; decode
+any line of the event log with :data:`event_decoder`.
+
+Evolution rules (msgspec's, enforced by :func:`compat_problems` against the checked-in
+files in schemas/, see tests/test_schema_compat.py): new fields go last and have
+defaults; a field is never removed, renamed or retyped; anything else is a new version
+(``.v2``) of the schema.
+
+``python -m aegis_stream.schema generate`` rewrites schemas/ from these Structs;
+``python -m aegis_stream.schema check`` fails when the files are stale or a change is
+incompatible.  docs/EVENTS.md describes every field.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
 import msgspec
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+State = Literal["enforcing", "auditing", "degraded", "blind"]
 
 
 class DecisionEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.decision.v1", tag_field="schema"):
@@ -42,3 +62,241 @@ class DecisionEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.decisi
     enrichment_missing: list[str] = msgspec.field(default_factory=list)
     abi_version: int = 1
     slot: int = 0
+    cmdline: list[str] = msgspec.field(default_factory=list)  # best effort, like exe
+    policy_signer: str = ""  # key id that signed the generation ("" = unsigned)
+    policy_source: str = ""  # the file the generation was applied from (provenance log)
+
+
+class StateEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.state.v1", tag_field="schema"):
+    """The agent's protection state changed (pipelines.degraded)."""
+
+    event_id: str
+    time: str
+    host: str
+    state: State
+    previous: str  # the state before ("" for the first)
+    reasons: list[str]  # why the state is not the healthy one, human readable
+    hooks_attached: list[str]
+    hooks_expected: list[str]
+    mode: str  # enforce | audit | none (no valid generation)
+    generation: int
+    ring_fill: dict[str, float]  # by ring class: producer-consumer / size
+    consumer_lag_bytes: dict[str, int]
+    drop_ratio: dict[str, float]  # by class, short SLO window
+
+
+class SloEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.slo.v1", tag_field="schema"):
+    """A drop-rate SLO burn-rate alert started or stopped firing (pipelines.slo)."""
+
+    event_id: str
+    time: str
+    host: str
+    event_class: str  # deny | audit
+    alert: str  # the alert rule's name (e.g. "page")
+    status: Literal["firing", "resolved"]
+    objective: float  # allowed drop ratio (0.001 = 0.1%)
+    long_window_s: float
+    short_window_s: float
+    burn_threshold: float
+    burn_long: float  # drop ratio / objective over the long window
+    burn_short: float
+    emitted_long: int
+    dropped_long: int
+
+
+class ExplainedRule(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    index: int  # the kernel's rule_id
+    source: str  # the path (or inode literal) the rule was compiled from
+    inode: str  # MAJOR:MINOR:INO the kernel matched
+    actions: list[str]
+
+
+class ExplainedPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    version: int
+    digest: str
+    signer: str  # key id, "" = unsigned
+    source: str  # the file it was applied from ("" if the provenance log does not say)
+    record: str  # the generation record in the state dir
+
+
+class ExplainedScope(msgspec.Struct, frozen=True, kw_only=True):
+    match: Literal["host", "self", "ancestor", "unknown"]
+    cgroup_id: int  # the selected cgroup that matched (0 = host-wide)
+    path: str  # its path now
+    configured: str  # as written in the policy ("" for host-wide)
+
+
+class ExplainedTask(msgspec.Struct, frozen=True, kw_only=True):
+    pid: int
+    tid: int
+    uid: int
+    gid: int
+    comm: str
+    exe: str
+    cgroup_id: int
+    cgroup_path: str
+
+
+class ExplanationEvent(
+    msgspec.Struct, frozen=True, kw_only=True, tag="aegis.explanation.v1", tag_field="schema"
+):
+    """Why one decision was made, from the exact generation record it names."""
+
+    event_id: str  # the explained decision's event_id
+    time: str
+    host: str
+    decision: str
+    outcome: str  # "EPERM" (enforce) or "allowed (audit)"
+    hook: str
+    action: str
+    mode: str
+    generation: int
+    slot: int
+    rule: ExplainedRule
+    policy: ExplainedPolicy
+    scope: ExplainedScope
+    task: ExplainedTask
+    decision_path: list[str]
+    consistent: bool  # the record agrees with the event (inode, action, scope)
+    inconsistencies: list[str] = msgspec.field(default_factory=list)
+
+
+Event = DecisionEvent | StateEvent | ExplanationEvent | SloEvent
+EVENT_TYPES: tuple[type[msgspec.Struct], ...] = (DecisionEvent, StateEvent, ExplanationEvent, SloEvent)
+event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
+
+
+def schema_name(t: type[msgspec.Struct]) -> str:
+    tag = t.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+# ------------------------------------------------------------------ JSON Schema files
+_enc = msgspec.json.Encoder()  # keeps field order: "new fields last" is checked on it
+
+
+def _pretty(doc: Any) -> bytes:
+    return msgspec.json.format(_enc.encode(doc), indent=2) + b"\n"
+
+
+def json_schema(t: Any) -> dict[str, Any]:
+    doc = msgspec.json.schema(t)
+    doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return doc
+
+
+def generated_files() -> dict[str, bytes]:
+    """File name -> content for schemas/: one file per event type and the union."""
+    out = {f"{schema_name(t)}.json": _pretty(json_schema(t)) for t in EVENT_TYPES}
+    union = json_schema(Event)
+    union["title"] = "aegis event (any schema)"
+    out["aegis.event.json"] = _pretty(union)
+    return out
+
+
+def _strip(doc: Any) -> Any:
+    """A type schema without its prose (descriptions and titles do not break readers) and
+    without its default (checked on its own)."""
+    if isinstance(doc, dict):
+        return {k: _strip(v) for k, v in doc.items() if k not in ("description", "title", "default")}
+    if isinstance(doc, list):
+        return [_strip(v) for v in doc]
+    return doc
+
+
+def compat_problems(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Why ``new`` cannot read what ``old``'s writers wrote (or vice versa); [] = compatible.
+
+    Per object definition: no property removed or retyped; properties already required
+    stay required and no new property is required (new fields need defaults); new
+    properties come after all the old ones, in order."""
+    problems: list[str] = []
+    old_defs, new_defs = old.get("$defs", {}), new.get("$defs", {})
+    for name, od in old_defs.items():
+        nd = new_defs.get(name)
+        if nd is None:
+            problems.append(f"{name}: definition removed")
+            continue
+        op, np_ = od.get("properties", {}), nd.get("properties", {})
+        for field, ftype in op.items():
+            if field not in np_:
+                problems.append(f"{name}.{field}: removed")
+            elif _strip(np_[field]) != _strip(ftype):
+                problems.append(f"{name}.{field}: type changed from {_strip(ftype)} to {_strip(np_[field])}")
+            elif "default" in ftype and ftype.get("default") != np_[field].get("default"):
+                problems.append(f"{name}.{field}: default changed (old records would read differently)")
+        old_order = list(op)
+        new_order = list(np_)
+        if new_order[: len(old_order)] != old_order and all(f in np_ for f in op):
+            problems.append(f"{name}: existing fields reordered or new fields not last")
+        oreq, nreq = set(od.get("required", [])), set(nd.get("required", []))
+        for field in sorted(oreq - nreq):
+            if field in np_:
+                problems.append(f"{name}.{field}: no longer required (readers rely on it)")
+        for field in sorted(nreq - oreq):
+            problems.append(f"{name}.{field}: new required field (new fields need a default)")
+    return problems
+
+
+def check(directory: Path = SCHEMA_DIR) -> list[str]:
+    """Stale or incompatible files in ``directory``; [] = up to date."""
+    problems: list[str] = []
+    for name, content in generated_files().items():
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{path}: missing (run: python -m aegis_stream.schema generate)")
+            continue
+        on_disk = path.read_bytes()
+        if on_disk != content:
+            old = msgspec.json.decode(on_disk)
+            for p in compat_problems(old, msgspec.json.decode(content)):
+                problems.append(f"{name}: incompatible: {p}")
+            problems.append(f"{path}: stale (run: python -m aegis_stream.schema generate)")
+    return problems
+
+
+def generate(directory: Path = SCHEMA_DIR, *, force: bool = False) -> list[str]:
+    """Write schemas/; refuses an incompatible change unless ``force``.  Returns the
+    names written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, content in generated_files().items():
+        path = directory / name
+        if path.exists():
+            if path.read_bytes() == content:
+                continue
+            bad = compat_problems(msgspec.json.decode(path.read_bytes()), msgspec.json.decode(content))
+            if bad and not force:
+                raise SystemExit(
+                    f"{name}: incompatible schema change (make a .v2 schema instead):\n  "
+                    + "\n  ".join(bad)
+                )
+        path.write_bytes(content)
+        written.append(name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aegis_stream.schema", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="write schemas/*.json from the Structs")
+    g.add_argument("--dir", type=Path, default=SCHEMA_DIR)
+    g.add_argument("--force", action="store_true", help="write even an incompatible change")
+    c = sub.add_parser("check", help="fail when schemas/ is stale or a change is incompatible")
+    c.add_argument("--dir", type=Path, default=SCHEMA_DIR)
+    args = p.parse_args(argv)
+    if args.cmd == "generate":
+        written = generate(args.dir, force=args.force)
+        print(f"wrote {len(written)} schema file(s) to {args.dir}: {', '.join(written) or 'none changed'}")
+        return 0
+    problems = check(args.dir)
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,13 @@ import os
 import msgspec
 
 from aegis_stream import abi
-from aegis_stream.devnum import InodeId, parse_inode, read_mountinfo, resolve_inode
+from aegis_stream.devnum import (
+    InodeId,
+    inode_generation,
+    parse_inode,
+    read_mountinfo,
+    resolve_inode,
+)
 from aegis_stream.errors import PolicyError
 from aegis_stream.policy.model import Policy, policy_digest
 
@@ -28,6 +34,10 @@ class CompiledRule(msgspec.Struct, frozen=True):
     ino: int
     actions: int  # abi.ACTION_* bits
     fstype: str = ""
+    # the inode's i_generation at apply (None: unknown / inode literal).  (dev, ino) can be
+    # handed to a new file once the old one is deleted (ext4, xfs); the generation tells
+    # them apart -- see stale_rules() and docs/POLICY_SEMANTICS.md.
+    i_generation: int | None = None
 
 
 class CompiledScope(msgspec.Struct, frozen=True):
@@ -53,15 +63,40 @@ def cgroup2_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     return [m.mount_point for m in read_mountinfo(mountinfo).values() if m.fstype == "cgroup2"]
 
 
+def cgroup_level(real: str, root: str) -> int:
+    """Depth of cgroup directory ``real`` below the cgroup2 mount ``root`` (root = 0), the
+    kernel's ``cgrp->level`` when the mount shows the whole hierarchy."""
+    rel = os.path.relpath(real, root)
+    return 0 if rel == "." else len(rel.split(os.sep))
+
+
 def resolve_cgroup(path: str) -> int:
-    """A cgroup v2 directory's id is its inode number in cgroupfs (kernfs node id)."""
+    """A cgroup v2 directory's id is its inode number in cgroupfs (kernfs node id).
+
+    The kernel matches a scope by walking the task's ancestors at levels
+    1..AEGIS_MAX_CGROUP_DEPTH (bpf_get_current_ancestor_cgroup_id), so a scope it could
+    never see -- the root cgroup (level 0) or one deeper than the walk -- is refused here
+    rather than compiled into a policy that silently enforces nothing.
+    """
     real = os.path.realpath(path)
     if not os.path.isdir(real):
         raise PolicyError(f"scope cgroup {path!r} does not exist or is not a directory")
     roots = cgroup2_mounts()
-    if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots):
+    root = next((r for r in roots if real == r or real.startswith(r.rstrip("/") + "/")), None)
+    if root is None:
         where = ", ".join(roots) or "nowhere"
         raise PolicyError(f"scope cgroup {path!r} is not on cgroup v2 (mounted at {where})")
+    level = cgroup_level(real, root)
+    if level == 0:
+        raise PolicyError(
+            f"scope cgroup {path!r} is the root cgroup, which the kernel never matches "
+            "(it walks ancestors from level 1); omit [[scope]] for a host-wide policy"
+        )
+    if level > abi.MAX_CGROUP_DEPTH:
+        raise PolicyError(
+            f"scope cgroup {path!r} is {level} levels deep; the kernel walks ancestors at "
+            f"levels 1..{abi.MAX_CGROUP_DEPTH} only, so it could never match"
+        )
     return os.stat(real).st_ino
 
 
@@ -93,7 +128,10 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
         bits = 0
         for a in rule.actions:
             bits |= abi.ACTION_BITS[a]
-        rules.append(CompiledRule(i, rule.id, source, ident.dev, ident.ino, bits, ident.fstype))
+        igen = inode_generation(rule.path) if rule.path is not None else None
+        rules.append(
+            CompiledRule(i, rule.id, source, ident.dev, ident.ino, bits, ident.fstype, igen)
+        )
     scopes: list[CompiledScope] = []
     seen_ids: set[int] = set()
     for i, sc in enumerate(policy.scope):
@@ -112,3 +150,40 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
 
 def actions_names(bits: int) -> list[str]:
     return [name for name, bit in abi.ACTION_BITS.items() if bits & bit]
+
+
+class StaleRule(msgspec.Struct, frozen=True):
+    rule_id: str
+    source: str
+    reason: str  # "moved" | "reused" | "missing"
+    detail: str
+
+
+def stale_rules(cp: CompiledPolicy) -> list[StaleRule]:
+    """Path rules whose compiled inode no longer is the file at the path.
+
+    ``moved``: the path now names another inode (renamed over, deleted and recreated with a
+    new number) -- the kernel rule still guards the old inode, the new file is not covered.
+    ``reused``: the path names the *same* (dev, ino) but a different i_generation -- the old
+    file was deleted and the filesystem handed its number to a new one, which the kernel
+    rule (keyed by dev, ino only) now denies although the policy never named it.
+    ``missing``: nothing at the path.  Re-apply the policy to re-resolve.
+    """
+    out: list[StaleRule] = []
+    for r in cp.rules:
+        if r.source.startswith("inode:"):
+            continue
+        try:
+            now = resolve_inode(r.source)
+        except PolicyError as exc:
+            out.append(StaleRule(r.id, r.source, "missing", str(exc)))
+            continue
+        if (now.dev, now.ino) != (r.dev, r.ino):
+            out.append(StaleRule(r.id, r.source, "moved",
+                                 f"compiled {InodeId(r.dev, r.ino)}, path now names {now}"))
+            continue
+        gen = inode_generation(r.source)
+        if r.i_generation is not None and gen is not None and gen != r.i_generation:
+            out.append(StaleRule(r.id, r.source, "reused",
+                                 f"{now} was reused: i_generation {r.i_generation} -> {gen}"))
+    return out

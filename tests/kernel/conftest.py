@@ -81,6 +81,7 @@ class Lab:
         mode: str = "enforce",
         scopes: list[Path] | None = None,
         name: str = "kt",
+        drain: bool = True,
     ) -> ApplyResult:
         version = len(self.applied) + 1
         doc = f'apiVersion = "aegis/v1"\nname = "{name}"\nversion = {version}\nmode = "{mode}"\n'
@@ -98,7 +99,8 @@ class Lab:
         pm = self.obj.policy_maps()
         res = apply_policy(pm, self.store, policy, doc.encode())
         self.applied.append(res)
-        self.drain()
+        if drain:  # False: keep what is on the rings (tests that collect under load)
+            self.drain()
         return res
 
     # -- processes ------------------------------------------------------------------
@@ -111,6 +113,17 @@ class Lab:
 
     def probe(self, op: str, path: str | Path, *extra: str, cgroup: Path | None = None) -> Outcome:
         return self.run([PROBE, op, str(path), *extra], cgroup=cgroup)
+
+    def spawn(self, argv: list[str], cgroup: Path | None = None) -> subprocess.Popen:
+        """Start argv in a cgroup without waiting (stdin/stdout pipes, text mode)."""
+        cg = self.cg_selected if cgroup is None else cgroup
+        wrapped = ["/bin/sh", "-c", f'echo $$ > "{cg}/cgroup.procs" && exec "$@"', "sh", *argv]
+        return subprocess.Popen(wrapped, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def events_of(self, dev: int, ino: int) -> list[RawDecision]:
+        """Drain both rings; the decisions on the inode (dev, ino) (kernel encoding)."""
+        return [e for e in self.drain() if (e.dev, e.ino) == (dev, ino)]
 
     # -- events ---------------------------------------------------------------------
     def drain(self) -> list[RawDecision]:
@@ -144,6 +157,101 @@ class Lab:
 
 def cgroup_id(p: Path) -> int:
     return os.stat(p).st_ino
+
+
+def assert_deny_event(lab: Lab, path, *, hook=abi.Hook.FILE_OPEN, decision=abi.Decision.DENY,
+                      cgroup=None, rule_index=0, action=abi.ACTION_OPEN, ident=None,
+                      events: list[RawDecision] | None = None) -> RawDecision:
+    """The first decision event on ``path``'s inode (or ``ident``), checked field by field:
+    inode (dev from mountinfo, kernel encoding), hook, decision, action, rule id, the last
+    applied generation, ABI version and the task's cgroup.  Drains the rings unless
+    ``events`` is given."""
+    from aegis_stream.devnum import resolve_inode
+
+    ident = ident or resolve_inode(str(path))
+    evs = [e for e in (lab.drain() if events is None else events)
+           if (e.dev, e.ino) == (ident.dev, ident.ino)]
+    assert evs, f"no decision event for {path} ({ident})"
+    e = evs[0]
+    assert e.hook == hook and e.decision == decision and e.action == action, e
+    assert e.rule_id == rule_index, e
+    assert e.generation == lab.applied[-1].generation, e
+    assert e.abi_version == abi.ABI_VERSION
+    assert e.cgroup_id == cgroup_id(cgroup or lab.cg_selected), e
+    assert e.mode == (abi.Mode.ENFORCE if decision == abi.Decision.DENY else abi.Mode.AUDIT)
+    return e
+
+
+@pytest.fixture
+def cgroups(lab: Lab) -> Iterator[list[Path]]:
+    """Extra cgroups a test creates (append them); removed deepest first afterwards."""
+    made: list[Path] = []
+    yield made
+    for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+# --- loop-device filesystems (ext4, xfs, btrfs), made once per session ------------------
+
+IMG_ROOT = Path("/tmp/aegis-img")
+FS_MNT = ROOT / "fs"
+_MKFS = {
+    "ext4": (["mkfs.ext4", "-q", "-F"], "32M"),
+    # xfsprogs >= 5.19 refuses < 300 MB unless told this is a test filesystem
+    "xfs": (["mkfs.xfs", "-q", "-f"], "64M"),
+    "btrfs": (["mkfs.btrfs", "-q", "-f"], "128M"),
+}
+
+
+@dataclass
+class LoopFs:
+    kind: str
+    image: Path
+    loopdev: str
+    mnt: Path
+
+
+def _sh(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(argv, capture_output=True, text=True, **kw)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def loopfs(lab_env: Lab):
+    """``loopfs("ext4")`` -> a LoopFs mounted under /tmp/aegis-kt/fs/ext4 (sparse image on a
+    tmpfs, loop device).  Made on first use, torn down at the end of the session."""
+    made: dict[str, LoopFs] = {}
+
+    def get(kind: str) -> LoopFs:
+        if kind in made:
+            return made[kind]
+        if not made:
+            mount_tmpfs(IMG_ROOT, "1g")
+            subprocess.run(["modprobe", "loop"], capture_output=True)
+        mkfs, size = _MKFS[kind]
+        img = IMG_ROOT / f"{kind}.img"
+        with open(img, "wb") as fh:
+            fh.truncate(int(size[:-1]) << 20)
+        env = dict(os.environ, TEST_DIR="1", TEST_DEV="1", QA_CHECK_FS="1")
+        _sh([*mkfs, str(img)], env=env)
+        dev = _sh(["losetup", "-f", "--show", str(img)]).stdout.strip()
+        mnt = FS_MNT / kind
+        mnt.mkdir(parents=True, exist_ok=True)
+        _sh(["mount", "-t", kind, dev, str(mnt)])
+        made[kind] = LoopFs(kind, img, dev, mnt)
+        return made[kind]
+
+    yield get
+    for fs in made.values():
+        subprocess.run(["umount", "-l", str(fs.mnt)], capture_output=True)
+        subprocess.run(["losetup", "-d", fs.loopdev], capture_output=True)
+    if made:
+        umount(IMG_ROOT)
 
 
 @pytest.fixture(scope="session")

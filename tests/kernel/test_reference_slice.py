@@ -14,24 +14,9 @@ import sys
 from aegis_stream import abi
 from aegis_stream.devnum import resolve_inode
 
-from .conftest import EPERM, PROBE, Lab, cgroup_id
+from .conftest import EPERM, PROBE, Lab, assert_deny_event, cgroup_id
 
 LDSO = "/lib64/ld-linux-x86-64.so.2"
-
-
-def assert_deny_event(lab: Lab, path, *, hook=abi.Hook.FILE_OPEN, decision=abi.Decision.DENY,
-                      cgroup=None, rule_index=0, action=abi.ACTION_OPEN):
-    evs = lab.events_for(path)
-    assert evs, f"no decision event for {path}"
-    e = evs[0]
-    ident = resolve_inode(str(path))
-    assert (e.dev, e.ino) == (ident.dev, ident.ino)
-    assert e.hook == hook and e.decision == decision and e.action == action
-    assert e.rule_id == rule_index
-    assert e.generation == lab.applied[-1].generation
-    assert e.abi_version == abi.ABI_VERSION
-    assert e.cgroup_id == cgroup_id(cgroup or lab.cg_selected)
-    return e
 
 
 # --- OPEN: direct and through tools --------------------------------------------------

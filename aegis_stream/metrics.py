@@ -1,0 +1,238 @@
+"""Prometheus metrics (prometheus-client), served over HTTP at ``--metrics-addr``.
+
+Every metric is computed at scrape time from ``Pipeline.statistics()`` (one frozen
+snapshot), so the numbers on a scrape are consistent with each other and with the
+pipeline's own accounting; nothing is double-booked.  Names are prefixed ``aegis_``;
+docs/METRICS.md is the contract (tests/test_metrics.py checks both ways).
+
+The HTTP server is trio-native (``serve_metrics``): it runs in the agent's nursery, is
+cancelled with it, and reads statistics on the trio thread (no locking needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from aegis_stream import __version__, abi
+from aegis_stream.normalise import CacheStatistics
+from aegis_stream.pipeline import CLASSES, PipelineStatistics
+
+STATES = ("enforcing", "auditing", "degraded", "blind")
+MODES = ("enforce", "audit", "none")
+
+
+def _g(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+def _c(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=list(labels))
+
+
+class AegisCollector(Collector):
+    """Yields every aegis_ metric from the latest statistics snapshot."""
+
+    def __init__(
+        self,
+        stats: Callable[[], PipelineStatistics | None],
+        caches: Callable[[], list[CacheStatistics]] | None = None,
+    ) -> None:
+        self.stats = stats
+        self.caches = caches or (lambda: [])
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families(None, [])
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self.stats(), self.caches())
+
+    def _families(self, st: PipelineStatistics | None, caches: list[CacheStatistics]) -> Iterator[Metric]:
+        info = _g("aegis_build_info", "Agent version and event ABI (value 1)", ["version", "abi_version"])
+        info.add_metric([__version__, str(abi.ABI_VERSION)], 1)
+        yield info
+
+        attached = _g("aegis_hook_attached", "1 when the hook's BPF program is attached", ["hook"])
+        gen = _g("aegis_policy_generation", "Generation of the active policy slot (0 = none)")
+        mode = _g("aegis_policy_mode", "1 for the active generation's mode (none = no valid slot)", ["mode"])
+        state = _g("aegis_state", "1 for the agent's current protection state", ["state"])
+        changes = _c("aegis_state_changes", "Protection state changes since start")
+        if st is not None:
+            for hook, ok in sorted(st.hooks.items()):
+                attached.add_metric([hook], 1.0 if ok else 0.0)
+            gen.add_metric([], st.generation)
+            for m in MODES:
+                mode.add_metric([m], 1.0 if st.mode == m else 0.0)
+            for s in STATES:
+                state.add_metric([s], 1.0 if st.state == s else 0.0)
+            changes.add_metric([], st.state_changes)
+        yield from (attached, gen, mode, state, changes)
+
+        kc = _c("aegis_kernel_hook_counter", "Raw per-hook kernel counters (summed over CPUs)",
+                ["hook", "counter"])
+        kd = _c("aegis_kernel_decisions", "Kernel decisions by hook and decision", ["hook", "decision"])
+        kf = _c("aegis_kernel_ringbuf_reserve_failures",
+                "Ring-buffer reserves that failed in the kernel (event lost, decision kept)", ["hook"])
+        if st is not None:
+            for hook, ctrs in sorted(st.kernel.hooks.items()):
+                for name, v in ctrs.items():
+                    kc.add_metric([hook, name], v)
+                kd.add_metric([hook, "deny"], ctrs["denied"])
+                kd.add_metric([hook, "audit"], ctrs["audited"])
+                kf.add_metric([hook], ctrs["ringbuf_fail"])
+        yield from (kc, kd, kf)
+
+        emitted = _c("aegis_events_emitted", "Decision events the kernel emitted since the agent started",
+                     ["class"])
+        read = _c("aegis_events_read", "Records read from the ring (or a previous run's spool)", ["class"])
+        delivered = _c("aegis_events_delivered", "Events written by every sink", ["class"])
+        dropped = _c("aegis_events_dropped", "Events lost, by stage and reason", ["stage", "class", "reason"])
+        inflight = _g("aegis_events_in_flight", "Read, not yet delivered or dropped", ["class"])
+        if st is not None:
+            for k in CLASSES:
+                c = st.classes[k]
+                emitted.add_metric([k], c.kernel_emitted)
+                read.add_metric([k], c.read)
+                delivered.add_metric([k], c.delivered)
+                inflight.add_metric([k], c.in_flight)
+                dropped.add_metric(["kernel", k, "ringbuf_full"], c.kernel_dropped)
+                for (stage, reason), n in sorted(c.dropped.items()):
+                    dropped.add_metric([stage, k, reason], n)
+        yield from (emitted, read, delivered, dropped, inflight)
+
+        fill = _g("aegis_ring_fill_ratio", "Ring bytes waiting / ring size", ["ring"])
+        lag = _g("aegis_consumer_lag_bytes", "Producer - consumer position of the ring", ["ring"])
+        disc = _c("aegis_ring_discarded_records", "Records the producer discarded", ["ring"])
+        if st is not None:
+            for k, r in sorted(st.rings.items()):
+                fill.add_metric([k], r.fill_ratio)
+                lag.add_metric([k], r.available_bytes)
+                disc.add_metric([k], r.discarded)
+        yield from (fill, lag, disc)
+
+        sp_pending = _g("aegis_spool_pending_events", "Denies waiting in the disk spool")
+        sp_bytes = _g("aegis_spool_bytes", "Size of the disk spool file")
+        sp_total = _c("aegis_spool_spooled_events", "Denies that went through the disk spool")
+        if st is not None:
+            sp_pending.add_metric([], st.spool.pending_events)
+            sp_bytes.add_metric([], st.spool.file_bytes)
+            sp_total.add_metric([], st.spool.spooled_events)
+        yield from (sp_pending, sp_bytes, sp_total)
+
+        ratio = _g("aegis_slo_drop_ratio", "Dropped / emitted over the window", ["class", "window"])
+        burn = _g("aegis_slo_burn_rate", "Drop ratio over the window / objective", ["class", "window"])
+        firing = _g("aegis_slo_alert_firing", "1 while the burn-rate alert fires", ["class", "alert"])
+        objective = _g("aegis_slo_objective_ratio", "Allowed drop ratio (the SLO objective)")
+        if st is not None:
+            objective.add_metric([], st.slo_objective)
+            for (k, w), dr in sorted(st.drop_ratios.items()):
+                ratio.add_metric([k, w], dr)
+            for (k, w), b in sorted(st.burn_rates.items()):
+                burn.add_metric([k, w], b)
+            for (k, a), f in sorted(st.alerts_firing.items()):
+                firing.add_metric([k, a], 1.0 if f else 0.0)
+        yield from (objective, ratio, burn, firing)
+
+        s_events = _c("aegis_sink_events", "Events a sink accepted", ["sink"])
+        s_fail = _c("aegis_sink_failures", "Sink write calls that failed", ["sink"])
+        s_failev = _c("aegis_sink_failed_events", "Events in failed sink writes", ["sink"])
+        derived = _c("aegis_derived_events", "state/slo/explanation records written", ["kind"])
+        if st is not None:
+            for sk in st.sinks:
+                s_events.add_metric([sk.name], sk.events)
+                s_fail.add_metric([sk.name], sk.failures)
+                s_failev.add_metric([sk.name], sk.failed_events)
+            for kind, n in sorted(st.derived_events.items()):
+                derived.add_metric([kind], n)
+        yield from (s_events, s_fail, s_failev, derived)
+
+        lookups = _c("aegis_cache_lookups", "Normaliser cache lookups", ["cache", "result"])
+        entries = _g("aegis_cache_entries", "Normaliser cache size", ["cache"])
+        for cs in caches:
+            lookups.add_metric([cs.name, "hit"], cs.hits)
+            lookups.add_metric([cs.name, "miss"], cs.misses)
+            entries.add_metric([cs.name], cs.size)
+        yield from (lookups, entries)
+
+
+class AegisMetrics:
+    """The registry (fresh per instance unless one is given) with the aegis collector."""
+
+    def __init__(
+        self,
+        stats: Callable[[], PipelineStatistics | None],
+        registry: CollectorRegistry | None = None,
+        *,
+        caches: Callable[[], list[CacheStatistics]] | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.collector = AegisCollector(stats, caches)
+        self.registry.register(self.collector)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def metric_names(self) -> dict[str, str]:
+        """Exposed name -> type (counters with their ``_total``)."""
+        out = {}
+        for fam in self.collector.describe():
+            name = fam.name + "_total" if fam.type == "counter" else fam.name
+            out[name] = fam.type
+        return out
+
+
+# ------------------------------------------------------------------------------- HTTP
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``, ``:PORT`` = all interfaces)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics address {addr!r} is not HOST:PORT")
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port)
+
+
+async def _handle(stream: trio.SocketStream, metrics: AegisMetrics) -> None:
+    async with stream:
+        data = b""
+        with trio.move_on_after(5):
+            while b"\r\n\r\n" not in data and len(data) < 8192:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+        parts = data.split(b"\r\n", 1)[0].split()
+        if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
+            status, ctype, body = b"405 Method Not Allowed", b"text/plain", b"GET /metrics\n"
+        elif parts[1].split(b"?")[0] in (b"/metrics", b"/"):
+            status, ctype, body = b"200 OK", CONTENT_TYPE_LATEST.encode(), metrics.exposition()
+        elif parts[1] == b"/healthz":
+            status, ctype, body = b"200 OK", b"text/plain", b"ok\n"
+        else:
+            status, ctype, body = b"404 Not Found", b"text/plain", b"not found\n"
+        head = (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+        try:
+            await stream.send_all(head + (body if parts[:1] != [b"HEAD"] else b""))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def serve_metrics(
+    metrics: AegisMetrics, addr: str, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve ``/metrics`` until cancelled; ``task_status.started((host, port))``."""
+    host, port = parse_addr(addr)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    sock = listeners[0].socket
+    bound = sock.getsockname()
+    task_status.started((bound[0], bound[1]))
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _handle(stream, metrics)
+
+    await trio.serve_listeners(handler, listeners)

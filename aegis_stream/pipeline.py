@@ -1,0 +1,819 @@
+"""The event pipeline under trio: rings -> decode -> normalise -> sinks, with drop
+accounting end to end and the stream processors of pipelines/ embedded.
+
+Task tree (one nursery; cancellation is explicit)::
+
+    Pipeline.run
+    ├── reader(deny)    ring -> raw channel      (never sheds: spills to the disk spool,
+    │                                             blocks when the spool is full)
+    ├── spool feeder    spool -> raw channel     (in order; replays a previous run's spool)
+    ├── reader(audit)   ring -> raw channel      (sample 1-in-N; when the channel is full,
+    │                                             wait while the kernel ring is under
+    │                                             audit_shed_fill, then shed, counted)
+    ├── normaliser(c)   raw -> encoded channel   (batch decode; audit: columnar encoder;
+    │                                             deny: Structs + explanations)
+    ├── writer(c)       encoded -> every sink    (deny: retried until written;
+    │                                             audit: a failed batch is dropped, counted)
+    └── ticker          every tick_s: kernel counters, ring fill/lag, SLO, degraded state
+
+Backpressure: every channel is bounded (in batches of at most ``batch_max`` records).
+Denies are never dropped in userspace: a full raw channel spills the batch to a bounded
+on-disk spool (raw 104-byte records, replayed in order), and a full spool blocks the
+reader, which leaves the records in the kernel ring (where a full ring is a counted
+kernel reserve failure).  Audit events may be sampled 1-in-N; when the raw channel is
+full the reader waits while the kernel ring absorbs the backlog (bursts are common, and
+the ring is the largest buffer), and sheds the batch, counted, once the ring is
+``audit_shed_fill`` full.  Downstream stages block: a slow sink backs up into the
+reader, which sheds before decoding (the cheapest place).
+
+Accounting per class (``statistics().classes``)::
+
+    read      = delivered + dropped (userspace, by stage/reason) + in_flight
+    emitted   = read + kernel_dropped + backlog            (emitted: kernel counters)
+
+``kernel_dropped`` per class = decisions counted by the kernel - records that reached the
+ring (read + still waiting); the kernel's RINGBUF_FAIL counter is per hook, not per
+ring, so the split comes from this difference (their sum equals RINGBUF_FAIL once the
+rings are quiet: tested).  Counters are read before ring positions, so the value is a
+lower bound while events flow, never an overstatement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+import trio
+
+from aegis_stream import abi, slots
+from aegis_stream.counters import CounterSnapshot, MapCounterSource
+from aegis_stream.events import RECORD_STRIDE, DecodeError, decode_batch, rows, split_valid
+from aegis_stream.normalise import Normaliser
+from aegis_stream.ringbuf import RawBatch, RingBuffer, RingStatistics
+from aegis_stream.schema import SloEvent, StateEvent
+from aegis_stream.sinks import Sink, SinkBatch, SinkStatistics
+from pipelines.degraded import DegradedConfig, DegradedMonitor, HealthSample, Transition
+from pipelines.explain import Explainer
+from pipelines.sampling import Sampler
+from pipelines.slo import AlertChange, DropRateSlo, SloConfig
+
+CLASSES = ("deny", "audit")
+_enc = msgspec.json.Encoder()
+
+
+def _log(msg: str) -> None:
+    print(f"aegis: {msg}", file=sys.stderr, flush=True)
+
+
+# ============================================================================ config
+@dataclass(frozen=True)
+class PipelineConfig:
+    batch_max: int = 4096  # records per drain / per channel item
+    raw_channel_batches: Mapping[str, int] = field(default_factory=lambda: {"deny": 64, "audit": 16})
+    out_channel_batches: Mapping[str, int] = field(default_factory=lambda: {"deny": 64, "audit": 16})
+    poll_interval_s: float = 0.05  # timeout poll next to wait_readable
+    audit_shed_fill: float = 0.5  # audit: wait for room until the ring is this full, then shed
+    audit_sample_n: int = 1  # keep 1 in N audit events (1 = all)
+    spool_dir: str | None = None  # None: no spool (a full deny channel blocks the reader)
+    spool_max_bytes: int = 64 << 20
+    tick_s: float = 1.0
+    explain_denies: bool = True
+    sink_retry_initial_s: float = 0.05
+    sink_retry_max_s: float = 2.0
+    degraded: DegradedConfig = field(default_factory=DegradedConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
+    slo_short_window_s: float = 300.0  # the window the degraded signal reads drop ratios on
+    shutdown_timeout_s: float = 5.0  # after stop(): then the stages are cancelled (denies parked)
+
+
+# ============================================================================ kernel view
+class KernelView(Protocol):
+    """What the ticker reads from the kernel side (real maps or the fake kernel)."""
+
+    def counters(self) -> CounterSnapshot: ...
+    def attach_state(self) -> Mapping[str, bool]: ...
+    def policy_state(self) -> tuple[str, int]: ...  # (enforce|audit|none, generation)
+
+
+class MapsKernelView:
+    """KernelView over map handles: pinned maps or a FakeKernel's."""
+
+    def __init__(self, maps: Mapping[str, Any], policy_maps: Any,
+                 attach_state: Callable[[], Mapping[str, bool]], ncpu: int | None = None) -> None:
+        self._counters = MapCounterSource(maps, ncpu)
+        self.policy_maps = policy_maps
+        self._attach = attach_state
+
+    def counters(self) -> CounterSnapshot:
+        return self._counters.read()
+
+    def attach_state(self) -> Mapping[str, bool]:
+        return self._attach()
+
+    def policy_state(self) -> tuple[str, int]:
+        st = slots.read_state(self.policy_maps).active
+        if not st.valid:
+            return "none", 0
+        return ("enforce" if st.mode == abi.Mode.ENFORCE else "audit"), st.generation
+
+
+# ============================================================================ spool
+_FRAME = struct.Struct("<II")  # record count, byte length
+
+
+@dataclass(frozen=True)
+class SpoolStatistics:
+    enabled: bool
+    path: str
+    pending_batches: int
+    pending_events: int
+    file_bytes: int
+    max_bytes: int
+    spooled_events: int
+    replayed_events: int
+    recovered_events: int  # found on disk at start (a previous run's)
+    full: int  # times a batch did not fit
+
+
+class DiskSpool:
+    """A bounded FIFO of raw deny batches in one append-only file.
+
+    Frames are ``<u32 count><u32 length><records>``; the file is truncated whenever it
+    has been fully replayed.  A file left by a previous run is replayed first (a torn
+    last frame is cut off)."""
+
+    def __init__(self, directory: str | os.PathLike[str], max_bytes: int, name: str = "deny") -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"{name}.spool"
+        self.max_bytes = max_bytes
+        self._fh = open(self.path, "a+b")  # noqa: SIM115 - held for the spool's life
+        self._frames: deque[tuple[int, int, int]] = deque()  # (offset, count, length)
+        self.spooled = self.replayed = self.recovered = self.full = 0
+        self._recover()
+
+    def _recover(self) -> None:
+        self._fh.seek(0)
+        data = self._fh.read()
+        off = 0
+        while off + _FRAME.size <= len(data):
+            count, length = _FRAME.unpack_from(data, off)
+            if length != count * RECORD_STRIDE or off + _FRAME.size + length > len(data):
+                break
+            self._frames.append((off + _FRAME.size, count, length))
+            self.recovered += count
+            off += _FRAME.size + length
+        if off != len(data):
+            self._fh.truncate(off)
+        self._end = off
+
+    @property
+    def pending_batches(self) -> int:
+        return len(self._frames)
+
+    @property
+    def pending_events(self) -> int:
+        return sum(c for _, c, _ in self._frames)
+
+    def append(self, batch: RawBatch, *, force: bool = False) -> bool:
+        size = _FRAME.size + len(batch.data)
+        if self._end + size > self.max_bytes and not force:
+            self.full += 1
+            return False
+        self._fh.seek(0, os.SEEK_END)
+        self._fh.write(_FRAME.pack(batch.count, len(batch.data)) + batch.data)
+        self._fh.flush()
+        self._frames.append((self._end + _FRAME.size, batch.count, len(batch.data)))
+        self._end += size
+        self.spooled += batch.count
+        return True
+
+    def peek(self) -> RawBatch:
+        off, count, length = self._frames[0]
+        self._fh.seek(off)
+        return RawBatch(self._fh.read(length), count)
+
+    def pop(self) -> None:
+        _, count, _ = self._frames.popleft()
+        self.replayed += count
+        if not self._frames:
+            self._fh.truncate(0)
+            self._end = 0
+
+    def rewrite(self, before: list[RawBatch], after: list[RawBatch]) -> None:
+        """Atomically: ``before`` + what is pending + ``after`` (stream order at a stop)."""
+        pending = []
+        for off, count, length in self._frames:
+            self._fh.seek(off)
+            pending.append(RawBatch(self._fh.read(length), count))
+        batches = before + pending + after
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            for b in batches:
+                fh.write(_FRAME.pack(b.count, len(b.data)) + b.data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._fh.close()
+        self._fh = open(self.path, "a+b")  # noqa: SIM115
+        self._frames.clear()
+        off = 0
+        for b in batches:
+            self._frames.append((off + _FRAME.size, b.count, len(b.data)))
+            off += _FRAME.size + len(b.data)
+        self._end = off
+        self.spooled += sum(b.count for b in before + after)
+
+    def statistics(self) -> SpoolStatistics:
+        return SpoolStatistics(True, str(self.path), self.pending_batches, self.pending_events,
+                               self._end, self.max_bytes, self.spooled, self.replayed,
+                               self.recovered, self.full)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+# ============================================================================ statistics
+@dataclass(frozen=True)
+class ClassStatistics:
+    klass: str
+    read: int  # records consumed from the ring (or recovered from the spool)
+    delivered: int  # written by every sink
+    dropped: Mapping[tuple[str, str], int]  # (stage, reason) -> events, userspace
+    in_flight: int  # read - delivered - dropped: in channels, spool, being written
+    spooled: int  # (deny) batches that went through the disk spool, in events
+    kernel_emitted: int  # decisions of this class since the pipeline started
+    kernel_dropped: int  # ring reserve failures attributed to this class
+    backlog: int  # records waiting in the ring
+
+    @property
+    def dropped_userspace(self) -> int:
+        return sum(self.dropped.values())
+
+    @property
+    def dropped_total(self) -> int:
+        return self.dropped_userspace + self.kernel_dropped
+
+
+@dataclass(frozen=True)
+class PipelineStatistics:
+    classes: Mapping[str, ClassStatistics]
+    rings: Mapping[str, RingStatistics]
+    sinks: tuple[SinkStatistics, ...]
+    spool: SpoolStatistics
+    kernel: CounterSnapshot
+    hooks: Mapping[str, bool]
+    mode: str
+    generation: int
+    state: str
+    reasons: tuple[str, ...]
+    state_changes: int
+    burn_rates: Mapping[tuple[str, str], float]  # (class, window "5m"/"1h"...) -> burn rate
+    drop_ratios: Mapping[tuple[str, str], float]
+    alerts_firing: Mapping[tuple[str, str], bool]  # (class, alert name)
+    derived_events: Mapping[str, int]  # state/slo/explanation records written
+    derived_failed: int
+    slo_objective: float
+
+
+def _drain_nowait(recv: trio.MemoryReceiveChannel[Any]) -> list[Any]:
+    out = []
+    while True:
+        try:
+            out.append(recv.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return out
+
+
+def window_label(seconds: float) -> str:
+    if seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
+
+
+class _Acct:
+    def __init__(self, klass: str) -> None:
+        self.klass = klass
+        self.read = 0
+        self.delivered = 0
+        self.dropped: dict[tuple[str, str], int] = {}
+        self.spooled = 0
+        self.kernel_dropped = 0
+        self.base_decisions = 0
+        self.base_backlog = 0
+        self.base_ring_records = 0
+
+    def drop(self, stage: str, reason: str, n: int) -> None:
+        if n:
+            self.dropped[(stage, reason)] = self.dropped.get((stage, reason), 0) + n
+
+    @property
+    def dropped_userspace(self) -> int:
+        return sum(self.dropped.values())
+
+
+# ============================================================================ pipeline
+class Pipeline:
+    def __init__(
+        self,
+        rings: Mapping[str, RingBuffer],
+        normaliser: Normaliser,
+        sinks: list[Sink],
+        kernel: KernelView,
+        *,
+        config: PipelineConfig | None = None,
+        clock: Callable[[], float] = trio.current_time,
+        wall_clock: Callable[[], float] = time.time,
+        on_state: Callable[[StateEvent], None] | None = None,
+    ) -> None:
+        self.rings = dict(rings)
+        self.norm = normaliser
+        self.sinks = list(sinks)
+        self.kernel = kernel
+        self.config = config or PipelineConfig()
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.on_state = on_state
+        self.acct = {k: _Acct(k) for k in CLASSES}
+        self.sampler = Sampler(self.config.audit_sample_n)
+        self.monitor = DegradedMonitor(self.config.degraded)
+        self.slo = DropRateSlo(self.config.slo)
+        self.explainer = Explainer(self.norm.generations.get)
+        self.spool: DiskSpool | None = None
+        if self.config.spool_dir:
+            try:
+                self.spool = DiskSpool(self.config.spool_dir, self.config.spool_max_bytes)
+            except OSError as exc:
+                _log(f"deny spool disabled ({exc}); a full deny channel blocks the reader")
+        self._spool_changed = trio.Event()
+        self._sink_locks = [trio.Lock() for _ in self.sinks]
+        self._sink_failing: set[str] = set()
+        self._reader_scope: trio.CancelScope | None = None
+        self._started = trio.Event()
+        self._stopped = False
+        self._kernel = CounterSnapshot.zero()
+        self._hooks: Mapping[str, bool] = {}
+        self._mode, self._generation = "none", 0
+        self.base_ringbuf_failures = 0
+        self._derived: dict[str, int] = {}
+        self._derived_failed = 0
+        self._state_seq = 0
+        self._now = 0.0
+        self._parked: dict[int, list[RawBatch]] = {0: [], 1: [], 2: []}
+        self.last_transition: Transition | None = None
+        self.alert_changes: list[AlertChange] = []
+        if self.spool is not None and self.spool.recovered:
+            self.acct["deny"].read += self.spool.recovered
+            _log(f"replaying {self.spool.recovered} denies spooled by a previous run")
+
+    # ---------------------------------------------------------------- lifecycle
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        self._baseline()
+        raw: dict[str, tuple[trio.MemorySendChannel[RawBatch], trio.MemoryReceiveChannel[RawBatch]]] = {
+            k: trio.open_memory_channel[RawBatch](cfg.raw_channel_batches[k]) for k in CLASSES
+        }
+        out: dict[str, tuple[trio.MemorySendChannel[SinkBatch], trio.MemoryReceiveChannel[SinkBatch]]] = {
+            k: trio.open_memory_channel[SinkBatch](cfg.out_channel_batches[k]) for k in CLASSES
+        }
+        stages_scope = trio.CancelScope()
+        stages_done = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                ticker_scope = trio.CancelScope()
+
+                async def ticker() -> None:
+                    with ticker_scope:
+                        await self._ticker()
+
+                async def stages() -> None:
+                    with stages_scope:
+                        async with trio.open_nursery() as st:
+                            for k in CLASSES:
+                                st.start_soon(self._normaliser, k, raw[k][1], out[k][0])
+                                st.start_soon(self._writer, k, out[k][1])
+                    stages_done.set()
+
+                nursery.start_soon(ticker)
+                nursery.start_soon(stages)
+                async with trio.open_nursery() as readers:
+                    self._reader_scope = readers.cancel_scope
+                    for k in CLASSES:
+                        if k in self.rings:
+                            readers.start_soon(self._reader, k, self.rings[k], raw[k][0].clone())
+                    readers.start_soon(self._spool_feeder, raw["deny"][0].clone())
+                    for k in CLASSES:
+                        await raw[k][0].aclose()
+                    self._started.set()
+                    task_status.started()
+                # readers stopped: what was read is normalised and written, within limits
+                with trio.move_on_after(cfg.shutdown_timeout_s):
+                    await stages_done.wait()
+                stages_scope.cancel()  # forced: the stages park denies in the spool
+                ticker_scope.cancel()
+        finally:
+            self._stopped = True
+            self._persist_parked()
+            self._tick()  # final numbers for statistics()
+            if self.spool is not None:
+                self.spool.close()
+
+    def stop(self) -> None:
+        """Stop reading; what was read is still normalised and written, then run() returns."""
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+
+    async def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until the rings are empty and nothing is in flight (or ``timeout``)."""
+        await self._started.wait()
+        with trio.move_on_after(timeout):
+            while True:
+                busy = any(r.available_bytes() for r in self.rings.values())
+                busy = busy or any(self._in_flight(k) for k in CLASSES)
+                if not busy:
+                    return True
+                await trio.sleep(0.01)
+        return False
+
+    async def drain_and_stop(self, timeout: float = 5.0) -> bool:
+        ok = await self.drain(timeout)
+        self.stop()
+        return ok
+
+    # ---------------------------------------------------------------- readers
+    async def _reader(self, klass: str, ring: RingBuffer, send: trio.MemorySendChannel[RawBatch]) -> None:
+        cfg = self.config
+        acct = self.acct[klass]
+        async with send:
+            while True:
+                batch = ring.drain_batch(cfg.batch_max)
+                if not batch.count:
+                    with trio.move_on_after(cfg.poll_interval_s):
+                        await trio.lowlevel.wait_readable(ring.poll_fd)
+                    continue
+                acct.read += batch.count
+                if klass == "deny":
+                    try:
+                        await self._admit_deny(batch, send)
+                    except trio.Cancelled:
+                        self._park("deny", batch.count, batch, 2)
+                        raise
+                else:
+                    if self.sampler.n > 1:
+                        keep = self.sampler.select(batch.count)
+                        acct.drop("reader", "sampled", batch.count - len(keep))
+                        batch = batch.select(keep) if len(keep) < batch.count else batch
+                    if batch.count and not await self._admit_audit(ring, batch, send):
+                        acct.drop("reader", "channel_full", batch.count)
+                await trio.lowlevel.checkpoint()
+
+    async def _admit_audit(self, ring: RingBuffer, batch: RawBatch,
+                           send: trio.MemorySendChannel[RawBatch]) -> bool:
+        """Wait for room while the kernel ring can absorb the backlog (it is the largest
+        buffer there is); shed once it is ``audit_shed_fill`` full."""
+        try:
+            send.send_nowait(batch)
+            return True
+        except trio.WouldBlock:
+            pass
+        while ring.available_bytes() < self.config.audit_shed_fill * ring.size:
+            with trio.move_on_after(self.config.poll_interval_s):
+                await send.send(batch)
+                return True
+        return False
+
+    async def _admit_deny(self, batch: RawBatch, send: trio.MemorySendChannel[RawBatch]) -> None:
+        spool = self.spool
+        if spool is None:
+            await send.send(batch)  # backpressure: the records wait in the kernel ring
+            return
+        if not spool.pending_batches:
+            try:
+                send.send_nowait(batch)
+                return
+            except trio.WouldBlock:
+                pass
+        while not spool.append(batch):
+            # spool full: block (order is kept: the feeder empties the spool first)
+            if not spool.pending_batches:
+                await send.send(batch)
+                return
+            await self._spool_event().wait()
+        self.acct["deny"].spooled += batch.count
+        self._signal_spool()
+
+    def _park(self, klass: str, count: int, batch: RawBatch | None, rank: int) -> None:
+        """Stopped (or cancelled) with events in hand.  Denies are kept for the spool,
+        where run() puts them in stream order when it ends (``rank``: 0 writer, 1
+        normaliser -- older than the spool's contents --, 2 reader -- newer); audit
+        events are dropped, counted."""
+        if klass == "deny" and batch is not None and self.spool is not None:
+            self._parked[rank].append(batch)
+            self.acct["deny"].spooled += batch.count
+            return
+        self.acct[klass].drop("shutdown", "stopped", count)
+
+    def _persist_parked(self) -> None:
+        if self.spool is None or not any(self._parked.values()):
+            return
+        n = sum(b.count for bs in self._parked.values() for b in bs)
+        self.spool.rewrite(self._parked[0] + self._parked[1], self._parked[2])
+        _log(f"stopped with {n} denies in hand: kept in {self.spool.path} for the next run")
+        self._parked = {0: [], 1: [], 2: []}
+
+    def _spool_event(self) -> trio.Event:
+        return self._spool_changed
+
+    def _signal_spool(self) -> None:
+        self._spool_changed.set()
+        self._spool_changed = trio.Event()
+
+    async def _spool_feeder(self, send: trio.MemorySendChannel[RawBatch]) -> None:
+        async with send:
+            spool = self.spool
+            if spool is None:
+                return
+            while True:
+                while not spool.pending_batches:
+                    await self._spool_event().wait()
+                batch = spool.peek()
+                await send.send(batch)
+                spool.pop()
+                self._signal_spool()
+
+    # ---------------------------------------------------------------- normaliser
+    async def _normaliser(self, klass: str, recv: trio.MemoryReceiveChannel[RawBatch],
+                          send: trio.MemorySendChannel[SinkBatch]) -> None:
+        async with recv, send:
+            try:
+                await self._normalise_loop(klass, recv, send)
+            except trio.Cancelled:
+                for b in _drain_nowait(recv):
+                    self._park(klass, b.count, b, 1)
+                raise
+
+    async def _normalise_loop(self, klass: str, recv: trio.MemoryReceiveChannel[RawBatch],
+                              send: trio.MemorySendChannel[SinkBatch]) -> None:
+        acct = self.acct[klass]
+        async for batch in recv:
+            try:
+                arr = decode_batch(batch.data, batch.stride)
+            except DecodeError:
+                arr, bad = split_valid(batch.data, batch.stride)
+                acct.drop("decode", "abi_mismatch", bad)
+            extra: SinkBatch | None = None
+            try:
+                if klass == "deny":
+                    evs = [self.norm.normalise(r) for r in rows(arr)]
+                    lines = _enc.encode_lines(evs)
+                    if self.config.explain_denies:
+                        exps = [e for e in map(self.explainer.process, evs) if e is not None]
+                        if exps:
+                            extra = SinkBatch("explanation", _enc.encode_lines(exps), len(exps))
+                else:
+                    lines = self.norm.encode_batch(arr)
+            except Exception as exc:  # a bug must not stop the agent: count it, go on
+                _log(f"{klass}: normalise failed for a batch of {len(arr)}: {exc!r}")
+                acct.drop("normalise", "error", len(arr))
+                continue
+            out = SinkBatch(klass, lines, len(arr), raw=batch if klass == "deny" else None)
+            if klass == "deny":
+                try:
+                    await send.send(out)
+                except trio.Cancelled:
+                    self._park(klass, out.count, batch, 1)
+                    raise
+                if extra is not None:  # derived: lost (and counted) if stopped right here
+                    await send.send(extra)
+            else:  # blocks: the reader sheds, before decoding, if it must
+                await send.send(out)
+            await trio.lowlevel.checkpoint()
+
+    # ---------------------------------------------------------------- writer
+    async def _write_one(self, i: int, batch: SinkBatch) -> bool:
+        sink = self.sinks[i]
+        async with self._sink_locks[i]:
+            try:
+                await sink.write(batch)
+            except Exception as exc:
+                if sink.name not in self._sink_failing:
+                    _log(f"sink {sink.name} failed: {exc}")
+                self._sink_failing.add(sink.name)
+                return False
+        self._sink_failing.discard(sink.name)
+        return True
+
+    async def _writer(self, klass: str, recv: trio.MemoryReceiveChannel[SinkBatch]) -> None:
+        async with recv:
+            current: list[SinkBatch] = []
+            try:
+                await self._write_loop(klass, recv, current)
+            except trio.Cancelled:
+                for b in current + _drain_nowait(recv):
+                    if b.klass == klass:
+                        self._park(klass, b.count, b.raw, 0)
+                raise
+
+    async def _write_loop(self, klass: str, recv: trio.MemoryReceiveChannel[SinkBatch],
+                          current: list[SinkBatch]) -> None:
+        cfg = self.config
+        acct = self.acct[klass]
+        async for batch in recv:
+            current[:] = [batch]
+            pending = list(range(len(self.sinks)))
+            delay = cfg.sink_retry_initial_s
+            while True:
+                pending = [i for i in pending if not await self._write_one(i, batch)]
+                if not pending or klass != "deny":
+                    break
+                await trio.sleep(delay)  # denies: retried until every sink has them
+                delay = min(delay * 2, cfg.sink_retry_max_s)
+            if batch.klass != klass:  # explanations riding the deny channel
+                self._derived[batch.klass] = self._derived.get(batch.klass, 0) + batch.count
+                self._derived_failed += batch.count if pending else 0
+            elif pending:
+                acct.drop("sink", "error", batch.count)
+            else:
+                acct.delivered += batch.count
+            current.clear()
+
+    async def _write_derived(self, batch: SinkBatch) -> None:
+        failed = False
+        for i in range(len(self.sinks)):
+            failed |= not await self._write_one(i, batch)
+        self._derived[batch.klass] = self._derived.get(batch.klass, 0) + batch.count
+        self._derived_failed += batch.count if failed else 0
+
+    # ---------------------------------------------------------------- ticker
+    def _baseline(self) -> None:
+        try:
+            snap = self.kernel.counters()
+        except Exception as exc:  # counters unreadable: start from zero, say so
+            _log(f"kernel counters unreadable at start: {exc}")
+            snap = CounterSnapshot.zero()
+        self._kernel = snap
+        self.base_ringbuf_failures = snap.ringbuf_failures
+        for k in CLASSES:
+            a = self.acct[k]
+            a.base_decisions = snap.decisions(k)
+            ring = self.rings.get(k)
+            a.base_backlog = ring.available_bytes() // RECORD_STRIDE if ring else 0
+            a.base_ring_records = (ring.records + ring.discarded + ring.foreign) if ring else 0
+
+    def _in_flight(self, klass: str) -> int:
+        a = self.acct[klass]
+        return a.read - a.delivered - a.dropped_userspace
+
+    def _tick(self) -> tuple[Transition | None, list[AlertChange]]:
+        now = self._now = self.clock()
+        # counters first, ring positions after: decisions(t1) - written(t2) is a lower
+        # bound of the drops at t1 (written only grows), so the monotone maximum of it
+        # never overstates and is exact once the ring is quiet
+        try:
+            snap = self.kernel.counters()
+            self._hooks = dict(self.kernel.attach_state())
+            self._mode, self._generation = self.kernel.policy_state()
+        except Exception as exc:
+            _log(f"kernel state unreadable: {exc}")
+            snap = self._kernel
+        self._kernel = snap
+        ring_fill = {k: r.available_bytes() / r.size for k, r in self.rings.items()}
+        lag = {k: r.available_bytes() for k, r in self.rings.items()}
+        for k in CLASSES:
+            a = self.acct[k]
+            ring = self.rings.get(k)
+            if ring is None:
+                continue
+            written = (ring.records + ring.discarded + ring.foreign - a.base_ring_records
+                       + lag[k] // RECORD_STRIDE)
+            emitted = snap.decisions(k) - a.base_decisions + a.base_backlog
+            a.kernel_dropped = max(a.kernel_dropped, emitted - written)
+        for k in CLASSES:
+            a = self.acct[k]
+            emitted = snap.decisions(k) - a.base_decisions + a.base_backlog
+            self.slo.observe(now, k, emitted, a.kernel_dropped + a.dropped_userspace)
+        changes = self.slo.evaluate(now)
+        short = self.config.slo_short_window_s
+        drop_ratio = {k: self.slo.window(k, short, now).ratio for k in CLASSES}
+        deny_lost = self.slo.window("deny", short, now).dropped
+        spooled = self.spool.pending_events if self.spool else 0
+        sample = HealthSample(
+            now=now,
+            hooks_expected=list(self._hooks),
+            hooks_attached=[h for h, ok in self._hooks.items() if ok],
+            mode=self._mode,
+            generation=self._generation,
+            ring_fill=ring_fill,
+            consumer_lag_bytes=lag,
+            consumed_records={k: r.records + r.discarded + r.foreign for k, r in self.rings.items()},
+            drop_ratio=drop_ratio,
+            deny_lost=deny_lost,
+            sink_failing=sorted(self._sink_failing),
+            spooled_denies=spooled,
+        )
+        transition = self.monitor.observe(sample)
+        if transition is not None:
+            self.last_transition = transition
+        self.alert_changes.extend(changes)
+        return transition, changes
+
+    def _stamp(self) -> tuple[str, str]:
+        ns = int(self.wall_clock() * 1e9)
+        s, rem = divmod(ns, 1_000_000_000)
+        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)) + f".{rem // 1000:06d}Z"
+        self._state_seq += 1
+        return f"{self.norm.boot8}-agent-{ns}-{self._state_seq}", t
+
+    def state_event(self, tr: Transition) -> StateEvent:
+        eid, t = self._stamp()
+        s = tr.sample
+        return StateEvent(
+            event_id=eid, time=t, host=self.norm.host, state=tr.state,  # type: ignore[arg-type]
+            previous=tr.previous, reasons=list(tr.reasons), hooks_attached=list(s.hooks_attached),
+            hooks_expected=list(s.hooks_expected), mode=s.mode, generation=s.generation,
+            ring_fill=dict(s.ring_fill), consumer_lag_bytes=dict(s.consumer_lag_bytes),
+            drop_ratio=dict(s.drop_ratio),
+        )
+
+    def slo_event(self, ch: AlertChange) -> SloEvent:
+        eid, t = self._stamp()
+        return SloEvent(
+            event_id=eid, time=t, host=self.norm.host, event_class=ch.klass, alert=ch.rule.name,
+            status="firing" if ch.firing else "resolved", objective=ch.objective,
+            long_window_s=ch.rule.long_s, short_window_s=ch.rule.short_s,
+            burn_threshold=ch.rule.burn, burn_long=ch.burn_long, burn_short=ch.burn_short,
+            emitted_long=ch.long.emitted, dropped_long=ch.long.dropped,
+        )
+
+    async def _ticker(self) -> None:
+        while True:
+            transition, changes = self._tick()
+            if transition is not None:
+                ev = self.state_event(transition)
+                _log(f"state: {ev.state}" + (f" ({'; '.join(ev.reasons)})" if ev.reasons else ""))
+                if self.on_state is not None:
+                    with contextlib.suppress(Exception):
+                        self.on_state(ev)
+                await self._write_derived(SinkBatch("state", _enc.encode(ev) + b"\n", 1))
+            if changes:
+                evs = [self.slo_event(c) for c in changes]
+                await self._write_derived(SinkBatch("slo", _enc.encode_lines(evs), len(evs)))
+            await trio.sleep(self.config.tick_s)
+
+    # ---------------------------------------------------------------- statistics
+    def statistics(self) -> PipelineStatistics:
+        snap = self._kernel
+        classes = {}
+        for k in CLASSES:
+            a = self.acct[k]
+            ring = self.rings.get(k)
+            classes[k] = ClassStatistics(
+                klass=k, read=a.read, delivered=a.delivered, dropped=dict(a.dropped),
+                in_flight=self._in_flight(k), spooled=a.spooled,
+                kernel_emitted=snap.decisions(k) - a.base_decisions + a.base_backlog,
+                kernel_dropped=a.kernel_dropped,
+                backlog=ring.available_bytes() // RECORD_STRIDE if ring else 0,
+            )
+        now = self._now
+        burn: dict[tuple[str, str], float] = {}
+        ratios: dict[tuple[str, str], float] = {}
+        windows = sorted({w for a in self.slo.config.alerts for w in (a.long_s, a.short_s)})
+        for k in CLASSES:
+            for w in windows:
+                win = self.slo.window(k, w, now)
+                ratios[(k, window_label(w))] = win.ratio
+                burn[(k, window_label(w))] = win.ratio / self.slo.config.objective
+        firing = {(k, a.name): self.slo.firing.get(f"{k}/{a.name}", False)
+                  for k in CLASSES for a in self.slo.config.alerts}
+        spool = (self.spool.statistics() if self.spool is not None
+                 else SpoolStatistics(False, "", 0, 0, 0, 0, 0, 0, 0, 0))
+        return PipelineStatistics(
+            classes=classes,
+            rings={k: r.statistics() for k, r in self.rings.items()},
+            sinks=tuple(s.statistics() for s in self.sinks),
+            spool=spool,
+            kernel=snap,
+            hooks=dict(self._hooks),
+            mode=self._mode,
+            generation=self._generation,
+            state=self.monitor.state,
+            reasons=tuple(self.monitor.reasons),
+            state_changes=self.monitor.changes,
+            burn_rates=burn,
+            drop_ratios=ratios,
+            alerts_firing=firing,
+            derived_events=dict(self._derived),
+            derived_failed=self._derived_failed,
+            slo_objective=self.slo.config.objective,
+        )

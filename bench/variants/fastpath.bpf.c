@@ -1,0 +1,306 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * MEASUREMENT VARIANT, not shipped (bench/variants/README.md): bpf/aegis.bpf.c with the
+ * hot path changed the way docs/PERFORMANCE.md proposes, so the proposal is measured by
+ * bench/run-overhead --object before anyone changes the real program.
+ *
+ * aegis.bpf.c - inode-first deny of file open and exec on selected cgroups.
+ *
+ * Decision order (cheapest first, so unscoped hosts pay one lookup per open):
+ *   1. read the control word -> active slot; no valid slot => allow (counted)
+ *   2. (dev, ino, slot) lookup in the rule map; miss => allow
+ *   3. action bit check (open vs exec)
+ *   4. scope: host-wide slot, or the task's cgroup / any ancestor in the scope map
+ *   5. enforce => -EPERM, audit => 0; either way one event + exact rule counter.
+ * A full ring buffer never changes a decision: the reserve failure is counted.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "aegis_abi.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define EPERM 1
+#define PROT_EXEC 0x4
+#define FMODE_EXEC 0x20   /* f_mode bit on kernels that set it at open */
+#define __FMODE_EXEC 0x20 /* f_flags bit do_open_execat() passes (6.1 sets only this) */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AEGIS_MAX_RULES * AEGIS_SLOTS);
+	__type(key, struct aegis_inode_key);
+	__type(value, struct aegis_rule);
+} aegis_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AEGIS_MAX_SCOPES * AEGIS_SLOTS);
+	__type(key, struct aegis_scope_key);
+	__type(value, struct aegis_scope);
+} aegis_scopes SEC(".maps");
+
+/* index 0: struct aegis_control (padded to slot config size); 1 + slot: slot config */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1 + AEGIS_SLOTS);
+	__type(key, __u32);
+	__type(value, struct aegis_slot_config);
+} aegis_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, AEGIS_HOOK_COUNT * AEGIS_CTR_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} aegis_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct aegis_rule_counter_key);
+	__type(value, struct aegis_rule_counter);
+} aegis_rule_counters SEC(".maps");
+
+/* denies: small priority ring; audits: telemetry ring that may overflow */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} aegis_deny_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20);
+} aegis_audit_events SEC(".maps");
+
+/* keep the shared types in BTF so the ABI check can compare them */
+const struct aegis_event *unused_event __attribute__((unused));
+const struct aegis_control *unused_control __attribute__((unused));
+
+static __always_inline void count(__u32 hook, __u32 ctr)
+{
+	__u32 idx = hook * AEGIS_CTR_COUNT + ctr;
+	__u64 *v = bpf_map_lookup_elem(&aegis_counters, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void count_rule(__u64 gen, __u32 rule_id, __u32 hook, bool denied)
+{
+	struct aegis_rule_counter_key k = { .generation = gen, .rule_id = rule_id, .hook = hook };
+	struct aegis_rule_counter *c = bpf_map_lookup_elem(&aegis_rule_counters, &k);
+
+	if (!c) {
+		struct aegis_rule_counter zero = {};
+
+		bpf_map_update_elem(&aegis_rule_counters, &k, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&aegis_rule_counters, &k);
+		if (!c)
+			return; /* table full: the per-hook DENIED/AUDITED totals still count it */
+	}
+	if (denied)
+		c->denied += 1;
+	else
+		c->audited += 1;
+}
+
+/* returns the matching selected cgroup id, 0 for host scope, -1 when out of scope */
+static __always_inline __s64 match_scope(const struct aegis_slot_config *sc, __u32 slot)
+{
+	struct aegis_scope_key k = { .slot = slot };
+	int level;
+
+	if (sc->flags & AEGIS_SLOT_SCOPE_HOST)
+		return 0;
+	/* the task's cgroup or any ancestor; level 0 is the root cgroup */
+	for (level = 1; level <= AEGIS_MAX_CGROUP_DEPTH; level++) {
+		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
+
+		if (!id)
+			break;
+		k.cgroup_id = id;
+		if (bpf_map_lookup_elem(&aegis_scopes, &k))
+			return (__s64)id;
+	}
+	return -1;
+}
+
+
+#ifdef AEGIS_SCOPE_CACHE
+/* per task: the scope answer for (generation, cgroup id); recomputed when either changes */
+struct scope_cache {
+	__u64 generation;
+	__u64 cgroup_id;
+	__s64 scope; /* match_scope() result: -1 out of scope */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct scope_cache);
+} aegis_scope_cache SEC(".maps");
+
+static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __u32 slot)
+{
+	struct scope_cache *c;
+	__u64 cg;
+
+	if (sc->flags & AEGIS_SLOT_SCOPE_HOST)
+		return 0;
+	cg = bpf_get_current_cgroup_id();
+	c = bpf_task_storage_get(&aegis_scope_cache, bpf_get_current_task_btf(), 0,
+				 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (c && c->generation == sc->generation && c->cgroup_id == cg)
+		return c->scope;
+	{
+		__s64 s = match_scope(sc, slot);
+
+		if (c) {
+			c->generation = sc->generation;
+			c->cgroup_id = cg;
+			c->scope = s;
+		}
+		return s;
+	}
+}
+#endif
+
+/* the same decision as bpf/aegis.bpf.c, with: the slot checked before anything is read
+ * from the file; direct (BTF) loads instead of bpf_probe_read_kernel; and, with
+ * AEGIS_SCOPE_CACHE, the scope decided first, from a per-task cache */
+static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
+				  struct aegis_slot_config *sc, __u32 slot)
+{
+	struct aegis_inode_key key = {};
+	struct aegis_rule *rule;
+	struct aegis_event *e;
+	__s64 scope;
+	bool enforce;
+
+	if (!inode)
+		return 0;
+	count(hook, AEGIS_CTR_EVALUATED);
+#ifdef AEGIS_SCOPE_CACHE
+	scope = cached_scope(sc, slot);
+	if (scope < 0)
+		return 0;
+#endif
+	key.slot = slot;
+	key.ino = inode->i_ino;
+	key.dev = inode->i_sb->s_dev;
+	rule = bpf_map_lookup_elem(&aegis_rules, &key);
+	if (!rule || !(rule->actions & action))
+		return 0;
+	count(hook, AEGIS_CTR_RULE_MATCHED);
+#ifndef AEGIS_SCOPE_CACHE
+	scope = match_scope(sc, slot);
+	if (scope < 0)
+		return 0;
+#endif
+	count(hook, AEGIS_CTR_SCOPE_MATCHED);
+
+	enforce = sc->mode == AEGIS_MODE_ENFORCE;
+	count(hook, enforce ? AEGIS_CTR_DENIED : AEGIS_CTR_AUDITED);
+	count_rule(sc->generation, rule->rule_id, hook, enforce);
+
+	if (enforce)
+		e = bpf_ringbuf_reserve(&aegis_deny_events, sizeof(*e), 0);
+	else
+		e = bpf_ringbuf_reserve(&aegis_audit_events, sizeof(*e), 0);
+	if (!e) {
+		count(hook, AEGIS_CTR_RINGBUF_FAIL);
+	} else {
+		__u64 pid_tgid = bpf_get_current_pid_tgid();
+		__u64 uid_gid = bpf_get_current_uid_gid();
+
+		e->abi_version = AEGIS_ABI_VERSION;
+		e->hook = hook;
+		e->decision = enforce ? AEGIS_DECISION_DENY : AEGIS_DECISION_AUDIT;
+		e->rule_id = rule->rule_id;
+		e->generation = sc->generation;
+		e->ktime_ns = bpf_ktime_get_ns();
+		e->cgroup_id = bpf_get_current_cgroup_id();
+		e->scope_cgroup_id = (__u64)scope;
+		e->ino = key.ino;
+		e->dev = key.dev;
+		e->action = action;
+		e->pid = (__u32)pid_tgid;
+		e->tgid = pid_tgid >> 32;
+		e->uid = (__u32)uid_gid;
+		e->gid = uid_gid >> 32;
+		e->mode = sc->mode;
+		e->slot = key.slot;
+		bpf_get_current_comm(e->comm, sizeof(e->comm));
+		bpf_ringbuf_submit(e, 0);
+	}
+	return enforce ? -EPERM : 0;
+}
+
+/* the active slot's config, or NULL (no valid slot: counted, allow) */
+static __always_inline struct aegis_slot_config *active(__u32 hook, __u32 *slot)
+{
+	struct aegis_slot_config *ctl, *sc;
+	__u32 zero = 0, idx;
+
+	ctl = bpf_map_lookup_elem(&aegis_config, &zero);
+	if (!ctl)
+		return 0;
+	*slot = ((struct aegis_control *)ctl)->active_slot & 1;
+	idx = *slot + 1;
+	sc = bpf_map_lookup_elem(&aegis_config, &idx);
+	if (!sc || !(sc->flags & AEGIS_SLOT_VALID)) {
+		count(hook, AEGIS_CTR_NO_POLICY);
+		return 0;
+	}
+	return sc;
+}
+
+SEC("lsm/file_open")
+int BPF_PROG(aegis_file_open, struct file *file, int ret)
+{
+	struct aegis_slot_config *sc;
+	__u32 slot;
+
+	if (ret)
+		return ret;
+	sc = active(AEGIS_HOOK_FILE_OPEN, &slot);
+	if (!sc)
+		return 0;
+	if ((file->f_flags & __FMODE_EXEC) || (file->f_mode & FMODE_EXEC))
+		return 0;
+	return decide(file->f_inode, AEGIS_HOOK_FILE_OPEN, AEGIS_ACTION_OPEN, sc, slot);
+}
+
+SEC("lsm/bprm_check_security")
+int BPF_PROG(aegis_bprm_check, struct linux_binprm *bprm, int ret)
+{
+	struct aegis_slot_config *sc;
+	__u32 slot;
+
+	if (ret)
+		return ret;
+	sc = active(AEGIS_HOOK_BPRM_CHECK, &slot);
+	if (!sc)
+		return 0;
+	return decide(bprm->file->f_inode, AEGIS_HOOK_BPRM_CHECK, AEGIS_ACTION_EXEC, sc, slot);
+}
+
+SEC("lsm/mmap_file")
+int BPF_PROG(aegis_mmap_file, struct file *file, unsigned long reqprot, unsigned long prot,
+	     unsigned long flags, int ret)
+{
+	struct aegis_slot_config *sc;
+	__u32 slot;
+
+	if (ret)
+		return ret;
+	if (!file || !(prot & PROT_EXEC))
+		return 0;
+	sc = active(AEGIS_HOOK_MMAP_FILE, &slot);
+	if (!sc)
+		return 0;
+	return decide(file->f_inode, AEGIS_HOOK_MMAP_FILE, AEGIS_ACTION_EXEC, sc, slot);
+}

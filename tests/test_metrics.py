@@ -1,0 +1,135 @@
+"""Prometheus metrics: docs/METRICS.md is the contract; the real HTTP endpoint serves them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from aegis_stream import abi
+from aegis_stream.agent import serve_pipeline
+from aegis_stream.fakekernel import FakeKernel, fixed_normaliser, install, make_events, sample_record
+from aegis_stream.metrics import AegisCollector, AegisMetrics, parse_addr, serve_metrics
+from aegis_stream.pipeline import Pipeline, PipelineConfig
+from aegis_stream.sinks import MemorySink
+from aegis_stream.store import PolicyStore
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "METRICS.md"
+ROW = re.compile(r"^\| `(aegis_\w+)` \| (\w+) \| ([^|]*) \| (.+) \|$")
+
+
+def documented() -> dict[str, tuple[str, list[str]]]:
+    out = {}
+    for line in DOC.read_text().splitlines():
+        m = ROW.match(line)
+        if m:
+            labels = [x.strip(" `") for x in m.group(3).split(",") if x.strip()]
+            out[m.group(1)] = (m.group(2), labels)
+    return out
+
+
+def registered() -> dict[str, tuple[str, list[str]]]:
+    out = {}
+    for fam in AegisCollector(lambda: None).describe():
+        name = fam.name + "_total" if fam.type == "counter" else fam.name
+        out[name] = (fam.type, list(getattr(fam, "_labelnames", ())))
+    return out
+
+
+def test_every_metric_is_documented_and_every_documented_metric_exists():
+    doc, reg = documented(), registered()
+    assert sorted(set(reg) - set(doc)) == [], "registered but not in docs/METRICS.md"
+    assert sorted(set(doc) - set(reg)) == [], "in docs/METRICS.md but not registered"
+    for name, (typ, labels) in reg.items():
+        assert doc[name] == (typ, labels), name
+    assert all(n.startswith("aegis_") for n in reg)
+
+
+def test_fresh_registry_per_instance():
+    a = AegisMetrics(lambda: None)
+    b = AegisMetrics(lambda: None, CollectorRegistry())
+    assert a.registry is not b.registry
+    assert set(a.metric_names()) == set(registered())
+    text = a.exposition().decode()
+    assert 'aegis_build_info{abi_version="1"' in text
+
+
+def test_parse_addr():
+    assert parse_addr("127.0.0.1:9100") == ("127.0.0.1", 9100)
+    assert parse_addr(":9100") == ("0.0.0.0", 9100)
+    assert parse_addr("[::1]:9100") == ("::1", 9100)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def _get(host: str, port: int, path: str) -> tuple[bytes, bytes]:
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+async def test_scrape_the_real_endpoint(tmp_path):
+    kernel = FakeKernel(deny_ring_size=1 << 16, audit_ring_size=1 << 14)
+    store = PolicyStore(tmp_path / "state")
+    install(kernel, store, sample_record(7, mode="audit"))
+    kernel.attached.discard("mmap_file")
+    sink = MemorySink()
+    p = Pipeline(kernel.consumers(), fixed_normaliser(store), [sink], kernel.view(),
+                 config=PipelineConfig(spool_dir=str(tmp_path / "spool"), tick_s=0.05))
+    bound: list[tuple[str, int]] = []
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: serve_pipeline(p, metrics_addr="127.0.0.1:0", signals=False,
+                                                metrics_started=bound.append))
+            while not bound:
+                await trio.sleep(0.01)
+            kernel.emit_bulk("audit", make_events(400), 400)  # 157 fit in 16 KiB
+            kernel.emit_bulk("deny", make_events(3, decision=abi.Decision.DENY), 3)
+            await p.drain(timeout=5)
+            await trio.sleep(0.2)  # a tick
+            head, body = await _get(*bound[0], "/metrics")
+            assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Type: text/plain; version=" in head
+            h2, b2 = await _get(*bound[0], "/nope")
+            assert h2.startswith(b"HTTP/1.1 404")
+            n.cancel_scope.cancel()
+    finally:
+        kernel.close()
+    s = _samples(body.decode())
+    assert s[("aegis_hook_attached", (("hook", "mmap_file"),))] == 0
+    assert s[("aegis_hook_attached", (("hook", "file_open"),))] == 1
+    assert s[("aegis_policy_generation", ())] == 7
+    assert s[("aegis_policy_mode", (("mode", "audit"),))] == 1
+    assert s[("aegis_state", (("state", "degraded"),))] == 1
+    assert s[("aegis_events_delivered_total", (("class", "audit"),))] == 157
+    assert s[("aegis_events_delivered_total", (("class", "deny"),))] == 3
+    assert s[("aegis_events_dropped_total", (("class", "audit"), ("reason", "ringbuf_full"),
+                                             ("stage", "kernel")))] == 243
+    assert s[("aegis_kernel_ringbuf_reserve_failures_total", (("hook", "file_open"),))] == 243
+    assert s[("aegis_kernel_decisions_total", (("decision", "audit"), ("hook", "file_open")))] == 400
+    assert s[("aegis_events_emitted_total", (("class", "audit"),))] == 400
+    assert ("aegis_slo_burn_rate", (("class", "audit"), ("window", "5m"))) in s
+    assert s[("aegis_ring_fill_ratio", (("ring", "audit"),))] == 0
+    assert s[("aegis_derived_events_total", (("kind", "explanation"),))] == 3
+
+
+async def test_serve_metrics_task_status_and_cancel():
+    m = AegisMetrics(lambda: None)
+    async with trio.open_nursery() as n:
+        host, port = await n.start(serve_metrics, m, "127.0.0.1:0")
+        head, body = await _get(host, port, "/healthz")
+        assert body == b"ok\n"
+        n.cancel_scope.cancel()

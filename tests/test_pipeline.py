@@ -1,0 +1,299 @@
+"""The trio pipeline end to end against the fake kernel (MockClock, autojump)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import trio
+
+from aegis_stream import abi
+from aegis_stream.counters import MapCounterSource
+from aegis_stream.events import RECORD_STRIDE, RawDecision, encode_raw
+from aegis_stream.fakekernel import (
+    CG_APP,
+    CG_OTHER,
+    CG_ROOT,
+    CG_WORKLOADS,
+    DEV_SDA1,
+    FakeKernel,
+    FakeTask,
+    fixed_normaliser,
+    install,
+    make_events,
+    sample_record,
+)
+from aegis_stream.pipeline import DiskSpool, Pipeline, PipelineConfig
+from aegis_stream.ringbuf import RawBatch
+from aegis_stream.schema import DecisionEvent, ExplanationEvent, StateEvent, event_decoder
+from aegis_stream.sinks import MemorySink
+from aegis_stream.store import PolicyStore
+from pipelines.degraded import DegradedConfig
+
+APP = FakeTask(pid=4242, tgid=4242, comm="cat", cgroups=(CG_ROOT, CG_WORKLOADS, CG_APP))
+OTHER = FakeTask(pid=5000, tgid=5000, comm="cat", cgroups=(CG_ROOT, CG_OTHER))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return PolicyStore(tmp_path / "state")
+
+
+@pytest.fixture
+def kernel():
+    k = FakeKernel(deny_ring_size=1 << 16, audit_ring_size=1 << 14)
+    yield k
+    k.close()
+
+
+def make_pipeline(kernel, store, sinks, tmp_path, **cfg) -> Pipeline:
+    cfg.setdefault("spool_dir", str(tmp_path / "spool"))
+    cfg.setdefault("tick_s", 0.5)
+    return Pipeline(kernel.consumers(), fixed_normaliser(store), sinks, kernel.view(),
+                    config=PipelineConfig(**cfg))
+
+
+def decode_lines(sink: MemorySink) -> list:
+    return [event_decoder.decode(line) for line in sink.lines]
+
+
+async def test_decisions_flow_end_to_end_with_explanations(kernel, store, tmp_path, autojump_clock):
+    install(kernel, store, sample_record(7, mode="enforce"))
+    sink = MemorySink()
+    p = make_pipeline(kernel, store, [sink], tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        assert kernel.decide(abi.Hook.FILE_OPEN, DEV_SDA1, 1234, abi.ACTION_OPEN, APP) == -1
+        assert kernel.decide(abi.Hook.FILE_OPEN, DEV_SDA1, 1234, abi.ACTION_OPEN, OTHER) == 0  # out of scope
+        assert kernel.decide(abi.Hook.FILE_OPEN, DEV_SDA1, 5678, abi.ACTION_OPEN, APP) == 0  # exec-only rule
+        assert kernel.decide(abi.Hook.BPRM_CHECK, DEV_SDA1, 5678, abi.ACTION_EXEC, APP) == -1
+        assert await p.drain_and_stop()
+    evs = decode_lines(sink)
+    decisions = [e for e in evs if isinstance(e, DecisionEvent)]
+    explanations = [e for e in evs if isinstance(e, ExplanationEvent)]
+    assert [(d.rule_id, d.hook, d.decision) for d in decisions] == [
+        ("deny-shadow", "file_open", "deny"), ("deny-nc", "bprm_check_security", "deny")]
+    assert decisions[0].cgroup_path == "/sys/fs/cgroup/workloads/app"
+    assert decisions[0].policy_source == "/etc/aegis/policy.toml"
+    assert [x.event_id for x in explanations] == [d.event_id for d in decisions]
+    assert explanations[0].decision_path[-1] == "mode enforce -> EPERM" and explanations[0].consistent
+    st = p.statistics()
+    deny = st.classes["deny"]
+    assert (deny.read, deny.delivered, deny.in_flight, deny.kernel_emitted) == (2, 2, 0, 2)
+    assert st.mode == "enforce" and st.generation == 7 and st.state == "enforcing"
+    assert st.derived_events["explanation"] == 2
+    # exact per-rule counters in the (fake) kernel agree
+    from aegis_stream.counters import read_rule_counters
+
+    rules = read_rule_counters(kernel.maps(), kernel.ncpu)
+    assert [(r["rule_id"], r["hook"], r["denied"]) for r in rules] == [
+        (0, "file_open", 1), (1, "bprm_check_security", 1)]
+
+
+async def test_slow_consumer_full_audit_ring_no_deny_lost_every_drop_counted(
+        kernel, store, tmp_path, autojump_clock):
+    """The telemetry ring overflows (bursts larger than the ring, a slow sink): every deny
+    arrives, in order; every lost audit event is counted, by stage and reason; the
+    per-class sums add up, and the kernel's RINGBUF_FAIL equals the drops attributed."""
+    sink = MemorySink(delay=0.02)  # a slow downstream
+    p = make_pipeline(kernel, store, [sink], tmp_path, batch_max=64,
+                      raw_channel_batches={"deny": 2, "audit": 2},
+                      out_channel_batches={"deny": 1, "audit": 1})
+    bursts = 60
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        for i in range(bursts):
+            # 300 audit events into a 16 KiB ring (157 fit): the rest fail in the kernel
+            kernel.emit_bulk("audit", make_events(300, start_ktime=i * 10**6), 300)
+            kernel.emit_bulk("deny", make_events(20, decision=abi.Decision.DENY, start_ktime=i * 10**6), 20)
+            await trio.sleep(0.005)
+        assert await p.drain_and_stop(timeout=600)
+    st = p.statistics()
+    truth = kernel.truth
+    deny, audit = st.classes["deny"], st.classes["audit"]
+    # denies: none lost anywhere, in order, some went through the disk spool
+    assert truth.ring_failed["deny"] == 0
+    assert deny.delivered == truth.decisions["deny"] == bursts * 20
+    assert deny.dropped == {} and deny.kernel_dropped == 0 and deny.in_flight == 0
+    assert deny.spooled > 0 and st.spool.pending_events == 0
+    lines = [msgspec.json.decode(x) for x in sink.lines]
+    deny_kt = [d["ktime_ns"] for d in lines if d.get("schema") == "aegis.decision.v1" and d["decision"] == "deny"]
+    assert deny_kt == sorted(deny_kt) and len(deny_kt) == bursts * 20
+    # audit: emitted = delivered + kernel drops + userspace drops, per reason
+    assert audit.kernel_dropped == truth.ring_failed["audit"] > 0
+    assert audit.dropped_userspace > 0 and set(audit.dropped) == {("reader", "channel_full")}
+    assert truth.decisions["audit"] == audit.kernel_emitted
+    assert audit.kernel_emitted == audit.delivered + audit.kernel_dropped + audit.dropped_userspace
+    assert audit.in_flight == 0 and audit.read == truth.written["audit"]
+    assert sink.by_class["audit"] == audit.delivered and sink.by_class["deny"] == deny.delivered
+    # the kernel's own counter agrees with the split by class
+    snap = MapCounterSource(kernel.maps(), kernel.ncpu).read()
+    assert snap.ringbuf_failures == deny.kernel_dropped + audit.kernel_dropped
+    assert st.state in ("degraded", "blind")
+
+
+async def test_spool_survives_a_forced_stop_and_is_replayed(kernel, store, tmp_path, autojump_clock):
+    sink = MemorySink()
+    sink.fail_next = 10**9  # the sink is down: denies pile up
+    p = make_pipeline(kernel, store, [sink], tmp_path, batch_max=32, shutdown_timeout_s=1.0,
+                      raw_channel_batches={"deny": 1, "audit": 1},
+                      out_channel_batches={"deny": 1, "audit": 1})
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        for i in range(10):
+            kernel.emit_bulk("deny", make_events(40, decision=abi.Decision.DENY, start_ktime=i * 10**6), 40)
+            await trio.sleep(0.01)
+        await trio.sleep(1)
+        assert not await p.drain(timeout=2)  # cannot: the sink keeps failing
+        p.stop()
+    st = p.statistics()
+    assert st.classes["deny"].delivered == 0 and st.classes["deny"].dropped == {}
+    assert st.spool.pending_events == 400  # everything read is parked on disk
+    # the next run replays the spool first, in order
+    sink2 = MemorySink()
+    p2 = make_pipeline(kernel, store, [sink2], tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(p2.run)
+        kernel.emit_bulk("deny", make_events(5, decision=abi.Decision.DENY, start_ktime=10**9), 5)
+        assert await p2.drain_and_stop()
+    kts = [msgspec.json.decode(x)["ktime_ns"] for x in sink2.lines if b'"aegis.decision.v1"' in x]
+    assert len(kts) == 405 and kts == sorted(kts) and len(set(kts)) == 405  # no loss, no duplicate
+    st2 = p2.statistics()
+    assert st2.classes["deny"].delivered == 405 and st2.spool.recovered_events == 400
+
+
+async def test_sink_failures_audit_dropped_deny_retried(kernel, store, tmp_path, autojump_clock):
+    sink = MemorySink()
+    p = make_pipeline(kernel, store, [sink], tmp_path, sink_retry_initial_s=0.1)
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        sink.fail_next = 1
+        kernel.emit_bulk("audit", make_events(10), 10)
+        await trio.sleep(0.5)
+        sink.fail_next = 3
+        kernel.emit_bulk("deny", make_events(4, decision=abi.Decision.DENY), 4)
+        assert await p.drain_and_stop(timeout=10)
+    st = p.statistics()
+    assert st.classes["audit"].dropped == {("sink", "error"): 10}
+    assert st.classes["audit"].delivered == 0
+    assert st.classes["deny"].delivered == 4 and st.classes["deny"].dropped == {}
+    (ss,) = st.sinks
+    assert ss.failures == 4 and ss.failed_events >= 10 + 4  # (a state record may be among them)
+
+
+async def test_audit_sampling_is_counted(kernel, store, tmp_path, autojump_clock):
+    sink = MemorySink()
+    p = make_pipeline(kernel, store, [sink], tmp_path, audit_sample_n=4)
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        for _ in range(5):
+            kernel.emit_bulk("audit", make_events(100), 100)
+            await trio.sleep(0.01)
+        assert await p.drain_and_stop()
+    audit = p.statistics().classes["audit"]
+    assert audit.delivered == 125 and audit.dropped == {("reader", "sampled"): 375}
+    assert audit.read == audit.delivered + audit.dropped_userspace
+
+
+async def test_undecodable_records_are_counted(kernel, store, tmp_path, autojump_clock):
+    sink = MemorySink()
+    p = make_pipeline(kernel, store, [sink], tmp_path)
+    bad = RawDecision(2, 0, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, "x")
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        kernel.rings["audit"].output(encode_raw(make_decision(3)))
+        kernel.rings["audit"].output(encode_raw(bad))
+        kernel.rings["audit"].output(encode_raw(make_decision(4)))
+        assert await p.drain_and_stop()
+    audit = p.statistics().classes["audit"]
+    assert audit.read == 3 and audit.delivered == 2
+    assert audit.dropped == {("decode", "abi_mismatch"): 1}
+
+
+def make_decision(kt: int) -> RawDecision:
+    return RawDecision(1, 0, 2, 0, 7, kt, CG_APP, CG_WORKLOADS, 1234, DEV_SDA1, 1, 4242, 4242, 0, 0, 0, 1,
+                       "cat")
+
+
+async def test_state_changes_are_events_and_callbacks(kernel, store, tmp_path, autojump_clock):
+    install(kernel, store, sample_record(7, mode="audit"))
+    sink = MemorySink()
+    seen: list[StateEvent] = []
+    p = Pipeline(kernel.consumers(), fixed_normaliser(store), [sink], kernel.view(),
+                 config=PipelineConfig(spool_dir=str(tmp_path / "spool"), tick_s=1.0,
+                                       degraded=DegradedConfig(recover_s=10)),
+                 on_state=seen.append)
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        await trio.sleep(2)
+        kernel.attached.discard("mmap_file")
+        await trio.sleep(2)
+        kernel.attached.add("mmap_file")
+        await trio.sleep(5)
+        assert p.statistics().state == "degraded"  # hysteresis: not yet
+        await trio.sleep(10)
+        p.stop()
+    states = [(e.previous, e.state) for e in seen]
+    assert states == [("", "auditing"), ("auditing", "degraded"), ("degraded", "auditing")]
+    assert seen[1].reasons == ["hooks 2/3 attached (missing mmap_file)"]
+    assert seen[1].hooks_attached == ["file_open", "bprm_check_security"]
+    written = [e for e in decode_lines(sink) if isinstance(e, StateEvent)]
+    assert written == seen
+
+
+async def test_slo_burn_alert_fires_and_resolves(kernel, store, tmp_path, autojump_clock):
+    from pipelines.slo import AlertRule, SloConfig
+
+    sink = MemorySink(keep=True)
+    p = make_pipeline(kernel, store, [sink], tmp_path, tick_s=5.0,
+                      slo=SloConfig(objective=0.001, bucket_s=5,
+                                    alerts=[AlertRule(name="page", long_s=600, short_s=60, burn=14.4)]))
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        for i in range(150):  # 12.5 min of 2x overflowing bursts (~50% kernel drops)
+            kernel.emit_bulk("audit", make_events(300, start_ktime=i), 300)
+            await trio.sleep(5)
+        st = p.statistics()
+        assert st.alerts_firing[("audit", "page")] and not st.alerts_firing[("deny", "page")]
+        assert st.burn_rates[("audit", "10m")] > 14.4
+        for _ in range(30):  # clean traffic: the short window clears
+            kernel.emit_bulk("audit", make_events(50), 50)
+            await trio.sleep(5)
+        p.stop()
+    slo = [msgspec.json.decode(x) for x in sink.lines if b'"aegis.slo.v1"' in x]
+    assert [(e["event_class"], e["alert"], e["status"]) for e in slo] == [
+        ("audit", "page", "firing"), ("audit", "page", "resolved")]
+    assert slo[0]["burn_long"] >= 14.4 and slo[0]["burn_short"] >= 14.4
+
+
+def test_disk_spool_bound_and_torn_tail(tmp_path):
+    sp = DiskSpool(tmp_path, max_bytes=3 * (8 + 2 * RECORD_STRIDE))
+    b = RawBatch(bytes(range(256)) * 0 + b"\x01" * (2 * RECORD_STRIDE), 2)
+    assert sp.append(b) and sp.append(b) and sp.append(b)
+    assert not sp.append(b) and sp.full == 1
+    assert sp.append(b, force=True)
+    sp.close()
+    with open(tmp_path / "deny.spool", "ab") as fh:
+        fh.write(b"\x05\x00\x00\x00torn")
+    sp2 = DiskSpool(tmp_path, max_bytes=1 << 20)
+    assert sp2.recovered == 8 and sp2.pending_batches == 4
+    for _ in range(4):
+        assert sp2.peek() == b
+        sp2.pop()
+    assert (tmp_path / "deny.spool").stat().st_size == 0
+    sp2.close()
+
+
+async def test_serve_pipeline_exit_after_drains_what_the_kernel_produced(kernel, store, tmp_path,
+                                                                        autojump_clock):
+    from aegis_stream.agent import AgentConfig, serve_pipeline
+
+    cfg = AgentConfig(events="-", spool_dir=str(tmp_path / "spool"), audit_sample_n=2, tick_s=0.5)
+    pc = cfg.pipeline_config()
+    assert pc.audit_sample_n == 2 and pc.spool_dir == str(tmp_path / "spool")
+    assert pc.slo.objective == 0.001 and pc.slo.alerts[0].burn == 14.4
+    sink = MemorySink()
+    p = Pipeline(kernel.consumers(), fixed_normaliser(store), [sink], kernel.view(), config=pc)
+    kernel.emit_bulk("deny", make_events(7, decision=abi.Decision.DENY), 7)
+    await serve_pipeline(p, exit_after=1.0, signals=False)
+    assert p.statistics().classes["deny"].delivered == 7
+    assert sink.by_class["deny"] == 7
