@@ -217,10 +217,12 @@ async def run_agent(cfg: AgentConfig) -> int:
         with trio.CancelScope(shield=True):
             for s in sinks:
                 await s.aclose()
+        # the summary reads ring positions: take it before the rings are unmapped
+        summary = _summary(pipeline)
         for r in rings.values():
             r.close()
         obj.close(keep_pins=True)
-        _log(f"stopped; {_summary(pipeline)}; pinned links keep enforcing")
+        _log(f"stopped; {summary}; pinned links keep enforcing")
     return 0
 
 

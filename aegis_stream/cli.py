@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_stats)
 
+    from aegis_stream.explain import add_pipeline_commands
+
+    add_pipeline_commands(sub)  # aegis explain EVENT [--events LOG] [--json]
+
     u = sub.add_parser("unload", help="remove pinned programs and maps")
     u.set_defaults(func=cmd_unload)
 

@@ -88,6 +88,7 @@ def test_cli_001_run_apply_deny_and_event(lab: Lab, agent_env, tmp_path):
         recs: list[dict] = []
         while time.monotonic() < deadline and len(recs) < 3:
             recs = [json.loads(x) for x in events.read_text().splitlines()] if events.exists() else []
+            recs = [r for r in recs if r.get("schema") == "aegis.decision.v1"]
             time.sleep(0.2)
         # two audited reads (before and after the refused apply), then the deny
         assert [r["decision"] for r in recs] == ["audit", "audit", "deny"]
