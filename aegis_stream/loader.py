@@ -205,7 +205,8 @@ class BpfObject:
     def _classify(self, name: str, err: int, tail: str) -> tuple[str, str]:
         vlog = self._log_bufs[name].value.decode(errors="replace").strip() if name in self._log_bufs else ""
         mine = "\n".join(line for line in tail.splitlines() if f"prog '{name}'" in line)
-        core = _CORE_FAIL.search(mine)
+        # libbpf rewrites the verifier log at a poisoned CO-RE instruction to name the field
+        core = _CORE_FAIL.search(mine) or _CORE_FAIL.search(vlog)
         if core:
             return (f"CO-RE relocation failed: {core.group(1).strip()} does not exist in kernel "
                     f"{os.uname().release}", vlog)
@@ -214,8 +215,10 @@ class BpfObject:
             return (f"LSM hook {hook.group(1)!r} not found in kernel {os.uname().release} "
                     "(load failed before the verifier)", vlog)
         if vlog:
-            last = [ln for ln in vlog.splitlines() if ln.strip()][-1]
-            return f"verifier rejected the program: {last.strip()}", vlog
+            lines = [ln.strip() for ln in vlog.splitlines() if ln.strip()
+                     and not ln.startswith(("processed ", "verification time", "stack depth"))]
+            last = lines[-1] if lines else vlog.splitlines()[-1]
+            return f"verifier rejected the program: {last}", vlog
         if err == 1:
             return "kernel refused the load before the verifier ran (empty verifier log)", vlog
         return f"load failed ({os.strerror(err)})", vlog
@@ -224,7 +227,8 @@ class BpfObject:
         """Load the object.  When a program fails, record why and (partial mode) load the
         others without it, so the report shows exactly which hooks work."""
         assert self._obj is not None, "open() first"
-        os.makedirs(f"{self.pin_root}/maps", exist_ok=True)
+        if self._reuse:
+            os.makedirs(f"{self.pin_root}/maps", exist_ok=True)
         lib = libbpf.lib()
         while True:
             libbpf.clear_log()
