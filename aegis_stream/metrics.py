@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from aegis_stream import __version__, abi
 from aegis_stream.normalise import CacheStatistics
 from aegis_stream.pipeline import CLASSES, PipelineStatistics
+from aegis_stream.reasons import STATE_CODES, codes_of
 
 STATES = ("enforcing", "auditing", "degraded", "blind")
 MODES = ("enforce", "audit", "none")
@@ -62,7 +63,12 @@ class AegisCollector(Collector):
         mode = _g("aegis_policy_mode", "1 for the active generation's mode (none = no valid slot)", ["mode"])
         state = _g("aegis_state", "1 for the agent's current protection state", ["state"])
         changes = _c("aegis_state_changes", "Protection state changes since start")
+        why = _g("aegis_state_reason",
+                 "1 for each reason code behind the current state (docs/DEGRADED_MODE.md)", ["reason"])
         if st is not None:
+            active = set(codes_of(st.reasons))
+            for code in STATE_CODES:
+                why.add_metric([code], 1.0 if code in active else 0.0)
             for hook, ok in sorted(st.hooks.items()):
                 attached.add_metric([hook], 1.0 if ok else 0.0)
             gen.add_metric([], st.generation)
@@ -71,7 +77,7 @@ class AegisCollector(Collector):
             for s in STATES:
                 state.add_metric([s], 1.0 if st.state == s else 0.0)
             changes.add_metric([], st.state_changes)
-        yield from (attached, gen, mode, state, changes)
+        yield from (attached, gen, mode, state, changes, why)
 
         kc = _c("aegis_kernel_hook_counter", "Raw per-hook kernel counters (summed over CPUs)",
                 ["hook", "counter"])
@@ -222,12 +228,29 @@ async def _handle(stream: trio.SocketStream, metrics: AegisMetrics) -> None:
             pass
 
 
+async def open_metrics_listeners(addr: str) -> list[trio.SocketListener]:
+    """Bind ``addr`` now (the agent does this before it touches the kernel, so a taken
+    port refuses the start and changes nothing).  One-line ``OSError`` on failure."""
+    try:
+        host, port = parse_addr(addr)
+    except ValueError as exc:
+        raise OSError(str(exc)) from None
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise OSError(f"cannot listen on {addr}: {why}") from None
+
+
 async def serve_metrics(
-    metrics: AegisMetrics, addr: str, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    metrics: AegisMetrics, addr: str, *, task_status: Any = trio.TASK_STATUS_IGNORED,
+    listeners: list[trio.SocketListener] | None = None,
 ) -> None:
-    """Serve ``/metrics`` until cancelled; ``task_status.started((host, port))``."""
-    host, port = parse_addr(addr)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """Serve ``/metrics`` until cancelled; ``task_status.started((host, port))``.
+    ``listeners``: already bound (:func:`open_metrics_listeners`); else ``addr`` is bound."""
+    if listeners is None:
+        host, port = parse_addr(addr)
+        listeners = await trio.open_tcp_listeners(port, host=host)
     sock = listeners[0].socket
     bound = sock.getsockname()
     task_status.started((bound[0], bound[1]))

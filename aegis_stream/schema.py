@@ -83,6 +83,15 @@ class StateEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.state.v1"
     ring_fill: dict[str, float]  # by ring class: producer-consumer / size
     consumer_lag_bytes: dict[str, int]
     drop_ratio: dict[str, float]  # by class, short SLO window
+    # the stable codes of ``reasons`` (aegis_stream.reasons, docs/DEGRADED_MODE.md); filled
+    # from the reason texts when a writer (or an older record) leaves it empty
+    reason_codes: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.reasons and not self.reason_codes:
+            from aegis_stream.reasons import codes_of
+
+            msgspec.structs.force_setattr(self, "reason_codes", codes_of(self.reasons))
 
 
 class SloEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.slo.v1", tag_field="schema"):
@@ -163,9 +172,59 @@ class ExplanationEvent(
     inconsistencies: list[str] = msgspec.field(default_factory=list)
 
 
+class StatusAgent(msgspec.Struct, frozen=True, kw_only=True):
+    """What the status file says about the agent process, checked against /proc."""
+
+    running: bool  # a live agent process owns the status file
+    pid: int  # 0 = no status file
+    state: str  # the agent's own last published state ("" = none)
+    reasons: list[str]
+    reason_codes: list[str]
+    status_file: str
+    age_s: float | None  # since the agent last refreshed the file (monotonic clock)
+    last_error: str  # why the last start was refused ("" = it was not)
+    last_error_code: str
+
+
+class StatusHook(msgspec.Struct, frozen=True, kw_only=True):
+    hook: str  # file_open | bprm_check_security | mmap_file
+    program: str
+    pinned: bool  # a pinned link under <pin root>/links: the kernel runs it
+    agent_phase: str  # loader phase the agent reported (attached, failed, ...; "" = unknown)
+    error: str  # the agent's attach/load error for this hook
+
+
+class StatusKernel(msgspec.Struct, frozen=True, kw_only=True):
+    loaded: bool  # aegis maps pinned under pin_root
+    pin_root: str
+    enforcement: Literal["enforcing", "auditing", "none"]  # what the kernel does now
+    generation: int  # active generation (0 = none)
+    mode: str  # enforce | audit | none
+    active_slot: int
+    counters: dict[str, dict[str, int]]  # per hook, summed over CPUs (aegis stats)
+    error: str = ""  # why the pinned state could not be read
+
+
+class StatusReport(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.status.v1", tag_field="schema"):
+    """``aegis status --json``: the protection state from the kernel and the agent."""
+
+    time: str
+    host: str
+    state: State
+    summary: str  # one line, e.g. "agent not running; pinned programs still enforcing generation 3"
+    reasons: list[str]
+    reason_codes: list[str]
+    exit_code: int  # 0 enforcing/auditing, 1 degraded, 2 blind / not loaded, 3 unknown
+    agent: StatusAgent
+    kernel: StatusKernel
+    hooks: list[StatusHook]
+
+
 Event = DecisionEvent | StateEvent | ExplanationEvent | SloEvent
 EVENT_TYPES: tuple[type[msgspec.Struct], ...] = (DecisionEvent, StateEvent, ExplanationEvent, SloEvent)
 event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
+# versioned documents that are not events (CLI output): a schema file each, not in the union
+DOCUMENT_TYPES: tuple[type[msgspec.Struct], ...] = (StatusReport,)
 
 
 def schema_name(t: type[msgspec.Struct]) -> str:
@@ -190,7 +249,7 @@ def json_schema(t: Any) -> dict[str, Any]:
 
 def generated_files() -> dict[str, bytes]:
     """File name -> content for schemas/: one file per event type and the union."""
-    out = {f"{schema_name(t)}.json": _pretty(json_schema(t)) for t in EVENT_TYPES}
+    out = {f"{schema_name(t)}.json": _pretty(json_schema(t)) for t in EVENT_TYPES + DOCUMENT_TYPES}
     union = json_schema(Event)
     union["title"] = "aegis event (any schema)"
     out["aegis.event.json"] = _pretty(union)

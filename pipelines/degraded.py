@@ -15,6 +15,12 @@ States, worst first (docs/EVENTS.md, aegis.state.v1):
     Every expected hook attached, the active generation in enforce / audit mode, none
     of the above.
 
+Every reason text belongs to one stable code of :mod:`aegis_stream.reasons`
+(``hooks_missing``, ``deny_events_lost``, ...): :attr:`DegradedMonitor.codes`, the
+``reason_codes`` of aegis.state.v1 and the ``aegis_state_reason`` metric.  Conditions
+the agent knows about outside the sample (``reconcile_inconsistent``) are set with
+:meth:`DegradedMonitor.set_condition` and count as degraded until cleared.
+
 A worse state is taken at once; a better one only after it held for ``recover_s``
 (hysteresis: no flapping on a ring that hovers at the threshold).  ``enforcing`` <->
 ``auditing`` (a mode change) is a fact, taken at once.
@@ -25,6 +31,8 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
+from aegis_stream.reasons import BY_CODE, codes_of
 
 SEVERITY = {"enforcing": 0, "auditing": 0, "degraded": 1, "blind": 2}
 
@@ -60,6 +68,7 @@ class Transition(msgspec.Struct, frozen=True, kw_only=True):
     previous: str
     reasons: list[str]
     sample: HealthSample
+    codes: list[str] = []  # aegis_stream.reasons codes of ``reasons``, in order
 
 
 class DegradedMonitor:
@@ -71,6 +80,23 @@ class DegradedMonitor:
         self.candidate_since = 0.0
         self.progress: dict[str, tuple[int, float]] = {}  # ring -> (consumed, since)
         self.changes = 0
+        self.conditions: dict[str, str] = {}  # code -> reason text, set by the agent
+
+    @property
+    def codes(self) -> list[str]:
+        """Reason codes of the published state (aegis_stream.reasons)."""
+        return codes_of(self.reasons)
+
+    def set_condition(self, code: str, reason: str) -> None:
+        """A condition only the agent knows (e.g. ``reconcile_inconsistent``); it holds
+        (as degraded, or blind if the code says so) until :meth:`clear_condition`."""
+        rc = BY_CODE[code]
+        if rc.kind != "state":
+            raise ValueError(f"{code} is a {rc.kind} code, not a state condition")
+        self.conditions[code] = reason
+
+    def clear_condition(self, code: str) -> None:
+        self.conditions.pop(code, None)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, s: HealthSample) -> tuple[str, list[str]]:
@@ -114,6 +140,8 @@ class DegradedMonitor:
             degraded.append(f"sink failing: {sink}")
         if s.spooled_denies:
             degraded.append(f"{s.spooled_denies} denies waiting in the disk spool")
+        for code, why in sorted(self.conditions.items()):
+            (blind if BY_CODE[code].state == "blind" else degraded).append(why)
         if blind:
             return "blind", blind + degraded
         if degraded:
@@ -138,14 +166,16 @@ class DegradedMonitor:
             self.reasons = reasons
             self.candidate = ""
             self.changes += 1
-            return Transition(now=s.now, state=new, previous=old, reasons=reasons, sample=s)
+            return Transition(now=s.now, state=new, previous=old, reasons=reasons, sample=s,
+                              codes=codes_of(reasons))
         if new == old:
             self.reasons = reasons
         return None
 
     # ---------------------------------------------------------------- state
     def snapshot(self) -> dict[str, Any]:
-        return {"state": self.state, "reasons": list(self.reasons), "candidate": self.candidate,
+        return {"state": self.state, "reasons": list(self.reasons), "codes": self.codes,
+                "conditions": dict(self.conditions), "candidate": self.candidate,
                 "candidate_since": self.candidate_since, "changes": self.changes,
                 "progress": {k: list(v) for k, v in self.progress.items()},
                 "config": msgspec.to_builtins(self.config)}
@@ -159,4 +189,5 @@ class DegradedMonitor:
         m.candidate_since = float(state.get("candidate_since", 0.0))
         m.changes = int(state.get("changes", 0))
         m.progress = {k: (int(v[0]), float(v[1])) for k, v in state.get("progress", {}).items()}
+        m.conditions = {str(k): str(v) for k, v in state.get("conditions", {}).items()}
         return m
