@@ -239,6 +239,13 @@ class DiskSpool:
                                self.recovered, self.full)
 
     def close(self) -> None:
+        """Close; frames already replayed are cut off first (otherwise the next run's
+        recovery, which reads the file from its start, would replay them again)."""
+        if self._frames and self._frames[0][0] != _FRAME.size:
+            try:
+                self.rewrite([], [])
+            except OSError as exc:
+                _log(f"deny spool not compacted ({exc}): the next run replays some denies twice")
         self._fh.close()
 
 
@@ -371,6 +378,12 @@ class Pipeline:
         self._state_seq = 0
         self._now = 0.0
         self._parked: dict[int, list[RawBatch]] = {0: [], 1: [], 2: []}
+        #: why events still in hand at the end were not delivered: "stopped" (run() was
+        #: cancelled from outside, no stop()) or "drain_timeout" (stop() was asked for:
+        #: the drain, then the stages' flush, did not finish in time)
+        self._shutdown_reason = "stopped"
+        self._finished = trio.Event()
+        self._backlog: dict[str, int] = {}
         self.last_transition: Transition | None = None
         self.alert_changes: list[AlertChange] = []
         if self.spool is not None and self.spool.recovered:
@@ -420,17 +433,37 @@ class Pipeline:
                 # readers stopped: what was read is normalised and written, within limits
                 with trio.move_on_after(cfg.shutdown_timeout_s):
                     await stages_done.wait()
-                stages_scope.cancel()  # forced: the stages park denies in the spool
+                stages_scope.cancel()  # forced: denies parked in the spool, audit counted
                 ticker_scope.cancel()
         finally:
             self._stopped = True
             self._persist_parked()
+            self._reconcile_stop()
             self._tick()  # final numbers for statistics()
             if self.spool is not None:
                 self.spool.close()
+            self._finished.set()
+
+    def _reconcile_stop(self) -> None:
+        """Every stage has ended: whatever was read and is neither delivered, nor counted
+        dropped, nor (denies) kept in the spool is lost now -- count it, so that
+        ``read = delivered + dropped (+ denies pending in the spool)`` holds exactly after
+        a stop.  The stages count what they hold when cancelled; this is the backstop
+        for any path that did not (logged: it means a stage lost track of a batch)."""
+        for k in CLASSES:
+            kept = self.spool.pending_events if (k == "deny" and self.spool is not None) else 0
+            lost = self._in_flight(k) - kept
+            if lost > 0:
+                self.acct[k].drop("shutdown", self._shutdown_reason, lost)
+                if k == "deny" or self._shutdown_reason == "stopped":
+                    _log(f"{k}: {lost} events in hand at the stop were not accounted by a "
+                         f"stage; counted shutdown/{self._shutdown_reason}")
 
     def stop(self) -> None:
-        """Stop reading; what was read is still normalised and written, then run() returns."""
+        """Stop reading; what was read is still normalised and written (for up to
+        ``shutdown_timeout_s``), then run() returns.  What is lost from here on is
+        counted ``shutdown/drain_timeout``."""
+        self._shutdown_reason = "drain_timeout"
         if self._reader_scope is not None:
             self._reader_scope.cancel()
 
@@ -447,8 +480,17 @@ class Pipeline:
         return False
 
     async def drain_and_stop(self, timeout: float = 5.0) -> bool:
+        """Drain (up to ``timeout``: the readers keep reading), stop reading, and wait
+        until run() has finished: the stages flush what they hold for up to
+        ``shutdown_timeout_s``, then they are cancelled and what they still hold is
+        accounted (denies kept in the spool; audit events dropped, counted
+        ``shutdown/drain_timeout``).  When this returns every record read from a ring
+        is delivered, dropped (counted) or, for denies, in the spool; records the
+        readers never reached stay in the ring (``backlog``: a pinned ring hands them to
+        the next run).  True when everything was delivered within ``timeout``."""
         ok = await self.drain(timeout)
         self.stop()
+        await self._finished.wait()
         return ok
 
     # ---------------------------------------------------------------- readers
@@ -474,7 +516,15 @@ class Pipeline:
                         keep = self.sampler.select(batch.count)
                         acct.drop("reader", "sampled", batch.count - len(keep))
                         batch = batch.select(keep) if len(keep) < batch.count else batch
-                    if batch.count and not await self._admit_audit(ring, batch, send):
+                    try:
+                        admitted = not batch.count or await self._admit_audit(ring, batch, send)
+                    except trio.Cancelled:
+                        try:  # stopped with a batch in hand: the stages flush it if it fits
+                            send.send_nowait(batch)
+                        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                            self._park("audit", batch.count, None, 2)
+                        raise
+                    if not admitted:
                         acct.drop("reader", "channel_full", batch.count)
                 await trio.lowlevel.checkpoint()
 
@@ -517,19 +567,25 @@ class Pipeline:
         """Stopped (or cancelled) with events in hand.  Denies are kept for the spool,
         where run() puts them in stream order when it ends (``rank``: 0 writer, 1
         normaliser -- older than the spool's contents --, 2 reader -- newer); audit
-        events are dropped, counted."""
+        events are dropped, counted ``shutdown/<reason>`` (``drain_timeout`` after a
+        stop whose flush ran out of time, ``stopped`` when run() was cancelled)."""
         if klass == "deny" and batch is not None and self.spool is not None:
             self._parked[rank].append(batch)
             self.acct["deny"].spooled += batch.count
             return
-        self.acct[klass].drop("shutdown", "stopped", count)
+        self.acct[klass].drop("shutdown", self._shutdown_reason, count)
 
     def _persist_parked(self) -> None:
         if self.spool is None or not any(self._parked.values()):
             return
         n = sum(b.count for bs in self._parked.values() for b in bs)
-        self.spool.rewrite(self._parked[0] + self._parked[1], self._parked[2])
-        _log(f"stopped with {n} denies in hand: kept in {self.spool.path} for the next run")
+        try:
+            self.spool.rewrite(self._parked[0] + self._parked[1], self._parked[2])
+        except OSError as exc:
+            _log(f"stopped with {n} denies in hand and the spool failed ({exc}): counted lost")
+            self.acct["deny"].drop("shutdown", "spool_error", n)
+        else:
+            _log(f"stopped with {n} denies in hand: kept in {self.spool.path} for the next run")
         self._parked = {0: [], 1: [], 2: []}
 
     def _spool_event(self) -> trio.Event:
@@ -588,16 +644,13 @@ class Pipeline:
                 acct.drop("normalise", "error", len(arr))
                 continue
             out = SinkBatch(klass, lines, len(arr), raw=batch if klass == "deny" else None)
-            if klass == "deny":
-                try:
-                    await send.send(out)
-                except trio.Cancelled:
-                    self._park(klass, out.count, batch, 1)
-                    raise
-                if extra is not None:  # derived: lost (and counted) if stopped right here
-                    await send.send(extra)
-            else:  # blocks: the reader sheds, before decoding, if it must
+            try:  # audit: blocks (the reader sheds, before decoding, if it must)
                 await send.send(out)
+            except trio.Cancelled:
+                self._park(klass, out.count, batch, 1)
+                raise
+            if extra is not None:  # derived: lost (and counted) if stopped right here
+                await send.send(extra)
             await trio.lowlevel.checkpoint()
 
     # ---------------------------------------------------------------- writer
@@ -688,8 +741,9 @@ class Pipeline:
             _log(f"kernel state unreadable: {exc}")
             snap = self._kernel
         self._kernel = snap
-        ring_fill = {k: r.available_bytes() / r.size for k, r in self.rings.items()}
         lag = {k: r.available_bytes() for k, r in self.rings.items()}
+        ring_fill = {k: lag[k] / r.size for k, r in self.rings.items()}
+        self._backlog = {k: v // RECORD_STRIDE for k, v in lag.items()}
         for k in CLASSES:
             a = self.acct[k]
             ring = self.rings.get(k)
@@ -783,7 +837,9 @@ class Pipeline:
                 in_flight=self._in_flight(k), spooled=a.spooled,
                 kernel_emitted=snap.decisions(k) - a.base_decisions + a.base_backlog,
                 kernel_dropped=a.kernel_dropped,
-                backlog=ring.available_bytes() // RECORD_STRIDE if ring else 0,
+                # after a stop: as of the final tick, consistent with kernel_emitted
+                backlog=(self._backlog.get(k, 0) if self._stopped
+                         else ring.available_bytes() // RECORD_STRIDE if ring else 0),
             )
         now = self._now
         burn: dict[tuple[str, str], float] = {}
