@@ -258,6 +258,24 @@ class FakePercpuHash:
             return None
         return [abi.RULE_COUNTER.pack(*c) for c in v][:ncpus]
 
+    def lookup(self, key: bytes) -> bytes | None:
+        per = self.lookup_percpu(key, self.ncpu)
+        return per[0] if per else None
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        """Userspace update: ``value`` holds one 8-byte-aligned value per CPU, as
+        bpf_map_update_elem takes for a per-CPU map."""
+        stride = (self.value_size + 7) & ~7
+        if len(key) != self.key_size or len(value) != stride * self.ncpu:
+            raise KernelError(f"map {self.name}: update", err=22)
+        if key not in self.data and len(self.data) >= self.max_entries:
+            raise KernelError(f"map {self.name}: update", err=7)
+        self.data[key] = [list(abi.RULE_COUNTER.unpack(value[i * stride : i * stride + self.value_size]))
+                          for i in range(self.ncpu)]
+
+    def delete(self, key: bytes) -> bool:
+        return self.data.pop(key, None) is not None
+
     def keys(self) -> list[bytes]:
         return list(self.data)
 
@@ -312,6 +330,7 @@ class FakeKernel:
         self.rule_counters = FakePercpuHash(
             abi.MAP_RULE_COUNTERS, abi.RULE_COUNTER_KEY.size, abi.RULE_COUNTER.size, 16384, ncpu
         )
+        self.policy_maps.rule_counters = self.rule_counters  # slots.stage prunes it
         self.rings = {
             "deny": FakeRing(abi.MAP_DENY_EVENTS, deny_ring_size),
             "audit": FakeRing(abi.MAP_AUDIT_EVENTS, audit_ring_size),
@@ -390,10 +409,6 @@ class FakeKernel:
         if not actions & action:
             return 0
         self._count(hook, abi.Counter.RULE_MATCHED)
-        scope = self._match_scope(flags, slot, task)
-        if scope < 0:
-            return 0
-        self._count(hook, abi.Counter.SCOPE_MATCHED)
         enforce = mode == abi.Mode.ENFORCE
         klass = "deny" if enforce else "audit"
         self._count(hook, abi.Counter.DENIED if enforce else abi.Counter.AUDITED)

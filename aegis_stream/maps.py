@@ -118,6 +118,9 @@ class PolicyMaps:
     rules: MapHandle
     scopes: MapHandle
     config: MapHandle
+    #: aegis_rule_counters (per-CPU hash): staging prunes the keys of retired generations;
+    #: None = not pruned
+    rule_counters: MapHandle | None = None
 
     @classmethod
     def fake(cls, max_rules: int = abi.MAX_RULES) -> PolicyMaps:
@@ -128,5 +131,8 @@ class PolicyMaps:
             ),
             config=FakeMap(
                 abi.MAP_CONFIG, 4, abi.SLOT_CONFIG.size, 1 + abi.SLOTS, array=True
+            ),
+            rule_counters=FakeMap(
+                abi.MAP_RULE_COUNTERS, abi.RULE_COUNTER_KEY.size, abi.RULE_COUNTER.size, 16384
             ),
         )

@@ -4,6 +4,12 @@ A new generation is written into the inactive slot (rules, scopes, slot config),
 verified by reading it back, and only then activated by a single write of the
 control word.  A decision reads the control word once and then only that slot, so
 no decision ever sees a mix of generations, and there is no instant without a policy.
+
+Staging overwrites the inactive slot, which retires the generation it held; the exact
+per-rule counters of retired generations (``aegis_rule_counters``, keyed by generation)
+are then pruned (folded into per-hook retired totals, see
+:func:`aegis_stream.counters.prune_rule_counters`), so the map holds at most the active
+and the kept (rollback) generation's keys however many swaps there are.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from aegis_stream import abi
+from aegis_stream import abi, counters
 from aegis_stream.errors import KernelError, StateError
 from aegis_stream.maps import PolicyMaps
 from aegis_stream.policy.compiler import CompiledPolicy
@@ -129,13 +135,33 @@ class StagedSlot:
     slot: int
     generation: int
     digest: str
+    #: what pruning the retired generations' per-rule counters did (None: no counters map)
+    pruned: counters.PruneResult | None = field(default=None, compare=False)
+
+
+def prune_retired_counters(maps: PolicyMaps) -> counters.PruneResult | None:
+    """Delete the per-rule counter keys of every generation neither slot holds.
+
+    The active generation and the other slot's (the kept, rollback) generation are never
+    touched, nor is a slot whose VALID flag was cleared (break-glass/unload keep its
+    generation).  A failure is counted and logged, never raised: counters must not stop a
+    policy apply, and the next stage retries whatever is left."""
+    if maps.rule_counters is None:
+        return None
+    try:
+        st = read_state(maps)
+    except StateError:
+        return None
+    keep = {s.generation for s in st.slots}
+    return counters.prune_rule_counters(maps.rule_counters, keep)
 
 
 def stage(maps: PolicyMaps, cp: CompiledPolicy, generation: int, mode: int) -> StagedSlot:
     """Write a generation into the inactive slot and verify it.  Nothing is activated."""
     state = read_state(maps)
     slot = state.inactive_slot
-    clear_slot(maps, slot)
+    clear_slot(maps, slot)  # retires the generation the slot held ...
+    pruned = prune_retired_counters(maps)  # ... so its per-rule counters go
     try:
         for k, v in _rule_entries(cp, slot).items():
             maps.rules.update(k, v)
@@ -154,7 +180,7 @@ def stage(maps: PolicyMaps, cp: CompiledPolicy, generation: int, mode: int) -> S
         slot_key(slot),
         abi.SLOT_CONFIG.pack(generation, mode, flags, len(cp.rules), len(cp.scopes)),
     )
-    return StagedSlot(slot, generation, got)
+    return StagedSlot(slot, generation, got, pruned)
 
 
 def activate(maps: PolicyMaps, slot: int) -> None:

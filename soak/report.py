@@ -243,7 +243,8 @@ def markdown(doc: dict, pngs: list[str]) -> str:
                  f"{statistics.median(lat):.0f} ms, p99 {_pct(lat, .99):.0f} ms, max {max(lat):.0f} ms")
     rc = [s["rule_counter_entries"] for s in doc["samples"] if "rule_counter_entries" in s]
     if rc:
-        L.append(f"- `aegis_rule_counters` entries: {rc[0]} → {rc[-1]} (max 16,384; never pruned)")
+        L.append(f"- `aegis_rule_counters` entries: {rc[0]} → {rc[-1]}, max {max(rc)} (capacity 16,384; "
+                 "the keys of retired generations are pruned at each stage)")
     mem = doc.get("maps_memlock", {})
     if mem:
         L.append(f"- BPF maps memlock (fdinfo): {sum(mem.values()) / 2**20:.1f} MiB")
