@@ -639,6 +639,16 @@ def _safe(path: str, what: str) -> str:
     return path
 
 
+def qemu_args(qemu_opts: str | Sequence[str]) -> list[str]:
+    """Extra QEMU arguments as a list: a string is split like a shell would
+    (``"-icount shift=0"``), a sequence is taken as separate arguments."""
+    args = shlex.split(qemu_opts) if isinstance(qemu_opts, str) else list(qemu_opts)
+    for a in args:
+        # vng joins them into the shell command line it runs virtme-run with, unquoted
+        _safe(a, "QEMU option")
+    return args
+
+
 def guest_script(
     argv: Sequence[str],
     *,
@@ -695,8 +705,11 @@ def vng_command(
     memory: str = DEFAULT_MEMORY,
     cpus: int = DEFAULT_CPUS,
     append: Sequence[str] = (),
+    qemu_opts: str | Sequence[str] = (),
 ) -> list[str]:
-    """The vng command line.  --verbose so the serial console (boot log) reaches stdout."""
+    """The vng command line.  --verbose so the serial console (boot log) reaches stdout.
+    ``qemu_opts``: extra QEMU arguments (see :func:`qemu_args`), passed as one
+    ``--qemu-opts=...`` (vng appends them to QEMU's command line)."""
     cmd = [
         vng,
         "--verbose",
@@ -716,6 +729,10 @@ def vng_command(
         cmd.append(f"--overlay-rwdir={_safe(d, 'directory')}")
     for a in append:
         cmd += ["--append", a]
+    extra = qemu_args(qemu_opts)
+    if extra:
+        # the "=" form: a value starting with "-" would otherwise read as a vng option
+        cmd.append("--qemu-opts=" + " ".join(extra))
     cmd += ["--exec", f"bash {_safe(script_path, 'script path')}"]
     return cmd
 
@@ -738,6 +755,7 @@ def lab_exec(
     memory: str = DEFAULT_MEMORY,
     cpus: int = DEFAULT_CPUS,
     append: Sequence[str] | None = None,
+    qemu_opts: str | Sequence[str] = (),
     rwdirs: Sequence[str | os.PathLike[str]] = (),
     overlay_cwd: bool = True,
     cache: str | os.PathLike[str] | None = None,
@@ -752,7 +770,9 @@ def lab_exec(
     venv and pyenv are visible); /etc /usr /var /tmp ... are copy-on-write overlays, and so
     is ``cwd`` when ``overlay_cwd`` (guest writes there never reach the host).  ``rwdirs``
     are shared read-write with the host.  ``append`` adds kernel cmdline options (default:
-    ``lsm=...,bpf`` only if the kernel's CONFIG_LSM lacks bpf).  ``on_stdout``/``on_stderr``
+    ``lsm=...,bpf`` only if the kernel's CONFIG_LSM lacks bpf).  ``qemu_opts`` adds QEMU
+    arguments (a list, or one string split like a shell would: ``"-icount shift=0"``; only
+    characters vng can paste into its shell line unquoted).  ``on_stdout``/``on_stderr``
     receive the command's output while it runs (polled from the shared files); ``stream``
     makes them default to writing to our own stdout/stderr.  The guest's environment has
     ``AEGIS_LAB=1`` and ``AEGIS_LAB_KERNEL=<series>`` besides ``env``.
@@ -763,6 +783,7 @@ def lab_exec(
     """
     if isinstance(kernel, str):
         kernel = find_kernel(kernel, cache)
+    extra_qemu = qemu_args(qemu_opts)  # refuse bad options before booting anything
     if not kernel.vmlinuz.is_file():
         raise LabError(f"kernel {kernel.version} is not fetched: {kernel.vmlinuz} is missing")
     tools = check_host()
@@ -794,6 +815,7 @@ def lab_exec(
             memory=memory,
             cpus=cpus,
             append=append,
+            qemu_opts=extra_qemu,
         )
         console_path = io / "console"
         t0 = time.monotonic()
@@ -937,6 +959,7 @@ def cmd_lab_exec(
     cache: str | os.PathLike[str] | None = None,
     fetch: bool = False,
     verbose: bool = False,
+    qemu_opts: str | Sequence[str] = (),
 ) -> int:
     """``aegis lab exec [--kernel SERIES] -- CMD...``: run CMD in the guest, return its rc.
 
@@ -952,7 +975,7 @@ def cmd_lab_exec(
     err = _writer(sys.stderr)
     try:
         k = fetch_kernel(kernel_series, cache) if fetch else find_kernel(kernel_series, cache)
-        res = lab_exec(k, argv, timeout=timeout, stream=True)
+        res = lab_exec(k, argv, timeout=timeout, stream=True, qemu_opts=qemu_opts)
     except LabTimeout as e:
         if verbose:
             err(e.console)
@@ -994,10 +1017,13 @@ def add_lab_subparsers(subparsers) -> None:
     e.add_argument("--fetch", action="store_true", help="fetch the kernel if missing")
     e.add_argument("--cache", default=None)
     e.add_argument("-v", "--verbose", action="store_true", help="show the guest's boot log")
+    e.add_argument("--qemu-opts", default="", metavar="OPTS",
+                   help='extra QEMU arguments, e.g. --qemu-opts="-icount shift=0"')
     e.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     e.set_defaults(
         func=lambda a: cmd_lab_exec(
-            a.kernel, a.argv, timeout=a.timeout, cache=a.cache, fetch=a.fetch, verbose=a.verbose
+            a.kernel, a.argv, timeout=a.timeout, cache=a.cache, fetch=a.fetch, verbose=a.verbose,
+            qemu_opts=a.qemu_opts,
         )
     )
 

@@ -364,6 +364,19 @@ def test_vng_command(tmp_path: Path) -> None:
     assert cmd[-2:] == ["--exec", "bash /tmp/aegis-lab-x/run.sh"]
     with pytest.raises(LabError, match="cannot pass"):
         lab.vng_command(k, "/tmp/x/run.sh", rwdirs=["/tmp/a dir"])
+    assert not any(a.startswith("--qemu-opts") for a in cmd)
+
+
+def test_vng_command_qemu_opts(tmp_path: Path) -> None:
+    k = fake_kernel(tmp_path)
+    for opts in ("-icount shift=0", ["-icount", "shift=0"], ("-icount", "shift=0")):
+        cmd = lab.vng_command(k, "/tmp/x/run.sh", qemu_opts=opts)
+        # one "=" argument (a value starting with "-" would read as a vng option), before --exec
+        assert cmd[-3:] == ["--qemu-opts=-icount shift=0", "--exec", "bash /tmp/x/run.sh"]
+    with pytest.raises(LabError, match="QEMU option"):
+        lab.vng_command(k, "/tmp/x/run.sh", qemu_opts=["-name", "a b"])
+    with pytest.raises(LabError, match="QEMU option"):
+        lab.vng_command(k, "/tmp/x/run.sh", qemu_opts="-d 'in_asm;x'")
 
 
 def test_lab_exec_unfetched_kernel(tmp_path: Path) -> None:
@@ -430,6 +443,21 @@ def test_lab_exec_reads_exit_status_from_guest(tmp_path: Path, fake_vng, monkeyp
     assert "".join(seen) == "hello\n"
 
 
+def test_lab_exec_passes_qemu_opts(tmp_path: Path, fake_vng, monkeypatch) -> None:
+    monkeypatch.setenv("FAKE_VNG_MODE", "ok")
+    seen: list[list[str]] = []
+    plain = lab.vng_command
+    monkeypatch.setattr(lab, "vng_command", lambda *a, **kw: seen.append(plain(*a, **kw)) or seen[-1])
+    k = fake_kernel(tmp_path)
+    r = lab.lab_exec(k, ["true"], cwd=tmp_path, cpus=1, qemu_opts=["-icount", "shift=0"])
+    assert r.returncode == 3
+    assert "--qemu-opts=-icount shift=0" in seen[0]
+    assert seen[0][seen[0].index("--cpus") + 1] == "1"
+    with pytest.raises(LabError, match="QEMU option"):  # refused before anything boots
+        lab.lab_exec(k, ["true"], cwd=tmp_path, qemu_opts=["a;b"])
+    assert len(seen) == 1
+
+
 def test_lab_exec_boot_failure(tmp_path: Path, fake_vng, monkeypatch) -> None:
     monkeypatch.setenv("FAKE_VNG_MODE", "panic")
     with pytest.raises(LabError, match="no exit status.*Kernel panic"):
@@ -465,6 +493,8 @@ def test_subparsers() -> None:
     assert (a.kernel, a.argv) == ("7", ["--", "uname", "-r"])
     a = ap.parse_args(["exec", "--", "pytest", "-m", "kernel"])
     assert a.kernel == "6.1" and a.argv[1:] == ["pytest", "-m", "kernel"]
+    a = ap.parse_args(["exec", "--qemu-opts=-icount shift=0", "--", "true"])
+    assert a.qemu_opts == "-icount shift=0"
     a = ap.parse_args(["kernels", "--fetch"])
     assert a.fetch and a.func is lab.cmd_lab_kernels
 
