@@ -49,6 +49,7 @@ sys.path.insert(0, str(HERE.parent))
 from aegis_stream import abi, libbpf, slots  # noqa: E402
 from aegis_stream.counters import read_counters  # noqa: E402
 from aegis_stream.devnum import resolve_inode  # noqa: E402
+from aegis_stream.hostinfo import cpu_model  # noqa: E402
 from aegis_stream.labmounts import ensure_guest_mounts, mount_tmpfs, umount  # noqa: E402
 from aegis_stream.loader import BpfObject, default_object_path  # noqa: E402
 from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope  # noqa: E402
@@ -386,17 +387,11 @@ def bpf_run_stats(k: Kernel, fx: Fixture, iters: int, cpu: int, configs: list[st
 
 
 def host_facts(obj: Path) -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     cs = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
     return {
         "kernel": platform.release(),
         "series": os.environ.get("AEGIS_LAB_KERNEL", ""),
-        "cpu_model": cpu,
+        "cpu_model": cpu_model(),
         "nproc": os.cpu_count(),
         "clocksource": cs.read_text().strip() if cs.exists() else "",
         "virtualisation": "QEMU TCG (no KVM)" if os.environ.get("AEGIS_LAB") == "1" else "",

@@ -53,6 +53,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from aegis_stream import abi, libbpf  # noqa: E402
+from aegis_stream.hostinfo import cpu_model  # noqa: E402
 from aegis_stream.labmounts import ensure_guest_mounts, mount_tmpfs, umount  # noqa: E402
 from aegis_stream.maps import FdMap  # noqa: E402
 from soak.calib import calibrate  # noqa: E402
@@ -932,14 +933,8 @@ class Soak:
             f"{in_flight:.0f}, spool {spool:.0f})")
 
     def meta(self) -> dict:
-        cpu = ""
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
         return {"kernel": os.uname().release, "series": os.environ.get("AEGIS_LAB_KERNEL", ""),
-                "cpu_model": cpu, "nproc": os.cpu_count(), "duration": self.a.duration,
+                "cpu_model": cpu_model(), "nproc": os.cpu_count(), "duration": self.a.duration,
                 "workload_started": round(self.t_workload, 2), "args": vars(self.a),
                 "calibration": self.calibration, "mem_total_kb": _meminfo("MemTotal")}
 
