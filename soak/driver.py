@@ -180,13 +180,17 @@ class Incarnation:
     ready: float = 0.0  # status file written with a state
     last_metrics: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+    # /proc/PID/smaps breakdowns: at the highest RSS seen, and the latest periodic one
+    smaps_peak: dict = field(default_factory=dict)
+    smaps_last: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"n": self.n, "pid": self.proc.pid, "started": round(self.started, 2),
                 "ready": round(self.ready, 2), "stop_signal": self.stop_signal,
                 "stop_sent": round(self.stop_sent, 2), "exited": round(self.exited, 2),
                 "returncode": self.returncode, "final": self.final_accounting(),
-                "summary_line": self.summary.get("line", "")}
+                "summary_line": self.summary.get("line", ""),
+                "smaps_peak": self.smaps_peak, "smaps_last": self.smaps_last}
 
     def final_accounting(self) -> dict:
         """Per class: delivered and drops (stage/reason) as the agent reported them: its
@@ -219,6 +223,38 @@ def parse_stop_summary(text: str) -> dict:
         classes[m.group(1)] = {"delivered": int(m.group(2)), "kernel_dropped": int(m.group(3)),
                                "dropped": drops}
     return {"line": line.strip(), "classes": classes}
+
+
+def smaps_breakdown(pid: int, top: int = 12) -> dict:
+    """Where a process's RSS is, from /proc/PID/smaps: kB of Rss (and of Anonymous) per
+    mapping kind: ``[heap]``, ``[anon]`` (unnamed: Python's arenas and large allocations,
+    numpy buffers), ``[stack]``, the BPF ring buffers (``anon_inode:bpf-ringbuf``...),
+    and file-backed mappings by file name (code and data of the interpreter and the
+    extension modules).  The largest ``top`` kinds, the rest summed as ``other``."""
+    by: dict[str, list[int]] = {}
+    name = "[anon]"
+    try:
+        with open(f"/proc/{pid}/smaps") as fh:
+            for line in fh:
+                head = line.split(None, 5)
+                if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                    path = head[5].strip() if len(head) > 5 else ""
+                    name = path.rsplit("/", 1)[-1] if path.startswith("/") else (path or "[anon]")
+                    by.setdefault(name, [0, 0])
+                elif line.startswith("Rss:"):
+                    by[name][0] += int(line.split()[1])
+                elif line.startswith("Anonymous:"):
+                    by[name][1] += int(line.split()[1])
+    except (OSError, ValueError, IndexError, KeyError):
+        return {}
+    rows = sorted(by.items(), key=lambda kv: -kv[1][0])
+    out = {k: {"rss_kb": v[0], "anon_kb": v[1]} for k, v in rows[:top] if v[0]}
+    rest = rows[top:]
+    if rest:
+        out["other"] = {"rss_kb": sum(v[0] for _, v in rest), "anon_kb": sum(v[1] for _, v in rest)}
+    total = sum(v[0] for _, v in rows)
+    file_kb = sum(v[0] - v[1] for _, v in rows)
+    return {"rss_kb": total, "anon_kb": total - file_kb, "file_kb": file_kb, "by": out}
 
 
 def proc_usage(pid: int) -> tuple[int, float] | None:
@@ -692,6 +728,18 @@ class Soak:
             if u:
                 s["rss"] = u[0]
                 s["cpu_s"] = u[1]
+                # where the memory is: at each new high (>= 1 MiB above the last one kept)
+                # and every 60 s (cheap enough: one read of smaps)
+                peak_kb = inc.smaps_peak.get("rss_kb", 0)
+                if u[0] // 1024 >= peak_kb + 1024 or int(t) % 60 == 0:
+                    br = smaps_breakdown(inc.proc.pid)
+                    if br:
+                        br["t"] = round(t, 1)
+                        br["phase"] = self.phase
+                        if br["rss_kb"] > peak_kb:
+                            inc.smaps_peak = br
+                        if int(t) % 60 == 0:
+                            inc.smaps_last = br
             prom = self.scrape()
             if prom:
                 inc.last_metrics = prom

@@ -225,6 +225,23 @@ def markdown(doc: dict, pngs: list[str]) -> str:
               if "rss_growth_to_mb" in i else "–")
         L.append(f"| {i['n']} | {i['seconds']:.0f} | {i['rss_peak_mb']} | {i.get('rss_steady_max_mb')} | "
                  f"{gr} | {i['cpu_s']} |")
+    peaks = [(inc["n"], inc["smaps_peak"]) for inc in doc["incarnations"] if inc.get("smaps_peak")]
+    if peaks:
+        n, sm = max(peaks, key=lambda x: x[1]["rss_kb"])
+        L += ["", f"Where the RSS is (/proc/PID/smaps at the highest RSS sampled: agent {n}, "
+                  f"t={sm['t']:.0f} s, {sm.get('phase', '')}): {sm['rss_kb'] / 1024:.1f} MB = "
+                  f"{sm['anon_kb'] / 1024:.1f} MB anonymous + {sm['file_kb'] / 1024:.1f} MB file-backed "
+                  "(code and data of the interpreter and extension modules).", "",
+              "| mapping | RSS MB | of it anonymous MB |", "|---|---|---|"]
+        for name, v in sm["by"].items():
+            L.append(f"| `{name}` | {v['rss_kb'] / 1024:.1f} | {v['anon_kb'] / 1024:.1f} |")
+        last = [(inc["n"], inc["smaps_last"]) for inc in doc["incarnations"] if inc.get("smaps_last")]
+        if last:
+            n2, sl = last[-1]
+            L.append(f"\nLatest periodic breakdown (agent {n2}, t={sl['t']:.0f} s): "
+                     f"{sl['rss_kb'] / 1024:.1f} MB = {sl['anon_kb'] / 1024:.1f} anonymous + "
+                     f"{sl['file_kb'] / 1024:.1f} file-backed; "
+                     + ", ".join(f"`{k}` {v['rss_kb'] / 1024:.1f}" for k, v in list(sl["by"].items())[:5]))
     cal = m.get("calibration", {})
     L.append("")
     if "cpu_cores_per_10k_events_per_s_flood" in res:
