@@ -529,18 +529,22 @@ class Normaliser:
         secs, sec_idx = np.unique(wall // np.uint64(1_000_000_000), return_inverse=True)
         sec_strs = [time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(x)).encode() for x in secs.tolist()]
         micros = ((wall % np.uint64(1_000_000_000)) // np.uint64(1000)).tolist()
+        # one %-template per pair: an event is one ``bytes %`` of six values
+        fmts = [None if pp is None else b"".join((pp[0].replace(b"%", b"%%"), pp[1],
+                                                  pp[2].replace(b"%", b"%%"), b"%d",
+                                                  pp[3].replace(b"%", b"%%")))
+                for pp in parts]
         out: list[bytes] = []
         ap = out.append
-        j = b"".join
         for kt, tid, si, us, pj in zip(kt_arr.tolist(), arr["pid"].tolist(), sec_idx.ravel().tolist(),
                                        micros, pair_idx.ravel().tolist(), strict=True):
-            pp = parts[pj]
-            if pp is None:
+            f = fmts[pj]
+            if f is None:
                 pk = int(pairs[pj])
                 ctx, pi = ctxs[pk // len(procs)], pk % len(procs)
                 ap(_enc.encode(self._event_from(ctx, kt, tid, tgids[pi].item(), procs[pi])) + b"\n")
             else:
-                ap(j((pp[0], pp[1] % (kt, tid, sec_strs[si], us, kt), pp[2], b"%d" % tid, pp[3])))
+                ap(f % (kt, tid, sec_strs[si], us, kt, tid))
         return b"".join(out)
 
     def _event_from(self, ctx: _Context, kt: int, tid: int, tgid: int, proc: ProcessInfo) -> DecisionEvent:
