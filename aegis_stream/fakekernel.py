@@ -402,6 +402,10 @@ class FakeKernel:
             return 0
         generation, mode, flags, _rules, _scopes = sc
         self._count(hook, abi.Counter.EVALUATED)
+        scope = self._match_scope(flags, slot, task)  # scope first, as the program does
+        if scope < 0:
+            return 0
+        self._count(hook, abi.Counter.SCOPE_MATCHED)
         rule = self.policy_maps.rules.lookup(abi.INODE_KEY.pack(ino, dev, slot))
         if rule is None:
             return 0

@@ -48,8 +48,8 @@ enum aegis_mode {
 /* per-hook counters (per-CPU array index = hook * AEGIS_CTR_COUNT + ctr) */
 enum aegis_counter {
 	AEGIS_CTR_EVALUATED = 0,    /* hook ran with a valid active slot */
-	AEGIS_CTR_RULE_MATCHED = 1, /* inode + action matched a rule */
-	AEGIS_CTR_SCOPE_MATCHED = 2,/* ... and the task was in scope */
+	AEGIS_CTR_RULE_MATCHED = 1, /* in scope, and inode + action matched a rule */
+	AEGIS_CTR_SCOPE_MATCHED = 2,/* the task was in scope (checked before the rule) */
 	AEGIS_CTR_DENIED = 3,
 	AEGIS_CTR_AUDITED = 4,
 	AEGIS_CTR_RINGBUF_FAIL = 5, /* event reserve failed (decision still made) */
