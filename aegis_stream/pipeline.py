@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import struct
 import sys
 import time
@@ -93,6 +94,12 @@ class PipelineConfig:
     slo: SloConfig = field(default_factory=SloConfig)
     slo_short_window_s: float = 300.0  # the window the degraded signal reads drop ratios on
     shutdown_timeout_s: float = 5.0  # after stop(): then the stages are cancelled (denies parked)
+    #: audit normalise+encode in this many forked worker processes (0: in the agent's
+    #: process).  Raw batches in, JSON lines out, results taken in dispatch order, so the
+    #: output order is the ring order; a worker that dies is replaced by in-process
+    #: encoding for its batches (nothing lost).  See docs/PERFORMANCE.md.
+    audit_workers: int = 0
+    audit_worker_cpus: frozenset[int] | None = None  # affinity of the workers (None: inherit)
 
 
 # ============================================================================ kernel view
@@ -249,6 +256,112 @@ class DiskSpool:
         self._fh.close()
 
 
+# ============================================================================ audit workers
+_REQ = struct.Struct("<QI")  # request: data length, stride; then the raw records
+_RES = struct.Struct("<QIII")  # result: lines length, encoded, abi mismatches, failed
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise EOFError
+        got += k
+    return bytes(buf)
+
+
+def _worker_main(sock: socket.socket, norm: Normaliser, cpus: frozenset[int] | None) -> None:
+    """A forked audit worker: raw batches in, JSON lines out, until EOF.  No trio here."""
+    import signal
+
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent drains; EOF ends the worker
+    if cpus:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cpus)
+    while True:
+        try:
+            length, stride = _REQ.unpack(_recv_exact(sock, _REQ.size))
+            data = _recv_exact(sock, length)
+        except (EOFError, OSError):
+            return
+        bad = failed = 0
+        try:
+            try:
+                arr = decode_batch(data, stride)
+            except DecodeError:
+                arr, bad = split_valid(data, stride)
+            lines, n_ok = norm.encode_batch(arr), len(arr)
+        except Exception as exc:
+            print(f"aegis: audit worker: normalise failed: {exc!r}", file=sys.stderr, flush=True)
+            lines, n_ok, failed = b"", 0, len(data) // stride - bad
+        try:
+            sock.sendall(_RES.pack(len(lines), n_ok, bad, failed) + lines)
+        except OSError:
+            return
+
+
+class _Worker:
+    """One forked audit worker and the parent's end of its socket."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self.dead = False
+        self._buf = bytearray()
+
+    @classmethod
+    def fork(cls, norm: Normaliser, cpus: frozenset[int] | None) -> _Worker:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sk in (parent, child):
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                parent.close()
+                _worker_main(child, norm, cpus)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        child.close()
+        return cls(pid, parent)
+
+    async def _exact(self, n: int) -> bytes:
+        buf = self._buf
+        while len(buf) < n:
+            chunk = await self.stream.receive_some(max(n - len(buf), 1 << 16))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    async def result(self) -> tuple[bytes, int, int, int]:
+        length, n_ok, bad, failed = _RES.unpack(await self._exact(_RES.size))
+        return await self._exact(length), n_ok, bad, failed
+
+    def lost(self) -> None:
+        if not self.dead:
+            _log(f"audit worker {self.pid} lost: its batches are encoded in the agent")
+        self.dead = True
+
+    def close(self) -> None:
+        self.dead = True
+        with contextlib.suppress(OSError):
+            self.stream.socket.close()
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, 15)
+        with contextlib.suppress(OSError):
+            os.waitpid(self.pid, 0)
+
+
 # ============================================================================ statistics
 @dataclass(frozen=True)
 class ClassStatistics:
@@ -384,6 +497,7 @@ class Pipeline:
         self._shutdown_reason = "stopped"
         self._finished = trio.Event()
         self._backlog: dict[str, int] = {}
+        self._workers: list[_Worker] = []
         self.last_transition: Transition | None = None
         self.alert_changes: list[AlertChange] = []
         if self.spool is not None and self.spool.recovered:
@@ -402,6 +516,9 @@ class Pipeline:
         }
         stages_scope = trio.CancelScope()
         stages_done = trio.Event()
+        if cfg.audit_workers > 0 and "audit" in self.rings:
+            self._workers = [_Worker.fork(self.norm, cfg.audit_worker_cpus)
+                             for _ in range(cfg.audit_workers)]
         try:
             async with trio.open_nursery() as nursery:
                 ticker_scope = trio.CancelScope()
@@ -414,7 +531,13 @@ class Pipeline:
                     with stages_scope:
                         async with trio.open_nursery() as st:
                             for k in CLASSES:
-                                st.start_soon(self._normaliser, k, raw[k][1], out[k][0])
+                                if k == "audit" and self._workers:
+                                    order_send, order_recv = trio.open_memory_channel[
+                                        tuple[_Worker | None, RawBatch]](2 * len(self._workers))
+                                    st.start_soon(self._shard_dispatch, raw[k][1], order_send)
+                                    st.start_soon(self._shard_collect, order_recv, out[k][0])
+                                else:
+                                    st.start_soon(self._normaliser, k, raw[k][1], out[k][0])
                                 st.start_soon(self._writer, k, out[k][1])
                     stages_done.set()
 
@@ -437,6 +560,8 @@ class Pipeline:
                 ticker_scope.cancel()
         finally:
             self._stopped = True
+            for w in self._workers:
+                w.close()
             self._persist_parked()
             self._reconcile_stop()
             self._tick()  # final numbers for statistics()
@@ -652,6 +777,60 @@ class Pipeline:
             if extra is not None:  # derived: lost (and counted) if stopped right here
                 await send.send(extra)
             await trio.lowlevel.checkpoint()
+
+    # ---------------------------------------------------------------- audit shards
+    async def _shard_dispatch(self, recv: trio.MemoryReceiveChannel[RawBatch],
+                              order: trio.MemorySendChannel[tuple[_Worker | None, RawBatch]]) -> None:
+        """Raw audit batches to the workers, round robin; the order channel tells the
+        collector which worker has which batch (None: encode it here, the worker died)."""
+        async with recv, order:
+            i = 0
+            async for batch in recv:
+                w: _Worker | None = self._workers[i % len(self._workers)]
+                i += 1
+                if w is not None and not w.dead:
+                    try:
+                        await w.stream.send_all(_REQ.pack(len(batch.data), batch.stride) + batch.data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        w.lost()
+                        w = None
+                else:
+                    w = None
+                await order.send((w, batch))
+
+    async def _shard_collect(self, order: trio.MemoryReceiveChannel[tuple[_Worker | None, RawBatch]],
+                             send: trio.MemorySendChannel[SinkBatch]) -> None:
+        acct = self.acct["audit"]
+        async with order, send:
+            async for w, batch in order:
+                res: tuple[bytes, int, int, int] | None = None
+                if w is not None and not w.dead:
+                    try:
+                        res = await w.result()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, EOFError):
+                        w.lost()
+                if res is None:  # no worker for it: encode here (same bytes)
+                    try:
+                        arr = decode_batch(batch.data, batch.stride)
+                        bad = 0
+                    except DecodeError:
+                        arr, bad = split_valid(batch.data, batch.stride)
+                    try:
+                        res = (self.norm.encode_batch(arr), len(arr), bad, 0)
+                    except Exception as exc:
+                        _log(f"audit: normalise failed for a batch of {len(arr)}: {exc!r}")
+                        res = (b"", 0, bad, len(arr))
+                lines, n_ok, bad, failed = res
+                acct.drop("decode", "abi_mismatch", bad)
+                acct.drop("normalise", "error", failed)
+                if not n_ok:
+                    continue
+                try:
+                    await send.send(SinkBatch("audit", lines, n_ok))
+                except trio.Cancelled:
+                    self._park("audit", n_ok, None, 1)
+                    raise
+            # (cancelled with batches still at the workers: run() counts them at the end)
 
     # ---------------------------------------------------------------- writer
     async def _write_one(self, i: int, batch: SinkBatch) -> bool:
