@@ -16,21 +16,23 @@ in docs/REFERENCE_ENFORCEMENT_SLICE.md).  ``aegis unload`` removes them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import trio
 
-from aegis_stream import abi, libbpf
-from aegis_stream.errors import AegisError
-from aegis_stream.lifecycle import Lifecycle
+from aegis_stream import abi, libbpf, reasons
+from aegis_stream.errors import AegisError, LoadError
+from aegis_stream.lifecycle import Lifecycle, ReconcileOutcome
 from aegis_stream.loader import AttachReport, BpfObject
 from aegis_stream.normalise import Normaliser
 from aegis_stream.pipeline import MapsKernelView, Pipeline, PipelineConfig
@@ -42,6 +44,22 @@ from pipelines.degraded import DegradedConfig
 from pipelines.slo import AlertRule, SloConfig
 
 POLL_INTERVAL_S = 0.05
+STATUS_NAME = "status.json"  # <state dir>/status.json: what `aegis status` reads
+HEARTBEAT_S = 5.0  # the status file is refreshed this often (aegis status: stale after 30 s)
+EXIT_REFUSED = 2  # the agent refused to start; nothing in the kernel changed
+
+
+def default_status_path() -> Path:
+    return state_dir() / STATUS_NAME
+
+
+def proc_start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat (clock ticks since boot): tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rpartition(")")[2].split()[19])
 
 
 @dataclass
@@ -84,14 +102,33 @@ def _log(msg: str) -> None:
 def write_status(
     path: str | None, report: AttachReport | Mapping[str, bool], state: str, extra: dict
 ) -> None:
+    """The status file (docs/DEGRADED_MODE.md): the agent's state, reasons and reason codes,
+    per-hook loader state, its pid and process start time, and when it was written (wall
+    clock ``time`` for humans, ``monotonic`` for staleness: immune to clock jumps)."""
     if not path:
         return
     if isinstance(report, AttachReport):
         hooks: dict[str, Any] = {p.hook: p.as_dict() for p in report.programs.values()}
     else:
         hooks = {h: {"hook": h, "phase": "attached" if ok else "failed"} for h, ok in report.items()}
-    doc = {"pid": os.getpid(), "state": state, "hooks": hooks, "time": time.time(), **extra}
+    doc: dict[str, Any] = {"pid": os.getpid(), "start_time": proc_start_time(os.getpid()),
+                           "running": True, "state": state, "hooks": hooks, "time": time.time(),
+                           "monotonic": time.monotonic(), "reasons": [], **extra}
+    doc["reason_codes"] = reasons.codes_of(doc["reasons"])
     atomic_write(Path(path), msgspec.json.encode(doc))
+
+
+def _refuse(path: str | None, code: str, detail: str, extra: dict | None = None) -> int:
+    """A start refused before anything changed (or with the kernel left as it was): one
+    line on stderr, the reason recorded in the status file for `aegis status`, exit 2."""
+    why = reasons.text(code, detail)
+    _log(f"error: {why}; not started")
+    try:
+        write_status(path, {}, "", {"running": False, "last_error": why, "last_error_code": code,
+                                    **(extra or {})})
+    except OSError:
+        pass
+    return EXIT_REFUSED
 
 
 async def serve_pipeline(
@@ -102,6 +139,9 @@ async def serve_pipeline(
     signals: bool = True,
     drain_timeout: float = 5.0,
     metrics_started: Callable[[tuple[str, int]], None] | None = None,
+    metrics_listeners: list[trio.SocketListener] | None = None,
+    heartbeat: Callable[[], None] | None = None,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> None:
     """Run the pipeline (and the metrics endpoint) until a signal or ``exit_after``;
     either way what the kernel already produced is drained first."""
@@ -111,7 +151,8 @@ async def serve_pipeline(
             from aegis_stream.metrics import AegisMetrics, serve_metrics
 
             metrics = AegisMetrics(pipeline.statistics, caches=pipeline.norm.cache_statistics)
-            bound = await nursery.start(serve_metrics, metrics, metrics_addr)
+            bound = await nursery.start(partial(serve_metrics, listeners=metrics_listeners),
+                                        metrics, metrics_addr)
             _log(f"metrics on http://{bound[0]}:{bound[1]}/metrics")
             if metrics_started is not None:
                 metrics_started(bound)
@@ -119,6 +160,15 @@ async def serve_pipeline(
         async def finish() -> None:
             await pipeline.drain_and_stop(drain_timeout)
             nursery.cancel_scope.cancel()
+
+        if heartbeat is not None:
+            async def beat() -> None:
+                while True:
+                    await trio.sleep(heartbeat_s)
+                    with contextlib.suppress(Exception):  # a full disk must not stop the agent
+                        heartbeat()
+
+            nursery.start_soon(beat)
 
         if signals:
             async def stop_on_signal() -> None:
@@ -143,14 +193,58 @@ def _summary(pipeline: Pipeline) -> str:
     return "; ".join(parts)
 
 
+def reconcile_conditions(rec: ReconcileOutcome) -> dict[str, str]:
+    """Monitor conditions from the startup reconciliation: an interrupted apply whose
+    outcome the kernel does not explain keeps the agent degraded until the next apply."""
+    if rec.status == "inconsistent":
+        return {"reconcile_inconsistent": reasons.text("reconcile_inconsistent", rec.detail)}
+    return {}
+
+
 async def run_agent(cfg: AgentConfig) -> int:
+    """Start order (docs/DEGRADED_MODE.md): everything that can refuse without touching the
+    kernel first (metrics address, policy file), then load/attach/pin, reconcile, apply."""
+    status_path = cfg.status_file or str(default_status_path())
+    listeners: list[trio.SocketListener] | None = None
+    if cfg.metrics_addr:
+        from aegis_stream.metrics import open_metrics_listeners
+
+        try:
+            listeners = await open_metrics_listeners(cfg.metrics_addr)
+        except OSError as exc:
+            return _refuse(status_path, "metrics_unavailable", str(exc))
+    data: bytes | None = None
+    if cfg.policy:
+        try:
+            data = Path(cfg.policy).read_bytes()
+        except OSError as exc:
+            await _close_listeners(listeners)
+            return _refuse(status_path, "policy_unreadable", f"{cfg.policy}: {exc.strerror or exc}")
+    try:
+        return await _run_loaded(cfg, status_path, listeners, data)
+    finally:
+        await _close_listeners(listeners)
+
+
+async def _close_listeners(listeners: list[trio.SocketListener] | None) -> None:
+    for ln in listeners or []:
+        with contextlib.suppress(Exception):
+            await ln.aclose()
+
+
+async def _run_loaded(cfg: AgentConfig, status_path: str,
+                      listeners: list[trio.SocketListener] | None, data: bytes | None) -> int:
     store = PolicyStore()
     obj = BpfObject()
-    obj.open()
-    reused = obj.reuse_pinned_maps()
-    if reused:
-        _log(f"reusing pinned maps: {', '.join(reused)}")
-    obj.load()
+    try:
+        obj.open()
+        reused = obj.reuse_pinned_maps()
+        if reused:
+            _log(f"reusing pinned maps: {', '.join(reused)}")
+        obj.load()
+    except LoadError as exc:
+        obj.close()
+        return _refuse(status_path, "load_failed", str(exc))
     report = obj.attach_all(pin=True)
     if not report.enforcing_capable:
         _log(f"DEGRADED: {report.summary()}; refusing to claim enforcement")
@@ -160,21 +254,20 @@ async def run_agent(cfg: AgentConfig) -> int:
     state = "auditing"
     lifecycle = Lifecycle(obj.policy_maps())
     rec = lifecycle.reconcile()  # after a crash mid-apply: exactly old or new, recorded
+    conditions = reconcile_conditions(rec)
     if rec.status != "clean":
         _log(f"reconciled pinned state: {rec.status}, effective {rec.effective} "
              f"(generation {rec.generation}) {rec.detail}")
-    if cfg.policy:
+    base: dict[str, Any] = {"reused_maps": reused, "pin_root": obj.pin_root,
+                            "reconcile": {"status": rec.status, "effective": rec.effective,
+                                          "generation": rec.generation, "detail": rec.detail}}
+    if cfg.policy and data is not None:
         try:
-            data = Path(cfg.policy).read_bytes()
             res = lifecycle.apply(data, cfg.policy, mode_override=cfg.mode)
-        except OSError as exc:
-            _log(f"policy not applied: {cfg.policy}: {exc.strerror}")
+        except (AegisError, OSError) as exc:
             obj.close()
-            return 2
-        except AegisError as exc:
-            _log(f"policy not applied: {exc}")
-            obj.close()
-            return 2
+            code = reasons.refusal_code(exc)
+            return _refuse(status_path, code, str(exc), base)
         _log(
             f"applied policy {res.policy.name} v{res.policy.version} as generation "
             f"{res.generation} in {res.mode} mode ({len(res.policy.rules)} rules, "
@@ -188,14 +281,25 @@ async def run_agent(cfg: AgentConfig) -> int:
         active = slots.read_state(obj.policy_maps()).active
         if active.valid and active.mode == abi.Mode.ENFORCE:
             state = "enforcing"
-    if not report.enforcing_capable:
+    start_reasons = list(conditions.values())
+    if not report.attached:
+        state = "blind"
+        start_reasons.insert(0, f"no hooks attached (0/{len(report.programs)})")
+    elif not report.enforcing_capable:
         state = "degraded"
-    write_status(cfg.status_file, report, state, {"reused_maps": reused})
+        start_reasons.insert(0, f"hooks {len(report.attached)}/{len(report.programs)} attached "
+                                f"(missing {', '.join(p.hook for p in report.failed)})")
+    elif conditions:
+        state = "degraded"
+    try:
+        write_status(status_path, report, state, {**base, "reasons": start_reasons})
+    except OSError as exc:
+        _log(f"status file {status_path} not written: {exc}")
     _log(f"state: {state}")
 
     def on_state(ev: StateEvent) -> None:
-        write_status(cfg.status_file, report, ev.state,
-                     {"reused_maps": reused, "reasons": ev.reasons, "generation": ev.generation})
+        write_status(status_path, report, ev.state,
+                     {**base, "reasons": ev.reasons, "generation": ev.generation, "mode": ev.mode})
 
     rings = {
         "deny": RingBuffer(maps[abi.MAP_DENY_EVENTS].fd, maps[abi.MAP_DENY_EVENTS].max_entries,
@@ -211,8 +315,18 @@ async def run_agent(cfg: AgentConfig) -> int:
     sinks: list[Sink] = [open_sink(cfg.events, max_bytes=cfg.events_max_bytes, backups=cfg.events_backups)]
     pipeline = Pipeline(rings, Normaliser(store), sinks, view, config=cfg.pipeline_config(),
                         on_state=on_state)
+    for code, why in conditions.items():
+        pipeline.monitor.set_condition(code, why)
+
+    def heartbeat() -> None:
+        st = pipeline.statistics()
+        write_status(status_path, report, st.state or state,
+                     {**base, "reasons": list(st.reasons), "generation": st.generation,
+                      "mode": st.mode})
+
     try:
-        await serve_pipeline(pipeline, metrics_addr=cfg.metrics_addr, exit_after=cfg.exit_after)
+        await serve_pipeline(pipeline, metrics_addr=cfg.metrics_addr, exit_after=cfg.exit_after,
+                             metrics_listeners=listeners, heartbeat=heartbeat)
     finally:
         with trio.CancelScope(shield=True):
             for s in sinks:
@@ -222,6 +336,11 @@ async def run_agent(cfg: AgentConfig) -> int:
         for r in rings.values():
             r.close()
         obj.close(keep_pins=True)
+        with contextlib.suppress(Exception):
+            st = pipeline.statistics()
+            write_status(status_path, report, st.state or state,
+                         {**base, "running": False, "reasons": list(st.reasons),
+                          "stopped_at": time.time()})
         _log(f"stopped; {summary}; pinned links keep enforcing")
     return 0
 

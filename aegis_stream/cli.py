@@ -111,6 +111,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from aegis_stream.status import collect, render
+
+    report = collect(args.pin_root, args.status_file)
+    if args.json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        print(render(report))
+    return report.exit_code
+
+
 def cmd_unload(args: argparse.Namespace) -> int:
     from aegis_stream.loader import remove_pins
 
@@ -135,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--events", default="-", help="JSON lines output file ('-' = stdout)")
     r.add_argument("--metrics-addr", help="HOST:PORT for Prometheus metrics")
     r.add_argument("--mode", choices=["audit", "enforce"], help="override the policy's mode")
-    r.add_argument("--status-file", help="write the agent's state (JSON) here")
+    r.add_argument("--status-file",
+                   help="write the agent's state (JSON) here (default $AEGIS_STATE_DIR/status.json)")
     r.add_argument("--exit-after", type=float, help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_run)
 
@@ -165,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="live counters from the pinned maps")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_stats)
+
+    sts = sub.add_parser(
+        "status", help="protection state now: kernel pins, active generation, agent, reasons",
+        description="Exit codes: 0 enforcing/auditing, 1 degraded, 2 blind or nothing loaded, "
+                    "3 unknown (pinned state unreadable).  docs/DEGRADED_MODE.md")
+    sts.add_argument("--json", action="store_true", help="aegis.status.v1 JSON (schemas/)")
+    sts.add_argument("--status-file", help="the agent's status file (default $AEGIS_STATE_DIR/status.json)")
+    sts.add_argument("--pin-root", help="pin root (default $AEGIS_PIN_ROOT or /sys/fs/bpf/aegis)")
+    sts.set_defaults(func=cmd_status)
 
     from aegis_stream.explain import add_pipeline_commands
 

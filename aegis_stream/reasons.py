@@ -127,7 +127,7 @@ def text(code: str, detail: str) -> str:
 
     Used for the refusal and status codes: ``text("policy_unreadable", "/p: EACCES")``."""
     rc = BY_CODE[code]
-    prefix = re.sub(r"\\(.)", r"\1", rc.pattern.rstrip())
+    prefix = re.sub(r"\\(.)", r"\1", rc.pattern)
     return prefix + detail
 
 
