@@ -257,6 +257,25 @@ def smaps_breakdown(pid: int, top: int = 12) -> dict:
     return {"rss_kb": total, "anon_kb": total - file_kb, "file_kb": file_kb, "by": out}
 
 
+def children_rss(pid: int) -> int:
+    """RSS bytes of the process's descendants (e.g. the pipeline's audit worker processes,
+    when enabled): they belong to the agent's memory budget too."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                kids = [int(x) for x in fh.read().split()]
+        except (OSError, ValueError):
+            continue
+        for k in kids:
+            u = proc_usage(k)
+            if u:
+                total += u[0]
+            todo.append(k)
+    return total
+
+
 def proc_usage(pid: int) -> tuple[int, float] | None:
     """(RSS bytes, CPU seconds) of a process."""
     try:
@@ -728,6 +747,9 @@ class Soak:
             if u:
                 s["rss"] = u[0]
                 s["cpu_s"] = u[1]
+                kids = children_rss(inc.proc.pid)
+                if kids:
+                    s["rss_children"] = kids
                 # where the memory is: at each new high (>= 1 MiB above the last one kept)
                 # and every 60 s (cheap enough: one read of smaps)
                 peak_kb = inc.smaps_peak.get("rss_kb", 0)

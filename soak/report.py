@@ -225,6 +225,10 @@ def markdown(doc: dict, pngs: list[str]) -> str:
               if "rss_growth_to_mb" in i else "–")
         L.append(f"| {i['n']} | {i['seconds']:.0f} | {i['rss_peak_mb']} | {i.get('rss_steady_max_mb')} | "
                  f"{gr} | {i['cpu_s']} |")
+    kids = [x["rss_children"] for x in doc["samples"] if x.get("rss_children")]
+    if kids:
+        L.append(f"\nThe agent's child processes (audit workers) held up to {max(kids) / 2**20:.1f} MB "
+                 "of RSS besides the agent's own (not in the table).")
     peaks = [(inc["n"], inc["smaps_peak"]) for inc in doc["incarnations"] if inc.get("smaps_peak")]
     if peaks:
         n, sm = max(peaks, key=lambda x: x[1]["rss_kb"])
