@@ -11,7 +11,9 @@ Task tree (one nursery; cancellation is explicit)::
     │                                             wait while the kernel ring is under
     │                                             audit_shed_fill, then shed, counted)
     ├── normaliser(c)   raw -> encoded channel   (batch decode; audit: columnar encoder;
-    │                                             deny: Structs + explanations)
+    │                                             deny: Structs + explanations; with
+    │                                             audit_workers: a dispatcher and an in-order
+    │                                             collector around forked encoder processes)
     ├── writer(c)       encoded -> every sink    (deny: retried until written;
     │                                             audit: a failed batch is dropped, counted)
     └── ticker          every tick_s: kernel counters, ring fill/lag, SLO, degraded state
@@ -30,6 +32,10 @@ Accounting per class (``statistics().classes``)::
 
     read      = delivered + dropped (userspace, by stage/reason) + in_flight
     emitted   = read + kernel_dropped + backlog            (emitted: kernel counters)
+
+After a stop (``drain_and_stop``), ``in_flight`` is 0 for audit and the denies kept in
+the spool for deny: what the stages held when the flush timed out is counted
+``shutdown/drain_timeout`` (``shutdown/stopped`` when run() was cancelled without a stop).
 
 ``kernel_dropped`` per class = decisions counted by the kernel - records that reached the
 ring (read + still waiting); the kernel's RINGBUF_FAIL counter is per hook, not per
