@@ -261,6 +261,8 @@ class Lifecycle:
     def _apply_locked(self, data: bytes, origin: str, mode_override: str | None) -> ApplyOutcome:
         info: dict[str, Any] = {"origin": origin}
         recorded_gen = 0
+        counter_committed = False
+        counter_before = None
         try:
             adm = self.admit(data, origin, mode_override=mode_override)
             info.update(policy=adm.policy.name, version=adm.policy.version, digest=adm.digest,
@@ -281,7 +283,9 @@ class Lifecycle:
                 adm.source, envelope=adm.envelope,
             )
             self._step("recorded")
+            counter_before = self.counter.get(adm.policy.name)
             self.counter.commit(adm.policy.name, adm.policy.version, adm.digest, now=self.clock())
+            counter_committed = True
             self._step("counter")
             slots.wait_grace(self._last_switch)
             staged = slots.stage(self.maps, compiled, gen, _mode_val(adm.mode))
@@ -293,6 +297,10 @@ class Lifecycle:
         except AegisError as exc:
             if recorded_gen:
                 self.store.discard(recorded_gen)
+            if counter_committed:
+                # the kernel refused the generation (e.g. rule map full) before activation:
+                # the version was never effective, so it must not stay taken
+                self.counter.restore(adm.policy.name, counter_before)
             self._clear_pending()
             self._record_refusal("apply", exc, info)
             raise

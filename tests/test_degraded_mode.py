@@ -331,9 +331,10 @@ def test_rule_map_full_apply_refused_atomically(tmp_path):
     assert reasons.refusal_code(ei.value) == "rule_map_full"
     assert (env.active(), sorted(env.maps.rules.keys()), lc.store.generations()) == before
     assert list(lc.log.records())[-1]["result"] == "refused"
-    # the generation number is not burnt; the anti-rollback counter already holds v2 for the
-    # refused digest (committed before staging: see docs/DEGRADED_MODE.md), so bump to v3
-    assert lc.apply(env.signed(3, "b"), "v3").generation == 2
+    # neither the generation number nor the version is burnt: the anti-rollback counter is
+    # restored, so the fixed policy can be applied as v2 again
+    assert lc.counter.get("web").high_water == 1
+    assert lc.apply(env.signed(2, "b"), "v2 fixed").generation == 2
 
 
 # ===================================================================== agent start refusals

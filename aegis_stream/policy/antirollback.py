@@ -86,3 +86,19 @@ class VersionCounter:
             raise StateError(
                 f"{self.path}: cannot persist anti-rollback counter ({exc}); nothing applied"
             ) from None
+
+    def restore(self, name: str, previous: Entry | None) -> None:
+        """Undo a ``commit`` whose policy never became effective (the kernel refused it):
+        the counter goes back to ``previous`` (None: no entry), so the operator can fix
+        the policy and apply the same version again.  Only called before activation."""
+        entries = self.load()
+        if previous is None:
+            entries.pop(name, None)
+        else:
+            entries[name] = previous
+        try:
+            _store.atomic_write(self.path, _enc.encode(entries))
+        except OSError as exc:
+            raise StateError(
+                f"{self.path}: cannot restore anti-rollback counter ({exc})"
+            ) from None
