@@ -28,7 +28,7 @@ def _file_open_totals(lab: Lab) -> tuple[tuple[int, int], tuple[int, int]]:
              sum(r["audited"] for r in rows) + ret["audited"]))
 
 
-def test_ctr_001_rule_counters_bounded_over_50_swaps(lab: Lab):
+def test_ctr_001_rule_counters_bounded_over_50_swaps(lab: Lab, record_testsuite_property):
     files = [lab.file(f"ctr/secret-{i}") for i in range(RULES)]
     rules = [{"id": f"r{i}", "path": str(f), "actions": ["open"]} for i, f in enumerate(files)]
     hooks0, rows0 = _file_open_totals(lab)
@@ -60,4 +60,5 @@ def test_ctr_001_rule_counters_bounded_over_50_swaps(lab: Lab):
     doc = read_counters(lab.maps)
     last = [r for r in doc["rules"] if r["generation"] in gens[-2:] and r["hook"] == "file_open"]
     assert len(last) == 2 * RULES and all(r["denied"] + r["audited"] == 1 for r in last)
+    record_testsuite_property("ctr_001_rule_counter_entries_max", max(sizes))
     print(f"CTR-001: {SWAPS} swaps, aegis_rule_counters entries max {max(sizes)} (last {sizes[-1]})")
