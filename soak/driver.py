@@ -551,8 +551,10 @@ class Soak:
         if self.a.metrics_port:
             argv += ["--metrics-addr", f"127.0.0.1:{self.a.metrics_port}"]
         errp = WORK / "logs" / f"agent-{n}.stderr"
-        proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL,
-                                stderr=open(errp, "wb"), start_new_session=True)
+        # PYTHONFAULTHANDLER: a SIGABRT (sent when it never gets ready) leaves its stacks
+        proc = subprocess.Popen(argv, env={**self.env, "PYTHONFAULTHANDLER": "1"},
+                                stdout=subprocess.DEVNULL, stderr=open(errp, "wb"),
+                                start_new_session=True)
         inc = Incarnation(n, proc, self.now(), errp)
         self.incarnations.append(inc)
         deadline = time.monotonic() + self.a.agent_start_timeout
@@ -572,8 +574,14 @@ class Soak:
                     return inc
             self.tick_light()
             time.sleep(0.1)
-        raise SystemExit(f"agent {n} not ready after {self.a.agent_start_timeout}s: "
-                         f"{errp.read_text(errors='replace')[-2000:]}")
+        proc.send_signal(signal.SIGABRT)  # Python's faulthandler writes every thread's stack
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        raise SystemExit(f"agent {n} not ready after {self.a.agent_start_timeout}s (load "
+                         f"{os.getloadavg()[0]:.1f}); its stderr (stacks at SIGABRT): "
+                         f"{errp.read_text(errors='replace')[-4000:]}")
 
     @property
     def agent(self) -> Incarnation:
@@ -1226,7 +1234,9 @@ def main() -> int:
     ap.add_argument("--rotating-rules", type=int, default=200)
     ap.add_argument("--sample-every", type=float, default=1.0)
     ap.add_argument("--metrics-port", type=int, default=9464, help="0: do not scrape")
-    ap.add_argument("--agent-start-timeout", type=float, default=180)
+    ap.add_argument("--agent-start-timeout", type=float, default=300,
+                    help="seconds an agent may take to get ready (Python under TCG on a busy host: "
+                         "30-170 s seen)")
     ap.add_argument("--agent-stop-timeout", type=float, default=60)
     ap.add_argument("--tmpfs-size", default="1200m")
     ap.add_argument("--max-unexplained", type=float, default=0.001)
