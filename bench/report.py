@@ -51,12 +51,13 @@ def load(results: Path) -> list[dict]:
 
 
 def variants_block(docs: list[dict]) -> list[str]:
-    """The shipped object next to measurement variants (bench/variants), per kernel."""
+    """The shipped object next to other builds measured with --variant TAG=OBJECT (e.g. the
+    previous release, tag ``previous``), per kernel."""
     tagged = [d for d in docs if d["meta"].get("tag")]
     if not tagged:
         return []
     cfgs = ("b", "c", "c_hit", "d", "e", "f")
-    lines = ["#### Proposed hot-path changes, measured (bench/variants/README.md)", "",
+    lines = ["#### Other builds of the program, measured the same way (`--variant TAG=OBJECT`)", "",
              "open+close p50 overhead vs (a) of the same run, and `aegis_file_open`'s own "
              "instructions per run (bpf_stats):", "",
              "| kernel | object | " + " | ".join(f"({c})" for c in cfgs) + " | in-program b / c / c' / d |",
