@@ -80,12 +80,7 @@ class VersionCounter:
         if cur is not None and version < cur.high_water:
             raise StateError(f"anti-rollback counter for {name} would go backwards")
         entries[name] = Entry(version, digest, now)
-        try:
-            _store.atomic_write(self.path, _enc.encode(entries))
-        except OSError as exc:
-            raise StateError(
-                f"{self.path}: cannot persist anti-rollback counter ({exc}); nothing applied"
-            ) from None
+        self._write(entries, "cannot persist anti-rollback counter ({}); nothing applied")
 
     def restore(self, name: str, previous: Entry | None) -> None:
         """Undo a ``commit`` whose policy never became effective (the kernel refused it):
@@ -96,9 +91,10 @@ class VersionCounter:
             entries.pop(name, None)
         else:
             entries[name] = previous
+        self._write(entries, "cannot restore anti-rollback counter ({})")
+
+    def _write(self, entries: dict[str, Entry], failure: str) -> None:
         try:
             _store.atomic_write(self.path, _enc.encode(entries))
         except OSError as exc:
-            raise StateError(
-                f"{self.path}: cannot restore anti-rollback counter ({exc})"
-            ) from None
+            raise StateError(f"{self.path}: " + failure.format(exc)) from None
