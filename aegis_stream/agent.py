@@ -331,16 +331,15 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
         with trio.CancelScope(shield=True):
             for s in sinks:
                 await s.aclose()
-        # the summary reads ring positions: take it before the rings are unmapped
+        # statistics read ring positions: take them before the rings are unmapped
+        final = pipeline.statistics()
         summary = _summary(pipeline)
         for r in rings.values():
             r.close()
         obj.close(keep_pins=True)
-        with contextlib.suppress(Exception):
-            st = pipeline.statistics()
-            write_status(status_path, report, st.state or state,
-                         {**base, "running": False, "reasons": list(st.reasons),
-                          "stopped_at": time.time()})
+        write_status(status_path, report, final.state or state,
+                     {**base, "running": False, "reasons": list(final.reasons),
+                      "stopped_at": time.time()})
         _log(f"stopped; {summary}; pinned links keep enforcing")
     return 0
 
