@@ -333,27 +333,27 @@ class Lifecycle:
         if not cur_gen:
             raise PolicyError("no policy is active; nothing to roll back from")
         cur = self.store.load(cur_gen).policy
-        candidates: list[GenerationRecord] = []
-        for g in self.store.generations():
-            if g == cur_gen:
-                continue
-            try:
-                rec = self.store.load(g)
-            except StateError:
-                continue
-            if rec.policy.name == cur.name:
-                candidates.append(rec)
+        # choose from the store's index (name, version per generation), load only the winner
+        candidates = {g: h for g, h in self.store.heads().items()
+                      if g != cur_gen and h.name == cur.name}
         if to_version is not None:
-            hits = [r for r in candidates if r.policy.version == to_version]
+            hits = [g for g, h in candidates.items() if h.version == to_version]
             if not hits:
                 raise PolicyError(f"no stored generation of {cur.name} v{to_version}")
         else:
-            older = [r for r in candidates if r.policy.version < cur.version]
+            older = {g: h for g, h in candidates.items() if h.version < cur.version}
             if not older:
                 raise PolicyError(f"no stored version of {cur.name} older than v{cur.version}")
-            best = max(r.policy.version for r in older)
-            hits = [r for r in older if r.policy.version == best]
-        return max(hits, key=lambda r: r.generation)
+            best = max(h.version for h in older.values())
+            hits = [g for g, h in older.items() if h.version == best]
+        for g in sorted(hits, reverse=True):
+            try:
+                rec = self.store.load(g)
+            except StateError:
+                continue  # unreadable record: the next newest of that version, if any
+            if rec.policy.name == cur.name and rec.policy.version == candidates[g].version:
+                return rec
+        raise PolicyError(f"no readable stored generation of {cur.name} to roll back to")
 
     def _reverify(self, rec: GenerationRecord, mode: str) -> Admission:
         """Re-verify a stored generation's signature and trust (keys may be revoked since)."""

@@ -96,11 +96,9 @@ class ProvenanceLog:
             raise StateError(f"{self.path}: cannot open provenance log: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            data = _read_all(fd)
-            lines = data.split(b"\n")
-            torn = lines.pop()  # b"" when the file ends with a newline
-            count = len(lines)
-            last = _last_intact(lines)
+            # the chain needs only the last record: read the tail, and the whole log only
+            # when the tail and the head file disagree (a torn or edited end)
+            _lines, torn, count, last = self._tail_state(fd)
             prev_hash = last["hash"] if last else GENESIS
             seq = (last["seq"] if last else 0) + 1
             out = b""
@@ -215,6 +213,26 @@ class ProvenanceLog:
             return VerifyResult(False, good, len(lines) + 1, f"{HEAD_NAME} is missing")
         return VerifyResult(True, good)
 
+    def _tail_state(self, fd: int) -> tuple[list[bytes], bytes, int, dict | None]:
+        """(lines read, torn tail, record line count, last intact record)."""
+        size = os.fstat(fd).st_size
+        head = self._head()
+        if size and head is not None and head.get("seq", -1) >= 0:
+            start = max(0, size - TAIL_BYTES)
+            data = os.pread(fd, size - start, start)
+            lines = data.split(b"\n")
+            torn = lines.pop()
+            if start:
+                lines = lines[1:]  # the first line of the window may be partial
+            last = _last_intact(lines[-1:])
+            if not torn and last is not None and last.get("seq") == head.get("seq") \
+                    and last.get("hash") == head.get("hash"):
+                return lines, torn, int(head.get("records", 0)), last
+        data = _read_all(fd)
+        lines = data.split(b"\n")
+        torn = lines.pop()  # b"" when the file ends with a newline
+        return lines, torn, len(lines), _last_intact(lines)
+
     def _head(self) -> dict | None:
         try:
             h = msgspec.json.decode(self.head_path.read_bytes())
@@ -223,6 +241,9 @@ class ProvenanceLog:
         except (OSError, msgspec.DecodeError):
             return {"seq": -1, "hash": "corrupt"}
         return h if isinstance(h, dict) else {"seq": -1, "hash": "corrupt"}
+
+
+TAIL_BYTES = 64 << 10  # more than any one record
 
 
 def _read_all(fd: int) -> bytes:

@@ -12,7 +12,6 @@ the kernel holds after a crash, its record exists (startup reconciliation relies
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import msgspec
@@ -51,9 +50,24 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-_GEN = re.compile(r"^(\d+)\.json$")
+class PolicyHead(msgspec.Struct, frozen=True):
+    name: str
+    version: int
+    digest: str = ""
+
+
+class GenerationHead(msgspec.Struct, frozen=True):
+    """What rollback needs to choose a target, without the rule table."""
+
+    generation: int
+    policy: PolicyHead
+
+
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(GenerationRecord)
+_dec_head = msgspec.json.Decoder(GenerationHead)  # unknown fields (the rules) are skipped
+_dec_index = msgspec.json.Decoder(dict[int, PolicyHead])
+INDEX_NAME = "index.json"
 
 
 class PolicyStore:
@@ -62,9 +76,11 @@ class PolicyStore:
         self.gen_dir = self.root / "generations"
 
     def generations(self) -> list[int]:
-        if not self.gen_dir.is_dir():
+        try:
+            names = os.listdir(self.gen_dir)  # plain names: thousands of records, every apply
+        except FileNotFoundError:
             return []
-        return sorted(int(m.group(1)) for p in self.gen_dir.iterdir() if (m := _GEN.match(p.name)))
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
     def next_generation(self) -> int:
         gens = self.generations()
@@ -86,6 +102,34 @@ class PolicyStore:
         except msgspec.DecodeError as exc:
             raise StateError(f"{p}: corrupt generation record: {exc}") from None
 
+    def heads(self) -> dict[int, PolicyHead]:
+        """Name, version and digest of every stored generation, from ``generations/index.json``
+        (a cache: entries for records written since are read and added, entries whose record
+        is gone are dropped, and an unreadable index is rebuilt), so choosing a rollback target
+        does not read thousands of rule tables."""
+        gens = set(self.generations())
+        index_path = self.gen_dir / INDEX_NAME
+        try:
+            index = _dec_index.decode(index_path.read_bytes())
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            index = {}
+        changed = False
+        for g in [g for g in index if g not in gens]:
+            del index[g]
+            changed = True
+        for g in sorted(gens - index.keys()):
+            try:
+                index[g] = _dec_head.decode((self.gen_dir / f"{g}.json").read_bytes()).policy
+            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+                continue  # unreadable record: not a candidate (load() reports it when asked)
+            changed = True
+        if changed:
+            try:
+                atomic_write(index_path, _enc.encode(dict(sorted(index.items()))))
+            except OSError:
+                pass  # a cache: the next call rebuilds what is missing
+        return index
+
     def source(self, generation: int) -> bytes | None:
         p = self.gen_dir / f"{generation}.toml"
         return p.read_bytes() if p.exists() else None
@@ -98,3 +142,5 @@ class PolicyStore:
         """Forget a generation that was recorded but never became active."""
         for ext in ("json", "toml", "signed"):
             (self.gen_dir / f"{generation}.{ext}").unlink(missing_ok=True)
+        # its number may be recorded again with another policy: the index is rebuilt
+        (self.gen_dir / INDEX_NAME).unlink(missing_ok=True)

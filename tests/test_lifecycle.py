@@ -536,3 +536,27 @@ def test_cli_end_to_end(env, tmp_path, monkeypatch, capsys) -> None:
     logf.write_bytes(b"".join(lines))
     with pytest.raises(StateError, match=r"provenance.jsonl:3: "):
         _run(["policy", "log", "--verify"])
+
+
+def test_store_heads_index_tracks_records_and_discards(tmp_path):
+    """Rollback chooses its target from generations/index.json: entries appear for new
+    records, vanish with discarded ones, and a reused number is not served stale."""
+    from aegis_stream.policy.compiler import CompiledPolicy
+    from aegis_stream.store import GenerationRecord, PolicyStore
+
+    store = PolicyStore(tmp_path)
+
+    def rec(g: int, name: str, version: int) -> GenerationRecord:
+        return GenerationRecord(g, 0.0, CompiledPolicy(name, version, "audit", f"d{g}", [], []))
+
+    store.record(rec(1, "web", 1))
+    store.record(rec(2, "web", 2))
+    assert {g: (h.name, h.version) for g, h in store.heads().items()} == {1: ("web", 1), 2: ("web", 2)}
+    assert (tmp_path / "generations" / "index.json").exists()
+    store.discard(2)
+    store.record(rec(2, "db", 7))  # the number is reused after a refused apply
+    store.record(rec(3, "web", 3))
+    assert {g: (h.name, h.version) for g, h in store.heads().items()} == {
+        1: ("web", 1), 2: ("db", 7), 3: ("web", 3)}
+    (tmp_path / "generations" / "index.json").write_text("{not json")
+    assert sorted(store.heads()) == [1, 2, 3]  # a corrupt index is rebuilt
