@@ -240,3 +240,36 @@ def test_spool_close_cuts_off_replayed_frames(tmp_path):
     assert sp2.recovered == 4 and sp2.pending_batches == 2
     assert sp2.peek() == batches[1]
     sp2.close()
+
+
+class DecisionBetweenReads(TruthAtTick):
+    """The first counter read returns its snapshot and then a deny lands in the ring:
+    the race between the start-up reads of counters and ring positions."""
+
+    first = True
+
+    def counters(self) -> CounterSnapshot:
+        snap = super().counters()
+        if self.first:
+            self.first = False
+            self.kernel.emit_bulk("deny", make_events(1, decision=abi.Decision.DENY), 1)
+        return snap
+
+
+async def test_start_under_load_reports_no_phantom_deny_loss(kernel, store, tmp_path, autojump_clock):
+    # a previous incarnation left denies in the pinned ring, and one more lands while the
+    # new agent takes its baseline: nothing was lost, so nothing may be reported lost
+    kernel.emit_bulk("deny", make_events(3, decision=abi.Decision.DENY), 3)
+    sink = MemorySink(keep=False)
+    view = DecisionBetweenReads(kernel)
+    p = Pipeline(kernel.consumers(), fixed_normaliser(store), [sink], view,
+                 config=PipelineConfig(spool_dir=str(tmp_path / "spool"), tick_s=0.5))
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        await trio.sleep(2.0)
+        assert await p.drain_and_stop(timeout=5)
+    st = p.statistics()
+    deny = st.classes["deny"]
+    assert deny.kernel_dropped == 0 and deny.dropped_userspace == 0
+    assert deny.delivered == 4 == sink.by_class["deny"]
+    assert st.state != "blind", st.reasons
