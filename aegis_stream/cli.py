@@ -108,6 +108,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         for r in doc["rules"]:
             print(f"rule gen={r['generation']} id={r['rule_id']} hook={r['hook']} "
                   f"denied={r['denied']} audited={r['audited']}")
+        # per-rule rows of retired generations are folded into one total per hook
+        for hook, tot in doc.get("retired", {}).items():
+            if any(tot.values()):
+                print(f"retired generations {hook}: "
+                      + " ".join(f"{k}={v}" for k, v in tot.items()))
     return EXIT_OK
 
 
