@@ -22,7 +22,6 @@ from typing import IO
 import msgspec
 
 from aegis_stream.errors import AegisError, StateError
-from aegis_stream.normalise import GenerationIndex
 from aegis_stream.schema import DecisionEvent, ExplanationEvent
 from aegis_stream.store import PolicyStore
 from pipelines.explain import explain
@@ -74,6 +73,10 @@ def read_event(stream: IO[bytes]) -> DecisionEvent:
 
 
 def explain_event(event: DecisionEvent, store: PolicyStore | None = None) -> ExplanationEvent:
+    # imported here: the normaliser pulls in numpy, which every other CLI command (and
+    # each CLI start under the QEMU lab) would otherwise pay for
+    from aegis_stream.normalise import GenerationIndex
+
     index = GenerationIndex(store or PolicyStore())
     return explain(event, index.get(event.generation))
 

@@ -10,10 +10,10 @@ disagreement is listed in ``inconsistencies`` instead of being papered over.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aegis_stream import abi
 from aegis_stream.devnum import split_kernel_dev
-from aegis_stream.normalise import GenerationInfo
 from aegis_stream.schema import (
     DecisionEvent,
     ExplainedPolicy,
@@ -22,6 +22,9 @@ from aegis_stream.schema import (
     ExplainedTask,
     ExplanationEvent,
 )
+
+if TYPE_CHECKING:  # the normaliser pulls in numpy; explain needs only the type
+    from aegis_stream.normalise import GenerationInfo
 
 
 def _actions(bits: int) -> list[str]:
