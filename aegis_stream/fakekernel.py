@@ -28,6 +28,7 @@ anyone's tests run end to end without root or BPF.
 from __future__ import annotations
 
 import collections
+import ctypes
 import mmap
 import os
 import struct
@@ -76,6 +77,10 @@ class FakeRing:
         self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._m = mmap.mmap(self.fd, 2 * PAGE + 2 * size, mmap.MAP_SHARED,
                             mmap.PROT_READ | mmap.PROT_WRITE)
+        # single 8-byte loads/stores, as the kernel's smp_load_acquire/smp_store_release
+        # (struct's "<Q" is a byte-by-byte copy: torn across processes)
+        self._cons_word = ctypes.c_uint64.from_buffer(self._m, 0)
+        self._prod_word = ctypes.c_uint64.from_buffer(self._m, PAGE)
         self._busy: collections.deque[int] = collections.deque()  # positions still BUSY
         self._committed: set[int] = set()
         self.reserved = 0
@@ -85,13 +90,13 @@ class FakeRing:
 
     # ---------------------------------------------------------------- positions
     def consumer_pos(self) -> int:
-        return int(_u64.unpack_from(self._m, 0)[0])
+        return int(self._cons_word.value)
 
     def producer_pos(self) -> int:
-        return int(_u64.unpack_from(self._m, PAGE)[0])
+        return int(self._prod_word.value)
 
     def _set_producer(self, pos: int) -> None:
-        _u64.pack_into(self._m, PAGE, pos)
+        self._prod_word.value = pos
 
     def available_bytes(self) -> int:
         return self.producer_pos() - self.consumer_pos()
@@ -200,6 +205,7 @@ class FakeRing:
                 rb.close()
             except (ValueError, BufferError):
                 pass
+        del self._cons_word, self._prod_word  # exported buffers keep the mmap open
         self._m.close()
         os.close(self.wakeup_fd)
         os.close(self.fd)

@@ -25,6 +25,7 @@ Two drains:
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -37,7 +38,6 @@ DISCARD_BIT = 1 << 30
 HDR_SIZE = 8
 PAGE = mmap.PAGESIZE
 
-_u64 = struct.Struct("<Q")
 _u32 = struct.Struct("<I")
 _STRIDE_WORDS = RECORD_STRIDE // 4
 
@@ -95,6 +95,12 @@ class RingBuffer:
         self._data = mmap.mmap(fd, PAGE + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE)
         self._view = memoryview(self._data)
         self._words = self._view.cast("I")
+        # the positions are 8-byte words shared with the producer (the kernel): load and
+        # store each in one access.  struct's "<Q" copies byte by byte, so a producer could
+        # see a torn consumer position (low bytes new, high bytes old: far behind), take the
+        # ring for full and drop records (found with the forked bench producer: "1007% full")
+        self._cons_word = ctypes.c_uint64.from_buffer(self._cons)
+        self._prod_words = self._view[:8].cast("Q")
         self.records = 0
         self.discarded = 0
         self.foreign = 0
@@ -102,10 +108,10 @@ class RingBuffer:
         self.batches = 0
 
     def consumer_pos(self) -> int:
-        return int(_u64.unpack_from(self._cons, 0)[0])
+        return int(self._cons_word.value)
 
     def producer_pos(self) -> int:
-        return int(_u64.unpack_from(self._data, 0)[0])
+        return int(self._prod_words[0])
 
     def available_bytes(self) -> int:
         return self.producer_pos() - self.consumer_pos()
@@ -136,7 +142,7 @@ class RingBuffer:
                 out.append(bytes(self._view[off + HDR_SIZE : off + HDR_SIZE + n]))
             cons += (n + HDR_SIZE + 7) & ~7
         if cons != cons0:
-            _u64.pack_into(self._cons, 0, cons)
+            self._cons_word.value = cons
             self.records += len(out)
             self.bytes += sum(len(r) for r in out)
             self.batches += 1
@@ -179,7 +185,7 @@ class RingBuffer:
                 self.foreign += 1
             cons += ((length & ~(BUSY_BIT | DISCARD_BIT)) + HDR_SIZE + 7) & ~7
         if cons != cons0:
-            _u64.pack_into(self._cons, 0, cons)
+            self._cons_word.value = cons
             self.records += count
             self.bytes += count * EVENT_SIZE
             self.batches += 1
@@ -194,6 +200,8 @@ class RingBuffer:
         )
 
     def close(self) -> None:
+        self.__dict__.pop("_cons_word", None)  # an exported buffer keeps the mmap open
+        self._prod_words.release()
         self._words.release()
         self._view.release()
         self._data.close()
