@@ -35,7 +35,7 @@ from aegis_stream.errors import AegisError, LoadError
 from aegis_stream.lifecycle import Lifecycle, ReconcileOutcome
 from aegis_stream.loader import AttachReport, BpfObject
 from aegis_stream.normalise import Normaliser
-from aegis_stream.pipeline import MapsKernelView, Pipeline, PipelineConfig
+from aegis_stream.pipeline import MapsKernelView, Pipeline, PipelineConfig, PipelineStatistics
 from aegis_stream.ringbuf import RingBuffer
 from aegis_stream.schema import StateEvent
 from aegis_stream.sinks import Sink, open_sink
@@ -183,8 +183,7 @@ async def serve_pipeline(
             await finish()
 
 
-def _summary(pipeline: Pipeline) -> str:
-    st = pipeline.statistics()
+def _summary(st: PipelineStatistics) -> str:
     parts = []
     for k, c in st.classes.items():
         drops = ", ".join(f"{s}/{r}={n}" for (s, r), n in sorted(c.dropped.items()))
@@ -333,7 +332,7 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
                 await s.aclose()
         # statistics read ring positions: take them before the rings are unmapped
         final = pipeline.statistics()
-        summary = _summary(pipeline)
+        summary = _summary(final)
         for r in rings.values():
             r.close()
         obj.close(keep_pins=True)

@@ -98,7 +98,7 @@ class ProvenanceLog:
             fcntl.flock(fd, fcntl.LOCK_EX)
             # the chain needs only the last record: read the tail, and the whole log only
             # when the tail and the head file disagree (a torn or edited end)
-            _lines, torn, count, last = self._tail_state(fd)
+            torn, count, last = self._tail_state(fd)
             prev_hash = last["hash"] if last else GENESIS
             seq = (last["seq"] if last else 0) + 1
             out = b""
@@ -213,8 +213,8 @@ class ProvenanceLog:
             return VerifyResult(False, good, len(lines) + 1, f"{HEAD_NAME} is missing")
         return VerifyResult(True, good)
 
-    def _tail_state(self, fd: int) -> tuple[list[bytes], bytes, int, dict | None]:
-        """(lines read, torn tail, record line count, last intact record)."""
+    def _tail_state(self, fd: int) -> tuple[bytes, int, dict | None]:
+        """(torn tail, record line count, last intact record)."""
         size = os.fstat(fd).st_size
         head = self._head()
         if size and head is not None and head.get("seq", -1) >= 0:
@@ -227,11 +227,11 @@ class ProvenanceLog:
             last = _last_intact(lines[-1:])
             if not torn and last is not None and last.get("seq") == head.get("seq") \
                     and last.get("hash") == head.get("hash"):
-                return lines, torn, int(head.get("records", 0)), last
+                return torn, int(head.get("records", 0)), last
         data = _read_all(fd)
         lines = data.split(b"\n")
         torn = lines.pop()  # b"" when the file ends with a newline
-        return lines, torn, len(lines), _last_intact(lines)
+        return torn, len(lines), _last_intact(lines)
 
     def _head(self) -> dict | None:
         try:
