@@ -33,13 +33,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
+#include "native.h"
 
 static int cmp_u64(const void *a, const void *b)
 {
@@ -165,17 +159,8 @@ int main(int argc, char **argv)
 		usage();
 	if (iters < 1 || batch < 1)
 		usage();
-	if (cgroup) {
-		char p[4096];
-		FILE *f;
-
-		snprintf(p, sizeof(p), "%s/cgroup.procs", cgroup);
-		f = fopen(p, "w");
-		if (!f || fprintf(f, "%d\n", getpid()) < 0 || fclose(f)) {
-			fprintf(stderr, "opbench: cannot join %s: %s\n", cgroup, strerror(errno));
-			return 2;
-		}
-	}
+	if (cgroup && join_cgroup("opbench", cgroup))
+		return 2;
 	if (cpu >= 0) {
 		cpu_set_t set;
 

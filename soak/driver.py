@@ -44,9 +44,11 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -442,6 +444,7 @@ class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
         self.t0 = time.monotonic()
+        self.heartbeat = self.t0  # tick_light() moves it; stall_watchdog() reads it
         self.out = Path(args.out)
         self.env = dict(os.environ, AEGIS_PIN_ROOT=PIN_ROOT, AEGIS_STATE_DIR=str(WORK / "state"))
         self.samples: list[dict] = []
@@ -797,6 +800,7 @@ class Soak:
 
     def tick_light(self) -> None:
         """What must keep happening while we wait on something: tail events, reap, sample."""
+        self.heartbeat = time.monotonic()
         self.tail.poll(self.now())
         self.poll_apply()
         self.poll_cli()
@@ -1197,6 +1201,23 @@ def gates(doc: dict, a: argparse.Namespace) -> dict:
     return g
 
 
+def stall_watchdog(soak: Soak, out: IO[str], stale_s: float = 120, every_s: float = 30) -> None:
+    """Write every thread's stack once per stall of the main loop (no tick_light() for
+    ``stale_s``): where a hung soak is stuck, without the unsafe faulthandler timer."""
+    reported = 0.0
+    while True:
+        time.sleep(every_s)
+        beat = soak.heartbeat
+        if time.monotonic() - beat < stale_s or beat == reported:
+            continue
+        reported = beat
+        frames = sys._current_frames()
+        out.write(f"main loop stalled for {time.monotonic() - beat:.0f}s; stacks:\n")
+        for tid, frame in frames.items():
+            out.write(f"Thread {tid:#x}:\n{''.join(traceback.format_stack(frame))}\n")
+        out.flush()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=600)
@@ -1256,8 +1277,11 @@ def main() -> int:
 
     stacks = open(Path(args.out) / "driver-stacks.txt", "w")  # noqa: SIM115 (lives to the end)
     faulthandler.enable(file=stacks, all_threads=True)  # a crash leaves its tracebacks
-    faulthandler.dump_traceback_later(300, repeat=True, file=stacks)
+    # Not faulthandler.dump_traceback_later: its watchdog walks the other threads' frames
+    # without the GIL, and CPython 3.11 segfaults when one of them is running (it killed a
+    # CI soak).  The stall watchdog below takes the GIL and reads sys._current_frames().
     soak = Soak(args)
+    threading.Thread(target=stall_watchdog, args=(soak, stacks), daemon=True).start()
     try:
         doc = soak.run()
     finally:

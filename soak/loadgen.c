@@ -22,45 +22,9 @@
 #include <time.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t g_stop;
+#include "../bench/native.h"
+
 static char *const g_envp[] = { NULL };
-
-static void on_signal(int sig)
-{
-	(void)sig;
-	g_stop = 1;
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static void sleep_ns(uint64_t ns)
-{
-	struct timespec ts = { (time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull) };
-
-	nanosleep(&ts, NULL);
-}
-
-static int join_cgroup(const char *cg)
-{
-	char p[4096];
-	FILE *f;
-
-	if (!strcmp(cg, "-"))
-		return 0;
-	snprintf(p, sizeof(p), "%s/cgroup.procs", cg);
-	f = fopen(p, "w");
-	if (!f || fprintf(f, "%d\n", getpid()) < 0 || fclose(f)) {
-		fprintf(stderr, "loadgen: cannot join %s: %s\n", cg, strerror(errno));
-		return -1;
-	}
-	return 0;
-}
 
 /* one operation; returns 0 or the errno */
 static int do_open(const char *path)
@@ -116,7 +80,7 @@ int main(int argc, char **argv)
 	nfiles = argc - 6;
 	signal(SIGTERM, on_signal);
 	signal(SIGINT, on_signal);
-	if (join_cgroup(cg))
+	if (strcmp(cg, "-") && join_cgroup("loadgen", cg))
 		return 2;
 
 	if (!strcmp(mode, "canary")) {

@@ -155,6 +155,11 @@ def markdown(doc: dict, pngs: list[str]) -> str:
              f"offered: {a['deny_rate']:g} denied opens/s, {a['exec_deny_rate']:g} denied execs/s, "
              f"{a['allow_rate']:g} allowed opens/s, {a['exec_rate']:g} allowed execs/s, "
              f"{a['outside_rate']:g} protected opens/s from an unselected cgroup.")
+    for i, c in enumerate(m.get("harness_crashes", []), 1):
+        first = next((ln for ln in c["traceback"].splitlines() if ln.strip()), "")
+        L += ["", f"**Harness crash {i} before this run** (soak/driver.py, not the agent: rc "
+              f"{c['driver_rc']}, `{first[:160]}`); the soak ran again from a fresh boot. "
+              "Full traceback: soak.json meta.harness_crashes."]
     L += ["", "## Gates", "", "| gate | result | value | limit |", "|---|---|---|---|"]
     for k, v in g.items():
         val = v["value"]

@@ -28,42 +28,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../bench/native.h"
+
 struct rec {
 	uint64_t t0, t1;
 	uint32_t target;
 	int32_t result;
 };
 
-static volatile sig_atomic_t g_stop;
 static char *const g_envp[] = { NULL };
-
-static void on_signal(int sig)
-{
-	(void)sig;
-	g_stop = 1;
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static int join_cgroup(const char *cg)
-{
-	char p[4096];
-	FILE *f;
-
-	snprintf(p, sizeof(p), "%s/cgroup.procs", cg);
-	f = fopen(p, "w");
-	if (!f || fprintf(f, "%d\n", getpid()) < 0 || fclose(f)) {
-		fprintf(stderr, "workload: cannot join %s: %s\n", cg, strerror(errno));
-		return -1;
-	}
-	return 0;
-}
 
 static int32_t do_exec(const char *bin)
 {
@@ -119,7 +92,7 @@ int main(int argc, char **argv)
 	}
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
-	if (join_cgroup(argv[2]))
+	if (join_cgroup("workload", argv[2]))
 		return 1;
 	out = fopen(argv[3], "wb");
 	if (!out) {

@@ -8,26 +8,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
-
+from .agentlib import AEGIS, policy_toml, signed, wait_for_json
 from .conftest import EPERM, Lab
-from .test_agent_cli import _policy, _signed, _wait_for
-
-AEGIS = [sys.executable, "-m", "aegis_stream.cli"]
-
-
-@pytest.fixture
-def agent_env(lab: Lab, tmp_path):
-    env = dict(os.environ)
-    env["AEGIS_PIN_ROOT"] = f"/sys/fs/bpf/aegis-dm-{os.getpid()}"
-    env["AEGIS_STATE_DIR"] = str(tmp_path / "state")
-    env.pop("AEGIS_FAULT_INJECT", None)
-    yield env
-    subprocess.run([*AEGIS, "unload"], env=env, capture_output=True)
 
 
 def _status(env: dict) -> tuple[int, dict]:
@@ -39,14 +24,14 @@ def _status(env: dict) -> tuple[int, dict]:
 
 def test_dm_001_sigkill_pins_keep_enforcing_status_from_kernel(lab: Lab, agent_env, tmp_path):
     target = lab.file("dm-killed")
-    pol = _signed(agent_env, tmp_path, _policy(tmp_path, lab, target, "enforce"))
+    pol = signed(agent_env, tmp_path, policy_toml(tmp_path, lab, target, "enforce"))
     status_file = Path(agent_env["AEGIS_STATE_DIR"]) / "status.json"
     agent = subprocess.Popen([*AEGIS, "run", "--policy", str(pol), "--events", os.devnull],
                              env=agent_env, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if status_file.exists() and _wait_for(status_file).get("state") == "enforcing":
+            if status_file.exists() and wait_for_json(status_file).get("state") == "enforcing":
                 break
             time.sleep(0.2)
         rc, st = _status(agent_env)
@@ -71,12 +56,12 @@ def test_dm_001_sigkill_pins_keep_enforcing_status_from_kernel(lab: Lab, agent_e
 
 def test_dm_002_restart_reconciles_with_pinned_state(lab: Lab, agent_env, tmp_path):
     target = lab.file("dm-restart")
-    pol = _signed(agent_env, tmp_path, _policy(tmp_path, lab, target, "enforce"))
+    pol = signed(agent_env, tmp_path, policy_toml(tmp_path, lab, target, "enforce"))
     agent = subprocess.Popen([*AEGIS, "run", "--policy", str(pol), "--events", os.devnull],
                              env=agent_env, stderr=subprocess.DEVNULL)
     status_file = Path(agent_env["AEGIS_STATE_DIR"]) / "status.json"
     try:
-        _wait_for(status_file)
+        wait_for_json(status_file)
         assert lab.probe("read", target).errno == EPERM
     finally:
         agent.send_signal(signal.SIGKILL)
@@ -102,12 +87,12 @@ def test_dm_002_restart_reconciles_with_pinned_state(lab: Lab, agent_env, tmp_pa
 def test_dm_003_hook_attach_failure_status_degraded_with_hook(lab: Lab, agent_env, tmp_path):
     target = lab.file("dm-attach")
     env = dict(agent_env, AEGIS_FAULT_INJECT="attach:aegis_mmap_file")
-    pol = _policy(tmp_path, lab, target, "audit")
+    pol = policy_toml(tmp_path, lab, target, "audit")
     agent = subprocess.Popen([*AEGIS, "run", "--policy", str(pol), "--events", os.devnull],
                              env=env, stderr=subprocess.PIPE, text=True)
     status_file = Path(agent_env["AEGIS_STATE_DIR"]) / "status.json"
     try:
-        doc = _wait_for(status_file)
+        doc = wait_for_json(status_file)
         assert doc["state"] == "degraded" and doc["reason_codes"] == ["hooks_missing"], doc
         assert doc["hooks"]["mmap_file"]["phase"] == "failed"
         rc, st = _status(agent_env)
