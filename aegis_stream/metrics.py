@@ -157,6 +157,11 @@ class AegisCollector(Collector):
                 derived.add_metric([kind], n)
         yield from (s_events, s_fail, s_failev, derived)
 
+        trims = _c("aegis_memory_trims", "Heap trims after a drained burst (malloc_trim)")
+        if st is not None:
+            trims.add_metric([], st.memory_trims)
+        yield trims
+
         lookups = _c("aegis_cache_lookups", "Normaliser cache lookups", ["cache", "result"])
         entries = _g("aegis_cache_entries", "Normaliser cache size", ["cache"])
         for cs in caches:

@@ -64,6 +64,7 @@ import trio
 from aegis_stream import abi, slots
 from aegis_stream.counters import CounterSnapshot, MapCounterSource
 from aegis_stream.events import RECORD_STRIDE, DecodeError, decode_batch, rows, split_valid
+from aegis_stream.memtrim import release_freed_memory
 from aegis_stream.normalise import Normaliser
 from aegis_stream.ringbuf import RawBatch, RingBuffer, RingStatistics
 from aegis_stream.schema import SloEvent, StateEvent
@@ -85,8 +86,10 @@ def _log(msg: str) -> None:
 @dataclass(frozen=True)
 class PipelineConfig:
     batch_max: int = 4096  # records per drain / per channel item
-    raw_channel_batches: Mapping[str, int] = field(default_factory=lambda: {"deny": 64, "audit": 16})
-    out_channel_batches: Mapping[str, int] = field(default_factory=lambda: {"deny": 64, "audit": 16})
+    # audit is shallow on purpose: the 4 MiB ring is its buffer, and 16 batches of encoded
+    # JSON lines (~3.5 MB each) was most of the agent's RSS after a flood (docs/PERFORMANCE.md)
+    raw_channel_batches: Mapping[str, int] = field(default_factory=lambda: {"deny": 64, "audit": 8})
+    out_channel_batches: Mapping[str, int] = field(default_factory=lambda: {"deny": 64, "audit": 4})
     poll_interval_s: float = 0.05  # timeout poll next to wait_readable
     audit_shed_fill: float = 0.5  # audit: wait for room until the ring is this full, then shed
     audit_sample_n: int = 1  # keep 1 in N audit events (1 = all)
@@ -409,6 +412,7 @@ class PipelineStatistics:
     derived_events: Mapping[str, int]  # state/slo/explanation records written
     derived_failed: int
     slo_objective: float
+    memory_trims: int = 0  # heap trims after a drained burst (aegis_stream.memtrim)
 
 
 def _drain_nowait(recv: trio.MemoryReceiveChannel[Any]) -> list[Any]:
@@ -503,6 +507,8 @@ class Pipeline:
         self._shutdown_reason = "stopped"
         self._finished = trio.Event()
         self._backlog: dict[str, int] = {}
+        self._burst = False  # more than one batch was in flight since the last trim
+        self.memory_trims = 0
         self._workers: list[_Worker] = []
         self.last_transition: Transition | None = None
         self.alert_changes: list[AlertChange] = []
@@ -1001,9 +1007,21 @@ class Pipeline:
             emitted_long=ch.long.emitted, dropped_long=ch.long.dropped,
         )
 
+    def _trim_after_burst(self) -> None:
+        """Once a burst (more than one batch in flight) has fully drained, give the
+        freed heap back (aegis_stream.memtrim): floods must not set the steady-state RSS."""
+        in_flight = sum(self._in_flight(k) for k in CLASSES)
+        if in_flight > self.config.batch_max:
+            self._burst = True
+        elif self._burst and in_flight == 0:
+            self._burst = False
+            self.memory_trims += 1
+            release_freed_memory()
+
     async def _ticker(self) -> None:
         while True:
             transition, changes = self._tick()
+            self._trim_after_burst()
             if transition is not None:
                 ev = self.state_event(transition)
                 _log(f"state: {ev.state}" + (f" ({'; '.join(ev.reasons)})" if ev.reasons else ""))
@@ -1061,6 +1079,7 @@ class Pipeline:
             drop_ratios=ratios,
             alerts_firing=firing,
             derived_events=dict(self._derived),
+            memory_trims=self.memory_trims,
             derived_failed=self._derived_failed,
             slo_objective=self.slo.config.objective,
         )
