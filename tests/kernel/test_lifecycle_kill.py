@@ -146,3 +146,82 @@ def test_kill_9_at_apply_step_then_reconcile(lab: Lab, tmp_path: Path, case: str
     assert res.policy.version == 2
     assert lab.probe("read", y).errno == EPERM and lab.probe("read", x).result == {"ok": True}
     assert nxt.reconcile().status == "clean"
+
+
+def _rollback_in_child(lab: Lab, state: Path, step: str, **kw) -> int:
+    """As _apply_in_child, for ``Lifecycle.rollback(**kw)``: SIGKILL right after ``step``."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            def die(s: str) -> None:
+                if s == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            Lifecycle(lab.obj.policy_maps(), state, hook=die).rollback(**kw)
+        except BaseException:  # noqa: BLE001 - reported by the exit status
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+# (path, step, effective after reconcile): "reapply" rolls back to v1 after v3 overwrote
+# v1's slot (a new generation is recorded and staged); "flip" rolls back v2 -> v1 whose
+# slot still holds v1 (one write activates it)
+ROLLBACK_CASES = ([("reapply", s, "new" if s in ("activated", "logged") else "old")
+                   for s in ("pending", "recorded", "staged", "activated", "logged")]
+                  + [("flip", s, "new" if s in ("activated", "logged") else "old")
+                     for s in ("pending", "activated")])
+
+
+@pytest.mark.parametrize("path,step,expect", ROLLBACK_CASES,
+                         ids=[f"{p}-{s}" for p, s, _ in ROLLBACK_CASES])
+def test_kill_9_at_rollback_step_then_reconcile(lab: Lab, tmp_path: Path, path: str, step: str,
+                                                expect: str):
+    """kill -9 during a rollback, in a real kernel: after the next start's reconcile
+    exactly the generation before the rollback (old) or the rollback's target (new) is
+    enforced, by the slot state and by real opens, and the log says which."""
+    x, y, w = lab.file("rbk-x"), lab.file("rbk-y"), lab.file("rbk-w")
+    kp = signing.generate_keypair("kill", tmp_path / "keys")
+    key, _ = signing.load_private_key(kp.private_path)
+    state = tmp_path / "state"
+    pm = lab.obj.policy_maps()
+    lc = Lifecycle(pm, state)
+    lc.trust.add(kp.public_path.read_bytes())
+    files = {1: [x], 2: [y], 3: [w]}
+    last = 3 if path == "reapply" else 2
+    for v in range(1, last + 1):
+        lc.apply(signing.sign_policy(_toml("rbtest", v, lab.cg_selected, files[v]), key, "kill"),
+                 f"v{v}")
+    before = slots.read_state(pm).active.generation
+
+    status = _rollback_in_child(lab, state, step, to_version=1)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (path, step, status)
+
+    nxt = Lifecycle(lab.obj.policy_maps(), state)
+    out = nxt.reconcile()
+    st = slots.read_state(pm)
+    assert st.active.valid and st.active.generation == out.generation
+    if expect == "old":
+        assert out.generation == before, (path, step, out)
+    else:
+        assert out.generation != before and nxt.store.load(out.generation).policy.version == 1
+    # the decisive check: real opens in the selected cgroup
+    denied = {1: x, 2: y, 3: w}[1 if expect == "new" else last]
+    for f in (x, y, w):
+        if f == denied:
+            assert lab.probe("read", f).errno == EPERM, (path, step, f.name)
+        else:
+            assert lab.probe("read", f).result == {"ok": True}, (path, step, f.name)
+    assert slots.slot_digest(pm, st.active_slot) == slots.expected_digest(
+        nxt.store.load(st.active.generation).policy, st.active_slot)
+    rec = nxt.log.last()
+    assert rec is not None and nxt.log.verify().ok
+    if step == "logged":
+        assert rec["action"] == "rollback" and rec["result"] == "ok"
+    else:
+        assert (out.status, out.effective) == ("recovered", expect), out
+        assert rec["action"] == "reconcile" and rec["effective"] == expect
+        assert rec["interrupted"] == "rollback"
+    assert nxt.reconcile().status == "clean"  # the journal is gone: nothing left to recover
