@@ -10,15 +10,16 @@ needs, not what the last flood needed.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 
-_trim: Callable[[int], int] | None | bool = False  # False: not looked up yet
 
-
-def _lookup() -> Callable[[int], int] | None:
+@functools.cache
+def malloc_trim() -> Callable[[int], int] | None:
+    """The C library's ``malloc_trim``, or None where there is none (e.g. musl)."""
     try:
         fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+    except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_size_t]
     fn.restype = ctypes.c_int
@@ -28,9 +29,5 @@ def _lookup() -> Callable[[int], int] | None:
 def release_freed_memory() -> bool:
     """``malloc_trim(0)``: True when the C library gave memory back, False otherwise
     (nothing to give, or no glibc)."""
-    global _trim
-    if _trim is False:
-        _trim = _lookup()
-    if _trim is None or _trim is True:
-        return False
-    return bool(_trim(0))
+    trim = malloc_trim()
+    return trim is not None and bool(trim(0))
