@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,25 @@ from aegis_stream.policy import signing
 from .conftest import EPERM, Lab
 
 
+def _in_child(body: Callable[[], object]) -> int:
+    """Run ``body`` in a forked child (modules already imported: a fresh Python start
+    costs tens of seconds under a loaded QEMU TCG); its wait status: exit 0 when body
+    returned, 3 when it raised, or the signal that killed it."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            body()
+        except BaseException:  # noqa: BLE001 - reported by the exit status
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
 def _apply_in_child(lab: Lab, state: Path, v2: bytes, step: str) -> int:
-    """Fork; the child (a real process, modules already imported: a fresh Python start
-    costs tens of seconds under a loaded QEMU TCG) applies v2 through Lifecycle with a
-    hook that SIGKILLs it after ``step``.  Returns the child's wait status."""
+    """In a forked child, apply v2 through Lifecycle with a hook that SIGKILLs it after
+    ``step``.  Returns the child's wait status."""
 
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -47,18 +63,12 @@ def _apply_in_child(lab: Lab, state: Path, v2: bytes, step: str) -> int:
             if step == "mid-stage":
                 die()
 
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 0
-        try:
-            pm = lab.obj.policy_maps()
-            maps = PolicyMaps(KillingRules(pm.rules), pm.scopes, pm.config)
-            Lifecycle(maps, state, hook=lambda s: die() if s == step else None).apply(v2, "v2")
-        except BaseException:  # noqa: BLE001 - reported by the exit status
-            code = 3
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return status
+    def body() -> None:
+        pm = lab.obj.policy_maps()
+        maps = PolicyMaps(KillingRules(pm.rules), pm.scopes, pm.config)
+        Lifecycle(maps, state, hook=lambda s: die() if s == step else None).apply(v2, "v2")
+
+    return _in_child(body)
 
 
 # (case, the generation effective after reconcile, reconcile status)
@@ -150,20 +160,12 @@ def test_kill_9_at_apply_step_then_reconcile(lab: Lab, tmp_path: Path, case: str
 
 def _rollback_in_child(lab: Lab, state: Path, step: str, **kw) -> int:
     """As _apply_in_child, for ``Lifecycle.rollback(**kw)``: SIGKILL right after ``step``."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            def die(s: str) -> None:
-                if s == step:
-                    os.kill(os.getpid(), signal.SIGKILL)
 
-            Lifecycle(lab.obj.policy_maps(), state, hook=die).rollback(**kw)
-        except BaseException:  # noqa: BLE001 - reported by the exit status
-            code = 3
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return status
+    def die(s: str) -> None:
+        if s == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return _in_child(lambda: Lifecycle(lab.obj.policy_maps(), state, hook=die).rollback(**kw))
 
 
 # (path, step, effective after reconcile): "reapply" rolls back to v1 after v3 overwrote
