@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Generic, TypeVar
@@ -98,6 +98,14 @@ class BoundedCache(Generic[K, V]):
         while len(self._d) > self.capacity:
             self._d.popitem(last=False)
             self.evictions += 1
+
+    def drop_where(self, dead: Callable[[K], bool]) -> int:
+        """Remove every entry whose key ``dead`` selects (counted as evictions)."""
+        keys = [k for k in self._d if dead(k)]
+        for k in keys:
+            del self._d[k]
+        self.evictions += len(keys)
+        return len(keys)
 
     def statistics(self) -> CacheStatistics:
         return CacheStatistics(self.name, len(self._d), self.capacity, self.hits, self.misses,
@@ -554,8 +562,23 @@ class Normaliser:
             enrichment_missing=[*ctx.missing, *proc.missing], **ctx.fields,
         )
 
+    def retire_generations(self, keep: Collection[int]) -> int:
+        """Drop what is cached for generations other than ``keep`` (the active one and the
+        one it replaced, whose events may still be in the rings): contexts are keyed by
+        generation, so after every policy swap the old generation's contexts and its whole
+        rule table would otherwise sit in the LRUs until evicted at capacity.  With swaps
+        every few seconds (the soak) that filled 4,096 contexts and 64 rule tables, a slow
+        RSS climb (docs/PERFORMANCE.md, "Memory over time").  A late event of a retired
+        generation is still normalised exactly: it is a cache miss, read from the store.
+        Returns the number of entries dropped."""
+        keep = frozenset(keep)
+        return (self.contexts.drop_where(lambda k: _ctx_generation(k) not in keep)
+                + self._ref_contexts.drop_where(lambda k: k[4] not in keep)
+                + self.generations.cache.drop_where(lambda g: g not in keep))
+
     def cache_statistics(self) -> list[CacheStatistics]:
-        caches: list[BoundedCache] = [self.contexts, self.generations.cache, self.cgroups.cache]
+        caches: list[BoundedCache] = [self.contexts, self._ref_contexts, self.generations.cache,
+                                      self.cgroups.cache]
         if isinstance(self.processes, ProcessResolver):
             caches.append(self.processes.cache)
         return [c.statistics() for c in caches]
@@ -571,6 +594,13 @@ _OFF = abi.EVENT.offsets()
 _CTX_RANGES = ((0, _OFF["ktime_ns"]), (_OFF["ktime_ns"] + 8, _OFF["pid"]), (_OFF["tgid"] + 4, 96))
 assert _OFF["tgid"] == _OFF["pid"] + 4
 _CTX_SIZE = sum(b - a for a, b in _CTX_RANGES)  # 80
+assert _CTX_RANGES[0][1] >= _OFF["generation"] + 8  # the generation is in the first range
+
+
+def _ctx_generation(key: bytes) -> int:
+    """The generation a context key (``_CTX_RANGES`` bytes of a record) belongs to."""
+    return int.from_bytes(key[_OFF["generation"] : _OFF["generation"] + 8], "little")
+
 _MIX = np.array([0x9E3779B97F4A7C15 * (2 * i + 1) % (1 << 64) for i in range(_CTX_SIZE // 8)],
                 dtype=np.uint64)
 

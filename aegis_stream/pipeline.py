@@ -933,7 +933,11 @@ class Pipeline:
         try:
             snap = self.kernel.counters()
             self._hooks = dict(self.kernel.attach_state())
+            prev = self._generation
             self._mode, self._generation = self.kernel.policy_state()
+            if self._generation != prev:
+                # events of the replaced generation may still be in the rings: keep both
+                self.norm.retire_generations({self._generation, prev})
         except Exception as exc:
             _log(f"kernel state unreadable: {exc}")
             snap = self._kernel

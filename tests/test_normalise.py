@@ -204,3 +204,30 @@ def test_every_context_field_separates_contexts(tmp_path):
     blob = b"".join(encode_raw(v) for v in variants)
     want = b"".join(_enc.encode(norm.normalise(v)) + b"\n" for v in variants)
     assert norm.encode_batch(decode_batch(blob, EVENT_SIZE)) == want
+
+
+def _sizes(norm: Normaliser) -> dict[str, int]:
+    return {c.name: c.size for c in norm.cache_statistics()}
+
+
+def test_retired_generations_leave_the_caches_and_late_events_stay_exact(tmp_path):
+    """After a swap, contexts and rule tables of generations other than the kept ones are
+    dropped; a late event of a retired generation renders exactly as before (a miss)."""
+    store = _store(tmp_path)
+    store.record(sample_record(8))
+    norm = fixed_normaliser(store)
+    raws = {g: RawDecision(1, 0, 1, 0, g, 5, CG_APP, CG_WORKLOADS, 1234, DEV_SDA1, 1, 4242, 4242,
+                           0, 0, 1, 1, "cat") for g in (7, 8)}
+    blob = {g: encode_raw(r) for g, r in raws.items()}
+    before = {g: (norm.encode_batch(decode_batch(blob[g], EVENT_SIZE)),
+                  _enc.encode(norm.normalise(raws[g]))) for g in (7, 8)}
+    sizes = _sizes(norm)
+    assert (sizes["context"], sizes["context_ref"], sizes["generation"]) == (2, 2, 2)
+    assert norm.retire_generations({8, 9}) == 3  # generation 7: one context of each kind + its rules
+    sizes = _sizes(norm)
+    assert (sizes["context"], sizes["context_ref"], sizes["generation"]) == (1, 1, 1)
+    after = {g: (norm.encode_batch(decode_batch(blob[g], EVENT_SIZE)),
+                 _enc.encode(norm.normalise(raws[g]))) for g in (7, 8)}
+    assert after == before
+    assert msgspec.json.decode(after[7][1])["rule_id"] == "deny-shadow"
+    assert norm.retire_generations({7, 8}) == 0

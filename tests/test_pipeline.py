@@ -340,3 +340,31 @@ def test_release_freed_memory_returns_heap_to_the_kernel():
     del blocks
     assert release_freed_memory() is True
     assert keep
+
+
+async def test_policy_swaps_retire_old_generations_from_the_normaliser_caches(
+        kernel, store, tmp_path, autojump_clock):
+    """Swap after swap, the caches hold the active generation and the one it replaced, not
+    one context and one rule table per generation ever applied (the soak's slow RSS climb);
+    every deny is still normalised with its own generation's rule."""
+    sink = MemorySink()
+    p = make_pipeline(kernel, store, [sink], tmp_path)
+    gens = range(7, 27)
+    held = []
+    async with trio.open_nursery() as n:
+        install(kernel, store, sample_record(gens[0], mode="enforce"))
+        await n.start(p.run)
+        for g in gens:
+            if g != gens[0]:
+                install(kernel, store, sample_record(g, mode="enforce"))
+            assert kernel.decide(abi.Hook.FILE_OPEN, DEV_SDA1, 1234, abi.ACTION_OPEN, APP) == -1
+            assert kernel.decide(abi.Hook.BPRM_CHECK, DEV_SDA1, 5678, abi.ACTION_EXEC, APP) == -1
+            await trio.sleep(1.2)  # two ticks: the swap is seen, the denies are drained
+            sizes = {c.name: c.size for c in p.norm.cache_statistics()}
+            held.append((sizes["context"] + sizes["context_ref"], sizes["generation"]))
+        assert await p.drain_and_stop()
+    decisions = [e for e in decode_lines(sink) if isinstance(e, DecisionEvent)]
+    assert [(d.generation, d.rule_id) for d in decisions] == [
+        (g, r) for g in gens for r in ("deny-shadow", "deny-nc")]
+    # two contexts per generation (one per hook), at most two generations cached
+    assert max(c for c, _ in held) <= 4 and max(g for _, g in held) <= 2, held
