@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Where does the agent's memory grow?  The soak's steady state without a kernel.
+
+The real ``Pipeline`` (readers, normalisers, processors, JSON sink, ticker) and the real
+``Normaliser`` (live /proc and cgroupfs, as in the agent) run against the fake kernel,
+driven the way soak/driver.py drives the agent in a lab kernel: a policy swap every
+``--swap-s`` seconds (``slots.swap`` + generation record + provenance append, as an apply
+does), ``--deny-rate`` denied opens per second from a new process id each, an audit flood
+every ``--flood-every`` seconds, a Prometheus scrape and a status heartbeat every few
+seconds.  tracemalloc snapshots are taken after ``--warmup`` seconds and at the end;
+the allocation sites that grew most are printed with the RSS next to them, so a creep
+seen in the soak (docs/PERFORMANCE.md) can be named, not guessed.
+
+    .venv/bin/python soak/memgrowth.py --duration 600          # ~10 min, ~10% of a core
+    .venv/bin/python soak/memgrowth.py --duration 120 --quick  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import trio  # noqa: E402
+
+from aegis_stream import abi  # noqa: E402
+from aegis_stream.fakekernel import CG_WORKLOADS, FakeKernel, FakeTask, install, sample_record  # noqa: E402
+from aegis_stream.memtrim import release_freed_memory  # noqa: E402
+from aegis_stream.metrics import AegisMetrics  # noqa: E402
+from aegis_stream.normalise import Normaliser  # noqa: E402
+from aegis_stream.pipeline import Pipeline, PipelineConfig  # noqa: E402
+from aegis_stream.sinks import open_sink  # noqa: E402
+from aegis_stream.store import PolicyStore  # noqa: E402
+
+DEV_INO_DENIED = (8 << 20 | 1, 1234)  # sample_record's rule 0 (open + exec)
+HOOKS = ((abi.Hook.FILE_OPEN, abi.ACTION_OPEN), (abi.Hook.BPRM_CHECK, abi.ACTION_EXEC))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def rss_anon_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1e3
+    return 0.0
+
+
+def rss_split() -> str:
+    """RssAnon / RssFile from /proc/self/status, MB."""
+    vals = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                vals[line.split(":")[0][3:].lower()] = int(line.split()[1]) / 1e3
+    return " ".join(f"{k} {v:.1f}" for k, v in vals.items())
+
+
+async def drive(args: argparse.Namespace, tmp: Path, retire: bool = True) -> dict[str, object]:
+    store = PolicyStore(tmp / "state")
+    kernel = FakeKernel()
+    gen = 1
+    install(kernel, store, sample_record(gen, mode="enforce"))
+    sink = open_sink(str(tmp / "events.jsonl"), max_bytes=8 << 20, backups=2)
+    pipeline = Pipeline(kernel.consumers(), Normaliser(store), [sink], kernel.view(),
+                        config=PipelineConfig(spool_dir=str(tmp / "spool")))
+    if not retire:  # the agent before generations were retired from the caches
+        pipeline.norm.retire_generations = lambda keep: 0  # type: ignore[method-assign]
+    metrics = AegisMetrics(pipeline.statistics, caches=pipeline.norm.cache_statistics)
+    dev, ino = DEV_INO_DENIED
+    pid = 10_000
+    t0 = time.monotonic()
+    rows: list[tuple[float, float, int]] = []
+    snap0 = None
+    flood_started = -1.0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        next_swap = next_scrape = next_row = 0.0
+        while (now := time.monotonic() - t0) < args.duration:
+            if now >= next_swap:  # a new generation, alternating modes only during floods
+                gen += 1
+                flooding = args.flood_every and (now % args.flood_every) < args.flood_s
+                install(kernel, store, sample_record(gen, mode="audit" if flooding else "enforce"))
+                if flooding and flood_started < 0:
+                    flood_started = now
+                next_swap = now + args.swap_s
+            mode_audit = kernel._slot_config()[1][1] == abi.Mode.AUDIT  # type: ignore[index]
+            n = args.flood_rate // 10 if mode_audit else max(1, args.deny_rate // 10)
+            for _ in range(n):
+                pid += 1
+                # the soak's denials come from several programs (comm) and both hooks:
+                # one normalisation context per (generation, rule, hook, comm, ...)
+                hook, action = HOOKS[pid % 2]
+                kernel.decide(hook, dev, ino, action,
+                              FakeTask(pid=pid, tgid=pid, cgroups=(1, CG_WORKLOADS),
+                                       comm=f"prog{pid % args.comms}"))
+            if now >= next_scrape:
+                metrics.exposition()
+                pipeline.statistics()
+                next_scrape = now + args.scrape_s
+            if now >= next_row:
+                rows.append((now, rss_mb(), rss_anon_mb(), gen))
+                caches = " ".join(f"{c.name}={c.size}/{c.capacity}"
+                                  for c in pipeline.norm.cache_statistics())
+                print(f"[{now:7.1f}s] rss {rss_mb():6.1f} MB ({rss_split()})  gen {gen}  "
+                      f"traced {tracemalloc.get_traced_memory()[0] / 1e6:6.2f} MB  {caches}", flush=True)
+                if snap0 is None and now >= args.warmup and not args.no_trace:
+                    gc.collect()
+                    release_freed_memory()
+                    snap0 = tracemalloc.take_snapshot()
+                next_row = now + args.row_s
+            await trio.sleep(0.1)
+        gc.collect()  # the second snapshot while the pipeline still runs, as the first
+        release_freed_memory()
+        caches = {c.name: c.size for c in pipeline.norm.cache_statistics()}
+        snap1 = tracemalloc.take_snapshot() if snap0 is not None else None
+        await pipeline.drain_and_stop(5.0)
+        nursery.cancel_scope.cancel()
+    await sink.aclose()
+    kernel.close()
+    return {"rows": rows, "snap0": snap0, "snap1": snap1, "generations": gen, "caches": caches}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=600.0)
+    ap.add_argument("--warmup", type=float, default=120.0)
+    ap.add_argument("--swap-s", type=float, default=5.0)
+    ap.add_argument("--deny-rate", type=int, default=10)
+    ap.add_argument("--flood-every", type=float, default=150.0)
+    ap.add_argument("--flood-s", type=float, default=20.0)
+    ap.add_argument("--flood-rate", type=int, default=5000)
+    ap.add_argument("--comms", type=int, default=8, help="distinct programs that are denied")
+    ap.add_argument("--scrape-s", type=float, default=2.0)
+    ap.add_argument("--row-s", type=float, default=30.0)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--frames", type=int, default=6)
+    ap.add_argument("--no-trace", action="store_true",
+                    help="RSS only: tracemalloc's own tables are in the RSS too")
+    ap.add_argument("--no-retire", action="store_true",
+                    help="keep every generation in the caches (the agent before the fix)")
+    ap.add_argument("--compare", action="store_true",
+                    help="run --no-retire and the default, one after the other")
+    ap.add_argument("--quick", action="store_true", help="warmup 30 s, rows every 10 s")
+    args = ap.parse_args()
+    if args.quick:
+        args.warmup, args.row_s = 30.0, 10.0
+    if not args.no_trace:
+        tracemalloc.start(args.frames)
+    variants = [False, True] if args.compare else [not args.no_retire]
+    summary = []
+    for retire in variants:
+        print(f"== generations retired from the caches: {retire}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="aegis-memgrowth-") as tmp:
+            res = trio.run(drive, args, Path(tmp), retire)
+        summary.append((retire, report(args, res)))
+    if args.compare:
+        print("\n| retire old generations | contexts cached at the end | rule tables cached "
+              "| traced Python growth after warm-up, MB | RSS anon growth, MB |")
+        print("|---|---:|---:|---:|---:|")
+        for retire, (traced, anon, caches) in summary:
+            print(f"| {'yes' if retire else 'no'} | {caches['context'] + caches['context_ref']:,} "
+                  f"| {caches['generation']} | {traced:+.3f} | {anon:+.1f} |")
+    return 0
+
+
+def report(args: argparse.Namespace, res: dict) -> tuple[float, float, dict[str, int]]:
+    rows = res["rows"]
+    after = [r for r in rows if r[0] >= args.warmup]
+    anon = 0.0
+    if len(after) >= 2:
+        (ta, ra, aa, _), (tb, rb, ab, _) = after[0], after[-1]
+        anon = ab - aa
+        print(f"RSS after warm-up: {ra:.1f} -> {rb:.1f} MB over {tb - ta:.0f} s "
+              f"(anonymous {anon:+.1f} MB); {res['generations']} generations applied")
+    if res["snap0"] is None:
+        print("no tracemalloc snapshots (--no-trace, or the run was shorter than --warmup)")
+        return 0.0, anon, res["caches"]
+    diff = res["snap1"].compare_to(res["snap0"], "traceback")
+    total = sum(d.size_diff for d in diff)
+    print(f"traced Python allocations grew {total / 1e6:+.3f} MB after warm-up; top sites:")
+    for d in [d for d in diff if d.size_diff > 0][: args.top]:
+        print(f"{d.size_diff / 1e3:+10.1f} KB {d.count_diff:+7d} blocks")
+        for line in d.traceback.format()[-2 * args.frames:]:
+            print("      " + line)
+    return total / 1e6, anon, res["caches"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
