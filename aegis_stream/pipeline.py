@@ -636,7 +636,17 @@ class Pipeline:
         acct = self.acct[klass]
         async with send:
             while True:
+                discarded, foreign = ring.discarded, ring.foreign
                 batch = ring.drain_batch(cfg.batch_max)
+                if ring.discarded != discarded or ring.foreign != foreign:
+                    # records the ring held that are not events (the producer discarded
+                    # them, or they have another layout): each is a decision whose event
+                    # is lost -- counted, never skipped in silence
+                    for reason, n in (("discarded", ring.discarded - discarded),
+                                      ("foreign_record", ring.foreign - foreign)):
+                        if n:
+                            acct.read += n
+                            acct.drop("reader", reason, n)
                 if not batch.count:
                     with trio.move_on_after(cfg.poll_interval_s):
                         await trio.lowlevel.wait_readable(ring.poll_fd)

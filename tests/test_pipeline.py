@@ -209,6 +209,28 @@ async def test_undecodable_records_are_counted(kernel, store, tmp_path, autojump
     assert audit.dropped == {("decode", "abi_mismatch"): 1}
 
 
+async def test_records_that_are_not_events_are_counted_drops(kernel, store, tmp_path, autojump_clock):
+    """A discarded record and a record of another layout in the deny ring: the reader
+    skips both, and each is a counted deny drop (read = delivered + dropped), not a
+    silent gap between the ring and the sink."""
+    install(kernel, store, sample_record(7, mode="enforce"))
+    sink = MemorySink()
+    p = make_pipeline(kernel, store, [sink], tmp_path)
+    ring = kernel.rings["deny"]
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        assert kernel.decide(abi.Hook.FILE_OPEN, DEV_SDA1, 1234, abi.ACTION_OPEN, APP) == -1
+        pos = ring.reserve(96)
+        assert pos is not None
+        ring.commit(pos, discard=True)
+        assert ring.output(b"x" * 40)
+        assert kernel.decide(abi.Hook.FILE_OPEN, DEV_SDA1, 1234, abi.ACTION_OPEN, APP) == -1
+        assert await p.drain_and_stop()
+    deny = p.statistics().classes["deny"]
+    assert (deny.read, deny.delivered, deny.in_flight) == (4, 2, 0)
+    assert deny.dropped == {("reader", "discarded"): 1, ("reader", "foreign_record"): 1}
+
+
 def make_decision(kt: int) -> RawDecision:
     return RawDecision(1, 0, 2, 0, 7, kt, CG_APP, CG_WORKLOADS, 1234, DEV_SDA1, 1, 4242, 4242, 0, 0, 0, 1,
                        "cat")
