@@ -785,6 +785,9 @@ class Soak:
                 s["m_spool"] = metric_sum(prom, "aegis_spool_pending_events")
                 st = [lab.get("state") for lab, v in prom.get("aegis_state", []) if v == 1]
                 s["m_state"] = st[0] if st else ""
+                if int(t) % 30 == 0:  # the normaliser's caches: what an RSS creep would be made of
+                    s["m_cache_entries"] = {lab.get("cache", ""): int(v)
+                                            for lab, v in prom.get("aegis_cache_entries", [])}
         if int(t) % 30 == 0:
             s["rule_counter_entries"] = kv.rule_counter_entries()
         self.samples.append(s)
