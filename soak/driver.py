@@ -309,6 +309,7 @@ class EventsTail:
         self.deny_ids: set[str] = set()
         self.latency_ms: list[tuple[float, float]] = []  # (t, ms) samples
         self.rotations = 0
+        self.unread_files = 0  # rotated past the sink's backups before they were read
 
     def _open(self) -> None:
         try:
@@ -334,12 +335,36 @@ class EventsTail:
             self.fh.close()
             self.fh = None
             self.rotations += 1
+            # the sink renames path -> path.1 -> path.2 ...: the one we had open is now
+            # path.K; path.K-1 .. path.1 were rotated away before we ever opened them
+            # (several rotations between two polls): read those too, oldest first
+            backups: list[tuple[int, Path]] = []
             for p in self.path.parent.glob(self.path.name + ".*"):
+                suffix = p.name[len(self.path.name) + 1:]
+                if suffix.isdigit():
+                    backups.append((int(suffix), p))
+            mine = None
+            for n, p in backups:
                 try:
                     if os.stat(p).st_ino == self.ino:
+                        mine = n
                         p.unlink()
                 except FileNotFoundError:
                     pass
+            if mine is None and self.ino:
+                # ours went past the sink's last backup and was deleted: the files
+                # between it and the oldest backup left are gone unread (counted)
+                self.unread_files += 1
+            for n, p in sorted(backups, reverse=True):
+                if mine is not None and n >= mine:
+                    continue  # ours, or older than ours (read and deleted before)
+                try:
+                    data = p.read_bytes()
+                    p.unlink()
+                except FileNotFoundError:
+                    continue
+                self._consume(data, t)
+                self.rotations += 1
             self._open()
             if self.fh is not None:
                 self._consume(self.fh.read(), t)
@@ -951,6 +976,11 @@ class Soak:
             canary.wait(30)
         self.tail.poll(self.now())
         self.sample()
+        if self.tail.unread_files:
+            # not the agent's loss: the harness could not count what it delivered there
+            self.errors.append(f"events tail: {self.tail.unread_files} rotated events file(s) were "
+                               "deleted by the sink before the harness read them; "
+                               "'unexplained' includes their events")
         final_c = self.kv.counters()
         final_pos = self.kv.rings_pos()
         cli_final = subprocess.run([*AEGIS, "stats", "--json"], env=self.env, capture_output=True,
@@ -969,7 +999,8 @@ class Soak:
             "stats_cli_final": cli_final.stdout[-4000:] if cli_final.returncode == 0 else cli_final.stderr,
             "cli_checks": self.cli_checks,
             "latency_ms": self.tail.latency_ms,
-            "events_tail": {**self.tail.counts, "rotations": self.tail.rotations},
+            "events_tail": {**self.tail.counts, "rotations": self.tail.rotations,
+                            "unread_files": self.tail.unread_files},
             "maps_memlock": self.memlock,
             "errors": self.errors,
             "metrics_scrapes": {"ok": self.metrics_ok, "failed": self.metrics_fail},
