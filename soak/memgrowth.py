@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio  # noqa: E402
 
 from aegis_stream import abi  # noqa: E402
-from aegis_stream.fakekernel import CG_WORKLOADS, FakeKernel, FakeTask, install, sample_record  # noqa: E402
+from aegis_stream.fakekernel import (  # noqa: E402
+    CG_WORKLOADS,
+    DEV_SDA1,
+    FakeKernel,
+    FakeTask,
+    install,
+    sample_record,
+)
 from aegis_stream.memtrim import release_freed_memory  # noqa: E402
 from aegis_stream.metrics import AegisMetrics  # noqa: E402
 from aegis_stream.normalise import Normaliser  # noqa: E402
@@ -39,31 +45,19 @@ from aegis_stream.pipeline import Pipeline, PipelineConfig  # noqa: E402
 from aegis_stream.sinks import open_sink  # noqa: E402
 from aegis_stream.store import PolicyStore  # noqa: E402
 
-DEV_INO_DENIED = (8 << 20 | 1, 1234)  # sample_record's rule 0 (open + exec)
 HOOKS = ((abi.Hook.FILE_OPEN, abi.ACTION_OPEN), (abi.Hook.BPRM_CHECK, abi.ACTION_EXEC))
+DENIED_INO = 1234  # sample_record's rule 0 (open + exec) on DEV_SDA1
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-
-
-def rss_anon_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1e3
-    return 0.0
-
-
-def rss_split() -> str:
-    """RssAnon / RssFile from /proc/self/status, MB."""
-    vals = {}
+def rss_parts_mb() -> dict[str, float]:
+    """Resident memory by kind, MB, from /proc/self/status: anon, file, shmem (their sum
+    is the RSS)."""
+    parts = {}
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
-                vals[line.split(":")[0][3:].lower()] = int(line.split()[1]) / 1e3
-    return " ".join(f"{k} {v:.1f}" for k, v in vals.items())
+                parts[line.split(":")[0][3:].lower()] = int(line.split()[1]) / 1e3
+    return parts
 
 
 async def drive(args: argparse.Namespace, tmp: Path, retire: bool = True) -> dict[str, object]:
@@ -77,31 +71,27 @@ async def drive(args: argparse.Namespace, tmp: Path, retire: bool = True) -> dic
     if not retire:  # the agent before generations were retired from the caches
         pipeline.norm.retire_generations = lambda keep: 0  # type: ignore[method-assign]
     metrics = AegisMetrics(pipeline.statistics, caches=pipeline.norm.cache_statistics)
-    dev, ino = DEV_INO_DENIED
     pid = 10_000
     t0 = time.monotonic()
-    rows: list[tuple[float, float, int]] = []
+    rows: list[tuple[float, float, float, int]] = []  # (t, rss, anon, generation)
     snap0 = None
-    flood_started = -1.0
+    flooding = False
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
         next_swap = next_scrape = next_row = 0.0
         while (now := time.monotonic() - t0) < args.duration:
             if now >= next_swap:  # a new generation, alternating modes only during floods
                 gen += 1
-                flooding = args.flood_every and (now % args.flood_every) < args.flood_s
+                flooding = bool(args.flood_every) and (now % args.flood_every) < args.flood_s
                 install(kernel, store, sample_record(gen, mode="audit" if flooding else "enforce"))
-                if flooding and flood_started < 0:
-                    flood_started = now
                 next_swap = now + args.swap_s
-            mode_audit = kernel._slot_config()[1][1] == abi.Mode.AUDIT  # type: ignore[index]
-            n = args.flood_rate // 10 if mode_audit else max(1, args.deny_rate // 10)
+            n = args.flood_rate // 10 if flooding else max(1, args.deny_rate // 10)
             for _ in range(n):
                 pid += 1
                 # the soak's denials come from several programs (comm) and both hooks:
                 # one normalisation context per (generation, rule, hook, comm, ...)
                 hook, action = HOOKS[pid % 2]
-                kernel.decide(hook, dev, ino, action,
+                kernel.decide(hook, DEV_SDA1, DENIED_INO, action,
                               FakeTask(pid=pid, tgid=pid, cgroups=(1, CG_WORKLOADS),
                                        comm=f"prog{pid % args.comms}"))
             if now >= next_scrape:
@@ -109,10 +99,12 @@ async def drive(args: argparse.Namespace, tmp: Path, retire: bool = True) -> dic
                 pipeline.statistics()
                 next_scrape = now + args.scrape_s
             if now >= next_row:
-                rows.append((now, rss_mb(), rss_anon_mb(), gen))
+                parts = rss_parts_mb()
+                rows.append((now, sum(parts.values()), parts["anon"], gen))
                 caches = " ".join(f"{c.name}={c.size}/{c.capacity}"
                                   for c in pipeline.norm.cache_statistics())
-                print(f"[{now:7.1f}s] rss {rss_mb():6.1f} MB ({rss_split()})  gen {gen}  "
+                split = " ".join(f"{k} {v:.1f}" for k, v in parts.items())
+                print(f"[{now:7.1f}s] rss {rows[-1][1]:6.1f} MB ({split})  gen {gen}  "
                       f"traced {tracemalloc.get_traced_memory()[0] / 1e6:6.2f} MB  {caches}", flush=True)
                 if snap0 is None and now >= args.warmup and not args.no_trace:
                     gc.collect()
