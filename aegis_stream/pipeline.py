@@ -940,17 +940,17 @@ class Pipeline:
         # counters first, ring positions after: decisions(t1) - written(t2) is a lower
         # bound of the drops at t1 (written only grows), so the monotone maximum of it
         # never overstates and is exact once the ring is quiet
+        prev = self._generation
         try:
             snap = self.kernel.counters()
             self._hooks = dict(self.kernel.attach_state())
-            prev = self._generation
             self._mode, self._generation = self.kernel.policy_state()
-            if self._generation != prev:
-                # events of the replaced generation may still be in the rings: keep both
-                self.norm.retire_generations({self._generation, prev})
         except Exception as exc:
             _log(f"kernel state unreadable: {exc}")
             snap = self._kernel
+        if self._generation != prev:
+            # events of the replaced generation may still be in the rings: keep both
+            self.norm.retire_generations({self._generation, prev})
         self._kernel = snap
         lag = {k: r.available_bytes() for k, r in self.rings.items()}
         ring_fill = {k: lag[k] / r.size for k, r in self.rings.items()}
