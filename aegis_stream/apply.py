@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from aegis_stream import abi, slots
-from aegis_stream.maps import PolicyMaps
+from aegis_stream.kernel import abi, slots
+from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy import compiler, model
-from aegis_stream.store import GenerationRecord, PolicyStore
+from aegis_stream.policy.store import GenerationRecord, PolicyStore
 
 
 @dataclass(frozen=True)

@@ -46,14 +46,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from aegis_stream import abi, libbpf, slots  # noqa: E402
-from aegis_stream.counters import read_counters  # noqa: E402
-from aegis_stream.devnum import resolve_inode  # noqa: E402
-from aegis_stream.hostinfo import cpu_model  # noqa: E402
-from aegis_stream.labmounts import ensure_guest_mounts, mount_tmpfs, umount  # noqa: E402
-from aegis_stream.loader import BpfObject, default_object_path  # noqa: E402
+from aegis_stream.kernel import abi, libbpf, slots  # noqa: E402
+from aegis_stream.kernel.counters import read_counters  # noqa: E402
+from aegis_stream.kernel.devnum import resolve_inode  # noqa: E402
+from aegis_stream.kernel.loader import BpfObject, default_object_path  # noqa: E402
+from aegis_stream.kernel.ringbuf import RingBuffer  # noqa: E402
+from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount  # noqa: E402
 from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope  # noqa: E402
-from aegis_stream.ringbuf import RingBuffer  # noqa: E402
+from bench.hostinfo import cpu_model  # noqa: E402
 
 OPBENCH = HERE / ".build" / "opbench"
 TINY = HERE / ".build" / "tiny"

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 import trio  # noqa: E402
 
-from aegis_stream.events import (  # noqa: E402
+from aegis_stream.kernel.events import (  # noqa: E402
     EVENT_SIZE,
     RECORD_STRUCT,
     RawDecision,
@@ -51,16 +51,16 @@ from aegis_stream.events import (  # noqa: E402
     decode_raw,
     rows,
 )
-from aegis_stream.fakekernel import (  # noqa: E402
+from aegis_stream.pipeline.core import Pipeline, PipelineConfig  # noqa: E402
+from aegis_stream.pipeline.sinks import JsonLinesFileSink  # noqa: E402
+from aegis_stream.policy.store import PolicyStore  # noqa: E402
+from aegis_stream.testing import (  # noqa: E402
     FakeKernel,
     FakeRing,
     fixed_normaliser,
     make_events,
     sample_record,
 )
-from aegis_stream.pipeline import Pipeline, PipelineConfig  # noqa: E402
-from aegis_stream.sinks import JsonLinesFileSink  # noqa: E402
-from aegis_stream.store import PolicyStore  # noqa: E402
 
 _enc = msgspec.json.Encoder()
 

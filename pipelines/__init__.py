@@ -1,17 +1,7 @@
-"""Engine-independent stream processors.
+"""The deployable stream pipelines: faust-streaming apps over Kafka (fleet mode).
 
-Plain classes over an event stream: no trio, no Kafka, no clock of their own.  Each
-takes its inputs (and the time, ``now`` in seconds on whatever clock the engine runs)
-as arguments, returns what it emits, and keeps its state explicit and serialisable
-(``snapshot()`` -> msgspec-encodable, ``restore()``), so the same logic runs embedded
-in the trio agent (aegis_stream.pipeline) today and under faust-streaming over Kafka
-later (a table per processor state).
-
-* :mod:`pipelines.degraded` -- one protection state ``enforcing|auditing|degraded|blind``
-  with reasons, from hooks, mode, ring fill, consumer lag/progress, drops.
-* :mod:`pipelines.slo` -- drop-ratio SLO per event class with multi-window burn-rate
-  alerts (Google SRE workbook style).
-* :mod:`pipelines.explain` -- the exact explanation of a decision from its generation
-  record.
-* :mod:`pipelines.sampling` -- deterministic 1-in-N sampling.
+They run the same processors as the embedded agent (:mod:`aegis_stream.processors`).
+This folder is deliberately not installed into site-packages (a top-level package named
+``pipelines`` would collide); ``aegis fleet worker`` loads it from the checkout or the
+package's data.
 """

@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aegis_stream.errors import AegisError  # noqa: E402
-from aegis_stream.lifecycle import Lifecycle  # noqa: E402
-from aegis_stream.loader import open_pinned  # noqa: E402
+from aegis_stream.kernel.loader import open_pinned  # noqa: E402
+from aegis_stream.policy.lifecycle import Lifecycle  # noqa: E402
 
 
 def main() -> int:

@@ -54,10 +54,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from aegis_stream import abi, libbpf  # noqa: E402
-from aegis_stream.hostinfo import cpu_model  # noqa: E402
-from aegis_stream.labmounts import ensure_guest_mounts, mount_tmpfs, umount  # noqa: E402
-from aegis_stream.maps import FdMap  # noqa: E402
+from aegis_stream.kernel import abi, libbpf  # noqa: E402
+from aegis_stream.kernel.maps import FdMap  # noqa: E402
+from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount  # noqa: E402
+from bench.hostinfo import cpu_model  # noqa: E402
 from soak.calib import calibrate  # noqa: E402
 
 LOADGEN = HERE / ".build" / "loadgen"

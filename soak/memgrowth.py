@@ -29,8 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio  # noqa: E402
 
-from aegis_stream import abi  # noqa: E402
-from aegis_stream.fakekernel import (  # noqa: E402
+from aegis_stream.kernel import abi  # noqa: E402
+from aegis_stream.pipeline.core import Pipeline, PipelineConfig  # noqa: E402
+from aegis_stream.pipeline.memtrim import release_freed_memory  # noqa: E402
+from aegis_stream.pipeline.metrics import AegisMetrics  # noqa: E402
+from aegis_stream.pipeline.normalise import Normaliser  # noqa: E402
+from aegis_stream.pipeline.sinks import open_sink  # noqa: E402
+from aegis_stream.policy.store import PolicyStore  # noqa: E402
+from aegis_stream.testing import (  # noqa: E402
     CG_WORKLOADS,
     DEV_SDA1,
     FakeKernel,
@@ -38,12 +44,6 @@ from aegis_stream.fakekernel import (  # noqa: E402
     install,
     sample_record,
 )
-from aegis_stream.memtrim import release_freed_memory  # noqa: E402
-from aegis_stream.metrics import AegisMetrics  # noqa: E402
-from aegis_stream.normalise import Normaliser  # noqa: E402
-from aegis_stream.pipeline import Pipeline, PipelineConfig  # noqa: E402
-from aegis_stream.sinks import open_sink  # noqa: E402
-from aegis_stream.store import PolicyStore  # noqa: E402
 
 HOOKS = ((abi.Hook.FILE_OPEN, abi.ACTION_OPEN), (abi.Hook.BPRM_CHECK, abi.ACTION_EXEC))
 DENIED_INO = 1234  # sample_record's rule 0 (open + exec) on DEV_SDA1

@@ -60,13 +60,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from aegis_stream import abi, slots  # noqa: E402
-from aegis_stream.devnum import resolve_inode  # noqa: E402
-from aegis_stream.events import decode_raw  # noqa: E402
-from aegis_stream.lifecycle import Lifecycle  # noqa: E402
-from aegis_stream.maps import PolicyMaps  # noqa: E402
+from aegis_stream.kernel import abi, slots  # noqa: E402
+from aegis_stream.kernel.devnum import resolve_inode  # noqa: E402
+from aegis_stream.kernel.events import decode_raw  # noqa: E402
+from aegis_stream.kernel.maps import PolicyMaps  # noqa: E402
+from aegis_stream.kernel.ringbuf import RingBuffer  # noqa: E402
 from aegis_stream.policy import signing  # noqa: E402
-from aegis_stream.ringbuf import RingBuffer  # noqa: E402
+from aegis_stream.policy.lifecycle import Lifecycle  # noqa: E402
 
 WORKLOAD_SRC = Path(__file__).with_name("workload.c")
 WORKLOAD_BIN = Path(__file__).parent / ".build" / "workload"
@@ -223,7 +223,7 @@ def run_stress(env: Env, cfg: StressConfig) -> dict[str, Any]:
         r.drain(1 << 20)
 
     def hook_counters() -> dict[str, int]:
-        from aegis_stream.counters import read_hook_counters
+        from aegis_stream.kernel.counters import read_hook_counters
 
         h = read_hook_counters(env.maps)
         return {c.name.lower(): sum(v[c.name.lower()] for v in h.values()) for c in abi.Counter}
@@ -501,8 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("rollback_stress: run as root inside a lab kernel (stress/run)", file=sys.stderr)
         return 2
-    from aegis_stream.labmounts import ensure_guest_mounts, mount_tmpfs, umount
-    from aegis_stream.loader import BpfObject
+    from aegis_stream.kernel.loader import BpfObject
+    from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount
 
     ensure_guest_mounts()
     work = Path(tempfile.mkdtemp(prefix="aegis-stress-"))

@@ -1,4 +1,4 @@
-"""alignchecker: every layout in aegis_stream/abi.py must match the compiled object's BTF."""
+"""alignchecker: every layout in aegis_stream/kernel/abi.py must match the compiled object's BTF."""
 
 import json
 import shutil
@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from aegis_stream import abi
-from aegis_stream.loader import default_object_path
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.loader import default_object_path
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aegis_stream import store
 from aegis_stream.errors import SignatureError, StateError
+from aegis_stream.policy import store
 from aegis_stream.policy.antirollback import VersionCounter
 
 

@@ -3,12 +3,12 @@ import struct
 
 import pytest
 
-from aegis_stream import abi, slots
 from aegis_stream.apply import apply_policy
 from aegis_stream.errors import KernelError, PolicyError
-from aegis_stream.maps import PolicyMaps
+from aegis_stream.kernel import abi, slots
+from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy import compiler, model
-from aegis_stream.store import PolicyStore
+from aegis_stream.policy.store import PolicyStore
 
 
 def _policy(tmp_path, files, mode="enforce", version=1, extra=""):

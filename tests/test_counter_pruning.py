@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from aegis_stream import abi, counters, slots
 from aegis_stream.errors import KernelError
-from aegis_stream.fakekernel import DEV_SDA1, FakeKernel
-from aegis_stream.maps import PolicyMaps
+from aegis_stream.kernel import abi, counters, slots
+from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule
+from aegis_stream.testing import DEV_SDA1, FakeKernel
 
 N_RULES = 100
 

@@ -18,18 +18,20 @@ import msgspec
 import pytest
 import trio
 
-from aegis_stream import abi, agent, reasons, slots, status
+from aegis_stream.agent import reasons, status
+from aegis_stream.agent import run as agent
 from aegis_stream.errors import KernelError, SignatureError
-from aegis_stream.fakekernel import FakeKernel, fixed_normaliser, install, make_events, sample_record
-from aegis_stream.lifecycle import Lifecycle, ReconcileOutcome
-from aegis_stream.maps import PolicyMaps
-from aegis_stream.metrics import AegisMetrics
-from aegis_stream.pipeline import Pipeline, PipelineConfig
+from aegis_stream.kernel import abi, slots
+from aegis_stream.kernel.maps import PolicyMaps
+from aegis_stream.pipeline.core import Pipeline, PipelineConfig
+from aegis_stream.pipeline.metrics import AegisMetrics
+from aegis_stream.pipeline.schema import StateEvent, StatusReport, event_decoder
+from aegis_stream.pipeline.sinks import JsonLinesFileSink, MemorySink
 from aegis_stream.policy import signing
-from aegis_stream.schema import StateEvent, StatusReport, event_decoder
-from aegis_stream.sinks import JsonLinesFileSink, MemorySink
-from aegis_stream.store import PolicyStore
-from pipelines.degraded import DegradedConfig, DegradedMonitor, HealthSample
+from aegis_stream.policy.lifecycle import Lifecycle, ReconcileOutcome
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.processors.degraded import DegradedConfig, DegradedMonitor, HealthSample
+from aegis_stream.testing import FakeKernel, fixed_normaliser, install, make_events, sample_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "DEGRADED_MODE.md"
@@ -170,13 +172,13 @@ async def test_no_hook_attached_is_blind(kernel, store, tmp_path, autojump_clock
 def test_every_hook_fails_open_without_a_valid_generation(kernel):
     """No valid slot: every hook allows (fail-open) and counts no_policy; with a valid
     enforce slot the same decision is EPERM (-1 in the fake kernel)."""
-    from aegis_stream.fakekernel import CG_APP, CG_ROOT, CG_WORKLOADS, DEV_SDA1, FakeTask
+    from aegis_stream.testing import CG_APP, CG_ROOT, CG_WORKLOADS, DEV_SDA1, FakeTask
 
     app = FakeTask(pid=1, tgid=1, comm="x", cgroups=(CG_ROOT, CG_WORKLOADS, CG_APP))
     for hook in abi.Hook:
         act = abi.ACTION_OPEN if hook == abi.Hook.FILE_OPEN else abi.ACTION_EXEC
         assert kernel.decide(hook, DEV_SDA1, 1234, act, app) == 0
-    from aegis_stream.counters import read_hook_counters
+    from aegis_stream.kernel.counters import read_hook_counters
 
     ctr = read_hook_counters(kernel.maps(), kernel.ncpu)
     assert all(ctr[h]["no_policy"] == 1 for h in HOOKS)
@@ -188,7 +190,7 @@ def test_every_hook_fails_open_without_a_valid_generation(kernel):
 async def test_deny_ring_full_decision_enforced_state_blind(kernel, store, tmp_path, autojump_clock):
     """The deny ring full: the kernel still returns EPERM and counts ringbuf_fail; the lost
     events make the agent blind (deny_events_lost)."""
-    from aegis_stream.fakekernel import CG_APP, CG_ROOT, CG_WORKLOADS, DEV_SDA1, FakeTask
+    from aegis_stream.testing import CG_APP, CG_ROOT, CG_WORKLOADS, DEV_SDA1, FakeTask
 
     install(kernel, store, sample_record(7, mode="enforce"))
     app = FakeTask(pid=1, tgid=1, comm="x", cgroups=(CG_ROOT, CG_WORKLOADS, CG_APP))
@@ -401,7 +403,7 @@ def test_policy_rejected_code(tmp_path):
 
 # ===================================================================== restart / reconcile
 def test_restart_reconcile_interrupted_apply_then_inconsistent_is_degraded(tmp_path):
-    from aegis_stream.lifecycle import SimulatedCrash
+    from aegis_stream.policy.lifecycle import SimulatedCrash
 
     env = Signed(tmp_path)
     env.lc().apply(env.signed(1, "a"), "v1")

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aegis_stream import devnum
 from aegis_stream.errors import PolicyError
+from aegis_stream.kernel import devnum
 
 
 def test_kernel_encoding_is_major_shl_20_or_minor():

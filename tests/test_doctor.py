@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from aegis_stream import doctor
+from aegis_stream.agent import doctor
 
 
 def test_doctor_json_is_versioned_and_consistent():

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from aegis_stream import cli_policy
-from aegis_stream.devnum import resolve_inode
-from aegis_stream.lifecycle import Lifecycle
-from aegis_stream.maps import PolicyMaps
+from aegis_stream.cli import policy as cli_policy
+from aegis_stream.kernel.devnum import resolve_inode
+from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy import compiler, dryrun, model
+from aegis_stream.policy.lifecycle import Lifecycle
 
 
 def _pol(tmp_path, version, rules, mode="audit"):

@@ -9,9 +9,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from aegis_stream.agent.explain import add_pipeline_commands, find_event, render
 from aegis_stream.errors import AegisError
-from aegis_stream.explain import add_pipeline_commands, find_event, render
-from aegis_stream.schema import ExplanationEvent
+from aegis_stream.pipeline.schema import ExplanationEvent
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -88,8 +88,8 @@ def test_explain_errors(log, monkeypatch):
 
 
 def test_render_is_total_for_an_unknown_record():
-    from aegis_stream.schema import DecisionEvent
-    from pipelines.explain import explain
+    from aegis_stream.pipeline.schema import DecisionEvent
+    from aegis_stream.processors.explain import explain
 
     ev = DecisionEvent(event_id="e", time="t", ktime_ns=1, host="h", hook="mmap_file", action="exec",
                        decision="deny", mode="enforce", rule_id="", rule_index=3, generation=5,

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from aegis_stream.hostinfo import cpu_model
+from bench.hostinfo import cpu_model
 
 
 def test_cpu_model_first_model_name(tmp_path: Path) -> None:
@@ -21,4 +21,4 @@ def test_bench_and_soak_share_it() -> None:
     root = Path(__file__).resolve().parents[1]
     for script in ("bench/overhead.py", "soak/driver.py"):
         text = (root / script).read_text()
-        assert "from aegis_stream.hostinfo import cpu_model" in text and "/proc/cpuinfo" not in text
+        assert "from bench.hostinfo import cpu_model" in text and "/proc/cpuinfo" not in text

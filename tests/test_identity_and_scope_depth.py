@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from aegis_stream import abi, devnum
 from aegis_stream.errors import PolicyError
+from aegis_stream.kernel import abi, devnum
 from aegis_stream.policy import compiler, model
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from aegis_stream import lab
 from aegis_stream.errors import LabError
+from aegis_stream.lab import core as lab
 
 # ----------------------------------------------------------------------------- sources
 

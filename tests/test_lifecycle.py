@@ -12,18 +12,19 @@ import textwrap
 
 import pytest
 
-from aegis_stream import abi, cli_policy, slots
+from aegis_stream.cli import policy as cli_policy
 from aegis_stream.errors import KernelError, PolicyError, SignatureError, StateError
-from aegis_stream.lifecycle import (
+from aegis_stream.kernel import abi, slots
+from aegis_stream.kernel.maps import PolicyMaps
+from aegis_stream.policy import antirollback, signing
+from aegis_stream.policy.lifecycle import (
     STEPS,
     Lifecycle,
     SimulatedCrash,
     evaluate_canary,
     reconcile,
 )
-from aegis_stream.maps import PolicyMaps
-from aegis_stream.policy import antirollback, signing
-from aegis_stream.store import PolicyStore
+from aegis_stream.policy.store import PolicyStore
 
 
 class Env:
@@ -367,7 +368,7 @@ def test_crash_during_flip_rollback_keeps_target_record(env) -> None:
 
 FAKE_KERNEL = '''
 import json, os, signal
-from aegis_stream.maps import FakeMap, PolicyMaps
+from aegis_stream.kernel.maps import FakeMap, PolicyMaps
 
 KILL_AFTER = int(os.environ.get("KILL_AFTER_RULE_UPDATES", "-1"))
 
@@ -416,7 +417,7 @@ def load_maps(path):
 CHILD = '''
 import os, signal, sys
 from fakekernel import load_maps
-from aegis_stream.lifecycle import Lifecycle
+from aegis_stream.policy.lifecycle import Lifecycle
 
 maps_path, state, step, policy = sys.argv[1:5]
 
@@ -542,7 +543,7 @@ def test_store_heads_index_tracks_records_and_discards(tmp_path):
     """Rollback chooses its target from generations/index.json: entries appear for new
     records, vanish with discarded ones, and a reused number is not served stale."""
     from aegis_stream.policy.compiler import CompiledPolicy
-    from aegis_stream.store import GenerationRecord, PolicyStore
+    from aegis_stream.policy.store import GenerationRecord, PolicyStore
 
     store = PolicyStore(tmp_path)
 

@@ -9,9 +9,9 @@ import tomllib
 
 import pytest
 
-from aegis_stream import cli_policy
-from aegis_stream.devnum import InodeId
+from aegis_stream.cli import policy as cli_policy
 from aegis_stream.errors import PolicyError
+from aegis_stream.kernel.devnum import InodeId
 from aegis_stream.policy import lint, model
 
 

@@ -4,7 +4,7 @@ the partial-attach report (never "enforcing" unless every hook is attached)."""
 import pytest
 
 from aegis_stream.errors import LoadError
-from aegis_stream.loader import (
+from aegis_stream.kernel.loader import (
     REQUIRED_PROGRAMS,
     AttachReport,
     ProgramStatus,

@@ -9,13 +9,13 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from aegis_stream import abi
-from aegis_stream.agent import serve_pipeline
-from aegis_stream.fakekernel import FakeKernel, fixed_normaliser, install, make_events, sample_record
-from aegis_stream.metrics import AegisCollector, AegisMetrics, parse_addr, serve_metrics
-from aegis_stream.pipeline import Pipeline, PipelineConfig
-from aegis_stream.sinks import MemorySink
-from aegis_stream.store import PolicyStore
+from aegis_stream.agent.run import serve_pipeline
+from aegis_stream.kernel import abi
+from aegis_stream.pipeline.core import Pipeline, PipelineConfig
+from aegis_stream.pipeline.metrics import AegisCollector, AegisMetrics, parse_addr, serve_metrics
+from aegis_stream.pipeline.sinks import MemorySink
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.testing import FakeKernel, fixed_normaliser, install, make_events, sample_record
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "METRICS.md"
 ROW = re.compile(r"^\| `(aegis_\w+)` \| (\w+) \| ([^|]*) \| (.+) \|$")

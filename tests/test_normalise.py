@@ -8,18 +8,9 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aegis_stream import abi
-from aegis_stream.events import EVENT_SIZE, RawDecision, decode_batch, decode_raw, encode_raw
-from aegis_stream.fakekernel import (
-    CG_APP,
-    CG_WORKLOADS,
-    DEV_SDA1,
-    FakeKernel,
-    fixed_normaliser,
-    install,
-    sample_record,
-)
-from aegis_stream.normalise import (
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.events import EVENT_SIZE, RawDecision, decode_batch, decode_raw, encode_raw
+from aegis_stream.pipeline.normalise import (
     BoundedCache,
     CgroupResolver,
     GenerationIndex,
@@ -28,7 +19,16 @@ from aegis_stream.normalise import (
     ProcessResolver,
     StaticProcesses,
 )
-from aegis_stream.store import PolicyStore
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.testing import (
+    CG_APP,
+    CG_WORKLOADS,
+    DEV_SDA1,
+    FakeKernel,
+    fixed_normaliser,
+    install,
+    sample_record,
+)
 
 _enc = msgspec.json.Encoder()
 

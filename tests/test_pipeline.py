@@ -6,10 +6,16 @@ import msgspec
 import pytest
 import trio
 
-from aegis_stream import abi
-from aegis_stream.counters import MapCounterSource
-from aegis_stream.events import RECORD_STRIDE, RawDecision, encode_raw
-from aegis_stream.fakekernel import (
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.counters import MapCounterSource
+from aegis_stream.kernel.events import RECORD_STRIDE, RawDecision, encode_raw
+from aegis_stream.kernel.ringbuf import RawBatch
+from aegis_stream.pipeline.core import DiskSpool, Pipeline, PipelineConfig
+from aegis_stream.pipeline.schema import DecisionEvent, ExplanationEvent, StateEvent, event_decoder
+from aegis_stream.pipeline.sinks import MemorySink
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.processors.degraded import DegradedConfig
+from aegis_stream.testing import (
     CG_APP,
     CG_OTHER,
     CG_ROOT,
@@ -22,12 +28,6 @@ from aegis_stream.fakekernel import (
     make_events,
     sample_record,
 )
-from aegis_stream.pipeline import DiskSpool, Pipeline, PipelineConfig
-from aegis_stream.ringbuf import RawBatch
-from aegis_stream.schema import DecisionEvent, ExplanationEvent, StateEvent, event_decoder
-from aegis_stream.sinks import MemorySink
-from aegis_stream.store import PolicyStore
-from pipelines.degraded import DegradedConfig
 
 APP = FakeTask(pid=4242, tgid=4242, comm="cat", cgroups=(CG_ROOT, CG_WORKLOADS, CG_APP))
 OTHER = FakeTask(pid=5000, tgid=5000, comm="cat", cgroups=(CG_ROOT, CG_OTHER))
@@ -82,7 +82,7 @@ async def test_decisions_flow_end_to_end_with_explanations(kernel, store, tmp_pa
     assert st.mode == "enforce" and st.generation == 7 and st.state == "enforcing"
     assert st.derived_events["explanation"] == 2
     # exact per-rule counters in the (fake) kernel agree
-    from aegis_stream.counters import read_rule_counters
+    from aegis_stream.kernel.counters import read_rule_counters
 
     rules = read_rule_counters(kernel.maps(), kernel.ncpu)
     assert [(r["rule_id"], r["hook"], r["denied"]) for r in rules] == [
@@ -263,7 +263,7 @@ async def test_state_changes_are_events_and_callbacks(kernel, store, tmp_path, a
 
 
 async def test_slo_burn_alert_fires_and_resolves(kernel, store, tmp_path, autojump_clock):
-    from pipelines.slo import AlertRule, SloConfig
+    from aegis_stream.processors.slo import AlertRule, SloConfig
 
     sink = MemorySink(keep=True)
     p = make_pipeline(kernel, store, [sink], tmp_path, tick_s=5.0,
@@ -307,7 +307,7 @@ def test_disk_spool_bound_and_torn_tail(tmp_path):
 
 async def test_serve_pipeline_exit_after_drains_what_the_kernel_produced(kernel, store, tmp_path,
                                                                         autojump_clock):
-    from aegis_stream.agent import AgentConfig, serve_pipeline
+    from aegis_stream.agent.run import AgentConfig, serve_pipeline
 
     cfg = AgentConfig(events="-", spool_dir=str(tmp_path / "spool"), audit_sample_n=2, tick_s=0.5)
     pc = cfg.pipeline_config()
@@ -325,7 +325,7 @@ def test_heap_is_trimmed_once_after_a_burst_has_drained(kernel, store, tmp_path,
     """A burst (more than one batch in flight) leaves glibc holding the freed batches;
     the ticker trims once when it has drained, and not while events are still in flight
     or when no burst happened (a trim walks the heap: not every tick)."""
-    import aegis_stream.pipeline as pl
+    import aegis_stream.pipeline.core as pl
 
     calls: list[int] = []
     monkeypatch.setattr(pl, "release_freed_memory", lambda: calls.append(1) or True)
@@ -353,7 +353,7 @@ def test_heap_is_trimmed_once_after_a_burst_has_drained(kernel, store, tmp_path,
 def test_release_freed_memory_returns_heap_to_the_kernel():
     """The real glibc call: after freeing many mid-sized blocks (as a flood's batches),
     a trim succeeds (returns True: memory given back)."""
-    from aegis_stream.memtrim import malloc_trim, release_freed_memory
+    from aegis_stream.pipeline.memtrim import malloc_trim, release_freed_memory
 
     if malloc_trim() is None:
         pytest.skip("not glibc")

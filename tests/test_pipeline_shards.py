@@ -11,10 +11,10 @@ import msgspec
 import pytest
 import trio
 
-from aegis_stream.fakekernel import FakeKernel, fixed_normaliser, make_events, sample_record
-from aegis_stream.pipeline import Pipeline, PipelineConfig
-from aegis_stream.sinks import MemorySink
-from aegis_stream.store import PolicyStore
+from aegis_stream.pipeline.core import Pipeline, PipelineConfig
+from aegis_stream.pipeline.sinks import MemorySink
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.testing import FakeKernel, fixed_normaliser, make_events, sample_record
 
 PROCS = {1000 + i: ("/usr/bin/cat", ["cat", "/etc/shadow"]) for i in range(16)}
 

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import trio
 
-from aegis_stream import abi
-from aegis_stream.counters import CounterSnapshot
-from aegis_stream.fakekernel import FakeKernel, fixed_normaliser, make_events
-from aegis_stream.pipeline import Pipeline, PipelineConfig, PipelineStatistics
-from aegis_stream.sinks import MemorySink
-from aegis_stream.store import PolicyStore
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.counters import CounterSnapshot
+from aegis_stream.pipeline.core import Pipeline, PipelineConfig, PipelineStatistics
+from aegis_stream.pipeline.sinks import MemorySink
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.testing import FakeKernel, fixed_normaliser, make_events
 
 
 @dataclass
@@ -181,7 +181,7 @@ async def test_cancelled_run_counts_what_it_held(kernel, store, tmp_path, autoju
 
 async def test_agent_serve_pipeline_stop_mid_flood_is_exact(kernel, store, tmp_path, autojump_clock):
     """The agent's own stop path (serve_pipeline: drain_and_stop, then cancel)."""
-    from aegis_stream.agent import serve_pipeline
+    from aegis_stream.agent.run import serve_pipeline
 
     sink = MemorySink(delay=0.01, keep=False)
     p, view = make(kernel, store, tmp_path, [sink])
@@ -226,8 +226,8 @@ async def test_spool_replay_after_a_drain_timeout_keeps_the_deny_totals(kernel, 
 def test_spool_close_cuts_off_replayed_frames(tmp_path):
     """A spool closed with frames already replayed at its head (the file is only
     truncated when it empties) must not hand them to the next run again."""
-    from aegis_stream.pipeline import DiskSpool
-    from aegis_stream.ringbuf import RawBatch
+    from aegis_stream.kernel.ringbuf import RawBatch
+    from aegis_stream.pipeline.core import DiskSpool
 
     sp = DiskSpool(tmp_path, max_bytes=1 << 20)
     batches = [RawBatch(bytes([i]) * (2 * 104), 2) for i in range(3)]

@@ -1,18 +1,18 @@
-"""pipelines/: the engine-independent processors, fed recorded streams."""
+"""aegis_stream/processors/: the engine-independent processors, fed recorded streams."""
 
 from __future__ import annotations
 
 import msgspec
 import pytest
 
-from aegis_stream.fakekernel import CG_APP, CG_WORKLOADS, fixed_normaliser, sample_record
-from aegis_stream.normalise import GenerationInfo
-from aegis_stream.schema import DecisionEvent
-from aegis_stream.store import PolicyStore
-from pipelines.degraded import DegradedConfig, DegradedMonitor, HealthSample
-from pipelines.explain import Explainer, explain
-from pipelines.sampling import Sampler
-from pipelines.slo import AlertRule, DropRateSlo, SloConfig
+from aegis_stream.pipeline.normalise import GenerationInfo
+from aegis_stream.pipeline.schema import DecisionEvent
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.processors.degraded import DegradedConfig, DegradedMonitor, HealthSample
+from aegis_stream.processors.explain import Explainer, explain
+from aegis_stream.processors.sampling import Sampler
+from aegis_stream.processors.slo import AlertRule, DropRateSlo, SloConfig
+from aegis_stream.testing import CG_APP, CG_WORKLOADS, fixed_normaliser, sample_record
 
 HOOKS = ["file_open", "bprm_check_security", "mmap_file"]
 
@@ -169,8 +169,8 @@ def norm(tmp_path):
 
 
 def _event(norm, **kw) -> DecisionEvent:
-    from aegis_stream.events import RawDecision
-    from aegis_stream.fakekernel import DEV_SDA1
+    from aegis_stream.kernel.events import RawDecision
+    from aegis_stream.testing import DEV_SDA1
 
     base = dict(abi_version=1, hook=0, decision=1, rule_id=0, generation=7, ktime_ns=1, cgroup_id=CG_APP,
                 scope_cgroup_id=CG_WORKLOADS, ino=1234, dev=DEV_SDA1, action=1, pid=4242, tgid=4242,

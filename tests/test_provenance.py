@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aegis_stream.provenance import GENESIS, ProvenanceLog, record_hash
+from aegis_stream.policy.provenance import GENESIS, ProvenanceLog, record_hash
 
 
 @pytest.fixture

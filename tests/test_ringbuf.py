@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import trio
 
-from aegis_stream import abi
-from aegis_stream.events import (
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.events import (
     EVENT_DTYPE,
     EVENT_SIZE,
     RECORD_DTYPE,
@@ -24,8 +24,8 @@ from aegis_stream.events import (
     rows,
     split_valid,
 )
-from aegis_stream.fakekernel import RINGBUF_DATA_PGOFF, FakeRing, make_events
-from aegis_stream.ringbuf import BUSY_BIT, DISCARD_BIT, PAGE, RingBuffer
+from aegis_stream.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, PAGE, RingBuffer
+from aegis_stream.testing import RINGBUF_DATA_PGOFF, FakeRing, make_events
 
 SIZE = 4 * PAGE
 

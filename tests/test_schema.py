@@ -9,8 +9,8 @@ import sys
 import msgspec
 import pytest
 
-from aegis_stream import schema
-from aegis_stream.schema import (
+from aegis_stream.pipeline import schema
+from aegis_stream.pipeline.schema import (
     EVENT_TYPES,
     DecisionEvent,
     ExplainedPolicy,
@@ -83,12 +83,12 @@ def test_unknown_schema_is_rejected():
 
 
 def test_generate_command_writes_the_same_files(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "aegis_stream.schema", "generate", "--dir", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "aegis_stream.pipeline.schema", "generate", "--dir", str(tmp_path)],
                          capture_output=True, text=True, check=True)
     assert f"wrote {len(schema.generated_files())}" in out.stdout
     for name, content in schema.generated_files().items():
         assert (tmp_path / name).read_bytes() == content == (schema.SCHEMA_DIR / name).read_bytes()
-    chk = subprocess.run([sys.executable, "-m", "aegis_stream.schema", "check", "--dir", str(tmp_path)],
+    chk = subprocess.run([sys.executable, "-m", "aegis_stream.pipeline.schema", "check", "--dir", str(tmp_path)],
                          capture_output=True, text=True)
     assert chk.returncode == 0, chk.stderr
 

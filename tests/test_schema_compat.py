@@ -8,8 +8,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from aegis_stream import schema
-from aegis_stream.schema import compat_problems
+from aegis_stream.pipeline import schema
+from aegis_stream.pipeline.schema import compat_problems
 
 
 def test_current_structs_are_compatible_with_the_checked_in_schemas():

@@ -16,11 +16,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from aegis_stream import abi
-from aegis_stream.events import EVENT_SIZE, RawDecision, decode_batch, decode_raw, encode_raw
-from aegis_stream.fakekernel import CG_APP, CG_OTHER, CG_WORKLOADS, DEV_SDA1, fixed_normaliser
-from aegis_stream.schema import DecisionEvent, event_decoder
-from aegis_stream.store import PolicyStore
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.events import EVENT_SIZE, RawDecision, decode_batch, decode_raw, encode_raw
+from aegis_stream.pipeline.schema import DecisionEvent, event_decoder
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.testing import CG_APP, CG_OTHER, CG_WORKLOADS, DEV_SDA1, fixed_normaliser
 
 GOLDEN = Path(__file__).parent / "golden"
 VECTORS = GOLDEN / "decision_vectors.json"
@@ -90,6 +90,6 @@ def test_golden_vectors_as_one_batch(norm):
 
 
 def test_golden_store_fixture_is_the_sample_record():
-    from aegis_stream.fakekernel import sample_record
+    from aegis_stream.testing import sample_record
 
     assert PolicyStore(GOLDEN / "state").load(7) == sample_record(7)

@@ -49,7 +49,7 @@ def test_events_tail_reads_files_rotated_away_between_two_polls(tmp_path) -> Non
     786,432 audit events 'unexplained' that were in two files the tailer never opened)."""
     import trio
 
-    from aegis_stream.sinks import JsonLinesFileSink, SinkBatch
+    from aegis_stream.pipeline.sinks import JsonLinesFileSink, SinkBatch
 
     path = tmp_path / "events.jsonl"
     sink = JsonLinesFileSink(path, max_bytes=4096, backups=5)

@@ -3,8 +3,8 @@ tests/kernel/test_lifecycle_stress.py)."""
 
 from __future__ import annotations
 
-from aegis_stream import abi, slots
-from aegis_stream.maps import PolicyMaps
+from aegis_stream.kernel import abi, slots
+from aegis_stream.kernel.maps import PolicyMaps
 from stress.rollback_stress import TimedConfig, percentiles, table
 
 

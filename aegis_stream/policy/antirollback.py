@@ -18,8 +18,8 @@ from pathlib import Path
 
 import msgspec
 
-from aegis_stream import store as _store
 from aegis_stream.errors import SignatureError, StateError
+from aegis_stream.policy import store as _store
 
 FILE_NAME = "versions.json"
 

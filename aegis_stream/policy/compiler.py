@@ -11,15 +11,15 @@ import os
 
 import msgspec
 
-from aegis_stream import abi
-from aegis_stream.devnum import (
+from aegis_stream.errors import PolicyError
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.devnum import (
     InodeId,
     inode_generation,
     parse_inode,
     read_mountinfo,
     resolve_inode,
 )
-from aegis_stream.errors import PolicyError
 from aegis_stream.policy.model import Policy, policy_digest
 
 # filesystems where (dev, ino) is not a stable identity for a file

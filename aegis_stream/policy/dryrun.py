@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from aegis_stream import abi
-from aegis_stream.devnum import kernel_dev, split_kernel_dev
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.devnum import kernel_dev, split_kernel_dev
 from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, actions_names
 
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from aegis_stream import abi
-from aegis_stream.devnum import InodeId, parse_inode, read_mountinfo, resolve_inode
 from aegis_stream.errors import PolicyError
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.devnum import InodeId, parse_inode, read_mountinfo, resolve_inode
 from aegis_stream.policy import model
 from aegis_stream.policy.compiler import UNSTABLE_INODE_FS
 

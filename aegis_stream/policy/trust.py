@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from aegis_stream.errors import PolicyError, SignatureError, StateError
 from aegis_stream.policy import signing
-from aegis_stream.provenance import ProvenanceLog
-from aegis_stream.store import atomic_write, state_dir
+from aegis_stream.policy.provenance import ProvenanceLog
+from aegis_stream.policy.store import atomic_write, state_dir
 
 
 class TrustedKey(msgspec.Struct):

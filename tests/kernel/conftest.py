@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from aegis_stream import abi
 from aegis_stream.apply import ApplyResult, apply_policy
-from aegis_stream.events import RawDecision, decode_raw
-from aegis_stream.labmounts import ensure_guest_mounts, mount_tmpfs, umount
-from aegis_stream.loader import BpfObject
-from aegis_stream.maps import FdMap
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.events import RawDecision, decode_raw
+from aegis_stream.kernel.loader import BpfObject
+from aegis_stream.kernel.maps import FdMap
+from aegis_stream.kernel.ringbuf import RingBuffer
+from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount
 from aegis_stream.policy import model
-from aegis_stream.ringbuf import RingBuffer
-from aegis_stream.store import PolicyStore
+from aegis_stream.policy.store import PolicyStore
 
 IN_LAB = os.environ.get("AEGIS_LAB") == "1"
 PROBE_SRC = Path(__file__).with_name("probe.c")
@@ -166,7 +166,7 @@ def assert_deny_event(lab: Lab, path, *, hook=abi.Hook.FILE_OPEN, decision=abi.D
     inode (dev from mountinfo, kernel encoding), hook, decision, action, rule id, the last
     applied generation, ABI version and the task's cgroup.  Drains the rings unless
     ``events`` is given."""
-    from aegis_stream.devnum import resolve_inode
+    from aegis_stream.kernel.devnum import resolve_inode
 
     ident = ident or resolve_inode(str(path))
     evs = [e for e in (lab.drain() if events is None else events)

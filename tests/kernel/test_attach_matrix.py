@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from aegis_stream import abi
-from aegis_stream.loader import BpfObject, fault_injection
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.loader import BpfObject, fault_injection
 
 from .conftest import IN_LAB
 
@@ -40,7 +40,7 @@ PIN = "/sys/fs/bpf/aegis-matrix"
 @pytest.fixture(autouse=True)
 def _lab_mounts():
     if IN_LAB:
-        from aegis_stream.labmounts import ensure_guest_mounts
+        from aegis_stream.lab.mounts import ensure_guest_mounts
 
         ensure_guest_mounts()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from aegis_stream import abi
+from aegis_stream.kernel import abi
 
 from .conftest import EPERM, PROBE, Lab, assert_deny_event, cgroup_id
 

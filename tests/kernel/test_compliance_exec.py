@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from aegis_stream import abi
+from aegis_stream.kernel import abi
 
 from .conftest import EPERM, PROBE, ROOT, Lab, assert_deny_event
 

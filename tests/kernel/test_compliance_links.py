@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from aegis_stream.devnum import inode_generation, resolve_inode
+from aegis_stream.kernel.devnum import inode_generation, resolve_inode
 from aegis_stream.policy import compiler
 
 from .conftest import EPERM, PROBE, Lab, assert_deny_event

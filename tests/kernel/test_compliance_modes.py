@@ -13,10 +13,10 @@ import os
 
 import pytest
 
-from aegis_stream import abi, slots
-from aegis_stream.counters import read_counters
 from aegis_stream.errors import PolicyError
-from aegis_stream.events import decode_raw
+from aegis_stream.kernel import abi, slots
+from aegis_stream.kernel.counters import read_counters
+from aegis_stream.kernel.events import decode_raw
 
 from .conftest import EPERM, PROBE, Lab, assert_deny_event
 

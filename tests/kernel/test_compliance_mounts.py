@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from aegis_stream import abi
-from aegis_stream.devnum import (
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.devnum import (
     btrfs_root_of_handle,
     file_handle,
     kernel_dev_from_st_dev,
@@ -461,7 +461,7 @@ def test_mnt_030_device_numbers_and_generations_per_filesystem(lab: Lab, loopfs,
     the kernel keys rules by; mountinfo) and whether i_generation is readable.  Recorded in
     the kernel matrix and docs/POLICY_SEMANTICS.md.  tmpfs, ext4, xfs, overlay (one
     underlying fs): st_dev == s_dev; btrfs: never (per-subvolume anonymous devices)."""
-    from aegis_stream.devnum import inode_generation
+    from aegis_stream.kernel.devnum import inode_generation
 
     paths = {"tmpfs": lab.file("devnum-probe")}
     for kind in ("ext4", "xfs", "btrfs"):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from aegis_stream import abi
 from aegis_stream.errors import PolicyError
+from aegis_stream.kernel import abi
 
 from .conftest import CG_ROOT, EPERM, PROBE, Lab, assert_deny_event, cgroup_id
 

@@ -11,9 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
-from aegis_stream import abi
-from aegis_stream.devnum import resolve_inode
-from aegis_stream.events import DECISION_NAMES, MODE_NAMES
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.devnum import resolve_inode
+from aegis_stream.kernel.events import DECISION_NAMES, MODE_NAMES
 
 from . import vectorlib
 from .conftest import Lab, cgroup_id

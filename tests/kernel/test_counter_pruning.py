@@ -8,8 +8,8 @@ equal the per-hook DENIED/AUDITED counters the programs keep.
 
 from __future__ import annotations
 
-from aegis_stream import abi
-from aegis_stream.counters import RETIRED_GENERATION, read_counters
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.counters import RETIRED_GENERATION, read_counters
 
 from .conftest import Lab
 

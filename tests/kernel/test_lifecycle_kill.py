@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from aegis_stream import slots
-from aegis_stream.lifecycle import STEPS, Lifecycle
-from aegis_stream.maps import PolicyMaps
+from aegis_stream.kernel import slots
+from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy import signing
+from aegis_stream.policy.lifecycle import STEPS, Lifecycle
 
 from .conftest import EPERM, Lab
 

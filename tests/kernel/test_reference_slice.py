@@ -11,8 +11,8 @@ import os
 import subprocess
 import sys
 
-from aegis_stream import abi
-from aegis_stream.devnum import resolve_inode
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.devnum import resolve_inode
 
 from .conftest import EPERM, PROBE, Lab, assert_deny_event, cgroup_id
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import msgspec
 
-from aegis_stream import abi, libbpf, slots
 from aegis_stream.errors import AegisError
-from aegis_stream.loader import REQUIRED_PROGRAMS, BpfObject, default_object_path
+from aegis_stream.kernel import abi, libbpf, slots
+from aegis_stream.kernel.loader import REQUIRED_PROGRAMS, BpfObject, default_object_path
 from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope, cgroup2_mounts
 
 SCHEMA = "aegis.doctor.v1"
@@ -249,7 +249,7 @@ def synthetic_deny_proof() -> Check:
         report = obj.attach_all(pin=False)
         if not report.enforcing_capable:
             return Check("deny-proof", "fail", report.summary())
-        from aegis_stream.devnum import resolve_inode
+        from aegis_stream.kernel.devnum import resolve_inode
 
         ident = resolve_inode(target)
         cp = CompiledPolicy(

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from aegis_stream.errors import StateError
-from aegis_stream.store import atomic_write, state_dir
+from aegis_stream.policy.store import atomic_write, state_dir
 
 GENESIS = "0" * 64
 LOG_NAME = "provenance.jsonl"

@@ -37,7 +37,7 @@ def _in_cgroup(cg: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def inside() -> int:
-    from aegis_stream.labmounts import ensure_guest_mounts, mount_tmpfs, umount
+    from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount
 
     ensure_guest_mounts()
     work = Path(tempfile.mkdtemp(prefix="aegis-demo-"))
@@ -120,12 +120,12 @@ def inside() -> int:
 
 
 def run_demo(kernel: str) -> int:
-    from aegis_stream import lab
+    from aegis_stream.lab import core as lab
 
     k = lab.fetch_kernel(kernel)
     print(f"booting Debian kernel {k.version} under QEMU (TCG); this takes a minute...",
           flush=True)
-    res = lab.lab_exec(k, [sys.executable, "-m", "aegis_stream.demo", "--inside"], timeout=900)
+    res = lab.lab_exec(k, [sys.executable, "-m", "aegis_stream.cli.demo", "--inside"], timeout=900)
     print(res.stdout)
     return res.returncode
 

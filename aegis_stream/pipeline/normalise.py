@@ -31,12 +31,12 @@ from typing import Generic, TypeVar
 import msgspec
 import numpy as np
 
-from aegis_stream import abi
-from aegis_stream.devnum import split_kernel_dev
 from aegis_stream.errors import StateError
-from aegis_stream.events import ACTION_NAMES, DECISION_NAMES, MODE_NAMES, RawDecision, comm_str
-from aegis_stream.schema import DecisionEvent
-from aegis_stream.store import GenerationRecord, PolicyStore
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.devnum import split_kernel_dev
+from aegis_stream.kernel.events import ACTION_NAMES, DECISION_NAMES, MODE_NAMES, RawDecision, comm_str
+from aegis_stream.pipeline.schema import DecisionEvent
+from aegis_stream.policy.store import GenerationRecord, PolicyStore
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -278,7 +278,7 @@ class GenerationIndex:
                                                                             name="generation")
 
     def _origin(self, gen: int) -> str:
-        from aegis_stream.provenance import ProvenanceLog
+        from aegis_stream.policy.provenance import ProvenanceLog
 
         origin = ""
         try:

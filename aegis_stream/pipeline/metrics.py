@@ -19,10 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from aegis_stream import __version__, abi
-from aegis_stream.normalise import CacheStatistics
-from aegis_stream.pipeline import CLASSES, PipelineStatistics
-from aegis_stream.reasons import STATE_CODES, codes_of
+from aegis_stream import __version__
+from aegis_stream.agent.reasons import STATE_CODES, codes_of
+from aegis_stream.kernel import abi
+from aegis_stream.pipeline.core import CLASSES, PipelineStatistics
+from aegis_stream.pipeline.normalise import CacheStatistics
 
 STATES = ("enforcing", "auditing", "degraded", "blind")
 MODES = ("enforce", "audit", "none")

@@ -10,8 +10,8 @@ files in schemas/, see tests/test_schema_compat.py): new fields go last and have
 defaults; a field is never removed, renamed or retyped; anything else is a new version
 (``.v2``) of the schema.
 
-``python -m aegis_stream.schema generate`` rewrites schemas/ from these Structs;
-``python -m aegis_stream.schema check`` fails when the files are stale or a change is
+``python -m aegis_stream.pipeline.schema generate`` rewrites schemas/ from these Structs;
+``python -m aegis_stream.pipeline.schema check`` fails when the files are stale or a change is
 incompatible.  docs/EVENTS.md describes every field.
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import msgspec
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 State = Literal["enforcing", "auditing", "degraded", "blind"]
 
@@ -89,7 +89,7 @@ class StateEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.state.v1"
 
     def __post_init__(self) -> None:
         if self.reasons and not self.reason_codes:
-            from aegis_stream.reasons import codes_of
+            from aegis_stream.agent.reasons import codes_of
 
             msgspec.structs.force_setattr(self, "reason_codes", codes_of(self.reasons))
 
@@ -306,14 +306,14 @@ def check(directory: Path = SCHEMA_DIR) -> list[str]:
     for name, content in generated_files().items():
         path = directory / name
         if not path.exists():
-            problems.append(f"{path}: missing (run: python -m aegis_stream.schema generate)")
+            problems.append(f"{path}: missing (run: python -m aegis_stream.pipeline.schema generate)")
             continue
         on_disk = path.read_bytes()
         if on_disk != content:
             old = msgspec.json.decode(on_disk)
             for p in compat_problems(old, msgspec.json.decode(content)):
                 problems.append(f"{name}: incompatible: {p}")
-            problems.append(f"{path}: stale (run: python -m aegis_stream.schema generate)")
+            problems.append(f"{path}: stale (run: python -m aegis_stream.pipeline.schema generate)")
     return problems
 
 
@@ -339,7 +339,8 @@ def generate(directory: Path = SCHEMA_DIR, *, force: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m aegis_stream.schema", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m aegis_stream.pipeline.schema",
+                                description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="write schemas/*.json from the Structs")
     g.add_argument("--dir", type=Path, default=SCHEMA_DIR)

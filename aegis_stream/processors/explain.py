@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from aegis_stream import abi
-from aegis_stream.devnum import split_kernel_dev
-from aegis_stream.schema import (
+from aegis_stream.kernel import abi
+from aegis_stream.kernel.devnum import split_kernel_dev
+from aegis_stream.pipeline.schema import (
     DecisionEvent,
     ExplainedPolicy,
     ExplainedRule,
@@ -24,7 +24,7 @@ from aegis_stream.schema import (
 )
 
 if TYPE_CHECKING:  # the normaliser pulls in numpy; explain needs only the type
-    from aegis_stream.normalise import GenerationInfo
+    from aegis_stream.pipeline.normalise import GenerationInfo
 
 
 def _actions(bits: int) -> list[str]:

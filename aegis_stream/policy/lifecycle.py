@@ -33,14 +33,14 @@ from typing import Any
 
 import msgspec
 
-from aegis_stream import abi, slots
 from aegis_stream.errors import AegisError, PolicyError, SignatureError, StateError
-from aegis_stream.maps import PolicyMaps
+from aegis_stream.kernel import abi, slots
+from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy import compiler, model, signing
 from aegis_stream.policy.antirollback import VersionCounter
+from aegis_stream.policy.provenance import ProvenanceLog
+from aegis_stream.policy.store import GenerationRecord, PolicyStore, atomic_write, state_dir
 from aegis_stream.policy.trust import TrustStore
-from aegis_stream.provenance import ProvenanceLog
-from aegis_stream.store import GenerationRecord, PolicyStore, atomic_write, state_dir
 
 STEPS = ("verified", "pending", "recorded", "counter", "staged", "activated", "logged")
 PENDING_NAME = "lifecycle.pending.json"

@@ -19,9 +19,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from aegis_stream import abi, libbpf
 from aegis_stream.errors import AttachError, KernelError, LoadError, NoAgentError
-from aegis_stream.maps import FdMap, PolicyMaps
+from aegis_stream.kernel import abi, libbpf
+from aegis_stream.kernel.maps import FdMap, PolicyMaps
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/aegis"
 REQUIRED_PROGRAMS = tuple(abi.HOOK_PROGRAMS.values())

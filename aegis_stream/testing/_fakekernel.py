@@ -39,16 +39,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aegis_stream import abi, slots
 from aegis_stream.errors import KernelError
-from aegis_stream.events import EVENT_SIZE, RECORD_STRIDE, RING_HDR, RawDecision, encode_raw
-from aegis_stream.maps import PolicyMaps
-from aegis_stream.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, PAGE, RingBuffer
+from aegis_stream.kernel import abi, slots
+from aegis_stream.kernel.events import EVENT_SIZE, RECORD_STRIDE, RING_HDR, RawDecision, encode_raw
+from aegis_stream.kernel.maps import PolicyMaps
+from aegis_stream.kernel.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, PAGE, RingBuffer
 
 if TYPE_CHECKING:
-    from aegis_stream.normalise import Normaliser
-    from aegis_stream.pipeline import MapsKernelView
-    from aegis_stream.store import GenerationRecord, PolicyStore
+    from aegis_stream.pipeline.core import MapsKernelView
+    from aegis_stream.pipeline.normalise import Normaliser
+    from aegis_stream.policy.store import GenerationRecord, PolicyStore
 
 #: page offset of the data area inside struct bpf_ringbuf (waitq/work page, consumer
 #: page, producer page, then data): what the kernel writes into each header's pg_off
@@ -458,7 +458,7 @@ class FakeKernel:
 
     def view(self) -> MapsKernelView:
         """The pipeline's KernelView: the same class the agent uses on pinned maps."""
-        from aegis_stream.pipeline import MapsKernelView
+        from aegis_stream.pipeline.core import MapsKernelView
 
         return MapsKernelView(self.maps(), self.policy_maps, self.attach_state, self.ncpu)
 
@@ -486,7 +486,7 @@ def make_events(
                                comm)),
         dtype=np.uint8,
     )
-    from aegis_stream.events import EVENT_DTYPE
+    from aegis_stream.kernel.events import EVENT_DTYPE
 
     arr = np.frombuffer(np.tile(one, n).tobytes(), dtype=EVENT_DTYPE).copy()
     idx = np.arange(n, dtype=np.uint64)
@@ -525,7 +525,7 @@ def sample_record(generation: int = 7, *, mode: str = "enforce", signer: str = "
                   host_scope: bool = False) -> GenerationRecord:
     """A fixed compiled policy: three rules on 8:1, scoped to /sys/fs/cgroup/workloads."""
     from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope
-    from aegis_stream.store import GenerationRecord
+    from aegis_stream.policy.store import GenerationRecord
 
     rules = [
         CompiledRule(0, "deny-shadow", "/etc/shadow", DEV_SDA1, 1234,
@@ -543,7 +543,7 @@ def install(kernel: FakeKernel, store: PolicyStore, record: GenerationRecord, *,
             origin: str = "/etc/aegis/policy.toml") -> None:
     """Record a generation in the store (and its apply in the provenance log) and make it
     the active slot of the fake kernel, as Lifecycle.apply does."""
-    from aegis_stream.provenance import ProvenanceLog
+    from aegis_stream.policy.provenance import ProvenanceLog
 
     store.record(record)
     ProvenanceLog(store.root, host="fake").append(
@@ -557,7 +557,7 @@ def install(kernel: FakeKernel, store: PolicyStore, record: GenerationRecord, *,
 def fixed_normaliser(store: PolicyStore, *, processes: dict[int, tuple[str, list[str]]] | None = None,
                      **kw: object) -> Normaliser:
     """A deterministic normaliser: fixed host, boot id, boot time, cgroups and processes."""
-    from aegis_stream.normalise import CgroupResolver, Normaliser, ProcessInfo, StaticProcesses
+    from aegis_stream.pipeline.normalise import CgroupResolver, Normaliser, ProcessInfo, StaticProcesses
 
     procs = processes if processes is not None else {4242: ("/usr/bin/cat", ["cat", "/etc/shadow"])}
     return Normaliser(

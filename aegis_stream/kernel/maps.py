@@ -8,8 +8,8 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-from aegis_stream import abi, libbpf
 from aegis_stream.errors import KernelError
+from aegis_stream.kernel import abi, libbpf
 
 
 class MapHandle(Protocol):

@@ -19,9 +19,9 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from aegis_stream import abi, counters
 from aegis_stream.errors import KernelError, StateError
-from aegis_stream.maps import PolicyMaps
+from aegis_stream.kernel import abi, counters
+from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy.compiler import CompiledPolicy
 
 CONTROL_KEY = struct.pack("<I", 0)

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from aegis_stream.reasons import BY_CODE, codes_of
+from aegis_stream.agent.reasons import BY_CODE, codes_of
 
 SEVERITY = {"enforcing": 0, "auditing": 0, "degraded": 1, "blind": 2}
 

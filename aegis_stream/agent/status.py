@@ -30,8 +30,9 @@ from typing import Any
 
 import msgspec
 
-from aegis_stream import abi, reasons
-from aegis_stream.schema import StatusAgent, StatusHook, StatusKernel, StatusReport
+from aegis_stream.agent import reasons
+from aegis_stream.kernel import abi
+from aegis_stream.pipeline.schema import StatusAgent, StatusHook, StatusKernel, StatusReport
 
 EXIT_BY_STATE = {"enforcing": 0, "auditing": 0, "degraded": 1, "blind": 2}
 EXIT_UNKNOWN = 3
@@ -63,8 +64,8 @@ class AgentFacts:
 def facts_from_maps(pin_root: str, links: Mapping[str, bool], policy_maps: Any,
                     maps: Mapping[str, Any] | None, ncpu: int | None = None) -> KernelFacts:
     """Kernel facts from map handles: the real pinned maps or the fake kernel's."""
-    from aegis_stream import slots
-    from aegis_stream.counters import read_hook_counters
+    from aegis_stream.kernel import slots
+    from aegis_stream.kernel.counters import read_hook_counters
 
     st = slots.read_state(policy_maps)
     active = st.active
@@ -84,8 +85,8 @@ def facts_from_maps(pin_root: str, links: Mapping[str, bool], policy_maps: Any,
 def read_kernel(root: str | None = None) -> KernelFacts:
     """The pinned state; ``loaded=False`` when nothing is pinned.  Raises AegisError when
     pins exist but cannot be opened (permissions)."""
-    from aegis_stream import libbpf
-    from aegis_stream.loader import REQUIRED_PROGRAMS, open_pinned, pin_root
+    from aegis_stream.kernel import libbpf
+    from aegis_stream.kernel.loader import REQUIRED_PROGRAMS, open_pinned, pin_root
 
     root = root or pin_root()
     if not os.path.isdir(f"{root}/maps") and not os.path.isdir(f"{root}/links"):
@@ -108,7 +109,7 @@ def read_kernel(root: str | None = None) -> KernelFacts:
 
 
 def _start_time(pid: int) -> int:
-    from aegis_stream.agent import proc_start_time
+    from aegis_stream.agent.run import proc_start_time
 
     return proc_start_time(pid)
 
@@ -128,7 +129,7 @@ def pid_alive(pid: int, start_time: int = 0) -> bool:
 
 
 def read_agent(path: str | None = None, *, now_monotonic: float | None = None) -> AgentFacts:
-    from aegis_stream.agent import default_status_path
+    from aegis_stream.agent.run import default_status_path
 
     p = Path(path) if path else default_status_path()
     try:
@@ -282,7 +283,7 @@ def collect(pin_root: str | None = None, status_file: str | None = None) -> Stat
     """Read the kernel and the status file and judge.  Unreadable pins -> state blind with
     ``kernel.error`` set and exit code 3 (unknown)."""
     from aegis_stream.errors import AegisError
-    from aegis_stream.loader import pin_root as default_root
+    from aegis_stream.kernel.loader import pin_root as default_root
 
     agent = read_agent(status_file)
     try:

@@ -20,8 +20,8 @@ from typing import Final
 import msgspec
 import numpy as np
 
-from aegis_stream import abi
 from aegis_stream.errors import AegisError
+from aegis_stream.kernel import abi
 
 SCHEMA = "aegis.decision.v1"
 DECISION_NAMES = {abi.Decision.ALLOW: "allow", abi.Decision.DENY: "deny", abi.Decision.AUDIT: "audit"}

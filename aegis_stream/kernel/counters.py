@@ -23,8 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aegis_stream import abi, libbpf
 from aegis_stream.errors import KernelError
+from aegis_stream.kernel import abi, libbpf
 
 log = logging.getLogger(__name__)
 

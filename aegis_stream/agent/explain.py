@@ -22,9 +22,9 @@ from typing import IO
 import msgspec
 
 from aegis_stream.errors import AegisError, StateError
-from aegis_stream.schema import DecisionEvent, ExplanationEvent
-from aegis_stream.store import PolicyStore
-from pipelines.explain import explain
+from aegis_stream.pipeline.schema import DecisionEvent, ExplanationEvent
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.processors.explain import explain
 
 _dec = msgspec.json.Decoder(DecisionEvent)
 
@@ -75,7 +75,7 @@ def read_event(stream: IO[bytes]) -> DecisionEvent:
 def explain_event(event: DecisionEvent, store: PolicyStore | None = None) -> ExplanationEvent:
     # imported here: the normaliser pulls in numpy, which every other CLI command (and
     # each CLI start under the QEMU lab) would otherwise pay for
-    from aegis_stream.normalise import GenerationIndex
+    from aegis_stream.pipeline.normalise import GenerationIndex
 
     index = GenerationIndex(store or PolicyStore())
     return explain(event, index.get(event.generation))

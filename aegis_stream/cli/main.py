@@ -8,8 +8,9 @@ import sys
 
 import msgspec
 
-from aegis_stream import __version__, abi
+from aegis_stream import __version__
 from aegis_stream.errors import AegisError
+from aegis_stream.kernel import abi
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -22,7 +23,7 @@ def _fail(msg: str, code: int = EXIT_ERROR) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from aegis_stream.agent import AgentConfig, run_agent
+    from aegis_stream.agent.run import AgentConfig, run_agent
 
     cfg = AgentConfig(
         policy=args.policy,
@@ -36,9 +37,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
-    from aegis_stream import slots
-    from aegis_stream.loader import open_pinned
-    from aegis_stream.store import PolicyStore
+    from aegis_stream.kernel import slots
+    from aegis_stream.kernel.loader import open_pinned
+    from aegis_stream.policy.store import PolicyStore
 
     pinned = open_pinned()
     try:
@@ -69,7 +70,7 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     print(f"policy {pol['name']} v{pol['version']} generation {active.generation} "
           f"mode {doc['mode']} digest {pol['digest']}")
     for r in pol["rules"]:
-        from aegis_stream.devnum import split_kernel_dev
+        from aegis_stream.kernel.devnum import split_kernel_dev
         from aegis_stream.policy.compiler import actions_names
 
         ma, mi = split_kernel_dev(r["dev"])
@@ -81,7 +82,7 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from aegis_stream.doctor import render, run_doctor
+    from aegis_stream.agent.doctor import render, run_doctor
 
     report = run_doctor()
     if args.json:
@@ -92,8 +93,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from aegis_stream.counters import read_counters
-    from aegis_stream.loader import open_pinned
+    from aegis_stream.kernel.counters import read_counters
+    from aegis_stream.kernel.loader import open_pinned
 
     pinned = open_pinned()
     try:
@@ -117,7 +118,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from aegis_stream.status import collect, render
+    from aegis_stream.agent.status import collect, render
 
     report = collect(args.pin_root, args.status_file)
     if args.json:
@@ -128,7 +129,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    from aegis_stream.loader import remove_pins
+    from aegis_stream.kernel.loader import remove_pins
 
     removed = remove_pins()
     print(f"removed {len(removed)} pins; enforcement stops when no agent holds the programs")
@@ -136,7 +137,7 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from aegis_stream.demo import run_demo
+    from aegis_stream.cli.demo import run_demo
 
     return run_demo(args.kernel)
 
@@ -162,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     pa = pol.add_parser("apply", help="apply a policy to the loaded agent (pinned state)")
     pa.add_argument("file")
     pa.add_argument("--mode", choices=["audit", "enforce"])
-    from aegis_stream.cli_policy import (
+    from aegis_stream.cli.policy import (
         add_policy_apply_arguments,
         add_policy_lifecycle_commands,
     )
-    from aegis_stream.cli_policy import cmd_policy_apply as lifecycle_apply
+    from aegis_stream.cli.policy import cmd_policy_apply as lifecycle_apply
 
     add_policy_apply_arguments(pa)  # --dry-run, --events, --canary-seconds, --max-deny-rate
     pa.set_defaults(func=lifecycle_apply)
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sts.add_argument("--pin-root", help="pin root (default $AEGIS_PIN_ROOT or /sys/fs/bpf/aegis)")
     sts.set_defaults(func=cmd_status)
 
-    from aegis_stream.explain import add_pipeline_commands
+    from aegis_stream.agent.explain import add_pipeline_commands
 
     add_pipeline_commands(sub)  # aegis explain EVENT [--events LOG] [--json]
 
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--kernel", default="6.1")
     dm.set_defaults(func=cmd_demo)
 
-    from aegis_stream.lab import add_lab_subparsers
+    from aegis_stream.lab.core import add_lab_subparsers
 
     lab = sub.add_parser("lab", help="real Debian kernels under QEMU")
     add_lab_subparsers(lab.add_subparsers(dest="lab_command", required=True))

@@ -61,18 +61,18 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
-from aegis_stream import abi, slots
-from aegis_stream.counters import CounterSnapshot, MapCounterSource
-from aegis_stream.events import RECORD_STRIDE, DecodeError, decode_batch, rows, split_valid
-from aegis_stream.memtrim import release_freed_memory
-from aegis_stream.normalise import Normaliser
-from aegis_stream.ringbuf import RawBatch, RingBuffer, RingStatistics
-from aegis_stream.schema import SloEvent, StateEvent
-from aegis_stream.sinks import Sink, SinkBatch, SinkStatistics
-from pipelines.degraded import DegradedConfig, DegradedMonitor, HealthSample, Transition
-from pipelines.explain import Explainer
-from pipelines.sampling import Sampler
-from pipelines.slo import AlertChange, DropRateSlo, SloConfig
+from aegis_stream.kernel import abi, slots
+from aegis_stream.kernel.counters import CounterSnapshot, MapCounterSource
+from aegis_stream.kernel.events import RECORD_STRIDE, DecodeError, decode_batch, rows, split_valid
+from aegis_stream.kernel.ringbuf import RawBatch, RingBuffer, RingStatistics
+from aegis_stream.pipeline.memtrim import release_freed_memory
+from aegis_stream.pipeline.normalise import Normaliser
+from aegis_stream.pipeline.schema import SloEvent, StateEvent
+from aegis_stream.pipeline.sinks import Sink, SinkBatch, SinkStatistics
+from aegis_stream.processors.degraded import DegradedConfig, DegradedMonitor, HealthSample, Transition
+from aegis_stream.processors.explain import Explainer
+from aegis_stream.processors.sampling import Sampler
+from aegis_stream.processors.slo import AlertChange, DropRateSlo, SloConfig
 
 CLASSES = ("deny", "audit")
 _enc = msgspec.json.Encoder()

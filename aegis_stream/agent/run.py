@@ -30,18 +30,19 @@ from typing import Any
 import msgspec
 import trio
 
-from aegis_stream import abi, libbpf, reasons
+from aegis_stream.agent import reasons
 from aegis_stream.errors import AegisError, LoadError
-from aegis_stream.lifecycle import Lifecycle, ReconcileOutcome
-from aegis_stream.loader import AttachReport, BpfObject
-from aegis_stream.normalise import Normaliser
-from aegis_stream.pipeline import MapsKernelView, Pipeline, PipelineConfig, PipelineStatistics
-from aegis_stream.ringbuf import RingBuffer
-from aegis_stream.schema import StateEvent
-from aegis_stream.sinks import Sink, open_sink
-from aegis_stream.store import PolicyStore, atomic_write, state_dir
-from pipelines.degraded import DegradedConfig
-from pipelines.slo import AlertRule, SloConfig
+from aegis_stream.kernel import abi, libbpf
+from aegis_stream.kernel.loader import AttachReport, BpfObject
+from aegis_stream.kernel.ringbuf import RingBuffer
+from aegis_stream.pipeline.core import MapsKernelView, Pipeline, PipelineConfig, PipelineStatistics
+from aegis_stream.pipeline.normalise import Normaliser
+from aegis_stream.pipeline.schema import StateEvent
+from aegis_stream.pipeline.sinks import Sink, open_sink
+from aegis_stream.policy.lifecycle import Lifecycle, ReconcileOutcome
+from aegis_stream.policy.store import PolicyStore, atomic_write, state_dir
+from aegis_stream.processors.degraded import DegradedConfig
+from aegis_stream.processors.slo import AlertRule, SloConfig
 
 POLL_INTERVAL_S = 0.05
 STATUS_NAME = "status.json"  # <state dir>/status.json: what `aegis status` reads
@@ -148,7 +149,7 @@ async def serve_pipeline(
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
         if metrics_addr:
-            from aegis_stream.metrics import AegisMetrics, serve_metrics
+            from aegis_stream.pipeline.metrics import AegisMetrics, serve_metrics
 
             metrics = AegisMetrics(pipeline.statistics, caches=pipeline.norm.cache_statistics)
             bound = await nursery.start(partial(serve_metrics, listeners=metrics_listeners),
@@ -206,7 +207,7 @@ async def run_agent(cfg: AgentConfig) -> int:
     status_path = cfg.status_file or str(default_status_path())
     listeners: list[trio.SocketListener] | None = None
     if cfg.metrics_addr:
-        from aegis_stream.metrics import open_metrics_listeners
+        from aegis_stream.pipeline.metrics import open_metrics_listeners
 
         try:
             listeners = await open_metrics_listeners(cfg.metrics_addr)
@@ -275,7 +276,7 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
         )
         state = "enforcing" if res.mode == "enforce" and report.enforcing_capable else "auditing"
     else:
-        from aegis_stream import slots
+        from aegis_stream.kernel import slots
 
         active = slots.read_state(obj.policy_maps()).active
         if active.valid and active.mode == abi.Mode.ENFORCE:

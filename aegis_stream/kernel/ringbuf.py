@@ -10,7 +10,7 @@ so the consumer stops at the first BUSY record: later ones wait behind it.
 Readiness: the map fd polls readable while ``producer_pos > consumer_pos``.  The kernel
 wakes a waiting consumer only when a record is submitted at the position the consumer
 has reached (adaptive wakeup), so the reader must drain until empty before waiting, and
-it also polls on a short timeout.  :mod:`aegis_stream.fakekernel` lays out the same
+it also polls on a short timeout.  :mod:`aegis_stream.testing` lays out the same
 bytes in a memfd (with an eventfd as the readiness fd, ``wakeup_fd``).
 
 Two drains:
@@ -31,7 +31,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from aegis_stream.events import EVENT_SIZE, RECORD_STRIDE, RING_HDR
+from aegis_stream.kernel.events import EVENT_SIZE, RECORD_STRIDE, RING_HDR
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30

@@ -33,8 +33,8 @@ DenyReader = Callable[[int], Mapping[Any, int]]
 def _kernel() -> Iterator[tuple[Any, DenyReader]]:
     """(PolicyMaps of the pinned agent, per-generation deny-count reader).  Tests replace
     this with fake maps."""
-    from aegis_stream.counters import read_counters
-    from aegis_stream.loader import open_pinned
+    from aegis_stream.kernel.counters import read_counters
+    from aegis_stream.kernel.loader import open_pinned
 
     pinned = open_pinned()
 
@@ -81,7 +81,7 @@ def add_policy_apply_arguments(pa: argparse.ArgumentParser) -> None:
 
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:
-    from aegis_stream.lifecycle import Lifecycle
+    from aegis_stream.policy.lifecycle import Lifecycle
 
     data = _read(args.file)
     if getattr(args, "dry_run", False):
@@ -127,10 +127,10 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace, data: bytes) -> int:
-    from aegis_stream import slots
-    from aegis_stream.lifecycle import Lifecycle
+    from aegis_stream.kernel import slots
     from aegis_stream.policy import compiler, dryrun, model, signing
-    from aegis_stream.store import PolicyStore
+    from aegis_stream.policy.lifecycle import Lifecycle
+    from aegis_stream.policy.store import PolicyStore
 
     lines: list[str] = []
     refused = False
@@ -225,7 +225,7 @@ def cmd_policy_verify(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ lint
 def cmd_policy_lint(args: argparse.Namespace) -> int:
     from aegis_stream.policy import lint, signing
-    from aegis_stream.store import atomic_write
+    from aegis_stream.policy.store import atomic_write
 
     data = _read(args.file)
     source = args.file
@@ -261,7 +261,7 @@ def cmd_policy_lint(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ log
 def cmd_policy_log(args: argparse.Namespace) -> int:
-    from aegis_stream.provenance import ProvenanceLog
+    from aegis_stream.policy.provenance import ProvenanceLog
 
     log = ProvenanceLog()
     if args.verify:
@@ -301,7 +301,7 @@ def cmd_policy_log(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ rollback
 def cmd_policy_rollback(args: argparse.Namespace) -> int:
-    from aegis_stream.lifecycle import Lifecycle
+    from aegis_stream.policy.lifecycle import Lifecycle
 
     with _kernel() as (maps, _):
         rb = Lifecycle(maps).rollback(to_version=args.to, reason=args.reason or "")
@@ -349,8 +349,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from aegis_stream.policy.store import PolicyStore
     from aegis_stream.policy.trust import TrustStore
-    from aegis_stream.store import PolicyStore
 
     st = TrustStore().revoke(args.id, args.reason)
     print(f"revoked key {st.key_id} ({st.fingerprint}): {args.reason}")
@@ -372,7 +372,7 @@ def _signer(store: Any, gen: int) -> str:
 
 # ------------------------------------------------------------------------ break-glass
 def cmd_break_glass(args: argparse.Namespace) -> int:
-    from aegis_stream.lifecycle import Lifecycle
+    from aegis_stream.policy.lifecycle import Lifecycle
 
     _require_root("break-glass")
     if args.clear:
