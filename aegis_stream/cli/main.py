@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pipeline_commands(sub)  # aegis explain EVENT [--events LOG] [--json]
 
+    from aegis_stream.cli.fleet import add_fleet_commands
+
+    add_fleet_commands(sub)  # aegis fleet broker|worker|ship, aegis tail
+
     u = sub.add_parser("unload", help="remove pinned programs and maps")
     u.set_defaults(func=cmd_unload)
 
