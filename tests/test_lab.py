@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from aegis_stream.errors import LabError
-from aegis_stream.lab import core as lab
+from aegis_stream.lab import apt, cli, kernels, vm
 
 # ----------------------------------------------------------------------------- sources
 
@@ -41,9 +41,40 @@ DEB822 = textwrap.dedent(
 
 
 def test_host_sources_deb822() -> None:
-    m = lab.parse_host_sources({"/etc/apt/sources.list.d/debian.sources": DEB822})
+    m = apt.parse_host_sources({"/etc/apt/sources.list.d/debian.sources": DEB822})
     assert m.debian == "http://mirror.example/debian"
     assert m.security == "http://mirror.example/debian-security"
+
+
+def test_one_stanza_parser_reads_deb822_sources(tmp_path: Path) -> None:
+    """The .sources reader and the apt-cache reader are one parser: comments skipped, field
+    names case-insensitive for deb822, continuation lines kept, an inline key ignored."""
+    key = tmp_path / "k.gpg"
+    key.write_bytes(b"")
+    text = textwrap.dedent(
+        f"""\
+        # the Debian archive
+        types: deb
+        URIS: http://a.example/debian
+        Suites: bookworm
+          bookworm-updates
+        Signed-By:
+         {key}
+
+        Types: deb
+        URIs: http://b.example/debian-security
+        Suites: bookworm-security
+        Signed-By:
+         -----BEGIN PGP PUBLIC KEY BLOCK-----
+         .
+         mQINBF...
+        """
+    )
+    st = apt.parse_stanzas(text)
+    assert st[0]["Suites"] == "bookworm\nbookworm-updates" and st[0]["Signed-By"] == str(key)
+    m = apt.parse_host_sources({"/etc/apt/sources.list.d/x.sources": text})
+    assert (m.debian, m.security, m.keyring) == (
+        "http://a.example/debian", "http://b.example/debian-security", str(key))
 
 
 def test_host_sources_one_line_and_derived_security() -> None:
@@ -55,36 +86,36 @@ def test_host_sources_one_line_and_derived_security() -> None:
         deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main
         """
     )
-    m = lab.parse_host_sources({"/etc/apt/sources.list": text})
+    m = apt.parse_host_sources({"/etc/apt/sources.list": text})
     assert m.debian == "http://ftp.example/debian"
     assert m.security == "http://ftp.example/debian-security"
-    assert m.keyring == lab.DEBIAN_KEYRING  # the named keyring does not exist
+    assert m.keyring == apt.DEBIAN_KEYRING  # the named keyring does not exist
 
 
 def test_host_sources_ignores_non_debian_and_disabled() -> None:
     other = "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\n"
     disabled = DEB822.replace("Types: deb\n", "Types: deb\nEnabled: no\n")
     with pytest.raises(LabError, match="no Debian mirror"):
-        lab.parse_host_sources(
+        apt.parse_host_sources(
             {"/x/node.sources": other, "/x/debian.sources": disabled, "/x/a.list.disabled": ""}
         )
 
 
 def test_sources_list_pockets() -> None:
-    m = lab.Mirrors("http://m/debian", "http://m/debian-security", "/k.gpg")
-    bookworm = lab.sources_list("bookworm", m).splitlines()
+    m = apt.Mirrors("http://m/debian", "http://m/debian-security", "/k.gpg")
+    bookworm = apt.sources_list("bookworm", m).splitlines()
     assert bookworm == [
         "deb [signed-by=/k.gpg] http://m/debian bookworm main",
         "deb [signed-by=/k.gpg] http://m/debian bookworm-updates main",
         "deb [signed-by=/k.gpg] http://m/debian-security bookworm-security main",
     ]
-    assert lab.sources_list("sid", m) == "deb [signed-by=/k.gpg] http://m/debian sid main\n"
+    assert apt.sources_list("sid", m) == "deb [signed-by=/k.gpg] http://m/debian sid main\n"
 
 
 def test_private_apt_never_points_at_host_state(tmp_path: Path) -> None:
-    apt = lab.PrivateApt(tmp_path / "apt", "trixie", lab.Mirrors("http://m/debian", "http://s"))
-    apt.setup()
-    opts = apt.options()
+    papt = apt.PrivateApt(tmp_path / "apt", "trixie", apt.Mirrors("http://m/debian", "http://s"))
+    papt.setup()
+    opts = papt.options()
     values = dict(o.split("=", 1) for o in opts if o != "-o")
     for key in (
         "Dir::Etc::SourceList",
@@ -133,28 +164,28 @@ SID_IMAGE_DEPENDS = (
 
 
 def test_policy_candidate() -> None:
-    assert lab.parse_policy_candidate(POLICY) == "6.1.192-2"
-    assert lab.parse_policy_candidate("x:\n  Candidate: (none)\n") is None
-    assert lab.parse_policy_candidate("") is None
+    assert apt.parse_policy_candidate(POLICY) == "6.1.192-2"
+    assert apt.parse_policy_candidate("x:\n  Candidate: (none)\n") is None
+    assert apt.parse_policy_candidate("") is None
 
 
 def test_stanzas_and_release() -> None:
-    st = lab.parse_stanzas(SHOW_META)
+    st = apt.parse_stanzas(SHOW_META)
     assert [s["Version"] for s in st] == ["6.1.192-2", "6.1.176-1"]
     assert "latest Linux kernel" in st[0]["Description"]
-    assert lab.image_release(st[0]["Depends"]) == "6.1.0-56-amd64"
+    assert kernels.image_release(st[0]["Depends"]) == "6.1.0-56-amd64"
     assert (
-        lab.image_release(
+        kernels.image_release(
             "linux-base-amd64 (= 7.2.13-1), linux-image-7.2.13+deb14-amd64 (= 7.2.13-1)"
         )
         == "7.2.13+deb14-amd64"
     )
     with pytest.raises(LabError):
-        lab.image_release("linux-base-amd64")
+        kernels.image_release("linux-base-amd64")
 
 
 def test_parse_depends() -> None:
-    assert lab.parse_depends("a (>= 1) | b:any, c [amd64], d <!nocheck>") == [
+    assert apt.parse_depends("a (>= 1) | b:any, c [amd64], d <!nocheck>") == [
         ["a", "b"],
         ["c"],
         ["d"],
@@ -162,11 +193,11 @@ def test_parse_depends() -> None:
 
 
 def test_kernel_packages_bookworm_and_sid_split() -> None:
-    assert lab.kernel_packages(
+    assert kernels.kernel_packages(
         "6.1.0-56-amd64",
         "kmod, linux-base (>= 4.3~), initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool",
     ) == ["linux-image-6.1.0-56-amd64"]
-    assert lab.kernel_packages("7.2.13+deb14-amd64", SID_IMAGE_DEPENDS) == [
+    assert kernels.kernel_packages("7.2.13+deb14-amd64", SID_IMAGE_DEPENDS) == [
         "linux-image-7.2.13+deb14-amd64",
         "linux-base-7.2.13+deb14-amd64",
         "linux-binary-7.2.13+deb14-amd64",
@@ -176,11 +207,11 @@ def test_kernel_packages_bookworm_and_sid_split() -> None:
 
 @pytest.mark.skipif(shutil.which("dpkg") is None, reason="needs dpkg --compare-versions")
 def test_newest_version_uses_dpkg_order() -> None:
-    assert lab.newest_version(["6.1.176-1", "6.1.192-2", "6.1.99-1"]) == "6.1.192-2"
-    assert lab.newest_version(["7.2~rc3-1~exp1", "7.1.5-1"]) == "7.2~rc3-1~exp1"
-    assert lab.newest_version(["6.12.117-1", "6.12.117-1+b1"]) == "6.12.117-1+b1"
+    assert apt.newest_version(["6.1.176-1", "6.1.192-2", "6.1.99-1"]) == "6.1.192-2"
+    assert apt.newest_version(["7.2~rc3-1~exp1", "7.1.5-1"]) == "7.2~rc3-1~exp1"
+    assert apt.newest_version(["6.12.117-1", "6.12.117-1+b1"]) == "6.12.117-1+b1"
     with pytest.raises(LabError):
-        lab.newest_version([])
+        apt.newest_version([])
 
 
 class FakeApt:
@@ -207,7 +238,7 @@ def test_resolve_kernel_follows_candidate() -> None:
             ): "Package: linux-image-6.1.0-56-amd64\nVersion: 6.1.192-2\nDepends: kmod\n",
         }
     )
-    release, pkgver, pkgs = lab.resolve_kernel("6.1", apt)  # type: ignore[arg-type]
+    release, pkgver, pkgs = kernels.resolve_kernel("6.1", apt)  # type: ignore[arg-type]
     assert (release, pkgver, pkgs) == (
         "6.1.0-56-amd64",
         "6.1.192-2",
@@ -234,21 +265,21 @@ def make_tree(base: Path, series: str, release: str, *, merged_usr: bool = False
 
 def test_normalize_merged_usr_tree(tmp_path: Path) -> None:
     tree = make_tree(tmp_path, "7", "7.2.13+deb14-amd64", merged_usr=True)
-    lab._normalize_tree(tree, "7.2.13+deb14-amd64")
+    kernels._normalize_tree(tree, "7.2.13+deb14-amd64")
     assert (tree / "lib").is_symlink()
     assert (tree / "boot/vmlinuz-7.2.13+deb14-amd64").read_bytes() == b"MZ"
     (tree / ".complete").write_text("7.2.13-1\n")
-    k = lab.find_kernel("7", tmp_path)
+    k = kernels.find_kernel("7", tmp_path)
     assert k.version == "7.2.13+deb14-amd64" and k.package_version == "7.2.13-1"
     assert k.root == tree
-    assert lab.kernel_config(k)["CONFIG_LSM"] == "landlock,yama,bpf"
+    assert kernels.kernel_config(k)["CONFIG_LSM"] == "landlock,yama,bpf"
 
 
 def test_normalize_tree_without_vmlinuz(tmp_path: Path) -> None:
     tree = tmp_path / "t"
     (tree / "lib/modules/6.1.0-1-amd64").mkdir(parents=True)
     with pytest.raises(LabError, match="no vmlinuz"):
-        lab._normalize_tree(tree, "6.1.0-1-amd64")
+        kernels._normalize_tree(tree, "6.1.0-1-amd64")
 
 
 def test_list_and_find_kernels(tmp_path: Path) -> None:
@@ -256,13 +287,13 @@ def test_list_and_find_kernels(tmp_path: Path) -> None:
         make_tree(tmp_path, "6.1", rel)
     for rel in ("6.1.0-9-amd64", "6.1.0-56-amd64"):  # -57 is incomplete (no marker)
         (tmp_path / "6.1" / rel / ".complete").write_text("x\n")
-    ks = lab.list_kernels(tmp_path)
+    ks = kernels.list_kernels(tmp_path)
     assert [k.version for k in ks] == ["6.1.0-56-amd64", "6.1.0-9-amd64"]
-    assert lab.find_kernel("6.1", tmp_path).version == "6.1.0-56-amd64"
+    assert kernels.find_kernel("6.1", tmp_path).version == "6.1.0-56-amd64"
     with pytest.raises(LabError, match="not fetched"):
-        lab.find_kernel("6.12", tmp_path)
+        kernels.find_kernel("6.12", tmp_path)
     with pytest.raises(LabError, match="unknown kernel series"):
-        lab.find_kernel("5.10", tmp_path)
+        kernels.find_kernel("5.10", tmp_path)
 
 
 def test_fetch_kernel_reuses_cache_without_network(tmp_path: Path, monkeypatch) -> None:
@@ -272,45 +303,45 @@ def test_fetch_kernel_reuses_cache_without_network(tmp_path: Path, monkeypatch) 
     def no_network(*a, **kw):
         raise AssertionError("fetch_kernel touched apt although the kernel is cached")
 
-    monkeypatch.setattr(lab.PrivateApt, "run", no_network)
-    monkeypatch.setattr(lab, "host_mirrors", no_network)
-    assert lab.fetch_kernel("6.12", tmp_path).version == "6.12.118+deb13-amd64"
+    monkeypatch.setattr(apt.PrivateApt, "run", no_network)
+    monkeypatch.setattr(kernels, "host_mirrors", no_network)
+    assert kernels.fetch_kernel("6.12", tmp_path).version == "6.12.118+deb13-amd64"
 
 
 def test_cache_dir_default(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AEGIS_KERNEL_CACHE", str(tmp_path))
-    assert lab.cache_dir() == tmp_path
+    assert kernels.cache_dir() == tmp_path
     monkeypatch.delenv("AEGIS_KERNEL_CACHE")
-    assert lab.cache_dir() == Path("~/.cache/aegis/kernels").expanduser()
-    assert lab.cache_dir("/x") == Path("/x")
+    assert kernels.cache_dir() == Path("~/.cache/aegis/kernels").expanduser()
+    assert kernels.cache_dir("/x") == Path("/x")
 
 
 def test_version_key_is_natural() -> None:
     vs = ["6.1.0-9-amd64", "6.1.0-56-amd64", "6.1.0-10-amd64"]
-    assert sorted(vs, key=lab._version_key)[-1] == "6.1.0-56-amd64"
+    assert sorted(vs, key=kernels._version_key)[-1] == "6.1.0-56-amd64"
 
 
 # ----------------------------------------------------------------------------- guest / vng
 
 
 def test_lsm_append() -> None:
-    assert lab.lsm_append({"CONFIG_BPF_LSM": "y", "CONFIG_LSM": "landlock,yama,bpf"}) == []
-    assert lab.lsm_append({"CONFIG_BPF_LSM": "y", "CONFIG_LSM": "landlock,yama"}) == [
-        lab.LSM_APPEND
+    assert vm.lsm_append({"CONFIG_BPF_LSM": "y", "CONFIG_LSM": "landlock,yama,bpf"}) == []
+    assert vm.lsm_append({"CONFIG_BPF_LSM": "y", "CONFIG_LSM": "landlock,yama"}) == [
+        vm.LSM_APPEND
     ]
-    assert lab.lsm_append({}) == [lab.LSM_APPEND]
+    assert vm.lsm_append({}) == [vm.LSM_APPEND]
     with pytest.raises(LabError, match="CONFIG_BPF_LSM"):
-        lab.lsm_append({"CONFIG_BPF_LSM": "n"})
-    assert "bpf" in lab.LSM_APPEND.split("=")[1].split(",")
+        vm.lsm_append({"CONFIG_BPF_LSM": "n"})
+    assert "bpf" in vm.LSM_APPEND.split("=")[1].split(",")
 
 
 def test_parse_kconfig() -> None:
-    cfg = lab.parse_kconfig('# CONFIG_X is not set\nCONFIG_A=y\nCONFIG_LSM="a,b"\nCONFIG_N=3\n')
+    cfg = kernels.parse_kconfig('# CONFIG_X is not set\nCONFIG_A=y\nCONFIG_LSM="a,b"\nCONFIG_N=3\n')
     assert cfg == {"CONFIG_A": "y", "CONFIG_LSM": "a,b", "CONFIG_N": "3"}
 
 
 def test_guest_script() -> None:
-    s = lab.guest_script(
+    s = vm.guest_script(
         ["python", "-c", "print('a b')"],
         cwd="/work/main",
         iodir="/tmp/aegis-lab-x",
@@ -330,20 +361,20 @@ def test_guest_script() -> None:
     assert lines[-1] == "exit $rc"
     assert "mv /tmp/aegis-lab-x/rc.tmp /tmp/aegis-lab-x/rc" in s
     with pytest.raises(LabError, match="empty"):
-        lab.guest_script([], cwd="/", iodir="/tmp/x")
+        vm.guest_script([], cwd="/", iodir="/tmp/x")
     with pytest.raises(LabError, match="variable name"):
-        lab.guest_script(["true"], cwd="/", iodir="/tmp/x", env={"A B": "1"})
+        vm.guest_script(["true"], cwd="/", iodir="/tmp/x", env={"A B": "1"})
 
 
-def fake_kernel(tmp_path: Path) -> lab.LabKernel:
+def fake_kernel(tmp_path: Path) -> kernels.LabKernel:
     tree = make_tree(tmp_path, "6.1", "6.1.0-56-amd64")
     (tree / ".complete").write_text("6.1.192-2\n")
-    return lab.find_kernel("6.1", tmp_path)
+    return kernels.find_kernel("6.1", tmp_path)
 
 
 def test_vng_command(tmp_path: Path) -> None:
     k = fake_kernel(tmp_path)
-    cmd = lab.vng_command(
+    cmd = vm.vng_command(
         k,
         "/tmp/aegis-lab-x/run.sh",
         vng="vng",
@@ -363,38 +394,38 @@ def test_vng_command(tmp_path: Path) -> None:
     assert cmd[cmd.index("--append") + 1] == "lsm=bpf"
     assert cmd[-2:] == ["--exec", "bash /tmp/aegis-lab-x/run.sh"]
     with pytest.raises(LabError, match="cannot pass"):
-        lab.vng_command(k, "/tmp/x/run.sh", rwdirs=["/tmp/a dir"])
+        vm.vng_command(k, "/tmp/x/run.sh", rwdirs=["/tmp/a dir"])
     assert not any(a.startswith("--qemu-opts") for a in cmd)
 
 
 def test_vng_command_qemu_opts(tmp_path: Path) -> None:
     k = fake_kernel(tmp_path)
     for opts in ("-icount shift=0", ["-icount", "shift=0"], ("-icount", "shift=0")):
-        cmd = lab.vng_command(k, "/tmp/x/run.sh", qemu_opts=opts)
+        cmd = vm.vng_command(k, "/tmp/x/run.sh", qemu_opts=opts)
         # one "=" argument (a value starting with "-" would read as a vng option), before --exec
         assert cmd[-3:] == ["--qemu-opts=-icount shift=0", "--exec", "bash /tmp/x/run.sh"]
     with pytest.raises(LabError, match="QEMU option"):
-        lab.vng_command(k, "/tmp/x/run.sh", qemu_opts=["-name", "a b"])
+        vm.vng_command(k, "/tmp/x/run.sh", qemu_opts=["-name", "a b"])
     with pytest.raises(LabError, match="QEMU option"):
-        lab.vng_command(k, "/tmp/x/run.sh", qemu_opts="-d 'in_asm;x'")
+        vm.vng_command(k, "/tmp/x/run.sh", qemu_opts="-d 'in_asm;x'")
 
 
 def test_lab_exec_unfetched_kernel(tmp_path: Path) -> None:
-    k = lab.LabKernel("6.1", "6.1.0-1-amd64", tmp_path / "nope", tmp_path / "mods")
+    k = kernels.LabKernel("6.1", "6.1.0-1-amd64", tmp_path / "nope", tmp_path / "mods")
     with pytest.raises(LabError, match="not fetched"):
-        lab.lab_exec(k, ["true"])
+        vm.lab_exec(k, ["true"])
     with pytest.raises(LabError, match="not fetched"):
-        lab.lab_exec("6.12", ["true"], cache=tmp_path)
+        vm.lab_exec("6.12", ["true"], cache=tmp_path)
 
 
 def test_check_host_names_missing_tool(monkeypatch) -> None:
     monkeypatch.setattr(
-        lab.shutil,
+        vm.shutil,
         "which",
         lambda exe, path=None: None if exe == "qemu-system-x86_64" else f"/usr/bin/{exe}",
     )
     with pytest.raises(LabError, match="qemu-system-x86_64 not found: apt-get install"):
-        lab.check_host()
+        vm.check_host()
 
 
 FAKE_VNG = """\
@@ -428,7 +459,7 @@ def fake_vng(tmp_path: Path, monkeypatch) -> Path:
     exe.parent.mkdir()
     exe.write_text(FAKE_VNG.format(python=sys.executable))
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(lab, "check_host", lambda: {"vng": str(exe)})
+    monkeypatch.setattr(vm, "check_host", lambda: {"vng": str(exe)})
     return exe
 
 
@@ -436,7 +467,7 @@ def test_lab_exec_reads_exit_status_from_guest(tmp_path: Path, fake_vng, monkeyp
     monkeypatch.setenv("FAKE_VNG_MODE", "ok")
     k = fake_kernel(tmp_path)
     seen: list[str] = []
-    r = lab.lab_exec(k, ["true"], cwd=tmp_path, on_stdout=seen.append)
+    r = vm.lab_exec(k, ["true"], cwd=tmp_path, on_stdout=seen.append)
     assert r.returncode == 3
     assert (r.stdout, r.stderr, r.boot_seconds) == ("hello\n", "warn\n", 9.25)
     assert "Linux version" in r.console
@@ -446,28 +477,28 @@ def test_lab_exec_reads_exit_status_from_guest(tmp_path: Path, fake_vng, monkeyp
 def test_lab_exec_passes_qemu_opts(tmp_path: Path, fake_vng, monkeypatch) -> None:
     monkeypatch.setenv("FAKE_VNG_MODE", "ok")
     seen: list[list[str]] = []
-    plain = lab.vng_command
-    monkeypatch.setattr(lab, "vng_command", lambda *a, **kw: seen.append(plain(*a, **kw)) or seen[-1])
+    plain = vm.vng_command
+    monkeypatch.setattr(vm, "vng_command", lambda *a, **kw: seen.append(plain(*a, **kw)) or seen[-1])
     k = fake_kernel(tmp_path)
-    r = lab.lab_exec(k, ["true"], cwd=tmp_path, cpus=1, qemu_opts=["-icount", "shift=0"])
+    r = vm.lab_exec(k, ["true"], cwd=tmp_path, cpus=1, qemu_opts=["-icount", "shift=0"])
     assert r.returncode == 3
     assert "--qemu-opts=-icount shift=0" in seen[0]
     assert seen[0][seen[0].index("--cpus") + 1] == "1"
     with pytest.raises(LabError, match="QEMU option"):  # refused before anything boots
-        lab.lab_exec(k, ["true"], cwd=tmp_path, qemu_opts=["a;b"])
+        vm.lab_exec(k, ["true"], cwd=tmp_path, qemu_opts=["a;b"])
     assert len(seen) == 1
 
 
 def test_lab_exec_boot_failure(tmp_path: Path, fake_vng, monkeypatch) -> None:
     monkeypatch.setenv("FAKE_VNG_MODE", "panic")
     with pytest.raises(LabError, match="no exit status.*Kernel panic"):
-        lab.lab_exec(fake_kernel(tmp_path), ["true"], cwd=tmp_path)
+        vm.lab_exec(fake_kernel(tmp_path), ["true"], cwd=tmp_path)
 
 
 def test_lab_exec_timeout(tmp_path: Path, fake_vng, monkeypatch) -> None:
     monkeypatch.setenv("FAKE_VNG_MODE", "hang")
-    with pytest.raises(lab.LabTimeout, match="timed out") as ei:
-        lab.lab_exec(fake_kernel(tmp_path), ["true"], cwd=tmp_path, timeout=1)
+    with pytest.raises(vm.LabTimeout, match="timed out") as ei:
+        vm.lab_exec(fake_kernel(tmp_path), ["true"], cwd=tmp_path, timeout=1)
     assert "Linux version" in ei.value.console
 
 
@@ -475,11 +506,11 @@ def test_cmd_lab_exec_returns_command_status(tmp_path, fake_vng, monkeypatch, ca
     monkeypatch.setenv("FAKE_VNG_MODE", "ok")
     fake_kernel(tmp_path)
     monkeypatch.chdir(tmp_path)
-    assert lab.cmd_lab_exec("6.1", ["--", "true"], cache=tmp_path) == 3
+    assert cli.cmd_lab_exec("6.1", ["--", "true"], cache=tmp_path) == 3
     out, err = capsys.readouterr()
     assert out == "hello\n"
     assert "warn" in err and "exit 3" in err
-    assert lab.cmd_lab_exec("6.12", ["true"], cache=tmp_path) == 2
+    assert cli.cmd_lab_exec("6.12", ["true"], cache=tmp_path) == 2
     assert "not fetched" in capsys.readouterr().err
 
 
@@ -488,7 +519,7 @@ def test_cmd_lab_exec_returns_command_status(tmp_path, fake_vng, monkeypatch, ca
 
 def test_subparsers() -> None:
     ap = argparse.ArgumentParser()
-    lab.add_lab_subparsers(ap.add_subparsers(dest="lab_command", required=True))
+    cli.add_lab_subparsers(ap.add_subparsers(dest="lab_command", required=True))
     a = ap.parse_args(["exec", "--kernel", "7", "--", "uname", "-r"])
     assert (a.kernel, a.argv) == ("7", ["--", "uname", "-r"])
     a = ap.parse_args(["exec", "--", "pytest", "-m", "kernel"])
@@ -496,12 +527,12 @@ def test_subparsers() -> None:
     a = ap.parse_args(["exec", "--qemu-opts=-icount shift=0", "--", "true"])
     assert a.qemu_opts == "-icount shift=0"
     a = ap.parse_args(["kernels", "--fetch"])
-    assert a.fetch and a.func is lab.cmd_lab_kernels
+    assert a.fetch and a.func is cli.cmd_lab_kernels
 
 
 def test_cmd_lab_kernels(tmp_path: Path, capsys) -> None:
     fake_kernel(tmp_path)
-    assert lab.cmd_lab_kernels(argparse.Namespace(cache=str(tmp_path))) == 0
+    assert cli.cmd_lab_kernels(argparse.Namespace(cache=str(tmp_path))) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["SERIES", "SUITE", "VERSION"]
     rows = {ln.split()[0]: ln.split() for ln in out[1:]}

@@ -120,7 +120,7 @@ def inside() -> int:
 
 
 def run_demo(kernel: str) -> int:
-    from aegis_stream.lab import core as lab
+    from aegis_stream import lab
 
     k = lab.fetch_kernel(kernel)
     print(f"booting Debian kernel {k.version} under QEMU (TCG); this takes a minute...",

@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--kernel", default="6.1")
     dm.set_defaults(func=cmd_demo)
 
-    from aegis_stream.lab.core import add_lab_subparsers
+    from aegis_stream.lab import add_lab_subparsers
 
     lab = sub.add_parser("lab", help="real Debian kernels under QEMU")
     add_lab_subparsers(lab.add_subparsers(dest="lab_command", required=True))

@@ -2,6 +2,6 @@
 
 import sys
 
-from aegis_stream.lab.core import main
+from aegis_stream.lab.cli import main
 
 sys.exit(main())
