@@ -20,13 +20,13 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 #include "aegis_abi.h"
+#include "maps.bpf.h"
+#include "core_fixes.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define EPERM 1
 #define PROT_EXEC 0x4
-#define FMODE_EXEC 0x20   /* f_mode bit on kernels that set it at open */
-#define __FMODE_EXEC 0x20 /* f_flags bit do_open_execat() passes (6.1 sets only this) */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -59,7 +59,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, AEGIS_MAX_RULE_COUNTERS);
 	__type(key, struct aegis_rule_counter_key);
 	__type(value, struct aegis_rule_counter);
 } aegis_rule_counters SEC(".maps");
@@ -67,12 +67,12 @@ struct {
 /* denies: small priority ring; audits: telemetry ring that may overflow */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
+	__uint(max_entries, AEGIS_DENY_RING_BYTES);
 } aegis_deny_events SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4 << 20);
+	__uint(max_entries, AEGIS_AUDIT_RING_BYTES);
 } aegis_audit_events SEC(".maps");
 
 /* keep the shared types in BTF so the ABI check can compare them */
@@ -91,16 +91,11 @@ static __always_inline void count(__u32 hook, __u32 ctr)
 static __always_inline void count_rule(__u64 gen, __u32 rule_id, __u32 hook, bool denied)
 {
 	struct aegis_rule_counter_key k = { .generation = gen, .rule_id = rule_id, .hook = hook };
-	struct aegis_rule_counter *c = bpf_map_lookup_elem(&aegis_rule_counters, &k);
+	struct aegis_rule_counter *c;
 
-	if (!c) {
-		struct aegis_rule_counter zero = {};
-
-		bpf_map_update_elem(&aegis_rule_counters, &k, &zero, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&aegis_rule_counters, &k);
-		if (!c)
-			return; /* table full: the per-hook DENIED/AUDITED totals still count it */
-	}
+	c = bpf_map_lookup_or_try_init_zero(&aegis_rule_counters, &k, struct aegis_rule_counter);
+	if (!c)
+		return; /* table full: the per-hook DENIED/AUDITED totals still count it */
 	if (denied)
 		c->denied += 1;
 	else
@@ -312,7 +307,7 @@ int BPF_PROG(aegis_file_open, struct file *file, int ret)
 	/* opens made by execve/uselib (FMODE_EXEC) are exec decisions, taken in
 	 * bprm_check_security (and, in audit mode, also in mmap_file for the loader's
 	 * mapping: docs/POLICY_SEMANTICS.md), not open decisions */
-	if ((file->f_flags & __FMODE_EXEC) || (file->f_mode & FMODE_EXEC))
+	if (exec_open(file))
 		return 0;
 	return decide(file->f_inode, AEGIS_HOOK_FILE_OPEN, AEGIS_ACTION_OPEN, sc, slot);
 }

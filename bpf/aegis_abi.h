@@ -3,7 +3,7 @@
  * aegis_abi.h - the one place where the kernel programs and the agent agree on
  * event and map layouts.  Plain fixed-width types only; every struct here is
  * checked against the compiled object's BTF by tests/test_abi_btf.py, and the
- * Python mirror lives in aegis_stream/abi.py.
+ * Python mirror lives in aegis_stream/kernel/abi.py.
  *
  * Bump AEGIS_ABI_VERSION on any layout change.  Fields are only ever appended.
  */
@@ -18,6 +18,12 @@
 #define AEGIS_MAX_RULES 65536     /* per slot */
 #define AEGIS_MAX_SCOPES 1024     /* per slot */
 #define AEGIS_MAX_CGROUP_DEPTH 16 /* ancestors walked for hierarchical scope */
+
+/* map sizes the agent relies on (aegis_stream/kernel/abi.py MAP_MAX_ENTRIES mirrors
+ * every map's max_entries; tests/test_abi_btf.py compares them with the object) */
+#define AEGIS_MAX_RULE_COUNTERS 16384         /* (generation, rule, hook) exact counters */
+#define AEGIS_DENY_RING_BYTES (1 << 20)       /* deny ring: small, drained first */
+#define AEGIS_AUDIT_RING_BYTES (4 << 20)      /* audit ring: telemetry, may overflow */
 
 enum aegis_hook {
 	AEGIS_HOOK_FILE_OPEN = 0,

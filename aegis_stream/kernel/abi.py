@@ -16,6 +16,9 @@ SLOTS: Final = 2
 MAX_RULES: Final = 65536
 MAX_SCOPES: Final = 1024
 MAX_CGROUP_DEPTH: Final = 16
+MAX_RULE_COUNTERS: Final = 16384  # (generation, rule, hook) exact counters
+DENY_RING_BYTES: Final = 1 << 20
+AUDIT_RING_BYTES: Final = 4 << 20
 
 
 class Hook(enum.IntEnum):
@@ -165,3 +168,14 @@ ALL_MAPS: Final = (
     MAP_DENY_EVENTS,
     MAP_AUDIT_EVENTS,
 )
+#: every map's max_entries as aegis.bpf.c declares it (ring buffers: bytes); compared
+#: with the object's BTF map definitions by tests/test_abi_btf.py
+MAP_MAX_ENTRIES: Final = {
+    MAP_RULES: MAX_RULES * SLOTS,
+    MAP_SCOPES: MAX_SCOPES * SLOTS,
+    MAP_CONFIG: 1 + SLOTS,  # index 0: control word, 1 + slot: slot config
+    MAP_COUNTERS: len(Hook) * COUNTERS_PER_HOOK,
+    MAP_RULE_COUNTERS: MAX_RULE_COUNTERS,
+    MAP_DENY_EVENTS: DENY_RING_BYTES,
+    MAP_AUDIT_EVENTS: AUDIT_RING_BYTES,
+}

@@ -127,12 +127,15 @@ class PolicyMaps:
         return cls(
             rules=FakeMap(abi.MAP_RULES, abi.INODE_KEY.size, abi.RULE.size, max_rules * abi.SLOTS),
             scopes=FakeMap(
-                abi.MAP_SCOPES, abi.SCOPE_KEY.size, abi.SCOPE.size, abi.MAX_SCOPES * abi.SLOTS
+                abi.MAP_SCOPES, abi.SCOPE_KEY.size, abi.SCOPE.size,
+                abi.MAP_MAX_ENTRIES[abi.MAP_SCOPES],
             ),
             config=FakeMap(
-                abi.MAP_CONFIG, 4, abi.SLOT_CONFIG.size, 1 + abi.SLOTS, array=True
+                abi.MAP_CONFIG, 4, abi.SLOT_CONFIG.size, abi.MAP_MAX_ENTRIES[abi.MAP_CONFIG],
+                array=True,
             ),
             rule_counters=FakeMap(
-                abi.MAP_RULE_COUNTERS, abi.RULE_COUNTER_KEY.size, abi.RULE_COUNTER.size, 16384
+                abi.MAP_RULE_COUNTERS, abi.RULE_COUNTER_KEY.size, abi.RULE_COUNTER.size,
+                abi.MAP_MAX_ENTRIES[abi.MAP_RULE_COUNTERS],
             ),
         )

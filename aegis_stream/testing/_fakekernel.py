@@ -323,8 +323,8 @@ class FakeKernel:
     def __init__(
         self,
         *,
-        deny_ring_size: int = 1 << 20,
-        audit_ring_size: int = 4 << 20,
+        deny_ring_size: int = abi.DENY_RING_BYTES,
+        audit_ring_size: int = abi.AUDIT_RING_BYTES,
         ncpu: int = 2,
         ktime_ns: Callable[[], int] = time.monotonic_ns,
         attached: tuple[str, ...] | None = None,
@@ -332,9 +332,12 @@ class FakeKernel:
         self.ncpu = ncpu
         self.ktime_ns = ktime_ns
         self.policy_maps = PolicyMaps.fake()
-        self.counters = FakePercpuArray(abi.MAP_COUNTERS, len(abi.Hook) * abi.COUNTERS_PER_HOOK, ncpu)
+        self.counters = FakePercpuArray(
+            abi.MAP_COUNTERS, abi.MAP_MAX_ENTRIES[abi.MAP_COUNTERS], ncpu
+        )
         self.rule_counters = FakePercpuHash(
-            abi.MAP_RULE_COUNTERS, abi.RULE_COUNTER_KEY.size, abi.RULE_COUNTER.size, 16384, ncpu
+            abi.MAP_RULE_COUNTERS, abi.RULE_COUNTER_KEY.size, abi.RULE_COUNTER.size,
+            abi.MAP_MAX_ENTRIES[abi.MAP_RULE_COUNTERS], ncpu,
         )
         self.policy_maps.rule_counters = self.rule_counters  # slots.stage prunes it
         self.rings = {
