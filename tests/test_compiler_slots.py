@@ -3,21 +3,35 @@ import struct
 
 import pytest
 
-from aegis_stream.apply import apply_policy
 from aegis_stream.errors import KernelError, PolicyError
 from aegis_stream.kernel import abi, slots
 from aegis_stream.kernel.maps import PolicyMaps
-from aegis_stream.policy import compiler, model
-from aegis_stream.policy.store import PolicyStore
+from aegis_stream.policy import compiler, model, signing
+from aegis_stream.policy.lifecycle import ApplyOutcome, Lifecycle
 
 
-def _policy(tmp_path, files, mode="enforce", version=1, extra=""):
+def _toml(files, mode="enforce", version=1, extra=""):
     rules = "".join(
         f'[[rules]]\nid = "r{i}"\npath = "{f}"\nactions = ["open"]\n' for i, f in enumerate(files)
     )
-    return model.loads(
-        f'apiVersion = "aegis/v1"\nname = "t"\nversion = {version}\nmode = "{mode}"\n{extra}{rules}'
-    )
+    return f'apiVersion = "aegis/v1"\nname = "t"\nversion = {version}\nmode = "{mode}"\n{extra}{rules}'
+
+
+def _policy(tmp_path, files, mode="enforce", version=1, extra=""):
+    return model.loads(_toml(files, mode, version, extra))
+
+
+def _lifecycle(tmp_path) -> Lifecycle:
+    """The product's apply path on fake maps, with a trusted key for signed enforce."""
+    lc = Lifecycle(PolicyMaps.fake(), tmp_path / "state")
+    k = signing.generate_keypair("t", tmp_path / "keys")
+    lc.trust.add(k.public_path.read_bytes())
+    return lc
+
+
+def _apply(lc: Lifecycle, files, version=1) -> ApplyOutcome:
+    key, _ = signing.load_private_key(lc.root.parent / "keys" / "t.key")
+    return lc.apply(signing.sign_policy(_toml(files, version=version).encode(), key, "t"))
 
 
 def _files(tmp_path, n):
@@ -52,14 +66,14 @@ def test_scope_must_be_cgroup_v2(tmp_path):
 
 
 def test_swap_writes_inactive_slot_then_flips(tmp_path):
-    maps = PolicyMaps.fake()
-    store = PolicyStore(tmp_path / "state")
+    lc = _lifecycle(tmp_path)
+    maps, store = lc.maps, lc.store
     f = _files(tmp_path, 3)
-    r1 = apply_policy(maps, store, _policy(tmp_path, f[:2]))
+    r1 = _apply(lc, f[:2])
     st = slots.read_state(maps)
     assert st.active_slot == r1.slot == 1 and st.active.generation == 1 and st.active.valid
     assert st.active.mode == abi.Mode.ENFORCE and st.active.rule_count == 2
-    r2 = apply_policy(maps, store, _policy(tmp_path, f[1:], version=2))
+    r2 = _apply(lc, f[1:], version=2)
     st = slots.read_state(maps)
     assert st.active_slot == r2.slot == 0 and st.active.generation == 2
     # the previous generation is still intact in the other slot (instant rollback)
@@ -68,15 +82,15 @@ def test_swap_writes_inactive_slot_then_flips(tmp_path):
 
 
 def test_a_failed_stage_leaves_the_active_generation_untouched(tmp_path):
-    maps = PolicyMaps.fake()
-    store = PolicyStore(tmp_path / "state")
+    lc = _lifecycle(tmp_path)
+    maps = lc.maps
     f = _files(tmp_path, 4)
-    apply_policy(maps, store, _policy(tmp_path, f[:1]))
+    _apply(lc, f[:1])
     before = slots.read_state(maps)
     digest_before = slots.slot_digest(maps, before.active_slot)
     maps.rules.fail_update_after = 1  # type: ignore[attr-defined]
     with pytest.raises(KernelError, match="nothing applied"):
-        apply_policy(maps, store, _policy(tmp_path, f, version=2))
+        _apply(lc, f, version=2)
     after = slots.read_state(maps)
     assert after.active_slot == before.active_slot
     assert after.active == before.active
@@ -86,10 +100,10 @@ def test_a_failed_stage_leaves_the_active_generation_untouched(tmp_path):
 
 def test_no_decision_can_see_a_mix(tmp_path):
     """Every intermediate state of a swap exposes exactly one complete generation."""
-    maps = PolicyMaps.fake()
-    store = PolicyStore(tmp_path / "state")
+    lc = _lifecycle(tmp_path)
+    maps = lc.maps
     f = _files(tmp_path, 6)
-    apply_policy(maps, store, _policy(tmp_path, f[:3]))
+    _apply(lc, f[:3])
     expected = {1: set(), 2: set()}
     for g, files in ((1, f[:3]), (2, f[3:])):
         expected[g] = {os.stat(x).st_ino for x in files}
@@ -109,7 +123,7 @@ def test_no_decision_can_see_a_mix(tmp_path):
             seen.append((st.active.generation, inos))
 
     maps.config.update = observe  # type: ignore[method-assign]
-    apply_policy(maps, store, _policy(tmp_path, f[3:], version=2))
+    _apply(lc, f[3:], version=2)
     assert seen and all(inos == expected[g] for g, inos in seen)
     assert seen[-1][0] == 2
 

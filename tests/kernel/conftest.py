@@ -2,6 +2,12 @@
 
 These tests run only inside `aegis lab exec` (AEGIS_LAB=1).  Outside the lab they
 skip with the reason; inside the lab a missing capability is a failure, never a skip.
+
+Policies are applied the way the product applies them: through ``Lifecycle.apply`` (lock,
+journal, signature check against the trust store, anti-rollback counter, generation record,
+provenance log).  A per-session key (``kt``) is generated into the session's state
+directory and trusted there; enforce-mode policies are signed with it, audit-mode ones go
+unsigned (which the lifecycle accepts for audit only).
 """
 
 from __future__ import annotations
@@ -16,15 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from aegis_stream.apply import ApplyResult, apply_policy
 from aegis_stream.kernel import abi
 from aegis_stream.kernel.events import RawDecision, decode_raw
 from aegis_stream.kernel.loader import BpfObject
 from aegis_stream.kernel.maps import FdMap
 from aegis_stream.kernel.ringbuf import RingBuffer
 from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount
-from aegis_stream.policy import model
+from aegis_stream.policy import signing
+from aegis_stream.policy.lifecycle import ApplyOutcome, Lifecycle
 from aegis_stream.policy.store import PolicyStore
 
 IN_LAB = os.environ.get("AEGIS_LAB") == "1"
@@ -33,6 +40,7 @@ PROBE = str(Path(__file__).parent / ".build" / "probe")  # built by scripts/setu
 ROOT = Path("/tmp/aegis-kt")
 CG_ROOT = Path("/sys/fs/cgroup")
 EPERM = errno.EPERM
+KEY_ID = "kt"  # the session's signing key, trusted in the session's state directory
 
 
 def pytest_collection_modifyitems(config, items):
@@ -65,13 +73,18 @@ class Outcome:
 class Lab:
     obj: BpfObject
     maps: dict[str, FdMap]
-    store: PolicyStore
+    lifecycle: Lifecycle
+    key: Ed25519PrivateKey
     rings: dict[str, RingBuffer]
     cg_selected: Path
     cg_child: Path
     cg_other: Path
     files: Path
-    applied: list[ApplyResult] = field(default_factory=list)
+    applied: list[ApplyOutcome] = field(default_factory=list)
+
+    @property
+    def store(self) -> PolicyStore:
+        return self.lifecycle.store
 
     # -- policy ---------------------------------------------------------------------
     def apply(
@@ -82,7 +95,9 @@ class Lab:
         scopes: list[Path] | None = None,
         name: str = "kt",
         drain: bool = True,
-    ) -> ApplyResult:
+    ) -> ApplyOutcome:
+        """Apply through ``Lifecycle.apply``, signed when enforcing.  The version counts up
+        across the session, so the anti-rollback counter accepts every apply."""
         version = len(self.applied) + 1
         doc = f'apiVersion = "aegis/v1"\nname = "{name}"\nversion = {version}\nmode = "{mode}"\n'
         for sc in [self.cg_selected] if scopes is None else scopes:
@@ -95,9 +110,10 @@ class Lab:
                 doc += f'path = "{r["path"]}"\n'
             acts = r.get("actions", ["open", "exec"])
             doc += "actions = [" + ", ".join(f'"{a}"' for a in acts) + "]\n"
-        policy = model.loads(doc)
-        pm = self.obj.policy_maps()
-        res = apply_policy(pm, self.store, policy, doc.encode())
+        data = doc.encode()
+        if mode == "enforce":
+            data = signing.sign_policy(data, self.key, KEY_ID)
+        res = self.lifecycle.apply(data, f"kernel-test:{name}")
         self.applied.append(res)
         if drain:  # False: keep what is on the rings (tests that collect under load)
             self.drain()
@@ -284,7 +300,11 @@ def lab_env(tmp_path_factory) -> Iterator[Lab]:
         "deny": RingBuffer(maps[abi.MAP_DENY_EVENTS].fd, maps[abi.MAP_DENY_EVENTS].max_entries),
         "audit": RingBuffer(maps[abi.MAP_AUDIT_EVENTS].fd, maps[abi.MAP_AUDIT_EVENTS].max_entries),
     }
-    lab = Lab(obj, maps, PolicyStore(state), rings, sel, child, other, files)
+    key = signing.generate_keypair(KEY_ID, state / "keys")
+    lifecycle = Lifecycle(obj.policy_maps(), state)
+    lifecycle.trust.add(key.public_path.read_bytes())
+    private, _ = signing.load_private_key(key.private_path)
+    lab = Lab(obj, maps, lifecycle, private, rings, sel, child, other, files)
     yield lab
     for r in rings.values():
         r.close()
