@@ -8,7 +8,9 @@ import argparse
 def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``aegis fleet`` (broker, worker, ship) and ``aegis tail``."""
     fleet = sub.add_parser("fleet", help="fleet streaming over Kafka (docs/FLEET.md)")
-    fleet.add_subparsers(dest="fleet_command", required=True)
+    # shared by every `aegis fleet X`: each part hangs its parsers on fleet_sub
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)
+    add_broker_commands(fleet_sub)
 
     from aegis_stream.fleet.tail import add_tail_arguments
 
@@ -16,3 +18,92 @@ def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "tail", help="follow aegis.decision.v1 on Kafka: one line per decision (or --json)",
         description="Assigns the partitions (no consumer group, no offsets committed): a tail "
                     "never takes partitions from a fleet worker.  docs/FLEET.md"))
+
+
+def add_broker_commands(fleet_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``aegis fleet broker fetch|start|stop|status``: the local Kafka broker (scripts/kafka)."""
+    import json
+    import os
+    import time
+
+    from aegis_stream.fleet import broker as kb
+
+    default_dir = os.environ.get("AEGIS_KAFKA_DIR") or kb.DEFAULT_DATA_DIR
+
+    def cmd_fetch(a: argparse.Namespace) -> int:
+        t0 = time.monotonic()
+        lib = kb.fetch_kafka(a.cache, log=print)
+        print(f"kafka {kb.KAFKA_VERSION}: {lib} ({time.monotonic() - t0:.1f} s)")
+        return 0
+
+    def cmd_start(a: argparse.Namespace) -> int:
+        from aegis_stream.fleet.topics import TOPICS, create_topics
+
+        b = kb.LocalBroker(a.dir, port=a.port, cache=a.cache, heap=a.heap)
+        t0 = time.monotonic()
+        b.start(timeout=a.timeout)
+        ready = time.monotonic() - t0
+        try:
+            created = [] if a.no_topics else create_topics(b.bootstrap, TOPICS)
+        except BaseException:
+            b.stop()
+            raise
+        print(f"kafka broker up at {b.bootstrap} (pid {b.pid()}, ready in {ready:.1f} s, "
+              f"data {b.data_dir}); topics created: {', '.join(created) or 'none (all exist)'}")
+        return 0
+
+    def cmd_stop(a: argparse.Namespace) -> int:
+        b = kb.LocalBroker(a.dir)
+        pid = b.pid()
+        if pid is None:
+            print(f"kafka broker of {b.data_dir}: not running")
+            return 0
+        t0 = time.monotonic()
+        clean = b.stop(grace=a.grace)
+        how = "stopped" if clean else f"killed (no clean stop within {a.grace:g} s)"
+        print(f"kafka broker pid {pid} {how} in {time.monotonic() - t0:.1f} s")
+        return 0 if clean else 1
+
+    def cmd_status(a: argparse.Namespace) -> int:
+        st = kb.LocalBroker(a.dir).status()
+        up = st.running and st.answering
+        if a.json:
+            import msgspec
+
+            print(json.dumps(msgspec.to_builtins(st)))
+        elif st.running:
+            print(f"kafka broker at {st.bootstrap}: pid {st.pid}, "
+                  f"{'answering' if st.answering else 'NOT answering'} (data {st.data_dir})")
+        else:
+            print(f"kafka broker of {st.data_dir}: not running")
+        return 0 if up else 1
+
+    br = fleet_sub.add_parser("broker", help="the local single-node Kafka broker (KRaft)")
+    bsub = br.add_subparsers(dest="broker_command", required=True)
+    cache_help = f"jar cache (default $AEGIS_KAFKA_CACHE or {kb.DEFAULT_CACHE})"
+    dir_help = f"data dir (default $AEGIS_KAFKA_DIR or {kb.DEFAULT_DATA_DIR})"
+
+    f = bsub.add_parser("fetch", help=f"fetch Kafka {kb.KAFKA_VERSION} jars with Maven (idempotent)")
+    f.add_argument("--cache", default=None, help=cache_help)
+    f.set_defaults(func=cmd_fetch)
+
+    s = bsub.add_parser("start", help="start the broker, wait until it answers, create the topics")
+    s.add_argument("--dir", default=default_dir, help=dir_help)
+    s.add_argument("--port", type=int, default=None,
+                   help="listener port on 127.0.0.1 (default: the dir's, else a free one)")
+    s.add_argument("--timeout", type=float, default=kb.DEFAULT_READY_TIMEOUT,
+                   help="seconds to wait for readiness")
+    s.add_argument("--heap", default=kb.DEFAULT_HEAP, help="JVM heap (-Xms = -Xmx)")
+    s.add_argument("--no-topics", action="store_true", help="do not create the aegis topics")
+    s.add_argument("--cache", default=None, help=cache_help)
+    s.set_defaults(func=cmd_start)
+
+    p = bsub.add_parser("stop", help="SIGTERM the broker (SIGKILL after --grace s)")
+    p.add_argument("--dir", default=default_dir, help=dir_help)
+    p.add_argument("--grace", type=float, default=kb.DEFAULT_STOP_GRACE)
+    p.set_defaults(func=cmd_stop)
+
+    t = bsub.add_parser("status", help="running? answering? (exit 0 up, 1 not)")
+    t.add_argument("--dir", default=default_dir, help=dir_help)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_status)
