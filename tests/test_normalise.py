@@ -129,6 +129,22 @@ def test_bounded_cache_lru_and_ttl():
     assert (st_.hits, st_.misses, st_.capacity) == (1, 5, 2)
 
 
+def test_bounded_cache_get_fresh_counts_and_peek_does_not():
+    clock = Clock()
+    c: BoundedCache[int, str | None] = BoundedCache(2, clock=clock)
+    assert c.get_fresh(1) is None and (c.hits, c.misses) == (0, 1)
+    c.put(1, None, ttl=5)  # a negative answer with a short life
+    c.put(2, "b")
+    assert c.get_fresh(1) == (None, 5.0) and (c.hits, c.misses) == (1, 1)
+    c.put(3, "c")  # get_fresh did not refresh 1's LRU position: 1 is evicted, not 2
+    assert c.peek(1) is None and c.peek(2) == ("b", 0.0)
+    clock.t = 6
+    c.put(1, None, ttl=5)  # expires at 11
+    clock.t = 11
+    assert c.get_fresh(1) is None and (c.hits, c.misses) == (1, 2)
+    assert c.peek(1) == (None, 11.0) and (c.hits, c.misses) == (1, 2)  # as stored, uncounted
+
+
 def test_cgroup_resolver_walks_once_and_caches_negatives(tmp_path):
     root = tmp_path / "cg"
     (root / "a" / "b").mkdir(parents=True)

@@ -31,7 +31,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from aegis_stream.kernel.events import EVENT_SIZE, RECORD_STRIDE, RING_HDR
+from aegis_stream.kernel.events import EVENT_SIZE, RECORD_STRIDE
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
@@ -212,6 +212,3 @@ class RingBuffer:
         self._data.close()
         self._cons.close()
 
-
-def record_header(length: int, pg_off: int = 0) -> bytes:
-    return RING_HDR.pack(length, pg_off)

@@ -91,6 +91,23 @@ class BoundedCache(Generic[K, V]):
         self.put(key, val, ttl=ttl)
         return val
 
+    def get_fresh(self, key: K) -> tuple[V, float] | None:
+        """The ``(value, expires_at)`` entry when present and unexpired (a hit), else None
+        (a miss; the caller makes the value and :meth:`put` s it, choosing its ttl from the
+        value, e.g. a shorter one for a negative answer).  Unlike :meth:`get_or` it neither
+        moves the entry to the LRU end nor drops an expired one (the ``put`` replaces it):
+        one dict lookup on the per-event path."""
+        hit = self._d.get(key)
+        if hit is not None and (not hit[1] or self.clock() < hit[1]):
+            self.hits += 1
+            return hit
+        self.misses += 1
+        return None
+
+    def peek(self, key: K) -> tuple[V, float] | None:
+        """The stored ``(value, expires_at)`` entry as it is: no expiry check, no statistics."""
+        return self._d.get(key)
+
     def put(self, key: K, val: V, *, ttl: float | None = None) -> None:
         life = ttl if ttl is not None else self.ttl
         self._d[key] = (val, self.clock() + life if life else 0.0)
@@ -173,7 +190,7 @@ class CgroupResolver:
             return self.static[cgid]
         if self.roots and self.clock() - self._last_walk >= self.walk_interval:
             self._walk()
-            hit = self.cache._d.get(cgid)
+            hit = self.cache.peek(cgid)
             if hit is not None:
                 return hit[0]
         return ""
@@ -181,11 +198,9 @@ class CgroupResolver:
     def path(self, cgid: int) -> str:
         if cgid == 0:
             return ""
-        hit = self.cache._d.get(cgid)
-        if hit is not None and (not hit[1] or self.clock() < hit[1]):
-            self.cache.hits += 1
+        hit = self.cache.get_fresh(cgid)
+        if hit is not None:
             return hit[0]
-        self.cache.misses += 1
         found = self._find(cgid)
         self.cache.put(cgid, found, ttl=None if found else self.negative_ttl)
         return found
@@ -298,11 +313,9 @@ class GenerationIndex:
         return GenerationInfo(rec, self._origin(gen), str(self.store.gen_dir / f"{gen}.json"))
 
     def get(self, gen: int) -> GenerationInfo | None:
-        hit = self.cache._d.get(gen)
-        if hit is not None and (not hit[1] or self.cache.clock() < hit[1]):
-            self.cache.hits += 1
+        hit = self.cache.get_fresh(gen)
+        if hit is not None:
             return hit[0]
-        self.cache.misses += 1
         info = self._load(gen)
         self.cache.put(gen, info, ttl=None if info else self.negative_ttl)
         return info
@@ -419,12 +432,10 @@ class Normaliser:
                raw.scope_cgroup_id, raw.ino, raw.dev, raw.action, raw.uid, raw.gid, raw.mode,
                raw.slot, raw.comm)
         cache = self._ref_contexts
-        hit = cache._d.get(key)
-        if hit is not None and (not hit[1] or cache.clock() < hit[1]):
-            cache.hits += 1
+        hit = cache.get_fresh(key)
+        if hit is not None:
             template, missing = hit[0]
         else:
-            cache.misses += 1
             fields, missing = self._context_fields(*key)
             template = DecisionEvent(event_id="", time="", ktime_ns=0, pid=0, tid=0, **fields)
             cache.put(key, (template, missing), ttl=self.retry_missing_s if missing else None)
@@ -505,11 +516,9 @@ class Normaliser:
 
     def _context(self, key: bytes, rec: np.void) -> _Context:
         cache = self.contexts
-        hit = cache._d.get(key)
-        if hit is not None and (not hit[1] or cache.clock() < hit[1]):
-            cache.hits += 1
+        hit = cache.get_fresh(key)
+        if hit is not None:
             return hit[0]
-        cache.misses += 1
         ctx = self._context_for(key, rec)
         # a context with a gap is looked up again soon: the record or cgroup may appear
         cache.put(key, ctx, ttl=self.retry_missing_s if ctx.missing else None)

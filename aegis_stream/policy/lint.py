@@ -27,7 +27,13 @@ import msgspec
 
 from aegis_stream.errors import PolicyError
 from aegis_stream.kernel import abi
-from aegis_stream.kernel.devnum import InodeId, parse_inode, read_mountinfo, resolve_inode
+from aegis_stream.kernel.devnum import (
+    InodeId,
+    kernel_dev,
+    parse_inode,
+    read_mountinfo,
+    resolve_inode,
+)
 from aegis_stream.policy import model
 from aegis_stream.policy.compiler import UNSTABLE_INODE_FS
 
@@ -194,8 +200,11 @@ def _fstype_of_dev(dev: int, mounts: dict | None) -> str:
     if not mounts:
         return ""
     for mi in mounts.values():
-        if (mi.major << 20 | mi.minor) == dev:
-            return mi.fstype
+        try:
+            if kernel_dev(mi.major, mi.minor) == dev:
+                return mi.fstype
+        except ValueError:  # not a kernel 12:20 device number: cannot be this rule's dev
+            continue
     return ""
 
 
