@@ -1,0 +1,730 @@
+"""The agent's Kafka sink: decisions to ``aegis.decision.v1`` (key = host), explanations
+and state next to them, denies never lost.
+
+Client: confluent-kafka (librdkafka), chosen by measurement (``python -m
+bench.kafka_sink_bench``, docs/FLEET.md).  ``produce()`` only appends to librdkafka's
+queue (its own C threads talk to the broker); delivery reports arrive through ``poll()``,
+which a dedicated thread per sink calls.  The trio side produces a batch inline and, for
+the classes that must not be lost, awaits the batch's last delivery report through a
+``trio.Event`` set from that thread (one cross-thread wake per batch, not per event).
+
+Delivery per class::
+
+    deny, explanation   durable: written = every record acked (idempotent producer,
+                        acks=all).  While the broker is away or slow (no ack within
+                        ``ack_timeout_s``) the batch goes to the sink's own bounded disk
+                        spool instead, and every later batch follows it there, so a host's
+                        order holds; the poll thread replays the spool head-first once the
+                        broker answers.  A full spool raises SinkError: the pipeline's deny
+                        retry path then holds the batch (the file sink is held back only
+                        then).  At-least-once: a replay may repeat records that were acked
+                        late (dedup key ``event_id``).
+    audit, state, slo   best effort: produced without waiting; shed while the broker is
+                        away (``sink/broker_unavailable``), when librdkafka's queue is full
+                        (``sink/queue_full``), or when a delivery report fails (by reason).
+                        Every shed or failed record is counted in ``dropped``.
+
+The spool is not the pipeline's :class:`~aegis_stream.pipeline.spool.DiskSpool`: that one
+holds raw 104-byte kernel records and its recovery checks frames against that stride;
+this one holds encoded JSON lines (a frame per batch, with its class and a CRC).
+
+Errors::
+
+    SinkError (aegis_stream.pipeline.sinks)
+    └── KafkaSinkError   bad bootstrap / host key, a missing topic at start, a full spool
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import trio
+
+from aegis_stream.fleet.topics import (
+    DECISION_TOPIC,
+    EXPLANATION_TOPIC,
+    STATE_TOPIC,
+    schema_headers,
+)
+from aegis_stream.pipeline.sinks import SinkBatch, SinkError, SinkStatistics
+
+_log = logging.getLogger("aegis.fleet.kafka")
+_rdkafka_log = logging.getLogger("aegis.fleet.kafka.librdkafka")
+_rdkafka_log.propagate = False
+_rdkafka_log.addHandler(logging.NullHandler())
+
+#: class -> (topic, schema name, schema version)
+ROUTES: Mapping[str, tuple[str, str, int]] = {
+    "deny": (DECISION_TOPIC, "aegis.decision.v1", 1),
+    "audit": (DECISION_TOPIC, "aegis.decision.v1", 1),
+    "explanation": (EXPLANATION_TOPIC, "aegis.explanation.v1", 1),
+    "state": (STATE_TOPIC, "aegis.state.v1", 1),
+    "slo": (STATE_TOPIC, "aegis.slo.v1", 1),
+}
+#: classes that are spooled, never shed (explanations ride with their denies)
+DURABLE = frozenset({"deny", "explanation"})
+_KLASS_CODE = {k: i for i, k in enumerate(ROUTES)}
+_CODE_KLASS = dict(enumerate(ROUTES))
+
+# reason codes of dropped records (aegis_sink_dropped_total{reason})
+BROKER_UNAVAILABLE = "sink/broker_unavailable"
+QUEUE_FULL = "sink/queue_full"
+UNKNOWN_TOPIC = "sink/unknown_topic"
+TOO_LARGE = "sink/too_large"
+DELIVERY_FAILED = "sink/delivery_failed"
+SHUTDOWN = "sink/shutdown"
+REASONS = (BROKER_UNAVAILABLE, QUEUE_FULL, UNKNOWN_TOPIC, TOO_LARGE, DELIVERY_FAILED, SHUTDOWN)
+
+#: round-trip histogram bucket bounds (seconds), Prometheus style (le)
+RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class KafkaSinkError(SinkError):
+    """Bad sink configuration or a broker that refuses it (one line); a full spool."""
+
+
+# =========================================================================== addresses
+_HOSTPORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})")
+
+
+def parse_bootstrap(value: str) -> str:
+    """``HOST:PORT[,HOST:PORT...]`` (IPv6 as ``[ADDR]:PORT``) -> the normalised list, or a
+    one-line KafkaSinkError.  Nothing is resolved or connected here."""
+    if not isinstance(value, str) or not value.strip():
+        raise KafkaSinkError("kafka: empty bootstrap address (want HOST:PORT[,HOST:PORT...])")
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        m = _HOSTPORT.fullmatch(part)
+        if not m:
+            raise KafkaSinkError(f"kafka: bad bootstrap address {part!r} (want HOST:PORT, "
+                                 f"IPv6 as [ADDR]:PORT)")
+        port = int(m["port"])
+        if not 1 <= port <= 65535:
+            raise KafkaSinkError(f"kafka: bad port in bootstrap address {part!r} (want 1-65535)")
+        out.append(part)
+    return ",".join(out)
+
+
+def check_host_key(value: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 255 or not value.isprintable():
+        raise KafkaSinkError(f"kafka: bad host key {value!r} (want 1-255 printable characters)")
+    return value
+
+
+# =========================================================================== spool
+_FRAME = struct.Struct("<IIII")  # class code, event count, byte length, crc32 of the bytes
+
+
+@dataclass(frozen=True)
+class LineSpoolStatistics:
+    path: str
+    pending_batches: int
+    pending_events: int
+    file_bytes: int
+    max_bytes: int
+    spooled_events: int
+    replayed_events: int
+    recovered_events: int  # found on disk at start (a previous run's)
+    full: int  # times a batch did not fit
+
+
+class LineSpool:
+    """A bounded FIFO of encoded batches (JSON lines) in one append-only file.
+
+    Thread-safe: the trio side appends, the sink's poll thread peeks and pops (every
+    method takes the lock; reads use ``pread``, appends ``O_APPEND``).  The file is
+    truncated whenever it has been fully replayed; a file left by a previous run is
+    replayed first (a torn or corrupt tail is cut off)."""
+
+    def __init__(self, directory: str | os.PathLike[str], max_bytes: int, name: str = "kafka") -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"{name}.spool"
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._frames: deque[tuple[int, str, int, int]] = deque()  # (offset, klass, count, length)
+        self._end = 0
+        self.spooled = self.replayed = self.recovered = self.full = 0
+        self._recover()
+
+    def _recover(self) -> None:
+        size = os.fstat(self._fd).st_size
+        data = os.pread(self._fd, size, 0) if size else b""
+        off = 0
+        while off + _FRAME.size <= len(data):
+            code, count, length, crc = _FRAME.unpack_from(data, off)
+            body = data[off + _FRAME.size: off + _FRAME.size + length]
+            if code not in _CODE_KLASS or len(body) != length or zlib.crc32(body) != crc:
+                break
+            self._frames.append((off + _FRAME.size, _CODE_KLASS[code], count, length))
+            self.recovered += count
+            off += _FRAME.size + length
+        if off != len(data):
+            os.ftruncate(self._fd, off)
+        self._end = off
+
+    @property
+    def pending_batches(self) -> int:
+        return len(self._frames)
+
+    @property
+    def pending_events(self) -> int:
+        with self._lock:
+            return sum(f[2] for f in self._frames)
+
+    def append(self, batch: SinkBatch) -> bool:
+        """False (and ``full`` counted) when the batch does not fit."""
+        size = _FRAME.size + len(batch.lines)
+        with self._lock:
+            if self._end + size > self.max_bytes:
+                self.full += 1
+                return False
+            frame = _FRAME.pack(_KLASS_CODE[batch.klass], batch.count, len(batch.lines),
+                                zlib.crc32(batch.lines)) + batch.lines
+            view = memoryview(frame)
+            while view:
+                view = view[os.write(self._fd, view):]
+            self._frames.append((self._end + _FRAME.size, batch.klass, batch.count, len(batch.lines)))
+            self._end += size
+            self.spooled += batch.count
+            return True
+
+    def peek(self) -> SinkBatch | None:
+        with self._lock:
+            if not self._frames:
+                return None
+            off, klass, count, length = self._frames[0]
+            return SinkBatch(klass, os.pread(self._fd, length, off), count)
+
+    def pop(self) -> None:
+        with self._lock:
+            _, _, count, _ = self._frames.popleft()
+            self.replayed += count
+            if not self._frames:
+                os.ftruncate(self._fd, 0)
+                self._end = 0
+
+    def statistics(self) -> LineSpoolStatistics:
+        with self._lock:
+            pending = sum(f[2] for f in self._frames)
+            return LineSpoolStatistics(str(self.path), len(self._frames), pending, self._end,
+                                       self.max_bytes, self.spooled, self.replayed,
+                                       self.recovered, self.full)
+
+    def close(self) -> None:
+        """Close; frames already replayed are cut off first (the next run's recovery reads
+        the file from its start and would send them again)."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            if self._frames and self._frames[0][0] != _FRAME.size:
+                first = self._frames[0][0] - _FRAME.size
+                rest = os.pread(self._fd, self._end - first, first)
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                try:
+                    with open(tmp, "wb") as fh:
+                        fh.write(rest)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    os.replace(tmp, self.path)
+                except OSError as exc:
+                    _log.warning("kafka spool not compacted (%s): the next run resends some records", exc)
+            os.close(self._fd)
+            self._fd = -1
+
+
+# =========================================================================== producer
+class Producer(Protocol):
+    """The part of ``confluent_kafka.Producer`` the sink uses (a fake implements it)."""
+
+    def produce(self, topic: str, value: bytes, key: bytes, *, headers: Any,
+                on_delivery: Callable[[Any, Any], None]) -> None: ...
+    def poll(self, timeout: float) -> int: ...
+    def flush(self, timeout: float) -> int: ...
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any: ...
+
+
+def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    """librdkafka settings of the sink (overrides win; docs/FLEET.md explains each)."""
+    cfg: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,  # no duplicates or reordering from librdkafka's retries
+        "acks": "all",
+        "linger.ms": 5,
+        "batch.size": 1 << 20,
+        "compression.type": "lz4",
+        # bounded local queue: ~20k events of audit in flight; beyond it audit is shed
+        "queue.buffering.max.messages": 100_000,
+        "queue.buffering.max.kbytes": 32 << 10,
+        # a record not acked in 15 s fails its delivery report (durable: it is spooled)
+        "message.timeout.ms": 15_000,
+        "reconnect.backoff.ms": 100,
+        "reconnect.backoff.max.ms": 1000,
+        "socket.connection.setup.timeout.ms": 5000,
+        # librdkafka logs a line per failed connect; what matters reaches the sink through
+        # error_cb and delivery reports (health, counted reasons), so its log is not printed
+        "logger": _rdkafka_log,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def _kafka_error_codes() -> dict[int, str]:
+    try:
+        from confluent_kafka import KafkaError
+    except ImportError:  # pragma: no cover - the [fleet] extra is missing
+        return {}
+    ke: Any = KafkaError
+    codes = {
+        ke._MSG_TIMED_OUT: BROKER_UNAVAILABLE, ke._TRANSPORT: BROKER_UNAVAILABLE,
+        ke._ALL_BROKERS_DOWN: BROKER_UNAVAILABLE, ke._PURGE_QUEUE: BROKER_UNAVAILABLE,
+        ke._PURGE_INFLIGHT: BROKER_UNAVAILABLE, ke._TIMED_OUT: BROKER_UNAVAILABLE,
+        ke.NOT_ENOUGH_REPLICAS: BROKER_UNAVAILABLE, ke.REQUEST_TIMED_OUT: BROKER_UNAVAILABLE,
+        ke._QUEUE_FULL: QUEUE_FULL,
+        ke._UNKNOWN_TOPIC: UNKNOWN_TOPIC, ke.UNKNOWN_TOPIC_OR_PART: UNKNOWN_TOPIC,
+        ke.MSG_SIZE_TOO_LARGE: TOO_LARGE,
+    }
+    return codes
+
+
+_CODES: dict[int, str] | None = None  # built on first use: no librdkafka import without --kafka
+
+
+def reason_of(err: Any) -> str:
+    """A delivery error -> the reason code it is counted under."""
+    global _CODES
+    if _CODES is None:
+        _CODES = _kafka_error_codes()
+    try:
+        return _CODES.get(err.code(), DELIVERY_FAILED)
+    except Exception:
+        return DELIVERY_FAILED
+
+
+# =========================================================================== statistics
+@dataclass(frozen=True)
+class KafkaSinkStatistics(SinkStatistics):
+    """A snapshot of a :class:`KafkaSink`; ``batches``/``events`` count what ``write``
+    accepted (acked, spooled, or produced best-effort)."""
+
+    bootstrap: str = ""
+    host_key: str = ""
+    up: bool = False
+    reason: str = ""  # why it is not up (a reason code and the broker's words)
+    sent: int = 0  # records handed to librdkafka (replays included)
+    acked: int = 0  # delivery reports OK
+    retried: int = 0  # records produced again from the spool
+    spooled: int = 0  # records written to the spool
+    delivery_failed: int = 0  # failed delivery reports of durable records (spooled, not lost)
+    dropped: Mapping[str, int] = field(default_factory=dict)  # best-effort records lost, by reason
+    rtt_buckets: tuple[int, ...] = ()  # per RTT_BUCKETS (+Inf last), not cumulative
+    rtt_sum: float = 0.0
+    rtt_count: int = 0
+    spool: LineSpoolStatistics | None = None
+
+
+class _Flight:
+    """The delivery reports of one produced batch; called on the poll thread."""
+
+    __slots__ = ("sink", "n", "acked", "failed", "reasons", "durable", "sealed", "finished",
+                 "t0", "last_latency", "event", "token", "ok_event")
+
+    def __init__(self, sink: KafkaSink, durable: bool) -> None:
+        self.sink = sink
+        self.durable = durable
+        self.n = 0
+        self.acked = self.failed = 0
+        self.reasons: dict[str, int] = {}
+        self.sealed = self.finished = False
+        self.t0 = time.monotonic()
+        self.last_latency: float | None = None
+        self.event: trio.Event | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.ok_event = threading.Event()
+
+    def __call__(self, err: Any, msg: Any) -> None:
+        if err is None:
+            self.acked += 1
+        else:
+            self.failed += 1
+            r = reason_of(err)
+            self.reasons[r] = self.reasons.get(r, 0) + 1
+        if self.sealed and self.acked + self.failed >= self.n:
+            if msg is not None:
+                try:
+                    self.last_latency = msg.latency()
+                except Exception:
+                    self.last_latency = None
+            self.sink._finish(self)
+
+    @property
+    def ok(self) -> bool:
+        return self.finished and self.failed == 0 and self.acked == self.n
+
+
+class KafkaSink:
+    """A :class:`~aegis_stream.pipeline.sinks.Sink` producing to Kafka (see the module
+    docstring for the delivery semantics per class)."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        host_key: str | None = None,
+        spool_dir: str | os.PathLike[str],
+        spool_max_bytes: int = 64 << 20,
+        ack_timeout_s: float = 2.0,
+        probe_min_s: float = 0.2,
+        probe_max_s: float = 5.0,
+        close_timeout_s: float = 5.0,
+        producer: Producer | None = None,
+        on_health: Callable[[bool, str], None] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.bootstrap = parse_bootstrap(bootstrap)
+        self.host_key = check_host_key(host_key if host_key is not None else socket.gethostname())
+        self.name = f"kafka:{self.bootstrap}"
+        self._key = self.host_key.encode()
+        self.ack_timeout_s = ack_timeout_s
+        self.probe_min_s = probe_min_s
+        self.probe_max_s = probe_max_s
+        self.close_timeout_s = close_timeout_s
+        self.on_health = on_health
+        self._headers = {k: schema_headers(s, v) for k, (_, s, v) in ROUTES.items()}
+        self._lock = threading.Lock()
+        self._up = True  # optimistic until a delivery or a probe says otherwise
+        self._reason = ""
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._flights: set[_Flight] = set()
+        # statistics (ints written under self._lock or by one side only)
+        self.batches = self.events = self.bytes = self.failures = self.failed_events = 0
+        self.sent = self.acked = self.retried = self.spooled = self.delivery_failed = 0
+        self.dropped: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.rtt = [0] * (len(RTT_BUCKETS) + 1)
+        self.rtt_sum = 0.0
+        self.rtt_count = 0
+        self.spool = LineSpool(spool_dir, spool_max_bytes)
+        if producer is None:
+            from confluent_kafka import Producer as _Producer
+
+            cfg = producer_config(self.bootstrap, error_cb=self._error_cb, **(config or {}))
+            producer = cast(Producer, _Producer(cfg))
+        self.producer: Producer = producer
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll_loop, name=f"aegis-kafka-{self.bootstrap}",
+                                        daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ health
+    def _set_health(self, up: bool, reason: str = "") -> None:
+        with self._lock:
+            if (self._up, self._reason) == (up, reason):
+                return
+            was = self._up
+            self._up, self._reason = up, reason
+        if was != up:
+            if up:
+                _log.warning("kafka %s: broker answers again", self.bootstrap)
+            else:
+                _log.warning("kafka %s: %s", self.bootstrap, reason)
+        if self.on_health is not None and was != up:
+            self._notify(up, reason)
+
+    def _notify(self, up: bool, reason: str) -> None:
+        # on_health runs on the trio thread (it may touch the pipeline's monitor); the
+        # poll thread hands it over through the token captured by the first async call
+        cb = self.on_health
+        assert cb is not None
+
+        def call() -> None:
+            try:
+                cb(up, reason)
+            except Exception:  # a status callback must not break delivery
+                _log.exception("kafka sink health callback failed")
+
+        token = self._token
+        if token is None:
+            call()
+            return
+        try:
+            token.run_sync_soon(call)
+        except trio.RunFinishedError:
+            pass
+
+    def _error_cb(self, err: Any) -> None:  # librdkafka, on the poll thread
+        try:
+            from confluent_kafka import KafkaError
+
+            if err.code() == KafkaError._ALL_BROKERS_DOWN:
+                self._set_health(False, f"{BROKER_UNAVAILABLE}: {err.str()}")
+            elif err.fatal():
+                self._set_health(False, f"{DELIVERY_FAILED}: fatal producer error: {err.str()}")
+        except Exception:
+            _log.exception("kafka error callback")
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    # ------------------------------------------------------------------ producing
+    def _produce(self, batch: SinkBatch, flight: _Flight) -> int:
+        """Produce every line of the batch; returns how many were taken (a full local
+        queue stops it early).  The flight is sealed with that count."""
+        topic = ROUTES[batch.klass][0]
+        headers = self._headers[batch.klass]
+        produce = self.producer.produce
+        key = self._key
+        n = 0
+        try:
+            for line in batch.lines.splitlines():
+                if line:
+                    produce(topic, line, key, headers=headers, on_delivery=flight)
+                    n += 1
+        except BufferError:
+            pass
+        with self._lock:
+            self._flights.add(flight)
+        flight.n = n
+        flight.sealed = True
+        if flight.acked + flight.failed >= n:
+            self._finish(flight)
+        return n
+
+    def _finish(self, flight: _Flight) -> None:
+        """All delivery reports of a flight are in (either thread may get here first)."""
+        with self._lock:
+            if flight.finished:
+                return
+            flight.finished = True
+            self._flights.discard(flight)
+            self.acked += flight.acked
+            if flight.durable:
+                self.delivery_failed += flight.failed
+            else:
+                for r, c in flight.reasons.items():
+                    self.dropped[r] = self.dropped.get(r, 0) + c
+            if flight.n:
+                rtt = flight.last_latency if flight.last_latency is not None else time.monotonic() - flight.t0
+                i = 0
+                while i < len(RTT_BUCKETS) and rtt > RTT_BUCKETS[i]:
+                    i += 1
+                self.rtt[i] += 1
+                self.rtt_sum += rtt
+                self.rtt_count += 1
+        if flight.failed:
+            reason = max(flight.reasons, key=lambda r: flight.reasons[r])
+            self._set_health(False, f"{reason}: {flight.failed} of {flight.n} records not acked")
+        elif flight.acked:
+            self._set_health(True)
+        flight.ok_event.set()
+        if flight.event is not None and flight.token is not None:
+            try:
+                flight.token.run_sync_soon(flight.event.set)
+            except trio.RunFinishedError:
+                pass
+
+    def _drop(self, reason: str, n: int) -> None:
+        with self._lock:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    async def write(self, batch: SinkBatch) -> None:
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        if not batch.count:
+            return
+        if batch.klass not in ROUTES:
+            raise KafkaSinkError(f"{self.name}: no topic for event class {batch.klass!r}")
+        if batch.klass in DURABLE:
+            await self._write_durable(batch)
+        else:
+            self._write_best_effort(batch)
+        self.batches += 1
+        self.events += batch.count
+        self.bytes += len(batch.lines)
+
+    def _write_best_effort(self, batch: SinkBatch) -> None:
+        if not self._up:
+            self._drop(BROKER_UNAVAILABLE, batch.count)
+            return
+        flight = _Flight(self, durable=False)
+        n = self._produce(batch, flight)
+        with self._lock:
+            self.sent += n
+        if n < batch.count:
+            self._drop(QUEUE_FULL, batch.count - n)
+
+    async def _write_durable(self, batch: SinkBatch) -> None:
+        # once anything waits in the spool, every durable batch queues behind it (order)
+        if self._up and not self.spool.pending_batches:
+            flight = _Flight(self, durable=True)
+            flight.event = trio.Event()
+            flight.token = self._token
+            n = self._produce(batch, flight)
+            with self._lock:
+                self.sent += n
+            if n == batch.count:
+                with trio.move_on_after(self.ack_timeout_s):
+                    await flight.event.wait()
+                if flight.ok:
+                    return
+                if not flight.finished:
+                    self._set_health(False, f"{BROKER_UNAVAILABLE}: no ack within "
+                                            f"{self.ack_timeout_s:g}s")
+            else:
+                self._set_health(False, f"{QUEUE_FULL}: librdkafka's queue is full")
+        if not self.spool.append(batch):
+            self.failures += 1
+            self.failed_events += batch.count
+            st = self.spool.statistics()
+            raise KafkaSinkError(f"{self.name}: broker away and spool full "
+                                 f"({st.file_bytes}/{st.max_bytes} bytes)")
+        with self._lock:
+            self.spooled += batch.count
+
+    # ------------------------------------------------------------------ poll thread
+    def _poll_loop(self) -> None:
+        """Delivery reports, then the spool: replay its head while the broker acks, probe
+        with backoff while it does not."""
+        backoff = self.probe_min_s
+        next_try = 0.0
+        while not self._stop.is_set():
+            try:
+                self.producer.poll(0.05)
+                if time.monotonic() < next_try:
+                    continue
+                if not self._up:
+                    # metadata first: a replay while it is away would only pile copies of
+                    # the spool head into librdkafka's queue
+                    ok = self._probe() and (not self.spool.pending_batches or self._replay_one())
+                elif self.spool.pending_batches:
+                    ok = self._replay_one()
+                else:
+                    continue
+                if ok:
+                    backoff, next_try = self.probe_min_s, 0.0
+                else:
+                    next_try = time.monotonic() + backoff
+                    backoff = min(backoff * 2, self.probe_max_s)
+            except Exception:  # never let the thread die: it is the only poller
+                _log.exception("kafka sink poll thread")
+                time.sleep(0.1)
+
+    def _probe(self) -> bool:
+        """Broker away, nothing spooled: does it answer metadata for our topics?"""
+        try:
+            md = self.producer.list_topics(DECISION_TOPIC, timeout=min(2.0, self.probe_max_s))
+        except Exception as exc:
+            self._set_health(False, f"{BROKER_UNAVAILABLE}: {_words(exc)}")
+            return False
+        t = md.topics.get(DECISION_TOPIC)
+        if t is None or t.error is not None:
+            self._set_health(False, f"{UNKNOWN_TOPIC}: {DECISION_TOPIC} "
+                                    f"({t.error.str() if t is not None and t.error else 'missing'})")
+            return False
+        self._set_health(True)
+        return True
+
+    def _replay_one(self) -> bool:
+        batch = self.spool.peek()
+        if batch is None:
+            return True
+        flight = _Flight(self, durable=True)
+        n = self._produce(batch, flight)
+        with self._lock:
+            self.sent += n
+            self.retried += n
+        if n < batch.count:
+            self._set_health(False, f"{QUEUE_FULL}: librdkafka's queue is full")
+            return False
+        deadline = time.monotonic() + max(self.ack_timeout_s, 5.0)
+        while not flight.finished and time.monotonic() < deadline and not self._stop.is_set():
+            self.producer.poll(0.05)
+        if flight.ok:
+            self.spool.pop()
+            return True
+        if not flight.finished:
+            self._set_health(False, f"{BROKER_UNAVAILABLE}: spool replay not acked in time")
+        return False
+
+    # ------------------------------------------------------------------ close
+    async def aclose(self) -> None:
+        """Flush what librdkafka holds (up to ``close_timeout_s``), stop the poll thread,
+        close the spool (what it holds stays on disk for the next run or ``aegis fleet
+        ship``).  Best-effort records still unacknowledged are counted ``sink/shutdown``."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        await trio.to_thread.run_sync(self._thread.join)
+        await trio.to_thread.run_sync(self.producer.flush, self.close_timeout_s)
+        with self._lock:
+            left = list(self._flights)
+            self._flights.clear()
+        for f in left:
+            f.finished = True
+            if not f.durable:
+                self._drop(SHUTDOWN, f.n - f.acked - f.failed)
+        self.spool.close()
+
+    def statistics(self) -> KafkaSinkStatistics:
+        with self._lock:
+            return KafkaSinkStatistics(
+                self.name, self.batches, self.events, self.bytes, self.failures, self.failed_events,
+                bootstrap=self.bootstrap, host_key=self.host_key, up=self._up, reason=self._reason,
+                sent=self.sent, acked=self.acked, retried=self.retried, spooled=self.spooled,
+                delivery_failed=self.delivery_failed,
+                dropped=dict(self.dropped), rtt_buckets=tuple(self.rtt), rtt_sum=self.rtt_sum,
+                rtt_count=self.rtt_count, spool=self.spool.statistics(),
+            )
+
+
+def _words(exc: BaseException) -> str:
+    arg = exc.args[0] if exc.args else exc
+    s = getattr(arg, "str", None)
+    return s() if callable(s) else str(arg)
+
+
+def check_topics(producer: Producer, bootstrap: str, timeout: float = 5.0) -> str | None:
+    """At start: None when every sink topic exists; a reason when the broker does not
+    answer (the sink starts degraded and spools); KafkaSinkError when it answers without
+    one of the topics (a one-line refusal to start)."""
+    try:
+        md = producer.list_topics(timeout=timeout)
+    except Exception as exc:
+        return f"{BROKER_UNAVAILABLE}: {bootstrap} does not answer ({_words(exc)})"
+    for topic in sorted({r[0] for r in ROUTES.values()}):
+        t = md.topics.get(topic)
+        if t is None or t.error is not None:
+            raise KafkaSinkError(f"kafka: topic {topic} does not exist on {bootstrap} "
+                                 f"(create the fleet topics first: aegis fleet topics create)")
+    return None
+
+
+async def open_kafka_sink(bootstrap: str, *, host_key: str | None = None,
+                          spool_dir: str | os.PathLike[str], check_timeout_s: float = 5.0,
+                          **kwargs: Any) -> KafkaSink:
+    """A KafkaSink whose topics were checked: a broker without them refuses the start (one
+    line); a broker that does not answer yet gives a sink that starts down (denies spool)."""
+    sink = KafkaSink(bootstrap, host_key=host_key, spool_dir=spool_dir, **kwargs)
+    sink._token = trio.lowlevel.current_trio_token()
+    try:
+        why = await trio.to_thread.run_sync(check_topics, sink.producer, sink.bootstrap, check_timeout_s)
+    except BaseException:
+        await sink.aclose()
+        raise
+    if why:
+        sink._set_health(False, why)
+    return sink

@@ -1,0 +1,287 @@
+"""KafkaSink without a broker: routing, the deny spool and its replay order, audit shedding
+with counted reasons, a full spool, recovery of a previous run's spool.
+
+The fake producer is no bigger than the part of confluent_kafka.Producer the sink uses
+(produce / poll / flush / list_topics); the real broker tests are in tests/fleet/.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+
+from aegis_stream.fleet.sink import (
+    BROKER_UNAVAILABLE,
+    QUEUE_FULL,
+    SHUTDOWN,
+    KafkaSink,
+    KafkaSinkError,
+    LineSpool,
+    check_topics,
+    parse_bootstrap,
+)
+from aegis_stream.fleet.topics import DECISION_TOPIC, EXPLANATION_TOPIC, HEADER_SCHEMA, STATE_TOPIC
+from aegis_stream.pipeline.sinks import SinkBatch
+
+ck = pytest.importorskip("confluent_kafka")
+
+
+class _Msg:
+    def latency(self) -> float:
+        return 0.002
+
+
+class FakeProducer:
+    """A broker that is ``up`` (every queued record is acked at the next poll) or down
+    (records wait; after ``timeout_s`` their delivery report fails like librdkafka's)."""
+
+    def __init__(self, *, queue_max: int = 1_000_000, timeout_s: float = 0.3,
+                 topics: tuple[str, ...] = (DECISION_TOPIC, EXPLANATION_TOPIC, STATE_TOPIC)) -> None:
+        self.up = True
+        self.queue_max = queue_max
+        self.timeout_s = timeout_s
+        self.topics = topics
+        self.queue: deque[tuple[float, str, bytes, bytes, Any, Any]] = deque()
+        self.log: list[tuple[str, bytes, bytes, dict[str, bytes]]] = []
+        self.lock = threading.Lock()
+
+    def produce(self, topic: str, value: bytes, key: bytes, *, headers: Any, on_delivery: Any) -> None:
+        with self.lock:
+            if len(self.queue) >= self.queue_max:
+                raise BufferError("Local: Queue full")
+            self.queue.append((time.monotonic(), topic, value, key, headers, on_delivery))
+
+    def poll(self, timeout: float) -> int:
+        done = []
+        with self.lock:
+            now = time.monotonic()
+            while self.queue and (self.up or now - self.queue[0][0] > self.timeout_s):
+                done.append((self.up, self.queue.popleft()))
+        for ok, (_, topic, value, key, headers, cb) in done:
+            if ok:
+                self.log.append((topic, key, value, dict(headers)))
+                cb(None, _Msg())
+            else:
+                cb(ck.KafkaError(ck.KafkaError._MSG_TIMED_OUT), None)
+        if not done:
+            time.sleep(min(timeout, 0.005))
+        return len(done)
+
+    def flush(self, timeout: float) -> int:
+        end = time.monotonic() + timeout
+        while self.queue and time.monotonic() < end:
+            self.poll(0.01)
+        return len(self.queue)
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        if not self.up:
+            raise ck.KafkaException(ck.KafkaError(ck.KafkaError._TRANSPORT))
+        return SimpleNamespace(topics={t: SimpleNamespace(error=None) for t in self.topics})
+
+    def values(self, topic: str = DECISION_TOPIC) -> list[dict[str, Any]]:
+        return [json.loads(v) for t, _, v, _ in self.log if t == topic]
+
+
+def batch(klass: str, start: int, n: int) -> SinkBatch:
+    lines = b"".join(json.dumps({"event_id": f"e{i}", "seq": i, "decision": klass}).encode() + b"\n"
+                     for i in range(start, start + n))
+    return SinkBatch(klass, lines, n)
+
+
+def make(tmp_path: Path, prod: FakeProducer, **kw: Any) -> KafkaSink:
+    kw.setdefault("ack_timeout_s", 0.2)
+    kw.setdefault("probe_min_s", 0.01)
+    kw.setdefault("probe_max_s", 0.05)
+    return KafkaSink("127.0.0.1:9092", host_key="host-a", spool_dir=tmp_path / "spool",
+                     producer=prod, **kw)
+
+
+async def wait_for(cond: Any, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+async def test_routes_keys_and_headers(tmp_path: Path) -> None:
+    prod = FakeProducer()
+    sink = make(tmp_path, prod)
+    try:
+        await sink.write(batch("deny", 0, 3))
+        await sink.write(batch("explanation", 0, 1))
+        await sink.write(batch("audit", 3, 2))
+        await sink.write(batch("state", 0, 1))
+        await sink.write(batch("slo", 0, 1))
+        await wait_for(lambda: sink.statistics().acked == 8)
+    finally:
+        await sink.aclose()
+    by_topic = {t: [(k, h[HEADER_SCHEMA]) for tt, k, _, h in prod.log if tt == t]
+                for t in (DECISION_TOPIC, EXPLANATION_TOPIC, STATE_TOPIC)}
+    assert by_topic[DECISION_TOPIC] == [(b"host-a", b"aegis.decision.v1")] * 5
+    assert by_topic[EXPLANATION_TOPIC] == [(b"host-a", b"aegis.explanation.v1")]
+    assert by_topic[STATE_TOPIC] == [(b"host-a", b"aegis.state.v1"), (b"host-a", b"aegis.slo.v1")]
+    assert all(h["aegis-schema-version"] == b"1" for _, _, _, h in prod.log)
+    st = sink.statistics()
+    assert (st.sent, st.acked, st.spooled, sum(st.dropped.values())) == (8, 8, 0, 0)
+    assert st.rtt_count == 5 and sum(st.rtt_buckets) == 5 and st.up
+
+
+async def test_denies_spooled_while_down_and_replayed_in_order(tmp_path: Path) -> None:
+    prod = FakeProducer()
+    health: list[tuple[bool, str]] = []
+    sink = make(tmp_path, prod, on_health=lambda up, why: health.append((up, why)))
+    try:
+        await sink.write(batch("deny", 0, 5))
+        prod.up = False
+        t0 = trio.current_time()
+        await sink.write(batch("deny", 5, 5))  # no ack within 0.2 s: spooled
+        await sink.write(batch("deny", 10, 5))  # behind it, without waiting
+        await sink.write(batch("explanation", 0, 1))
+        assert trio.current_time() - t0 < 1.0  # the file sink next to it is not held back
+        st = sink.statistics()
+        assert not st.up and st.reason.startswith(BROKER_UNAVAILABLE)
+        assert st.spooled == 11 and st.spool is not None and st.spool.pending_events == 11
+        await trio.sleep(0.5)  # the first attempt's records time out in the fake
+        prod.up = True
+        await wait_for(lambda: sink.statistics().spool.pending_events == 0)  # type: ignore[union-attr]
+        await sink.write(batch("deny", 15, 5))  # direct again once the spool is empty
+    finally:
+        await sink.aclose()
+    seqs = [v["seq"] for v in prod.values()]
+    firsts = list(dict.fromkeys(seqs))  # at-least-once: a late ack may repeat; order holds
+    assert firsts == list(range(20))
+    assert len(prod.values(EXPLANATION_TOPIC)) == 1
+    st = sink.statistics()
+    assert st.retried >= 11 and st.spool is not None and st.spool.replayed_events == 11
+    assert sum(st.dropped.values()) == 0
+    assert [up for up, _ in health] == [False, True]
+    assert health[0][1].startswith(BROKER_UNAVAILABLE)
+
+
+async def test_audit_shed_counted_while_down(tmp_path: Path) -> None:
+    prod = FakeProducer(timeout_s=0.05)
+    sink = make(tmp_path, prod)
+    try:
+        prod.up = False
+        await sink.write(batch("audit", 0, 100))  # produced, its reports fail: counted
+        await wait_for(lambda: not sink.up)
+        await sink.write(batch("audit", 100, 50))  # shed at once
+        await sink.write(batch("state", 0, 1))
+        st = sink.statistics()
+        assert st.dropped[BROKER_UNAVAILABLE] == 151
+        assert st.acked == 0 and st.spooled == 0
+        prod.up = True
+        await wait_for(lambda: sink.up)
+        await sink.write(batch("audit", 150, 10))
+        await wait_for(lambda: sink.statistics().acked == 10)
+    finally:
+        await sink.aclose()
+    st = sink.statistics()
+    assert len(prod.values()) + sum(st.dropped.values()) == 161
+
+
+async def test_queue_full_sheds_audit_and_spools_deny(tmp_path: Path) -> None:
+    prod = FakeProducer(queue_max=30)
+    prod.up = False
+    sink = make(tmp_path, prod)
+    try:
+        await sink.write(batch("audit", 0, 50))
+        assert sink.statistics().dropped[QUEUE_FULL] == 20
+        await sink.write(batch("deny", 0, 10))  # the queue is full: straight to the spool
+        st = sink.statistics()
+        assert st.spooled == 10 and st.reason.startswith(QUEUE_FULL)
+        prod.up = True
+        await wait_for(lambda: sink.statistics().spool.pending_events == 0)  # type: ignore[union-attr]
+    finally:
+        await sink.aclose()
+    assert [v["seq"] for v in prod.values() if v["decision"] == "deny"] == list(range(10))
+
+
+async def test_full_spool_raises_and_a_retry_gets_through(tmp_path: Path) -> None:
+    prod = FakeProducer()
+    prod.up = False
+    sink = make(tmp_path, prod, spool_max_bytes=400)
+    try:
+        await sink.write(batch("deny", 0, 5))  # ~300 bytes: fits
+        with pytest.raises(KafkaSinkError, match="spool full"):
+            await sink.write(batch("deny", 5, 5))
+        st = sink.statistics()
+        assert st.failures == 1 and st.failed_events == 5 and st.spool.full == 1  # type: ignore[union-attr]
+        prod.up = True  # the pipeline retries the deny batch until it is written
+        await wait_for(lambda: sink.statistics().spool.pending_events == 0)  # type: ignore[union-attr]
+        await sink.write(batch("deny", 5, 5))
+    finally:
+        await sink.aclose()
+    assert list(dict.fromkeys(v["seq"] for v in prod.values())) == list(range(10))
+
+
+async def test_previous_runs_spool_replayed_first(tmp_path: Path) -> None:
+    spool = LineSpool(tmp_path / "spool", 1 << 20)
+    assert spool.append(batch("deny", 0, 3)) and spool.append(batch("explanation", 0, 1))
+    spool.close()
+    with open(tmp_path / "spool" / "kafka.spool", "ab") as fh:
+        fh.write(b"\x00\x00\x00\x00\x07\x00")  # a torn frame (crash mid-append): cut off
+    prod = FakeProducer()
+    sink = make(tmp_path, prod)
+    try:
+        assert sink.statistics().spool.recovered_events == 4  # type: ignore[union-attr]
+        await sink.write(batch("deny", 3, 2))  # queued behind the recovered frames
+        await wait_for(lambda: sink.statistics().spool.pending_events == 0)  # type: ignore[union-attr]
+    finally:
+        await sink.aclose()
+    assert [v["seq"] for v in prod.values()] == [0, 1, 2, 3, 4]
+    assert len(prod.values(EXPLANATION_TOPIC)) == 1
+    assert (tmp_path / "spool" / "kafka.spool").stat().st_size == 0
+
+
+async def test_close_counts_unacknowledged_best_effort(tmp_path: Path) -> None:
+    prod = FakeProducer(timeout_s=60)
+    sink = make(tmp_path, prod, close_timeout_s=0.1)
+    await sink.write(batch("audit", 0, 7))
+    prod.up = False
+    await sink.aclose()
+    st = sink.statistics()
+    assert st.acked + st.dropped[SHUTDOWN] == 7
+
+
+def test_spool_close_compacts_replayed_frames(tmp_path: Path) -> None:
+    spool = LineSpool(tmp_path, 1 << 20)
+    for i in range(3):
+        spool.append(batch("deny", i * 2, 2))
+    spool.pop()
+    spool.close()
+    again = LineSpool(tmp_path, 1 << 20)
+    got = []
+    while (b := again.peek()) is not None:
+        got += [json.loads(x)["seq"] for x in b.lines.splitlines()]
+        again.pop()
+    assert got == [2, 3, 4, 5]
+    again.close()
+
+
+@pytest.mark.parametrize("bad", ["", "localhost", "127.0.0.1:", "127.0.0.1:99999", "a b:1",
+                                 "host:9092,", "http://h:1", "::1:9092"])
+def test_bad_bootstrap_is_one_line(bad: str) -> None:
+    with pytest.raises(KafkaSinkError) as ei:
+        parse_bootstrap(bad)
+    assert "\n" not in str(ei.value)
+
+
+def test_good_bootstrap() -> None:
+    assert parse_bootstrap(" a:1, [::1]:9092 ,10.0.0.1:65535") == "a:1,[::1]:9092,10.0.0.1:65535"
+
+
+def test_missing_topic_refuses_and_unreachable_starts_down() -> None:
+    prod = FakeProducer(topics=(DECISION_TOPIC,))
+    with pytest.raises(KafkaSinkError, match="topic aegis.explanation.v1 does not exist"):
+        check_topics(prod, "b:1")
+    prod.up = False
+    assert (check_topics(prod, "b:1") or "").startswith(BROKER_UNAVAILABLE)
+    assert check_topics(FakeProducer(), "b:1") is None
