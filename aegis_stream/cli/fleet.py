@@ -12,6 +12,13 @@ def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)
     add_broker_commands(fleet_sub)
 
+    from aegis_stream.fleet.ship import add_ship_arguments
+
+    add_ship_arguments(fleet_sub.add_parser(
+        "ship", help="publish an agent's events file / Kafka spool to Kafka afterwards",
+        description="Idempotent by event_id: a ledger per Kafka cluster next to the input "
+                    "records what the broker acknowledged; a re-ship skips it.  docs/FLEET.md"))
+
     from aegis_stream.fleet.tail import add_tail_arguments
 
     add_tail_arguments(sub.add_parser(
