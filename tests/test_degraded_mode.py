@@ -121,7 +121,8 @@ def kernel_facts(gen: int = 7, mode: str = "enforce", links: list[str] | None = 
 
 def agent_facts(alive: bool, **doc) -> status.AgentFacts:
     d = {"pid": 4242, "state": "enforcing", "reasons": [], "running": alive, **doc}
-    return status.AgentFacts("/var/lib/aegis/status.json", d, alive, doc.get("age", 1.0))
+    return status.AgentFacts("/var/lib/aegis/status.json", msgspec.convert(d, status.StatusFile),
+                             alive, doc.get("age", 1.0))
 
 
 # ===================================================================== per-hook / attach
@@ -149,7 +150,7 @@ async def test_hook_fails_to_attach_degraded_with_the_hook(kernel, store, tmp_pa
     # the status file the agent writes from the same event
     path = tmp_path / "status.json"
     agent.write_status(str(path), {h: h != missing for h in HOOKS}, ev.state,
-                       {"reasons": ev.reasons})
+                       {"reasons": ev.reasons, "reason_codes": ev.reason_codes})
     doc = json.loads(path.read_text())
     assert doc["reason_codes"] == ["hooks_missing"] and doc["pid"] == os.getpid()
     assert doc["start_time"] == agent.proc_start_time(os.getpid()) > 0
@@ -618,3 +619,50 @@ def test_state_event_reason_codes_from_texts_and_compat():
     ev = event_decoder.decode(old)
     assert isinstance(ev, StateEvent) and ev.reason_codes == ["sink_failing", "denies_spooled"]
     assert reasons.code_of("something new") == reasons.UNKNOWN
+
+
+# ===================================================================== typed status file
+def test_status_file_round_trips_as_a_struct(tmp_path):
+    """The agent writes a StatusFile; reading it back gives the same Struct, with the code
+    of each reason as the monitor emitted it (no text parsed back)."""
+    from aegis_stream.agent.health import Reason, ReasonCode, State
+
+    path = tmp_path / "status.json"
+    coded = [Reason(ReasonCode.RING_HIGH, "deny ring 91% full (>= 80%)"),
+             Reason(ReasonCode.RING_HIGH, "audit ring 85% full (>= 80%)"),
+             Reason(ReasonCode.SINK_FAILING, "sink failing: file:/x")]
+    agent.write_status(str(path), {h: True for h in HOOKS}, State.DEGRADED,
+                       {"generation": 3, "mode": "enforce"}, coded)
+    doc = status.read_agent(str(path)).doc
+    assert doc is not None and doc.version == status.STATUS_FILE_VERSION
+    assert doc.published is State.DEGRADED and doc.reason_codes == ["ring_high", "sink_failing"]
+    assert doc.coded_reasons() == coded
+    again = msgspec.json.decode(msgspec.json.encode(doc), type=status.StatusFile)
+    assert again == doc
+    r, per = status.judge_coded(kernel_facts(), status.read_agent(str(path)))
+    assert r.state == "degraded" and per == ["ring_high", "ring_high", "sink_failing"]
+    assert "  reason [sink_failing]: sink failing: file:/x" in status.render(r, per).splitlines()
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"[1, 2]", b'{"pid": "x"}',
+                                     b'{"hooks": {"file_open": 3}}'])
+def test_corrupt_status_file_reads_as_no_agent(tmp_path, content):
+    """A corrupt or mistyped status file is no agent report (documented degraded answer):
+    aegis status judges from the kernel alone, 'agent not running'."""
+    path = tmp_path / "status.json"
+    path.write_bytes(content)
+    facts = status.read_agent(str(path))
+    assert (facts.doc, facts.alive) == (None, False)
+    r = status.judge(kernel_facts(), facts)
+    assert r.state == "degraded" and r.reason_codes == ["agent_not_running"] and r.exit_code == 1
+
+
+def test_status_file_of_an_older_agent_still_reads(tmp_path):
+    """A file without version, codes_by_reason or the newer fields: the texts' codes come
+    from the code table (the legacy reader), and the rest from the defaults."""
+    path = tmp_path / "status.json"
+    path.write_text(json.dumps({"pid": os.getpid(), "start_time": agent.proc_start_time(os.getpid()),
+                                "running": True, "state": "degraded", "monotonic": time.monotonic(),
+                                "reasons": ["sink failing: file:/x"], "hooks": {}}))
+    r = status.judge(kernel_facts(), status.read_agent(str(path)))
+    assert r.state == "degraded" and r.reason_codes == ["sink_failing"]

@@ -31,6 +31,8 @@ import msgspec
 import trio
 
 from aegis_stream.agent import reasons
+from aegis_stream.agent.health import Reason, ReasonCode, State, hooks_reason, unique_codes
+from aegis_stream.agent.status import HookPhase, ReconcileInfo, StatusFile
 from aegis_stream.errors import AegisError, LoadError
 from aegis_stream.kernel import abi, libbpf
 from aegis_stream.kernel.loader import AttachReport, BpfObject
@@ -81,8 +83,6 @@ class AgentConfig:
     slo_burn: float = 14.4
     tick_s: float = 1.0
     explain_denies: bool = True
-    kafka: str | None = None  # bootstrap of the Kafka sink (docs/FLEET.md); None: no Kafka
-    kafka_host_key: str | None = None  # its record key (default: the host name)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pipeline_config(self) -> PipelineConfig:
@@ -103,21 +103,34 @@ def _log(msg: str) -> None:
 
 
 def write_status(
-    path: str | None, report: AttachReport | Mapping[str, bool], state: str, extra: dict
+    path: str | None, report: AttachReport | Mapping[str, bool], state: str,
+    extra: Mapping[str, Any], coded: list[Reason] | None = None,
 ) -> None:
-    """The status file (docs/DEGRADED_MODE.md): the agent's state, reasons and reason codes,
-    per-hook loader state, its pid and process start time, and when it was written (wall
-    clock ``time`` for humans, ``monotonic`` for staleness: immune to clock jumps)."""
+    """The status file (:class:`~aegis_stream.agent.status.StatusFile`,
+    docs/DEGRADED_MODE.md): the agent's state, reasons and reason codes, per-hook loader
+    state, its pid and process start time, and when it was written (wall clock ``time``
+    for humans, ``monotonic`` for staleness: immune to clock jumps).
+
+    ``coded``: the reasons with their codes (the monitor's); ``extra`` sets any other
+    field of the file, checked against the Struct (a wrong type raises
+    ``msgspec.ValidationError``, a programming error, not an I/O one)."""
     if not path:
         return
     if isinstance(report, AttachReport):
-        hooks: dict[str, Any] = {p.hook: p.as_dict() for p in report.programs.values()}
+        hooks = {p.hook: HookPhase(hook=p.hook, phase=p.phase, name=p.name, errno=p.errno,
+                                   error=p.error, pinned=p.pinned)
+                 for p in report.programs.values()}
     else:
-        hooks = {h: {"hook": h, "phase": "attached" if ok else "failed"} for h, ok in report.items()}
-    doc: dict[str, Any] = {"pid": os.getpid(), "start_time": proc_start_time(os.getpid()),
-                           "running": True, "state": state, "hooks": hooks, "time": time.time(),
-                           "monotonic": time.monotonic(), "reasons": [], **extra}
-    doc["reason_codes"] = reasons.codes_of(doc["reasons"])
+        hooks = {h: HookPhase(hook=h, phase="attached" if ok else "failed")
+                 for h, ok in report.items()}
+    fields: dict[str, Any] = {"time": time.time(), "monotonic": time.monotonic(), **extra}
+    if coded is not None:
+        fields["reasons"] = [r.text for r in coded]
+        fields["reason_codes"] = unique_codes(coded)
+        fields["codes_by_reason"] = [r.code for r in coded]
+    doc = msgspec.convert(fields, StatusFile)
+    doc = msgspec.structs.replace(doc, pid=os.getpid(), start_time=proc_start_time(os.getpid()),
+                                  state=state, hooks=hooks)
     atomic_write(Path(path), msgspec.json.encode(doc))
 
 
@@ -130,7 +143,7 @@ def _refuse(path: str | None, code: str, detail: str, extra: dict | None = None)
         write_status(path, {}, "", {"running": False, "last_error": why, "last_error_code": code,
                                     **(extra or {})})
     except OSError:
-        pass
+        pass  # the refusal is on stderr already; a missing status file reads as "not running"
     return EXIT_REFUSED
 
 
@@ -165,11 +178,17 @@ async def serve_pipeline(
             nursery.cancel_scope.cancel()
 
         if heartbeat is not None:
+            heartbeat_failures = [0]
+
             async def beat() -> None:
                 while True:
                     await trio.sleep(heartbeat_s)
-                    with contextlib.suppress(Exception):  # a full disk must not stop the agent
+                    try:
                         heartbeat()
+                    except OSError as exc:  # a full disk must not stop the agent
+                        heartbeat_failures[0] += 1
+                        if heartbeat_failures[0] == 1 or heartbeat_failures[0] % 60 == 0:
+                            _log(f"status file not refreshed ({heartbeat_failures[0]} times): {exc}")
 
             nursery.start_soon(beat)
 
@@ -195,11 +214,12 @@ def _summary(st: PipelineStatistics) -> str:
     return "; ".join(parts)
 
 
-def reconcile_conditions(rec: ReconcileOutcome) -> dict[str, str]:
+def reconcile_conditions(rec: ReconcileOutcome) -> dict[ReasonCode, str]:
     """Monitor conditions from the startup reconciliation: an interrupted apply whose
     outcome the kernel does not explain keeps the agent degraded until the next apply."""
     if rec.status == "inconsistent":
-        return {"reconcile_inconsistent": reasons.text("reconcile_inconsistent", rec.detail)}
+        code = ReasonCode.RECONCILE_INCONSISTENT
+        return {code: reasons.text(code, rec.detail)}
     return {}
 
 
@@ -230,7 +250,7 @@ async def run_agent(cfg: AgentConfig) -> int:
 
 async def _close_listeners(listeners: list[trio.SocketListener] | None) -> None:
     for ln in listeners or []:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError):  # closing a bound socket: nothing else expected
             await ln.aclose()
 
 
@@ -253,7 +273,7 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
     else:
         _log(report.summary())
     maps = obj.maps()
-    state = "auditing"
+    state = State.AUDITING
     lifecycle = Lifecycle(obj.policy_maps())
     rec = lifecycle.reconcile()  # after a crash mid-apply: exactly old or new, recorded
     conditions = reconcile_conditions(rec)
@@ -261,8 +281,9 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
         _log(f"reconciled pinned state: {rec.status}, effective {rec.effective} "
              f"(generation {rec.generation}) {rec.detail}")
     base: dict[str, Any] = {"reused_maps": reused, "pin_root": obj.pin_root,
-                            "reconcile": {"status": rec.status, "effective": rec.effective,
-                                          "generation": rec.generation, "detail": rec.detail}}
+                            "reconcile": ReconcileInfo(status=rec.status, effective=rec.effective,
+                                                       generation=rec.generation,
+                                                       detail=rec.detail)}
     if cfg.policy and data is not None:
         try:
             res = lifecycle.apply(data, cfg.policy, mode_override=cfg.mode)
@@ -276,32 +297,35 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
             f"{len(res.policy.scopes) or 'host-wide'} scopes, "
             f"signed by {res.signer or 'nobody: unsigned, audit only'})"
         )
-        state = "enforcing" if res.mode == "enforce" and report.enforcing_capable else "auditing"
+        state = State.healthy(res.mode) if report.enforcing_capable else State.AUDITING
     else:
         from aegis_stream.kernel import slots
 
         active = slots.read_state(obj.policy_maps()).active
-        if active.valid and active.mode == abi.Mode.ENFORCE:
-            state = "enforcing"
-    start_reasons = list(conditions.values())
-    if not report.attached:
-        state = "blind"
-        start_reasons.insert(0, f"no hooks attached (0/{len(report.programs)})")
-    elif not report.enforcing_capable:
-        state = "degraded"
-        start_reasons.insert(0, f"hooks {len(report.attached)}/{len(report.programs)} attached "
-                                f"(missing {', '.join(p.hook for p in report.failed)})")
+        if active.valid:
+            state = State.healthy(active.mode)
+    start_reasons = [Reason(code, why) for code, why in conditions.items()]
+    hooks = hooks_reason([p.hook for p in report.programs.values()], report.attached)
+    if hooks is not None:
+        state = State.BLIND if hooks.code is ReasonCode.HOOKS_NONE else State.DEGRADED
+        start_reasons.insert(0, hooks)
     elif conditions:
-        state = "degraded"
+        state = State.DEGRADED
     try:
-        write_status(status_path, report, state, {**base, "reasons": start_reasons})
+        write_status(status_path, report, state, base, start_reasons)
     except OSError as exc:
         _log(f"status file {status_path} not written: {exc}")
     _log(f"state: {state}")
 
     def on_state(ev: StateEvent) -> None:
-        write_status(status_path, report, ev.state,
-                     {**base, "reasons": ev.reasons, "generation": ev.generation, "mode": ev.mode})
+        judged = list(pipeline.monitor.judged)
+        if [r.text for r in judged] == ev.reasons:  # the monitor's reasons, with their codes
+            write_status(status_path, report, ev.state,
+                         {**base, "generation": ev.generation, "mode": ev.mode}, judged)
+        else:  # the monitor moved on since the event: the event's own texts and codes
+            write_status(status_path, report, ev.state,
+                         {**base, "generation": ev.generation, "mode": ev.mode,
+                          "reasons": ev.reasons, "reason_codes": ev.reason_codes})
 
     rings = {
         "deny": RingBuffer(maps[abi.MAP_DENY_EVENTS].fd, maps[abi.MAP_DENY_EVENTS].max_entries,
@@ -315,26 +339,16 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
         libbpf.num_possible_cpus(),
     )
     sinks: list[Sink] = [open_sink(cfg.events, max_bytes=cfg.events_max_bytes, backups=cfg.events_backups)]
-    kafka = None
-    if cfg.kafka:  # denies acked or spooled, audit best effort (docs/FLEET.md)
-        from aegis_stream.fleet.sink import open_kafka_sink
-
-        kafka = await open_kafka_sink(cfg.kafka, host_key=cfg.kafka_host_key, strict=False,
-                                      spool_dir=cfg.pipeline_config().spool_dir or ".",
-                                      spool_max_bytes=cfg.spool_max_bytes)
-        sinks.append(kafka)
     pipeline = Pipeline(rings, Normaliser(store), sinks, view, config=cfg.pipeline_config(),
                         on_state=on_state)
     for code, why in conditions.items():
         pipeline.monitor.set_condition(code, why)
-    if kafka is not None:
-        kafka.bind_monitor(pipeline.monitor)  # broker away: degraded, sink_failing
 
     def heartbeat() -> None:
         st = pipeline.statistics()
         write_status(status_path, report, st.state or state,
-                     {**base, "reasons": list(st.reasons), "generation": st.generation,
-                      "mode": st.mode})
+                     {**base, "generation": st.generation, "mode": st.mode},
+                     list(pipeline.monitor.judged))
 
     try:
         await serve_pipeline(pipeline, metrics_addr=cfg.metrics_addr, exit_after=cfg.exit_after,
@@ -350,11 +364,8 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
             r.close()
         obj.close(keep_pins=True)
         write_status(status_path, report, final.state or state,
-                     {**base, "running": False, "reasons": list(final.reasons),
-                      "stopped_at": time.time()})
+                     {**base, "running": False, "stopped_at": time.time()},
+                     list(pipeline.monitor.judged))
         _log(f"stopped; {summary}; pinned links keep enforcing")
     return 0
 
-
-def ncpus() -> int:
-    return libbpf.num_possible_cpus()

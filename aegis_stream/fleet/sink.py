@@ -441,7 +441,7 @@ class KafkaSink:
                 _log.warning("kafka %s: broker answers again", self.bootstrap)
             else:
                 _log.warning("kafka %s: %s", self.bootstrap, reason)
-        if self.on_health is not None and was != up:
+        if self.on_health is not None:
             self._notify(up, reason)
 
     def _notify(self, up: bool, reason: str) -> None:
@@ -479,6 +479,24 @@ class KafkaSink:
     @property
     def up(self) -> bool:
         return self._up
+
+    def bind_monitor(self, monitor: Any) -> None:
+        """Report the broker's absence to the agent's degraded monitor as the state
+        condition ``sink_failing`` (``sink failing: kafka:...: sink/<reason>: ...``),
+        cleared when it answers again.  Call on the trio thread."""
+        def on_health(up: bool, reason: str) -> None:
+            if up:
+                monitor.clear_condition("sink_failing")
+            else:
+                monitor.set_condition("sink_failing", f"sink failing: {self.name}: {reason}")
+
+        self.on_health = on_health
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        with self._lock:
+            up, reason = self._up, self._reason
+        if not up:
+            on_health(up, reason)
 
     # ------------------------------------------------------------------ producing
     def _produce(self, batch: SinkBatch, flight: _Flight) -> int:
@@ -715,16 +733,42 @@ def check_topics(producer: Producer, bootstrap: str, timeout: float = 5.0) -> st
 
 async def open_kafka_sink(bootstrap: str, *, host_key: str | None = None,
                           spool_dir: str | os.PathLike[str], check_timeout_s: float = 5.0,
-                          **kwargs: Any) -> KafkaSink:
-    """A KafkaSink whose topics were checked: a broker without them refuses the start (one
-    line); a broker that does not answer yet gives a sink that starts down (denies spool)."""
+                          strict: bool = True, **kwargs: Any) -> KafkaSink:
+    """A KafkaSink whose topics were checked.  A broker that does not answer yet gives a
+    sink that starts down (denies spool); a broker without the topics refuses the start
+    (one-line KafkaSinkError) when ``strict``, else the sink starts down with reason
+    ``sink/unknown_topic`` and probes until they exist."""
     sink = KafkaSink(bootstrap, host_key=host_key, spool_dir=spool_dir, **kwargs)
     sink._token = trio.lowlevel.current_trio_token()
     try:
         why = await trio.to_thread.run_sync(check_topics, sink.producer, sink.bootstrap, check_timeout_s)
+    except KafkaSinkError as exc:
+        if strict:
+            await sink.aclose()
+            raise
+        why = f"{UNKNOWN_TOPIC}: {exc}".replace("kafka: ", "", 1)
     except BaseException:
         await sink.aclose()
         raise
     if why:
         sink._set_health(False, why)
     return sink
+
+
+def preflight(bootstrap: str, host_key: str | None = None, *, timeout: float = 3.0) -> str:
+    """The CLI's check before the agent starts: the address parses, the host key is sane,
+    and a broker that answers has the topics.  Returns the normalised bootstrap; raises a
+    one-line KafkaSinkError.  A broker that does not answer is not an error here: the
+    agent starts with the sink down (degraded, denies spooled)."""
+    boot = parse_bootstrap(bootstrap)
+    if host_key is not None:
+        check_host_key(host_key)
+    try:
+        from confluent_kafka import Producer as _Producer
+    except ImportError:
+        raise KafkaSinkError("kafka: confluent-kafka is not installed (pip install 'aegis-stream[fleet]')") \
+            from None
+    producer = cast(Producer, _Producer({"bootstrap.servers": boot, "logger": _rdkafka_log,
+                                         "socket.connection.setup.timeout.ms": int(timeout * 1000)}))
+    check_topics(producer, boot, timeout)
+    return boot
