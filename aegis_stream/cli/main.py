@@ -12,7 +12,7 @@ from aegis_stream import __version__
 from aegis_stream.errors import AegisError
 from aegis_stream.kernel import abi
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR = 0, 1  # argparse exits 2 on a usage error by itself
 
 
 def _fail(msg: str, code: int = EXIT_ERROR) -> int:
@@ -25,14 +25,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from aegis_stream.agent.run import AgentConfig, run_agent
 
-    kafka = None
-    if args.kafka is not None:  # refused here, before anything is loaded: a bad address, missing topics
-        from aegis_stream.fleet.sink import KafkaSinkError, preflight
-
-        try:
-            kafka = preflight(args.kafka, args.kafka_host_key)
-        except KafkaSinkError as exc:
-            return _fail(str(exc), 2)
     cfg = AgentConfig(
         policy=args.policy,
         events=args.events,
@@ -40,8 +32,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         mode=args.mode,
         status_file=args.status_file,
         exit_after=args.exit_after,
-        kafka=kafka,
-        kafka_host_key=args.kafka_host_key,
     )
     return trio.run(run_agent, cfg)
 
@@ -61,7 +51,7 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
         "active_slot": st.active_slot,
         "generation": active.generation,
         "valid": active.valid,
-        "mode": "enforce" if active.mode == abi.Mode.ENFORCE else "audit",
+        "mode": abi.Mode(active.mode).label,
         "rules_in_kernel": active.rule_count,
         "scopes_in_kernel": active.scope_count,
         "hooks_pinned": pinned.links,
@@ -128,13 +118,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from aegis_stream.agent.status import collect, render
+    from aegis_stream.agent.status import collect_coded, render
 
-    report = collect(args.pin_root, args.status_file)
+    report, codes = collect_coded(args.pin_root, args.status_file)
     if args.json:
         print(msgspec.json.encode(report).decode())
     else:
-        print(render(report))
+        print(render(report, codes))
     return report.exit_code
 
 
@@ -165,10 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--status-file",
                    help="write the agent's state (JSON) here (default $AEGIS_STATE_DIR/status.json)")
     r.add_argument("--exit-after", type=float, help=argparse.SUPPRESS)
-    r.add_argument("--kafka", metavar="BOOTSTRAP",
-                   help="also send events to Kafka at HOST:PORT[,HOST:PORT...] (docs/FLEET.md)")
-    r.add_argument("--kafka-host-key", metavar="NAME",
-                   help="record key of this host's events (default: the host name)")
     r.set_defaults(func=cmd_run)
 
     pol = sub.add_parser("policy", help="policy lifecycle").add_subparsers(

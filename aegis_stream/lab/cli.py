@@ -9,16 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from aegis_stream.errors import LabError
-from aegis_stream.lab.kernels import (
-    DEFAULT_CACHE,
-    DEFAULT_SERIES,
-    KERNELS,
-    LabKernel,
-    fetch_all,
-    fetch_kernel,
-    find_kernel,
-    list_kernels,
-)
+from aegis_stream.lab import kernels
 from aegis_stream.lab.vm import DEFAULT_TIMEOUT, LabTimeout, lab_exec, stream_writer
 
 
@@ -26,16 +17,16 @@ def cmd_lab_kernels(args: argparse.Namespace) -> int:
     """``aegis lab kernels [--fetch] [--refresh]``: list the series, fetched or not."""
     cache = getattr(args, "cache", None)
     if getattr(args, "fetch", False) or getattr(args, "refresh", False):
-        fetch_all(
+        kernels.fetch_all(
             cache,
             refresh=getattr(args, "refresh", False),
             log=lambda m: print(m, file=sys.stderr, flush=True),
         )
-    have: dict[str, LabKernel] = {}
-    for k in list_kernels(cache):
+    have: dict[str, kernels.LabKernel] = {}
+    for k in kernels.list_kernels(cache):
         have.setdefault(k.series, k)
     print(f"{'SERIES':<7} {'SUITE':<9} {'VERSION':<26} VMLINUZ")
-    for series, suite in KERNELS.items():
+    for series, suite in kernels.KERNELS.items():
         got = have.get(series)
         if got:
             print(f"{series:<7} {suite:<9} {got.version:<26} {got.vmlinuz}")
@@ -67,7 +58,7 @@ def cmd_lab_exec(
 
     err = stream_writer(sys.stderr)
     try:
-        k = fetch_kernel(kernel_series, cache) if fetch else find_kernel(kernel_series, cache)
+        k = kernels.fetch_kernel(kernel_series, cache) if fetch else kernels.find_kernel(kernel_series, cache)
         res = lab_exec(k, argv, timeout=timeout, stream=True, qemu_opts=qemu_opts)
     except LabTimeout as e:
         if verbose:
@@ -100,12 +91,12 @@ def add_lab_subparsers(subparsers) -> None:
     p.add_argument(
         "--cache",
         default=None,
-        help=f"kernel cache (default $AEGIS_KERNEL_CACHE or {DEFAULT_CACHE})",
+        help=f"kernel cache (default $AEGIS_KERNEL_CACHE or {kernels.DEFAULT_CACHE})",
     )
     p.set_defaults(func=cmd_lab_kernels)
 
     e = subparsers.add_parser("exec", help="boot a lab kernel and run a command as root in it")
-    e.add_argument("--kernel", default=DEFAULT_SERIES, choices=list(KERNELS))
+    e.add_argument("--kernel", default=kernels.DEFAULT_SERIES, choices=list(kernels.KERNELS))
     e.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     e.add_argument("--fetch", action="store_true", help="fetch the kernel if missing")
     e.add_argument("--cache", default=None)
@@ -126,16 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     add_lab_subparsers(sub)
     f = sub.add_parser("fetch", help="fetch kernels into the cache")
-    f.add_argument("series", nargs="*", help=f"series to fetch ({', '.join(KERNELS)})")
+    f.add_argument("series", nargs="*", help=f"series to fetch ({', '.join(kernels.KERNELS)})")
     f.add_argument("--all", action="store_true")
     f.add_argument("--refresh", action="store_true")
     f.add_argument("--cache", default=None)
     args = ap.parse_args(argv)
     if args.cmd == "fetch":
-        series = list(KERNELS) if args.all or not args.series else args.series
+        series = list(kernels.KERNELS) if args.all or not args.series else args.series
         try:
             for s in series:
-                k = fetch_kernel(
+                k = kernels.fetch_kernel(
                     s,
                     args.cache,
                     refresh=args.refresh,
