@@ -2,7 +2,8 @@
 
     AegisError
     ├── PolicyError          bad policy input (one line, names the field); nothing changed
-    │   └── SignatureError   signature, trust, expiry, revocation or anti-rollback refusal
+    │   └── SignatureError   signature, trust, revocation or anti-rollback refusal
+    │       └── SignatureExpiredError  expired (or issued in the future) by the wall clock
     ├── KernelError          a bpf()/libbpf call failed (names the object, the call, errno)
     │   ├── LoadError        object/program load or verifier rejection (keeps the log tail)
     │   ├── AttachError      a program loaded but its hook could not be attached
@@ -29,6 +30,11 @@ class SignatureError(PolicyError):
     pass
 
 
+class SignatureExpiredError(SignatureError):
+    """The signature or the signing key is expired, or issued in the future, by the wall
+    clock (refusal code ``policy_expired``)."""
+
+
 class KernelError(AegisError):
     def __init__(self, message: str, *, err: int = 0) -> None:
         self.errno = err
@@ -36,6 +42,14 @@ class KernelError(AegisError):
             name = _errno.errorcode.get(err, str(err))
             message = f"{message}: {name} ({os.strerror(err)})"
         super().__init__(message)
+
+    @classmethod
+    def wrapping(cls, cause: KernelError, message: str) -> KernelError:
+        """A new error saying ``message`` (which already quotes ``cause``) that keeps the
+        cause's errno, so callers classify it by errno, not by its text."""
+        err = cls(message)
+        err.errno = cause.errno
+        return err
 
 
 class LoadError(KernelError):

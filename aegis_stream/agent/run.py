@@ -83,6 +83,8 @@ class AgentConfig:
     slo_burn: float = 14.4
     tick_s: float = 1.0
     explain_denies: bool = True
+    kafka: str | None = None  # bootstrap of the Kafka sink (docs/FLEET.md); None: no Kafka
+    kafka_host_key: str | None = None  # its record key (default: the host name)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pipeline_config(self) -> PipelineConfig:
@@ -339,10 +341,20 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
         libbpf.num_possible_cpus(),
     )
     sinks: list[Sink] = [open_sink(cfg.events, max_bytes=cfg.events_max_bytes, backups=cfg.events_backups)]
+    kafka = None
+    if cfg.kafka:  # denies acked or spooled, audit best effort (docs/FLEET.md)
+        from aegis_stream.fleet.sink import open_kafka_sink
+
+        kafka = await open_kafka_sink(cfg.kafka, host_key=cfg.kafka_host_key, strict=False,
+                                      spool_dir=cfg.pipeline_config().spool_dir or ".",
+                                      spool_max_bytes=cfg.spool_max_bytes)
+        sinks.append(kafka)
     pipeline = Pipeline(rings, Normaliser(store), sinks, view, config=cfg.pipeline_config(),
                         on_state=on_state)
     for code, why in conditions.items():
         pipeline.monitor.set_condition(code, why)
+    if kafka is not None:
+        kafka.bind_monitor(pipeline.monitor)  # broker away: degraded, sink_failing
 
     def heartbeat() -> None:
         st = pipeline.statistics()

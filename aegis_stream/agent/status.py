@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,82 @@ from typing import Any
 import msgspec
 
 from aegis_stream.agent import reasons
+from aegis_stream.agent.health import Enforcement, Reason, ReasonCode, State, hooks_reason
 from aegis_stream.kernel import abi
 from aegis_stream.pipeline.schema import StatusAgent, StatusHook, StatusKernel, StatusReport
 
-EXIT_BY_STATE = {"enforcing": 0, "auditing": 0, "degraded": 1, "blind": 2}
+EXIT_BY_STATE = {s: s.exit_code for s in State}
 EXIT_UNKNOWN = 3
 STALE_S = 30.0  # the agent refreshes its file every 5 s; older than this = unresponsive
-_SEVERITY = {"enforcing": 0, "auditing": 0, "degraded": 1, "blind": 2}
 HOOK_OF_PROGRAM = {prog: abi.HOOK_NAMES[h] for h, prog in abi.HOOK_PROGRAMS.items()}
+STATUS_FILE_VERSION = 1
+
+
+# ------------------------------------------------------------------ the status file
+class HookPhase(msgspec.Struct, frozen=True, kw_only=True):
+    """The loader's state of one hook, as the agent saw it."""
+
+    hook: str
+    phase: str  # attached | failed | ... (aegis_stream.kernel.loader.ProgramStatus)
+    name: str = ""  # the BPF program
+    errno: int = 0
+    error: str = ""
+    pinned: str = ""  # the link's pin path ("" = not pinned)
+
+
+class ReconcileInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The startup reconciliation (aegis_stream.policy.lifecycle.ReconcileOutcome)."""
+
+    status: str
+    effective: str
+    generation: int
+    detail: str = ""
+
+
+class StatusFile(msgspec.Struct, frozen=True, kw_only=True):
+    """The status file the agent keeps (docs/DEGRADED_MODE.md "The status file").
+
+    Written at start, on every state change, every 5 s and at stop; on a refused start
+    with ``running: false`` and ``last_error``.  ``version`` changes only when a field
+    changes meaning; new fields get defaults (a file of an older agent still reads)."""
+
+    version: int = STATUS_FILE_VERSION
+    pid: int = 0
+    start_time: int = 0  # /proc/PID/stat field 22: tells a reused pid apart
+    running: bool = True
+    state: str = ""  # a State; "" when the agent never published one (a refused start)
+    hooks: dict[str, HookPhase] = {}
+    time: float = 0.0  # wall clock, for humans
+    monotonic: float | None = None  # CLOCK_MONOTONIC, for staleness (immune to clock jumps)
+    reasons: list[str] = []
+    reason_codes: list[str] = []  # the codes of ``reasons``, each once
+    reused_maps: list[str] = []
+    pin_root: str = ""
+    reconcile: ReconcileInfo | None = None
+    generation: int = 0
+    mode: str = ""
+    last_error: str = ""  # why the last start was refused
+    last_error_code: str = ""
+    stopped_at: float | None = None
+    codes_by_reason: list[str] = []  # the code of each of ``reasons``, in order
+
+    @property
+    def published(self) -> State | None:
+        """The agent's own published state, None if it has none (or one unknown here)."""
+        return State(self.state) if self.state in State.__members__.values() else None
+
+    def coded_reasons(self) -> list[Reason | str]:
+        """``reasons`` with their codes; a bare text where the file does not say (an
+        older agent's file: its texts are read by :func:`reasons.code_of`)."""
+        if len(self.codes_by_reason) == len(self.reasons):
+            pairs = zip(self.codes_by_reason, self.reasons, strict=True)
+        else:
+            pairs = zip((reasons.code_of(t) for t in self.reasons), self.reasons, strict=True)
+        return [Reason(ReasonCode(c), t) if c in _CODES else t for c, t in pairs]
+
+
+_CODES = frozenset(ReasonCode.__members__.values())
+status_file_decoder = msgspec.json.Decoder(StatusFile)
 
 
 @dataclass
@@ -47,7 +115,7 @@ class KernelFacts:
     pin_root: str
     links: dict[str, bool] = field(default_factory=dict)  # program -> pinned
     generation: int = 0
-    mode: str = "none"
+    mode: str = abi.MODE_NONE  # abi.Mode label of the active generation
     active_slot: int = 0
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str = ""
@@ -56,7 +124,7 @@ class KernelFacts:
 @dataclass
 class AgentFacts:
     path: str
-    doc: dict[str, Any] | None  # the status file, None when there is none
+    doc: StatusFile | None  # the status file, None when there is none (or unreadable)
     alive: bool  # the pid in it is a live process with the same start time
     age_s: float | None  # monotonic seconds since it was written
 
@@ -69,9 +137,7 @@ def facts_from_maps(pin_root: str, links: Mapping[str, bool], policy_maps: Any,
 
     st = slots.read_state(policy_maps)
     active = st.active
-    mode = "none"
-    if active.valid:
-        mode = "enforce" if active.mode == abi.Mode.ENFORCE else "audit"
+    mode = abi.Mode(active.mode).label if active.valid else abi.MODE_NONE
     counters: dict[str, dict[str, int]] = {}
     if maps is not None:
         try:
@@ -133,126 +199,140 @@ def read_agent(path: str | None = None, *, now_monotonic: float | None = None) -
 
     p = Path(path) if path else default_status_path()
     try:
-        doc = msgspec.json.decode(p.read_bytes())
-        if not isinstance(doc, dict):
-            doc = None
+        doc: StatusFile | None = status_file_decoder.decode(p.read_bytes())
     except (OSError, msgspec.DecodeError):
+        # missing, unreadable, corrupt or not a status file: no agent reports (documented
+        # in docs/DEGRADED_MODE.md: judged from the kernel alone)
         doc = None
     if doc is None:
         return AgentFacts(str(p), None, False, None)
-    alive = bool(doc.get("running", True)) and pid_alive(int(doc.get("pid", 0) or 0),
-                                                          int(doc.get("start_time", 0) or 0))
+    alive = doc.running and pid_alive(doc.pid, doc.start_time)
     age = None
-    if "monotonic" in doc:
+    if doc.monotonic is not None:
         now = time.monotonic() if now_monotonic is None else now_monotonic
-        age = max(0.0, now - float(doc["monotonic"]))
+        age = max(0.0, now - doc.monotonic)
     return AgentFacts(str(p), doc, alive, age)
 
 
-def _worst(*states: str) -> str:
-    return max(states, key=lambda s: _SEVERITY[s])
-
-
-def _doing(k: KernelFacts) -> str:
-    if not any(k.links.values()):
-        return "none"
-    return {"enforce": "enforcing", "audit": "auditing"}.get(k.mode, "none")
+def _doing(k: KernelFacts) -> Enforcement:
+    if not any(k.links.values()) or k.mode == abi.MODE_NONE:
+        return Enforcement.NONE
+    return Enforcement(State.healthy(k.mode).value)
 
 
 def judge(kernel: KernelFacts, agent: AgentFacts, *, stale_s: float = STALE_S) -> StatusReport:
     """The status from the facts (pure: the unit tests feed it fake kernels and files)."""
-    doc = agent.doc or {}
-    why: list[str] = []
-    state = "enforcing"
+    return judge_coded(kernel, agent, stale_s=stale_s)[0]
+
+
+def judge_coded(kernel: KernelFacts, agent: AgentFacts, *,
+                stale_s: float = STALE_S) -> tuple[StatusReport, list[str]]:
+    """:func:`judge`, and the code of each of the report's ``reasons`` (for :func:`render`;
+    ``unknown`` for a text of an older agent that no code recognises)."""
+    doc = agent.doc or StatusFile()
+    why: list[Reason | str] = []
+    state = State.ENFORCING
     expected = list(abi.HOOK_PROGRAMS.values())
     pinned = [p for p in expected if kernel.links.get(p)]
-    doing = _doing(kernel) if kernel.loaded else "none"
+    doing = _doing(kernel) if kernel.loaded else Enforcement.NONE
     if not kernel.loaded:
-        state = "blind"
-        why.append(reasons.text("not_loaded", f": no aegis programs pinned under {kernel.pin_root}"))
+        state = State.BLIND
+        why.append(reasons.reason(ReasonCode.NOT_LOADED,
+                                  f": no aegis programs pinned under {kernel.pin_root}"))
     else:
-        if not pinned:
-            state = "blind"
-            why.append(f"no hooks attached (0/{len(expected)})")
-        elif len(pinned) < len(expected):
-            state = "degraded"
-            missing = ", ".join(HOOK_OF_PROGRAM[p] for p in expected if p not in pinned)
-            why.append(f"hooks {len(pinned)}/{len(expected)} attached (missing {missing})")
-        if kernel.mode == "none":
-            state = _worst(state, "degraded")
-            why.append("no valid policy generation active (every hook allows)")
-        if state == "enforcing" and kernel.mode == "audit":
-            state = "auditing"
+        hooks = hooks_reason([HOOK_OF_PROGRAM[p] for p in expected],
+                             [HOOK_OF_PROGRAM[p] for p in pinned])
+        if hooks is not None:
+            state = State.BLIND if hooks.code is ReasonCode.HOOKS_NONE else State.DEGRADED
+            why.append(hooks)
+        if kernel.mode == abi.MODE_NONE:
+            state = State.worst(state, State.DEGRADED)
+            why.append(Reason(ReasonCode.NO_POLICY,
+                              "no valid policy generation active (every hook allows)"))
+        if state is State.ENFORCING:
+            state = State.healthy(kernel.mode)
     if agent.alive:
-        own = str(doc.get("state") or "")
-        if own in _SEVERITY:
-            if _SEVERITY[own] > _SEVERITY[state]:
+        own = doc.published
+        if own is not None:
+            if own.severity > state.severity:
                 state = own
-            elif _SEVERITY[own] == _SEVERITY[state] == 0 and kernel.loaded:
-                state = "auditing" if kernel.mode == "audit" else "enforcing"
-        for r in doc.get("reasons", []) or []:
-            if r not in why:
-                why.append(str(r))
+            elif own.severity == state.severity == 0 and kernel.loaded:
+                state = State.healthy(kernel.mode)
+        texts = {_text(w) for w in why}
+        for r in doc.coded_reasons():
+            if _text(r) not in texts:
+                why.append(r)
+                texts.add(_text(r))
         if agent.age_s is not None and agent.age_s > stale_s:
-            state = _worst(state, "degraded")
-            why.append(reasons.text("agent_unresponsive",
-                                    f": pid {doc.get('pid')} alive but its status is "
-                                    f"{agent.age_s:.0f}s old (> {stale_s:.0f}s)"))
+            state = State.worst(state, State.DEGRADED)
+            why.append(reasons.reason(ReasonCode.AGENT_UNRESPONSIVE,
+                                      f": pid {doc.pid} alive but its status is "
+                                      f"{agent.age_s:.0f}s old (> {stale_s:.0f}s)"))
     elif kernel.loaded:
-        state = _worst(state, "degraded")
-        if doing in ("enforcing", "auditing"):
+        state = State.worst(state, State.DEGRADED)
+        if doing is not Enforcement.NONE:
             tail = f"; pinned programs still {doing} generation {kernel.generation}"
         elif pinned:
             tail = "; pinned programs attached but no policy active (every hook allows)"
         else:
             tail = "; no pinned hook links (nothing decides)"
-        why.insert(0, reasons.text("agent_not_running", tail))
-    last_error = str(doc.get("last_error", "")) if not agent.alive else ""
+        why.insert(0, reasons.reason(ReasonCode.AGENT_NOT_RUNNING, tail))
+    last_error = doc.last_error if not agent.alive else ""
     if last_error and not kernel.loaded:
-        why.append(f"last start refused: {last_error}")
-    codes = [c for c in reasons.codes_of(why) if c != reasons.UNKNOWN]
-    if last_error and doc.get("last_error_code"):
-        code = str(doc["last_error_code"])
-        if code not in codes:
-            codes.append(code)
-    summary = why[0] if why else (
+        why.append(f"last start refused: {last_error}")  # its code: last_error_code below
+    codes: list[str] = []
+    for w in why:
+        if isinstance(w, Reason) and w.code not in codes:
+            codes.append(w.code)
+    if last_error and doc.last_error_code and doc.last_error_code not in codes:
+        codes.append(doc.last_error_code)
+    texts_out = [_text(w) for w in why]
+    summary = texts_out[0] if why else (
         f"{state}: generation {kernel.generation}, {len(pinned)}/{len(expected)} hooks attached")
     if last_error and kernel.loaded and not agent.alive:
         summary += f" (last start refused: {last_error})"
-    agent_hooks = doc.get("hooks", {}) if isinstance(doc.get("hooks"), dict) else {}
-    hooks = []
+    hooks_out = []
     for prog in expected:
         hook = HOOK_OF_PROGRAM[prog]
-        ah = agent_hooks.get(hook, {}) if isinstance(agent_hooks.get(hook), dict) else {}
-        hooks.append(StatusHook(hook=hook, program=prog, pinned=bool(kernel.links.get(prog)),
-                                agent_phase=str(ah.get("phase", "")), error=str(ah.get("error", ""))))
-    return StatusReport(
+        ah = doc.hooks.get(hook)
+        hooks_out.append(StatusHook(hook=hook, program=prog, pinned=bool(kernel.links.get(prog)),
+                                    agent_phase=ah.phase if ah else "",
+                                    error=ah.error if ah else ""))
+    report = StatusReport(
         time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         host=socket.gethostname(),
-        state=state,  # type: ignore[arg-type]
+        state=state,
         summary=summary,
-        reasons=why,
+        reasons=texts_out,
         reason_codes=codes,
-        exit_code=EXIT_BY_STATE[state],
+        exit_code=state.exit_code,
         agent=StatusAgent(
-            running=agent.alive, pid=int(doc.get("pid", 0) or 0),
-            state=str(doc.get("state", "") or ""),
-            reasons=[str(r) for r in doc.get("reasons", []) or []],
-            reason_codes=[str(c) for c in doc.get("reason_codes", []) or []],
+            running=agent.alive, pid=doc.pid,
+            state=doc.state,
+            reasons=list(doc.reasons),
+            reason_codes=list(doc.reason_codes),
             status_file=agent.path, age_s=agent.age_s, last_error=last_error,
-            last_error_code=str(doc.get("last_error_code", "")) if last_error else "",
+            last_error_code=doc.last_error_code if last_error else "",
         ),
         kernel=StatusKernel(
             loaded=kernel.loaded, pin_root=kernel.pin_root,
-            enforcement=doing,  # type: ignore[arg-type]
+            enforcement=doing,
             generation=kernel.generation, mode=kernel.mode, active_slot=kernel.active_slot,
             counters=kernel.counters, error=kernel.error,
         ),
-        hooks=hooks,
+        hooks=hooks_out,
     )
+    per_reason = [w.code if isinstance(w, Reason) else reasons.UNKNOWN for w in why]
+    return report, per_reason
 
 
-def render(r: StatusReport) -> str:
+def _text(w: Reason | str) -> str:
+    return w.text if isinstance(w, Reason) else w
+
+
+def render(r: StatusReport, codes: Sequence[str] | None = None) -> str:
+    """The human form of a report; ``codes``: the code of each reason (from
+    :func:`judge_coded`), else read from the texts (a report decoded from JSON)."""
     lines = [f"state: {r.state}  ({r.summary})"]
     a = r.agent
     if a.running:
@@ -273,8 +353,9 @@ def render(r: StatusReport) -> str:
     for hook, c in k.counters.items():
         lines.append(f"  counters {hook}: denied={c.get('denied', 0)} audited={c.get('audited', 0)} "
                      f"ringbuf_fail={c.get('ringbuf_fail', 0)} no_policy={c.get('no_policy', 0)}")
-    for why in r.reasons:
-        code = reasons.code_of(why)
+    if codes is None or len(codes) != len(r.reasons):
+        codes = [reasons.code_of(why) for why in r.reasons]
+    for code, why in zip(codes, r.reasons, strict=True):
         lines.append(f"  reason [{code}]: {why}")
     return "\n".join(lines)
 
@@ -282,6 +363,12 @@ def render(r: StatusReport) -> str:
 def collect(pin_root: str | None = None, status_file: str | None = None) -> StatusReport:
     """Read the kernel and the status file and judge.  Unreadable pins -> state blind with
     ``kernel.error`` set and exit code 3 (unknown)."""
+    return collect_coded(pin_root, status_file)[0]
+
+
+def collect_coded(pin_root: str | None = None,
+                  status_file: str | None = None) -> tuple[StatusReport, list[str]]:
+    """:func:`collect` and the code of each reason (:func:`judge_coded`)."""
     from aegis_stream.errors import AegisError
     from aegis_stream.kernel.loader import pin_root as default_root
 
@@ -290,9 +377,9 @@ def collect(pin_root: str | None = None, status_file: str | None = None) -> Stat
         kernel = read_kernel(pin_root)
     except (AegisError, OSError) as exc:
         kernel = KernelFacts(True, pin_root or default_root(), error=str(exc))
-        r = judge(KernelFacts(False, kernel.pin_root), agent)
+        r, codes = judge_coded(KernelFacts(False, kernel.pin_root), agent)
         return msgspec.structs.replace(
-            r, state="blind", exit_code=EXIT_UNKNOWN,
+            r, state=State.BLIND, exit_code=EXIT_UNKNOWN,
             summary=f"cannot read the pinned state: {exc}",
-            kernel=msgspec.structs.replace(r.kernel, error=str(exc)))
-    return judge(kernel, agent)
+            kernel=msgspec.structs.replace(r.kernel, error=str(exc))), codes
+    return judge_coded(kernel, agent)

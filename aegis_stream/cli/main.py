@@ -25,6 +25,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from aegis_stream.agent.run import AgentConfig, run_agent
 
+    kafka = None
+    if args.kafka is not None:  # refused here, before anything is loaded: a bad address, missing topics
+        from aegis_stream.fleet.sink import KafkaSinkError, preflight
+
+        try:
+            kafka = preflight(args.kafka, args.kafka_host_key)
+        except KafkaSinkError as exc:
+            return _fail(str(exc), 2)
     cfg = AgentConfig(
         policy=args.policy,
         events=args.events,
@@ -32,6 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         mode=args.mode,
         status_file=args.status_file,
         exit_after=args.exit_after,
+        kafka=kafka,
+        kafka_host_key=args.kafka_host_key,
     )
     return trio.run(run_agent, cfg)
 
@@ -155,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--status-file",
                    help="write the agent's state (JSON) here (default $AEGIS_STATE_DIR/status.json)")
     r.add_argument("--exit-after", type=float, help=argparse.SUPPRESS)
+    r.add_argument("--kafka", metavar="BOOTSTRAP",
+                   help="also send events to Kafka at HOST:PORT[,HOST:PORT...] (docs/FLEET.md)")
+    r.add_argument("--kafka-host-key", metavar="NAME",
+                   help="record key of this host's events (default: the host name)")
     r.set_defaults(func=cmd_run)
 
     pol = sub.add_parser("policy", help="policy lifecycle").add_subparsers(

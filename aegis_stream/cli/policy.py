@@ -127,7 +127,7 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace, data: bytes) -> int:
-    from aegis_stream.kernel import slots
+    from aegis_stream.kernel import abi, slots
     from aegis_stream.policy import compiler, dryrun, model, signing
     from aegis_stream.policy.lifecycle import Lifecycle
     from aegis_stream.policy.store import PolicyStore
@@ -164,7 +164,7 @@ def _dry_run(args: argparse.Namespace, data: bytes) -> int:
             st = slots.read_state(maps)
         if st.active.valid:
             rec = store.load(st.active.generation)
-            old, old_mode = rec.policy, ("enforce" if st.active.mode == 1 else "audit")
+            old, old_mode = rec.policy, abi.Mode(st.active.mode).label
             lines.append(f"active: generation {st.active.generation}")
         else:
             lines.append("active: no policy")

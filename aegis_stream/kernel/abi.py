@@ -47,8 +47,27 @@ class Decision(enum.IntEnum):
 
 
 class Mode(enum.IntEnum):
+    """A generation's mode as the kernel stores it; :attr:`label` / :meth:`from_name` are
+    the one mapping to the names policies, events and metrics use (``audit``/``enforce``)."""
+
     AUDIT = 0
     ENFORCE = 1
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_name(cls, name: str) -> Mode:
+        """``"enforce"`` -> ENFORCE, ``"audit"`` -> AUDIT; ValueError for anything else."""
+        for m in cls:
+            if m.label == name:
+                return m
+        raise ValueError(f"unknown mode {name!r} (audit | enforce)")
+
+
+#: the mode label where no valid generation is active (every hook allows)
+MODE_NONE: Final = "none"
 
 
 ACTION_OPEN: Final = 1 << 0

@@ -169,7 +169,8 @@ def stage(maps: PolicyMaps, cp: CompiledPolicy, generation: int, mode: int) -> S
             maps.scopes.update(k, v)
     except KernelError as exc:
         clear_slot(maps, slot)
-        raise KernelError(f"staging generation {generation} failed, nothing applied: {exc}") from None
+        raise KernelError.wrapping(
+            exc, f"staging generation {generation} failed, nothing applied: {exc}") from None
     got = slot_digest(maps, slot)
     want = expected_digest(cp, slot)
     if got != want:

@@ -24,9 +24,11 @@ from typing import Any, Literal
 
 import msgspec
 
+from aegis_stream.agent.health import Enforcement, State
+
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
-State = Literal["enforcing", "auditing", "degraded", "blind"]
+__all__ = ["State"]  # re-exported: the state enum of these documents (aegis_stream.agent.health)
 
 
 class DecisionEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.decision.v1", tag_field="schema"):
@@ -197,7 +199,7 @@ class StatusHook(msgspec.Struct, frozen=True, kw_only=True):
 class StatusKernel(msgspec.Struct, frozen=True, kw_only=True):
     loaded: bool  # aegis maps pinned under pin_root
     pin_root: str
-    enforcement: Literal["enforcing", "auditing", "none"]  # what the kernel does now
+    enforcement: Enforcement  # what the kernel does now
     generation: int  # active generation (0 = none)
     mode: str  # enforce | audit | none
     active_slot: int
@@ -241,8 +243,27 @@ def _pretty(doc: Any) -> bytes:
     return msgspec.json.format(_enc.encode(doc), indent=2) + b"\n"
 
 
+def _inline_enums(doc: Any, defs: dict[str, Any]) -> Any:
+    """``{"$ref": <an enum definition>}`` -> its ``{"enum": [...]}``, inline (how msgspec
+    writes a Literal): typing a field with a str enum does not change its schema file."""
+    if isinstance(doc, dict):
+        ref = doc.get("$ref", "")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            target = defs.get(ref.removeprefix("#/$defs/"), {})
+            if "enum" in target and len(doc) == 1:
+                return {"enum": list(target["enum"])}
+        return {k: _inline_enums(v, defs) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_inline_enums(v, defs) for v in doc]
+    return doc
+
+
 def json_schema(t: Any) -> dict[str, Any]:
     doc = msgspec.json.schema(t)
+    defs = doc.get("$defs", {})
+    doc = _inline_enums(doc, defs)
+    if "$defs" in doc:
+        doc["$defs"] = {k: v for k, v in doc["$defs"].items() if "enum" not in defs.get(k, {})}
     doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return doc
 

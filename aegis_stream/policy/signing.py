@@ -48,7 +48,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from aegis_stream.errors import PolicyError, SignatureError
+from aegis_stream.errors import PolicyError, SignatureError, SignatureExpiredError
 from aegis_stream.policy import model
 
 DOMAIN = b"aegis-policy-signature-v1"
@@ -368,9 +368,9 @@ def verify_envelope(
     if meta.expires_at <= meta.issued_at:
         raise SignatureError(f"{source}: signature expires before it was issued")
     if meta.issued_at > now + CLOCK_SKEW_S:
-        raise SignatureError(f"{source}: signature issued in the future ({meta.issued_at})")
+        raise SignatureExpiredError(f"{source}: signature issued in the future ({meta.issued_at})")
     if now >= meta.expires_at:
-        raise SignatureError(
+        raise SignatureExpiredError(
             f"{source}: signature by {meta.key_id!r} expired at {_iso(meta.expires_at)}; re-sign"
         )
     return VerifiedPolicy(

@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from aegis_stream.errors import PolicyError, SignatureError, StateError
+from aegis_stream.errors import PolicyError, SignatureError, SignatureExpiredError, StateError
 from aegis_stream.policy import signing
 from aegis_stream.policy.provenance import ProvenanceLog
 from aegis_stream.policy.store import atomic_write, state_dir
@@ -112,7 +112,7 @@ class TrustStore(signing.KeyLookup):
             reason = k.revoke_reason or tf.revoked_fingerprints.get(k.fingerprint, "")
             raise SignatureError(f"key {key_id!r} is revoked ({reason})")
         if k.expires_at and now >= k.expires_at:
-            raise SignatureError(f"key {key_id!r} expired at {signing._iso(k.expires_at)}")
+            raise SignatureExpiredError(f"key {key_id!r} expired at {signing._iso(k.expires_at)}")
         return signing.public_from_raw(base64.b64decode(k.public_key))
 
     # ------------------------------------------------------------------ changes

@@ -15,7 +15,7 @@ States, worst first (docs/EVENTS.md, aegis.state.v1):
     Every expected hook attached, the active generation in enforce / audit mode, none
     of the above.
 
-Every reason text belongs to one stable code of :mod:`aegis_stream.reasons`
+Every reason is emitted with its stable :class:`~aegis_stream.agent.health.ReasonCode`
 (``hooks_missing``, ``deny_events_lost``, ...): :attr:`DegradedMonitor.codes`, the
 ``reason_codes`` of aegis.state.v1 and the ``aegis_state_reason`` metric.  Conditions
 the agent knows about outside the sample (``reconcile_inconsistent``) are set with
@@ -28,13 +28,21 @@ A worse state is taken at once; a better one only after it held for ``recover_s`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
-from aegis_stream.agent.reasons import BY_CODE, codes_of
-
-SEVERITY = {"enforcing": 0, "auditing": 0, "degraded": 1, "blind": 2}
+from aegis_stream.agent.health import (
+    Reason,
+    ReasonCode,
+    ReasonKind,
+    Severity,
+    State,
+    hooks_reason,
+    unique_codes,
+)
+from aegis_stream.agent.reasons import BY_CODE, code_of
+from aegis_stream.kernel import abi
 
 
 class DegradedConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,7 +59,7 @@ class HealthSample(msgspec.Struct, frozen=True, kw_only=True):
     now: float
     hooks_expected: list[str]
     hooks_attached: list[str]
-    mode: str  # enforce | audit | none
+    mode: str  # abi.Mode label (enforce | audit) or abi.MODE_NONE
     generation: int = 0
     ring_fill: dict[str, float] = {}
     consumer_lag_bytes: dict[str, int] = {}
@@ -64,54 +72,60 @@ class HealthSample(msgspec.Struct, frozen=True, kw_only=True):
 
 class Transition(msgspec.Struct, frozen=True, kw_only=True):
     now: float
-    state: str
-    previous: str
+    state: State
+    previous: str  # the State before, "" for the first
     reasons: list[str]
     sample: HealthSample
-    codes: list[str] = []  # aegis_stream.reasons codes of ``reasons``, in order
+    codes: list[ReasonCode] = []  # the codes of ``reasons``, in order, each once
 
 
 class DegradedMonitor:
+    """Judges :class:`HealthSample` s into a published :class:`State` with reasons, with
+    hysteresis on the way back to health (see the module docstring)."""
+
     def __init__(self, config: DegradedConfig | None = None) -> None:
         self.config = config or DegradedConfig()
-        self.state = ""
-        self.reasons: list[str] = []
-        self.candidate = ""  # a better state waiting out recover_s
+        self.state: State | Literal[""] = ""  # "" until the first sample
+        self.judged: list[Reason] = []  # the reasons of the published state
+        self.candidate: State | Literal[""] = ""  # a better state waiting out recover_s
         self.candidate_since = 0.0
         self.progress: dict[str, tuple[int, float]] = {}  # ring -> (consumed, since)
         self.changes = 0
-        self.conditions: dict[str, str] = {}  # code -> reason text, set by the agent
+        self.conditions: dict[ReasonCode, str] = {}  # code -> reason text, set by the agent
 
     @property
-    def codes(self) -> list[str]:
-        """Reason codes of the published state (aegis_stream.reasons)."""
-        return codes_of(self.reasons)
+    def reasons(self) -> list[str]:
+        """The texts of the published state's reasons."""
+        return [r.text for r in self.judged]
+
+    @property
+    def codes(self) -> list[ReasonCode]:
+        """Reason codes of the published state, in order, each once."""
+        return unique_codes(self.judged)
 
     def set_condition(self, code: str, reason: str) -> None:
         """A condition only the agent knows (e.g. ``reconcile_inconsistent``); it holds
         (as degraded, or blind if the code says so) until :meth:`clear_condition`."""
         rc = BY_CODE[code]
-        if rc.kind != "state":
+        if rc.kind is not ReasonKind.STATE:
             raise ValueError(f"{code} is a {rc.kind} code, not a state condition")
-        self.conditions[code] = reason
+        self.conditions[rc.code] = reason
 
     def clear_condition(self, code: str) -> None:
-        self.conditions.pop(code, None)
+        self.conditions.pop(ReasonCode(code), None)
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, s: HealthSample) -> tuple[str, list[str]]:
+    def judge(self, s: HealthSample) -> tuple[State, list[Reason]]:
+        """The state ``s`` implies and why (no hysteresis: :meth:`observe` adds it)."""
         c = self.config
-        blind: list[str] = []
-        degraded: list[str] = []
-        expected = list(s.hooks_expected)
-        attached = [h for h in expected if h in s.hooks_attached]
-        if not attached:
-            blind.append(f"no hooks attached (0/{len(expected)})")
-        elif len(attached) < len(expected):
-            missing = ", ".join(h for h in expected if h not in attached)
-            degraded.append(f"hooks {len(attached)}/{len(expected)} attached (missing {missing})")
+        blind: list[Reason] = []
+        degraded: list[Reason] = []
+        hooks = hooks_reason(s.hooks_expected, s.hooks_attached)
+        if hooks is not None:
+            (blind if hooks.code is ReasonCode.HOOKS_NONE else degraded).append(hooks)
         if s.deny_lost:
-            blind.append(f"{s.deny_lost} deny events lost in the short window")
+            blind.append(Reason(ReasonCode.DENY_EVENTS_LOST,
+                                f"{s.deny_lost} deny events lost in the short window"))
         for ring in sorted(s.consumer_lag_bytes):
             lag = s.consumer_lag_bytes[ring]
             consumed = s.consumed_records.get(ring, 0)
@@ -120,39 +134,50 @@ class DegradedMonitor:
                 since = s.now
             self.progress[ring] = (consumed, since)
             if lag and s.now - since >= c.stall_s:
-                blind.append(f"{ring} ring consumer stalled for {s.now - since:.0f}s "
-                             f"with {lag} bytes waiting")
-        if s.mode == "none":
-            degraded.append("no valid policy generation active (every hook allows)")
+                blind.append(Reason(ReasonCode.CONSUMER_STALLED,
+                                    f"{ring} ring consumer stalled for {s.now - since:.0f}s "
+                                    f"with {lag} bytes waiting"))
+        if s.mode == abi.MODE_NONE:
+            degraded.append(Reason(ReasonCode.NO_POLICY,
+                                   "no valid policy generation active (every hook allows)"))
         for ring in sorted(s.ring_fill):
             fill = s.ring_fill[ring]
             if fill >= c.fill_high:
-                degraded.append(f"{ring} ring {fill:.0%} full (>= {c.fill_high:.0%})")
+                degraded.append(Reason(ReasonCode.RING_HIGH,
+                                       f"{ring} ring {fill:.0%} full (>= {c.fill_high:.0%})"))
         if c.lag_high_bytes:
             for ring in sorted(s.consumer_lag_bytes):
                 if s.consumer_lag_bytes[ring] >= c.lag_high_bytes:
-                    degraded.append(f"{ring} consumer {s.consumer_lag_bytes[ring]} bytes behind "
-                                    f"(>= {c.lag_high_bytes})")
+                    degraded.append(Reason(ReasonCode.CONSUMER_LAG,
+                                           f"{ring} consumer {s.consumer_lag_bytes[ring]} bytes "
+                                           f"behind (>= {c.lag_high_bytes})"))
         audit_drop = s.drop_ratio.get("audit", 0.0)
         if audit_drop > c.audit_drop_max:
-            degraded.append(f"audit drop ratio {audit_drop:.2%} > {c.audit_drop_max:.2%}")
+            degraded.append(Reason(ReasonCode.AUDIT_DROPS,
+                                   f"audit drop ratio {audit_drop:.2%} > {c.audit_drop_max:.2%}"))
         for sink in s.sink_failing:
-            degraded.append(f"sink failing: {sink}")
+            degraded.append(Reason(ReasonCode.SINK_FAILING, f"sink failing: {sink}"))
         if s.spooled_denies:
-            degraded.append(f"{s.spooled_denies} denies waiting in the disk spool")
+            degraded.append(Reason(ReasonCode.DENIES_SPOOLED,
+                                   f"{s.spooled_denies} denies waiting in the disk spool"))
         for code, why in sorted(self.conditions.items()):
-            (blind if BY_CODE[code].state == "blind" else degraded).append(why)
+            (blind if BY_CODE[code].state is Severity.BLIND else degraded).append(Reason(code, why))
         if blind:
-            return "blind", blind + degraded
+            return State.BLIND, blind + degraded
         if degraded:
-            return "degraded", degraded
-        return ("enforcing" if s.mode == "enforce" else "auditing"), []
+            return State.DEGRADED, degraded
+        return State.healthy(s.mode), []
+
+    def evaluate(self, s: HealthSample) -> tuple[State, list[str]]:
+        """:meth:`judge` with the reasons as texts."""
+        state, why = self.judge(s)
+        return state, [r.text for r in why]
 
     def observe(self, s: HealthSample) -> Transition | None:
         """Feed one sample; a Transition when the published state changes."""
-        new, reasons = self.evaluate(s)
+        new, judged = self.judge(s)
         old = self.state
-        if not old or SEVERITY[new] >= SEVERITY[old]:
+        if not old or new.severity >= old.severity:
             take = new != old
             self.candidate = ""
         else:  # better: only after it held for recover_s
@@ -160,34 +185,39 @@ class DegradedMonitor:
                 self.candidate, self.candidate_since = new, s.now
             take = s.now - self.candidate_since >= self.config.recover_s
             if not take:
-                reasons = self.reasons if self.reasons else reasons
+                judged = self.judged if self.judged else judged
         if take:
             self.state = new
-            self.reasons = reasons
+            self.judged = judged
             self.candidate = ""
             self.changes += 1
-            return Transition(now=s.now, state=new, previous=old, reasons=reasons, sample=s,
-                              codes=codes_of(reasons))
+            return Transition(now=s.now, state=new, previous=old, reasons=[r.text for r in judged],
+                              sample=s, codes=unique_codes(judged))
         if new == old:
-            self.reasons = reasons
+            self.judged = judged
         return None
 
     # ---------------------------------------------------------------- state
     def snapshot(self) -> dict[str, Any]:
-        return {"state": self.state, "reasons": list(self.reasons), "codes": self.codes,
+        return {"state": self.state, "reasons": self.reasons, "codes": self.codes,
                 "conditions": dict(self.conditions), "candidate": self.candidate,
                 "candidate_since": self.candidate_since, "changes": self.changes,
                 "progress": {k: list(v) for k, v in self.progress.items()},
-                "config": msgspec.to_builtins(self.config)}
+                "config": msgspec.to_builtins(self.config),
+                "reason_codes": [r.code for r in self.judged]}  # one per reason
 
     @classmethod
     def restore(cls, state: dict[str, Any]) -> DegradedMonitor:
         m = cls(msgspec.convert(state.get("config", {}), DegradedConfig))
-        m.state = state["state"]
-        m.reasons = list(state["reasons"])
-        m.candidate = state.get("candidate", "")
+        m.state = State(state["state"]) if state["state"] else ""
+        texts = [str(t) for t in state["reasons"]]
+        # a snapshot taken before reasons carried codes: read its texts (reasons.code_of)
+        per_reason = state.get("reason_codes") or [code_of(t) for t in texts]
+        m.judged = [Reason(ReasonCode(c), t) for c, t in zip(per_reason, texts, strict=True)]
+        cand = state.get("candidate", "")
+        m.candidate = State(cand) if cand else ""
         m.candidate_since = float(state.get("candidate_since", 0.0))
         m.changes = int(state.get("changes", 0))
         m.progress = {k: (int(v[0]), float(v[1])) for k, v in state.get("progress", {}).items()}
-        m.conditions = {str(k): str(v) for k, v in state.get("conditions", {}).items()}
+        m.conditions = {ReasonCode(k): str(v) for k, v in state.get("conditions", {}).items()}
         return m
