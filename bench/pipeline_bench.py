@@ -51,7 +51,7 @@ from aegis_stream.kernel.events import (  # noqa: E402
     decode_raw,
     rows,
 )
-from aegis_stream.pipeline.core import Pipeline, PipelineConfig  # noqa: E402
+from aegis_stream.pipeline import Pipeline, PipelineConfig  # noqa: E402
 from aegis_stream.pipeline.sinks import JsonLinesFileSink  # noqa: E402
 from aegis_stream.policy.store import PolicyStore  # noqa: E402
 from aegis_stream.testing import (  # noqa: E402

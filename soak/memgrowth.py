@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio  # noqa: E402
 
 from aegis_stream.kernel import abi  # noqa: E402
-from aegis_stream.pipeline.core import Pipeline, PipelineConfig  # noqa: E402
+from aegis_stream.pipeline import Pipeline, PipelineConfig  # noqa: E402
 from aegis_stream.pipeline.memtrim import release_freed_memory  # noqa: E402
 from aegis_stream.pipeline.metrics import AegisMetrics  # noqa: E402
 from aegis_stream.pipeline.normalise import Normaliser  # noqa: E402

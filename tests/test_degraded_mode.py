@@ -23,7 +23,7 @@ from aegis_stream.agent import run as agent
 from aegis_stream.errors import KernelError, SignatureError
 from aegis_stream.kernel import abi, slots
 from aegis_stream.kernel.maps import PolicyMaps
-from aegis_stream.pipeline.core import Pipeline, PipelineConfig
+from aegis_stream.pipeline import Pipeline, PipelineConfig
 from aegis_stream.pipeline.metrics import AegisMetrics
 from aegis_stream.pipeline.schema import StateEvent, StatusReport, event_decoder
 from aegis_stream.pipeline.sinks import JsonLinesFileSink, MemorySink

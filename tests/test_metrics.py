@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aegis_stream.agent.run import serve_pipeline
 from aegis_stream.kernel import abi
-from aegis_stream.pipeline.core import Pipeline, PipelineConfig
+from aegis_stream.pipeline import Pipeline, PipelineConfig
 from aegis_stream.pipeline.metrics import AegisCollector, AegisMetrics, parse_addr, serve_metrics
 from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.policy.store import PolicyStore

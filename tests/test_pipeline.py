@@ -10,7 +10,7 @@ from aegis_stream.kernel import abi
 from aegis_stream.kernel.counters import MapCounterSource
 from aegis_stream.kernel.events import RECORD_STRIDE, RawDecision, encode_raw
 from aegis_stream.kernel.ringbuf import RawBatch
-from aegis_stream.pipeline.core import DiskSpool, Pipeline, PipelineConfig
+from aegis_stream.pipeline import DiskSpool, Pipeline, PipelineConfig
 from aegis_stream.pipeline.schema import DecisionEvent, ExplanationEvent, StateEvent, event_decoder
 from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.policy.store import PolicyStore
@@ -325,28 +325,28 @@ def test_heap_is_trimmed_once_after_a_burst_has_drained(kernel, store, tmp_path,
     """A burst (more than one batch in flight) leaves glibc holding the freed batches;
     the ticker trims once when it has drained, and not while events are still in flight
     or when no burst happened (a trim walks the heap: not every tick)."""
-    import aegis_stream.pipeline.core as pl
+    import aegis_stream.pipeline.ticker as pl
 
     calls: list[int] = []
     monkeypatch.setattr(pl, "release_freed_memory", lambda: calls.append(1) or True)
     p = make_pipeline(kernel, store, [MemorySink()], tmp_path, batch_max=16, spool_dir=None)
     audit = p.acct["audit"]
-    p._trim_after_burst()
+    p.ticker.trim_after_burst()
     assert calls == []  # idle, no burst
     audit.read += 10
-    p._trim_after_burst()
+    p.ticker.trim_after_burst()
     assert calls == []  # in flight, but within one batch: no burst
     audit.delivered += 10
-    p._trim_after_burst()
+    p.ticker.trim_after_burst()
     assert calls == []
     audit.read += 40  # a burst: 40 > batch_max in flight
-    p._trim_after_burst()
+    p.ticker.trim_after_burst()
     audit.delivered += 30
-    p._trim_after_burst()
+    p.ticker.trim_after_burst()
     assert calls == []  # still 10 in flight
     audit.delivered += 10
-    p._trim_after_burst()
-    p._trim_after_burst()
+    p.ticker.trim_after_burst()
+    p.ticker.trim_after_burst()
     assert (calls, p.memory_trims) == ([1], 1)
 
 

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import trio
 
-from aegis_stream.pipeline.core import Pipeline, PipelineConfig
+from aegis_stream.pipeline import Pipeline, PipelineConfig
 from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.policy.store import PolicyStore
 from aegis_stream.testing import FakeKernel, fixed_normaliser, make_events, sample_record

@@ -17,7 +17,7 @@ import trio
 
 from aegis_stream.kernel import abi
 from aegis_stream.kernel.counters import CounterSnapshot
-from aegis_stream.pipeline.core import Pipeline, PipelineConfig, PipelineStatistics
+from aegis_stream.pipeline import Pipeline, PipelineConfig, PipelineStatistics
 from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.policy.store import PolicyStore
 from aegis_stream.testing import FakeKernel, fixed_normaliser, make_events
@@ -227,7 +227,7 @@ def test_spool_close_cuts_off_replayed_frames(tmp_path):
     """A spool closed with frames already replayed at its head (the file is only
     truncated when it empties) must not hand them to the next run again."""
     from aegis_stream.kernel.ringbuf import RawBatch
-    from aegis_stream.pipeline.core import DiskSpool
+    from aegis_stream.pipeline import DiskSpool
 
     sp = DiskSpool(tmp_path, max_bytes=1 << 20)
     batches = [RawBatch(bytes([i]) * (2 * 104), 2) for i in range(3)]

@@ -37,7 +37,7 @@ from aegis_stream.errors import AegisError, LoadError
 from aegis_stream.kernel import abi, libbpf
 from aegis_stream.kernel.loader import AttachReport, BpfObject
 from aegis_stream.kernel.ringbuf import RingBuffer
-from aegis_stream.pipeline.core import MapsKernelView, Pipeline, PipelineConfig, PipelineStatistics
+from aegis_stream.pipeline import MapsKernelView, Pipeline, PipelineConfig, PipelineStatistics
 from aegis_stream.pipeline.normalise import Normaliser
 from aegis_stream.pipeline.schema import StateEvent
 from aegis_stream.pipeline.sinks import Sink, open_sink

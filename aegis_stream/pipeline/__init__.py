@@ -4,4 +4,21 @@ Readers drain the kernel rings (``aegis_stream.kernel.ringbuf``), decode and nor
 records into :mod:`~aegis_stream.pipeline.schema` Structs (``normalise``), feed the
 engine-independent :mod:`aegis_stream.processors`, and write batches to sinks
 (``sinks``); ``metrics`` exports the statistics of every stage to Prometheus.
+
+The :class:`Pipeline` (``pipeline``) wires the stages, one module each: ``readers``
+(ring -> raw channel, deny spool admission), ``normalising`` (raw -> encoded, with the
+forked encoder ``workers``), ``writers`` (encoded -> every sink, retries) and
+``ticker`` (kernel counters, SLO, degraded state); ``spool`` is the on-disk deny FIFO,
+``accounting`` the per-class ledger and the statistics records.
 """
+
+from aegis_stream.pipeline.accounting import ClassStatistics as ClassStatistics
+from aegis_stream.pipeline.accounting import PipelineStatistics as PipelineStatistics
+from aegis_stream.pipeline.accounting import window_label as window_label
+from aegis_stream.pipeline.config import CLASSES as CLASSES
+from aegis_stream.pipeline.config import PipelineConfig as PipelineConfig
+from aegis_stream.pipeline.kernel_view import KernelView as KernelView
+from aegis_stream.pipeline.kernel_view import MapsKernelView as MapsKernelView
+from aegis_stream.pipeline.pipeline import Pipeline as Pipeline
+from aegis_stream.pipeline.spool import DiskSpool as DiskSpool
+from aegis_stream.pipeline.spool import SpoolStatistics as SpoolStatistics

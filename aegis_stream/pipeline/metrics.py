@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from aegis_stream import __version__
 from aegis_stream.agent.reasons import STATE_CODES, codes_of
 from aegis_stream.kernel import abi
-from aegis_stream.pipeline.core import CLASSES, PipelineStatistics
+from aegis_stream.pipeline import CLASSES, PipelineStatistics
 from aegis_stream.pipeline.normalise import CacheStatistics
 
 STATES = ("enforcing", "auditing", "degraded", "blind")

@@ -25,7 +25,7 @@ from aegis_stream.testing._maps import FakePercpuArray, FakePercpuHash
 from aegis_stream.testing._ring import FakeRing
 
 if TYPE_CHECKING:
-    from aegis_stream.pipeline.core import MapsKernelView
+    from aegis_stream.pipeline import MapsKernelView
 
 EPERM = 1
 
@@ -207,7 +207,7 @@ class FakeKernel:
 
     def view(self) -> MapsKernelView:
         """The pipeline's KernelView: the same class the agent uses on pinned maps."""
-        from aegis_stream.pipeline.core import MapsKernelView
+        from aegis_stream.pipeline import MapsKernelView
 
         return MapsKernelView(self.maps(), self.policy_maps, self.attach_state, self.ncpu)
 

@@ -1,0 +1,218 @@
+"""The ticker: every ``tick_s`` it reads the kernel (counters, attached hooks, policy
+state), the rings' fill and lag, attributes kernel drops to each class, feeds the SLO
+and the degraded-state monitor, writes state/SLO events, and trims the heap once a
+burst has drained.
+
+``kernel_dropped`` per class = decisions counted by the kernel - records that reached
+the ring (read + still waiting); the kernel's RINGBUF_FAIL counter is per hook, not per
+ring, so the split comes from this difference (their sum equals RINGBUF_FAIL once the
+rings are quiet: tested).  Counters are read before ring positions, so the value is a
+lower bound while events flow, never an overstatement."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import msgspec
+import trio
+
+from aegis_stream.kernel.counters import CounterSnapshot
+from aegis_stream.kernel.events import RECORD_STRIDE
+from aegis_stream.kernel.ringbuf import RingBuffer
+from aegis_stream.pipeline.config import CLASSES, log
+from aegis_stream.pipeline.context import StageContext
+from aegis_stream.pipeline.kernel_view import KernelView
+from aegis_stream.pipeline.memtrim import release_freed_memory
+from aegis_stream.pipeline.schema import SloEvent, StateEvent
+from aegis_stream.pipeline.sinks import SinkBatch
+from aegis_stream.pipeline.writers import SinkWriter
+from aegis_stream.processors.degraded import DegradedMonitor, HealthSample, Transition
+from aegis_stream.processors.slo import AlertChange, DropRateSlo
+
+_enc = msgspec.json.Encoder()
+
+
+class Ticker:
+    """Kernel counters, ring fill/lag, SLO, degraded state and heap trims, per tick."""
+
+    def __init__(self, ctx: StageContext, rings: Mapping[str, RingBuffer], kernel: KernelView,
+                 writer: SinkWriter, *, clock: Callable[[], float], wall_clock: Callable[[], float],
+                 on_state: Callable[[StateEvent], None] | None) -> None:
+        self.ctx = ctx
+        self.rings = rings
+        self.kernel = kernel
+        self.writer = writer
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.on_state = on_state
+        self.monitor = DegradedMonitor(ctx.config.degraded)
+        self.slo = DropRateSlo(ctx.config.slo)
+        # the kernel side as of the last tick (what statistics() reports)
+        self.snapshot = CounterSnapshot.zero()
+        self.hooks: Mapping[str, bool] = {}
+        self.mode, self.generation = "none", 0
+        self.backlog: dict[str, int] = {}
+        self.now = 0.0
+        self.memory_trims = 0
+        self.state_callback_failures = 0
+        self.last_transition: Transition | None = None
+        self.alert_changes: list[AlertChange] = []
+        self._burst = False  # more than one batch was in flight since the last trim
+        self._state_seq = 0
+
+    def baseline(self) -> None:
+        """Where the kernel side stands as the pipeline starts."""
+        # ring positions first, counters after (the reverse of tick): the program counts a
+        # decision before it reserves its record, so every record in the backlog is in the
+        # counters read afterwards; reading the counters first would count a record that
+        # lands in between as emitted-but-not-written, a phantom drop (seen in the soak: an
+        # agent restarted under load reported "1 deny events lost", state blind)
+        acct = self.ctx.acct
+        for k in CLASSES:
+            a = acct[k]
+            ring = self.rings.get(k)
+            a.base_backlog = ring.available_bytes() // RECORD_STRIDE if ring else 0
+            a.base_ring_records = (ring.records + ring.discarded + ring.foreign) if ring else 0
+        try:
+            snap = self.kernel.counters()
+        except Exception as exc:  # counters unreadable: start from zero, say so
+            log(f"kernel counters unreadable at start: {exc}")
+            snap = CounterSnapshot.zero()
+        self.snapshot = snap
+        for k in CLASSES:
+            acct[k].base_decisions = snap.decisions(k)
+
+    def emitted(self, klass: str, snap: CounterSnapshot) -> int:
+        """Decisions of ``klass`` since the start (what was in the ring then included)."""
+        a = self.ctx.acct[klass]
+        return snap.decisions(klass) - a.base_decisions + a.base_backlog
+
+    def tick(self) -> tuple[Transition | None, list[AlertChange]]:
+        """One reading: kernel drops per class, SLO windows, health sample."""
+        now = self.now = self.clock()
+        # counters first, ring positions after: decisions(t1) - written(t2) is a lower
+        # bound of the drops at t1 (written only grows), so the monotone maximum of it
+        # never overstates and is exact once the ring is quiet
+        prev = self.generation
+        try:
+            snap = self.kernel.counters()
+            self.hooks = dict(self.kernel.attach_state())
+            self.mode, self.generation = self.kernel.policy_state()
+        except Exception as exc:
+            log(f"kernel state unreadable: {exc}")
+            snap = self.snapshot
+        if self.generation != prev:
+            # events of the replaced generation may still be in the rings: keep both
+            self.ctx.norm.retire_generations({self.generation, prev})
+        self.snapshot = snap
+        lag = {k: r.available_bytes() for k, r in self.rings.items()}
+        ring_fill = {k: lag[k] / r.size for k, r in self.rings.items()}
+        self.backlog = {k: v // RECORD_STRIDE for k, v in lag.items()}
+        acct = self.ctx.acct
+        for k in CLASSES:
+            a = acct[k]
+            ring = self.rings.get(k)
+            if ring is None:
+                continue
+            written = (ring.records + ring.discarded + ring.foreign - a.base_ring_records
+                       + lag[k] // RECORD_STRIDE)
+            a.kernel_dropped = max(a.kernel_dropped, self.emitted(k, snap) - written)
+        for k in CLASSES:
+            a = acct[k]
+            self.slo.observe(now, k, self.emitted(k, snap), a.kernel_dropped + a.dropped_userspace)
+        changes = self.slo.evaluate(now)
+        short = self.ctx.config.slo_short_window_s
+        drop_ratio = {k: self.slo.window(k, short, now).ratio for k in CLASSES}
+        deny_lost = self.slo.window("deny", short, now).dropped
+        spool = self.ctx.spool
+        sample = HealthSample(
+            now=now,
+            hooks_expected=list(self.hooks),
+            hooks_attached=[h for h, ok in self.hooks.items() if ok],
+            mode=self.mode,
+            generation=self.generation,
+            ring_fill=ring_fill,
+            consumer_lag_bytes=lag,
+            consumed_records={k: r.records + r.discarded + r.foreign for k, r in self.rings.items()},
+            drop_ratio=drop_ratio,
+            deny_lost=deny_lost,
+            sink_failing=sorted(self.writer.failing),
+            spooled_denies=spool.pending_events if spool else 0,
+        )
+        transition = self.monitor.observe(sample)
+        if transition is not None:
+            self.last_transition = transition
+        self.alert_changes.extend(changes)
+        return transition, changes
+
+    def _stamp(self) -> tuple[str, str]:
+        ns = int(self.wall_clock() * 1e9)
+        s, rem = divmod(ns, 1_000_000_000)
+        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)) + f".{rem // 1000:06d}Z"
+        self._state_seq += 1
+        return f"{self.ctx.norm.boot8}-agent-{ns}-{self._state_seq}", t
+
+    def state_event(self, tr: Transition) -> StateEvent:
+        eid, t = self._stamp()
+        s = tr.sample
+        return StateEvent(
+            event_id=eid, time=t, host=self.ctx.norm.host, state=tr.state,  # type: ignore[arg-type]
+            previous=tr.previous, reasons=list(tr.reasons), hooks_attached=list(s.hooks_attached),
+            hooks_expected=list(s.hooks_expected), mode=s.mode, generation=s.generation,
+            ring_fill=dict(s.ring_fill), consumer_lag_bytes=dict(s.consumer_lag_bytes),
+            drop_ratio=dict(s.drop_ratio),
+        )
+
+    def slo_event(self, ch: AlertChange) -> SloEvent:
+        eid, t = self._stamp()
+        return SloEvent(
+            event_id=eid, time=t, host=self.ctx.norm.host, event_class=ch.klass, alert=ch.rule.name,
+            status="firing" if ch.firing else "resolved", objective=ch.objective,
+            long_window_s=ch.rule.long_s, short_window_s=ch.rule.short_s,
+            burn_threshold=ch.rule.burn, burn_long=ch.burn_long, burn_short=ch.burn_short,
+            emitted_long=ch.long.emitted, dropped_long=ch.long.dropped,
+        )
+
+    def trim_after_burst(self) -> None:
+        """Once a burst (more than one batch in flight) has fully drained, give the
+        freed heap back (aegis_stream.pipeline.memtrim): floods must not set the
+        steady-state RSS."""
+        in_flight = sum(self.ctx.in_flight(k) for k in CLASSES)
+        if in_flight > self.ctx.config.batch_max:
+            self._burst = True
+        elif self._burst and in_flight == 0:
+            self._burst = False
+            self.memory_trims += 1
+            release_freed_memory()
+
+    def _notify_state(self, ev: StateEvent) -> None:
+        """Hand a state change to ``on_state`` (the agent writes its status file there).
+        A failing callback must not stop the ticker -- the state event is still written
+        to the sinks below -- but it must not go unseen either: an OSError (the status
+        file's disk) is the expected failure; anything else is a bug in the callback,
+        logged with its type.  Both are counted (``state_callback_failures``)."""
+        if self.on_state is None:
+            return
+        try:
+            self.on_state(ev)
+        except OSError as exc:
+            self.state_callback_failures += 1
+            log(f"state callback failed: {exc}")
+        except Exception as exc:
+            self.state_callback_failures += 1
+            log(f"state callback raised (a bug): {exc!r}")
+
+    async def run(self) -> None:
+        while True:
+            transition, changes = self.tick()
+            self.trim_after_burst()
+            if transition is not None:
+                ev = self.state_event(transition)
+                log(f"state: {ev.state}" + (f" ({'; '.join(ev.reasons)})" if ev.reasons else ""))
+                self._notify_state(ev)
+                await self.writer.write_derived(SinkBatch("state", _enc.encode(ev) + b"\n", 1))
+            if changes:
+                evs = [self.slo_event(c) for c in changes]
+                await self.writer.write_derived(SinkBatch("slo", _enc.encode_lines(evs), len(evs)))
+            await trio.sleep(self.ctx.config.tick_s)
