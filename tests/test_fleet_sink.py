@@ -161,8 +161,9 @@ async def test_denies_spooled_while_down_and_replayed_in_order(tmp_path: Path) -
     st = sink.statistics()
     assert st.retried >= 11 and st.spool is not None and st.spool.replayed_events == 11
     assert sum(st.dropped.values()) == 0
-    assert [up for up, _ in health] == [False, True]
-    assert health[0][1].startswith(BROKER_UNAVAILABLE)
+    flips = [up for i, (up, _) in enumerate(health) if i == 0 or health[i - 1][0] != up]
+    assert flips == [False, True] and health[-1] == (True, "")
+    assert all(why.startswith(BROKER_UNAVAILABLE) for up, why in health if not up)
 
 
 async def test_audit_shed_counted_while_down(tmp_path: Path) -> None:
@@ -285,3 +286,23 @@ def test_missing_topic_refuses_and_unreachable_starts_down() -> None:
     prod.up = False
     assert (check_topics(prod, "b:1") or "").startswith(BROKER_UNAVAILABLE)
     assert check_topics(FakeProducer(), "b:1") is None
+
+
+async def test_broker_away_is_a_degraded_condition(tmp_path: Path) -> None:
+    from aegis_stream.processors.degraded import DegradedMonitor
+
+    monitor = DegradedMonitor()
+    prod = FakeProducer()
+    sink = make(tmp_path, prod)
+    try:
+        sink.bind_monitor(monitor)
+        prod.up = False
+        await sink.write(batch("deny", 0, 1))
+        await wait_for(lambda: bool(monitor.conditions))
+        (code, why), = monitor.conditions.items()
+        assert code == "sink_failing" and why.startswith(f"sink failing: kafka:127.0.0.1:9092: "
+                                                         f"{BROKER_UNAVAILABLE}")
+        prod.up = True
+        await wait_for(lambda: not monitor.conditions)
+    finally:
+        await sink.aclose()
