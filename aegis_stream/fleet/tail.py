@@ -26,8 +26,8 @@ from typing import Any, TextIO
 import msgspec
 
 from aegis_stream.errors import AegisError
+from aegis_stream.fleet.topics import DECISION_TOPIC
 
-DECISION_TOPIC = "aegis.decision.v1"
 _dec = msgspec.json.Decoder()
 
 
@@ -110,20 +110,16 @@ def render(value: bytes, filt: TailFilter, *, as_json: bool) -> str | None:
 
 
 # ------------------------------------------------------------------ bootstrap
-_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
-
-
 def parse_bootstrap(text: str) -> str:
-    """Check ``HOST:PORT[,HOST:PORT...]``; returns it normalised (no blanks).  Raises
-    TailError naming the bad part."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise TailError("empty Kafka bootstrap address (want HOST:PORT[,HOST:PORT...])")
-    for p in parts:
-        m = _HOSTPORT.match(p)
-        if m is None or not 0 < int(m.group(2)) < 65536:
-            raise TailError(f"bad Kafka bootstrap address {p!r} (want HOST:PORT[,HOST:PORT...])")
-    return ",".join(parts)
+    """Check ``HOST:PORT[,HOST:PORT...]`` (the agent's sink's rule); returns it normalised.
+    Raises TailError naming the bad part."""
+    from aegis_stream.fleet.sink import KafkaSinkError
+    from aegis_stream.fleet.sink import parse_bootstrap as check
+
+    try:
+        return check(text)
+    except KafkaSinkError as exc:
+        raise TailError(str(exc).removeprefix("kafka: ")) from None
 
 
 # ------------------------------------------------------------------ the consumer
