@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Syscall overhead of the aegis LSM programs, measured INSIDE a lab guest (root).
 
+    python -m bench.overhead --out FILE ...   (bench/run-overhead starts it in the guest,
+                                               from the repository root)
+
 Configurations, measured side by side in one boot, alternating (ABAB...) so slow drift
 of the (shared, emulated) machine lands on every configuration alike:
 
@@ -43,18 +46,16 @@ import threading
 import time
 from pathlib import Path
 
+from aegis_stream.kernel import abi, libbpf, slots
+from aegis_stream.kernel.counters import read_counters
+from aegis_stream.kernel.devnum import resolve_inode
+from aegis_stream.kernel.loader import BpfObject, default_object_path
+from aegis_stream.kernel.ringbuf import RingBuffer
+from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount
+from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope
+from bench.hostinfo import cpu_model
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from aegis_stream.kernel import abi, libbpf, slots  # noqa: E402
-from aegis_stream.kernel.counters import read_counters  # noqa: E402
-from aegis_stream.kernel.devnum import resolve_inode  # noqa: E402
-from aegis_stream.kernel.loader import BpfObject, default_object_path  # noqa: E402
-from aegis_stream.kernel.ringbuf import RingBuffer  # noqa: E402
-from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount  # noqa: E402
-from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope  # noqa: E402
-from bench.hostinfo import cpu_model  # noqa: E402
-
 OPBENCH = HERE / ".build" / "opbench"
 TINY = HERE / ".build" / "tiny"
 ROOT = Path("/tmp/aegis-bench")
@@ -423,7 +424,7 @@ def main() -> int:
     configs = args.configs.split(",")
     ops = args.ops.split(",")
     if os.geteuid() != 0:
-        print("overhead.py runs as root inside a lab guest (bench/run-overhead)", file=sys.stderr)
+        print("bench.overhead runs as root inside a lab guest (bench/run-overhead)", file=sys.stderr)
         return 2
     if not OPBENCH.exists() or not TINY.exists():
         print(f"{OPBENCH} missing: run `make -C bench`", file=sys.stderr)

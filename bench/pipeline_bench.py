@@ -3,9 +3,9 @@
 the fake kernel ring (the same mmap layout the agent reads from a kernel ring), side by
 side with the plain baseline; then the drop ratio at a fixed offered load.
 
-    .venv/bin/python bench/pipeline_bench.py            # full run (~1 min)
-    .venv/bin/python bench/pipeline_bench.py --quick    # smaller, for a smoke test
-    .venv/bin/python bench/pipeline_bench.py --json out.json
+    .venv/bin/python -m bench.pipeline_bench            # full run (~1 min)
+    .venv/bin/python -m bench.pipeline_bench --quick    # smaller, for a smoke test
+    .venv/bin/python -m bench.pipeline_bench --json out.json
 
 Method (docs/PERFORMANCE.md): every throughput number is the best of ``--repeat`` runs
 over ``--events`` records, each run on a freshly filled ring (filling is not timed);
@@ -35,14 +35,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import msgspec
+import numpy as np
+import orjson
+import trio
 
-import msgspec  # noqa: E402
-import numpy as np  # noqa: E402
-import orjson  # noqa: E402
-import trio  # noqa: E402
-
-from aegis_stream.kernel.events import (  # noqa: E402
+from aegis_stream.kernel.events import (
     EVENT_SIZE,
     RECORD_STRUCT,
     RawDecision,
@@ -51,10 +49,10 @@ from aegis_stream.kernel.events import (  # noqa: E402
     decode_raw,
     rows,
 )
-from aegis_stream.pipeline import Pipeline, PipelineConfig  # noqa: E402
-from aegis_stream.pipeline.sinks import JsonLinesFileSink  # noqa: E402
-from aegis_stream.policy.store import PolicyStore  # noqa: E402
-from aegis_stream.testing import (  # noqa: E402
+from aegis_stream.pipeline import Pipeline, PipelineConfig
+from aegis_stream.pipeline.sinks import JsonLinesFileSink
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.testing import (
     FakeKernel,
     FakeRing,
     fixed_normaliser,
@@ -252,7 +250,7 @@ async def offered_load(rate: int, seconds: float, tmpdir: str, producer: str = "
 
     ``producer="process"``: the records come from a forked process on the other CPU
     (the kernel's place); ``"inline"``: from a trio task on the agent's own core."""
-    kernel = FakeKernel(audit_ring_size=4 << 20, deny_ring_size=1 << 20)
+    kernel = FakeKernel()  # the object's ring sizes (abi.DENY_RING_BYTES, abi.AUDIT_RING_BYTES)
     store = PolicyStore(Path(tmpdir) / f"state-{rate}-{producer}-{workers}")
     store.record(sample_record(7))
     norm = fixed_normaliser(store, processes={1000 + i: ("/usr/bin/cat", ["cat"]) for i in range(64)})

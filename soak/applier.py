@@ -5,6 +5,8 @@ stdin, answering one JSON line each.  It exists because a Python start under QEM
 30-170 s, which would make "a swap every few seconds" impossible through the CLI; a
 separate process (not a thread in the driver) keeps a crash here out of the harness.
 
+    python -m soak.applier   (soak.driver starts it, cwd = the repository root)
+
     stdin:  <pin root>\t<state dir>\t<policy path>
     stdout: {"rc": 0|1, "output": "...", "seconds": S}
 """
@@ -16,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from aegis_stream.errors import AegisError  # noqa: E402
-from aegis_stream.kernel.loader import open_pinned  # noqa: E402
-from aegis_stream.policy.lifecycle import Lifecycle  # noqa: E402
+from aegis_stream.errors import AegisError
+from aegis_stream.kernel.loader import open_pinned
+from aegis_stream.policy.lifecycle import Lifecycle
 
 
 def main() -> int:

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Soak driver: runs INSIDE a lab guest (root) and drives the real agent as a black box.
 
-    python soak/driver.py --duration 600 --out DIR [--swap-every 5] [--restart-every 90] ...
+    python -m soak.driver --duration 600 --out DIR [--swap-every 5] [--restart-every 90] ...
+
+(from the repository root: soak/run starts it that way in the guest, with cwd = the root)
 
 What it does (soak/run boots the guest and calls it; docs/PERFORMANCE.md "Soak"):
 
@@ -50,15 +52,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from aegis_stream.errors import StateError
+from aegis_stream.kernel import abi, counters, libbpf, slots
+from aegis_stream.kernel.events import RECORD_STRIDE
+from aegis_stream.kernel.maps import FdMap, PolicyMaps
+from aegis_stream.kernel.ringbuf import PAGE
+from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount
+from bench.hostinfo import cpu_model
+from soak.calib import calibrate
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-
-from aegis_stream.kernel import abi, libbpf  # noqa: E402
-from aegis_stream.kernel.maps import FdMap  # noqa: E402
-from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount  # noqa: E402
-from bench.hostinfo import cpu_model  # noqa: E402
-from soak.calib import calibrate  # noqa: E402
 
 LOADGEN = HERE / ".build" / "loadgen"
 TINY = HERE / ".build" / "tiny"
@@ -66,8 +72,6 @@ WORK = Path("/tmp/aegis-soak")
 CG = Path("/sys/fs/cgroup/aegis-soak")
 PIN_ROOT = "/sys/fs/bpf/aegis-soak"
 AEGIS = [sys.executable, "-m", "aegis_stream.cli"]
-RECORD_BYTES = 104  # struct aegis_event (96) + ring record header (8), 8-aligned
-PAGE = mmap.PAGESIZE
 EPERM = 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -94,31 +98,29 @@ class KernelView:
         self.ncpu = libbpf.num_possible_cpus()
         self.rings = {"deny": RingPositions(self.maps[abi.MAP_DENY_EVENTS].fd),
                       "audit": RingPositions(self.maps[abi.MAP_AUDIT_EVENTS].fd)}
+        self.policy_maps = PolicyMaps(rules=self.maps[abi.MAP_RULES], scopes=self.maps[abi.MAP_SCOPES],
+                                      config=self.maps[abi.MAP_CONFIG])
 
     def counters(self) -> dict[str, int]:
-        """Kernel counters summed over hooks and CPUs (and per hook for decisions)."""
-        ctr = self.maps[abi.MAP_COUNTERS]
+        """Kernel counters summed over hooks and CPUs (and per hook for decisions), from
+        the product's reader (what ``aegis stats --json`` reports per hook)."""
         out: dict[str, int] = {}
-        for hook in abi.Hook:
-            for c in abi.Counter:
-                key = struct.pack("<I", hook * abi.COUNTERS_PER_HOOK + c)
-                per = ctr.lookup_percpu(key, self.ncpu) or []
-                v = sum(struct.unpack("<Q", x)[0] for x in per)
-                name = c.name.lower()
+        for hook, vals in counters.read_hook_counters(self.maps, self.ncpu).items():
+            for name, v in vals.items():
                 out[name] = out.get(name, 0) + v
                 if name in ("denied", "audited", "ringbuf_fail"):
-                    out[f"{name}.{abi.HOOK_NAMES[hook]}"] = v
+                    out[f"{name}.{hook}"] = v
         return out
 
     def active(self) -> tuple[int, str]:
-        cfg = self.maps[abi.MAP_CONFIG]
-        ctl = cfg.lookup(struct.pack("<I", 0)) or b"\0" * 4
-        slot = struct.unpack_from("<I", ctl, 0)[0] & 1
-        v = cfg.lookup(struct.pack("<I", 1 + slot)) or b"\0" * abi.SLOT_CONFIG.size
-        gen, mode, flags = abi.SLOT_CONFIG.unpack(v)[:3]
-        if not flags & abi.SLOT_VALID:
-            return gen, "none"
-        return gen, "enforce" if mode == abi.Mode.ENFORCE else "audit"
+        """(generation, mode) of the active slot; mode "none" when no valid generation."""
+        try:
+            sc = slots.read_state(self.policy_maps).active
+        except StateError:  # the config array always has its entries; as "no policy" if not
+            return 0, "none"
+        if not sc.valid:
+            return sc.generation, "none"
+        return sc.generation, "enforce" if sc.mode == abi.Mode.ENFORCE else "audit"
 
     def rule_counter_entries(self) -> int:
         return len(self.maps[abi.MAP_RULE_COUNTERS].keys())
@@ -138,22 +140,15 @@ class KernelView:
 
 # --------------------------------------------------------------------------- agent
 _SUMMARY_CLASS = re.compile(r"(deny|audit): delivered=(\d+) kernel_dropped=(\d+)(?: dropped ([^;]*))?")
-_PROM = re.compile(r'^(\w+)(?:\{([^}]*)\})? (\S+)$')
 
 
 def parse_prom(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """{sample name: [(labels, value)]} of a Prometheus text exposition (prometheus_client's
+    parser; ValueError on a malformed scrape)."""
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _PROM.match(line)
-        if not m:
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        try:
-            out.setdefault(m.group(1), []).append((labels, float(m.group(3))))
-        except ValueError:
-            continue
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
     return out
 
 
@@ -430,9 +425,9 @@ class Applier:
 
     def start(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen([sys.executable, str(HERE / "applier.py")], env=self.env,
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                         bufsize=1)
+            self.proc = subprocess.Popen([sys.executable, "-m", "soak.applier"], env=self.env,
+                                         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True, bufsize=1)
             self.starts += 1
 
     def submit(self, path: Path) -> None:
@@ -657,7 +652,7 @@ class Soak:
                 self.metrics_ok += 1
                 with self._scrape_lock:
                     self._scrape = (t, n, prom)
-            except OSError:
+            except (OSError, ValueError):  # no answer, or a malformed (e.g. cut-off) scrape
                 self.metrics_fail += 1
             self._stop_scraper.wait(max(0.1, self.a.sample_every - (time.monotonic() - t)))
 
@@ -1099,8 +1094,8 @@ class Soak:
         acc: dict = {}
         for klass, ctr in (("deny", "denied"), ("audit", "audited")):
             emitted = c[ctr]
-            reached = pos[klass][0] // RECORD_BYTES
-            waiting = (pos[klass][0] - pos[klass][1]) // RECORD_BYTES
+            reached = pos[klass][0] // RECORD_STRIDE
+            waiting = (pos[klass][0] - pos[klass][1]) // RECORD_STRIDE
             delivered = self.tail.counts[klass]
             reported: dict[str, int] = {}
             in_flight_lost = 0
@@ -1299,7 +1294,7 @@ def main() -> int:
     ap.add_argument("--rss-growth-mb", type=float, default=8)
     args = ap.parse_args()
     if os.geteuid() != 0:
-        print("soak/driver.py runs as root in a lab guest (soak/run)", file=sys.stderr)
+        print("soak.driver runs as root in a lab guest (soak/run)", file=sys.stderr)
         return 2
     for b in (LOADGEN, TINY):
         if not b.exists():

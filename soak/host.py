@@ -1,15 +1,16 @@
-#!/usr/bin/env python3
 """Bounded soak of the real agent in a lab kernel; report as JSON + markdown + PNG plots.
 
     soak/run --duration 600 [--kernel 6.1] [--out DIR] [-- DRIVER-ARGS...]
     soak/run --duration 21600 --kernel 6.12        # the documented 6-hour soak
 
-Builds soak/.build/{loadgen,tiny}, boots the kernel (QEMU TCG, two vCPUs), runs
-soak/driver.py in it, copies its output to --out (default results/soak/<series>-<time>/),
-then renders soak.md and the plots (soak/report.py; PNGs need matplotlib: pip install
--e '.[soak]').  Exit status: 0 all gates passed, 1 a gate failed, 2 the soak could not run.
-Driver options (after --): --swap-every, --restart-every, --kill-every, --flood-every,
---flood-first, --flood-duration, --deny-rate, --allow-rate, ... (soak/driver.py --help).
+(soak/run is ``python -m soak.host`` with the repository root importable.)  Builds
+soak/.build/{loadgen,tiny}, boots the kernel (QEMU TCG, two vCPUs), runs ``python -m
+soak.driver`` in it (cwd: the repository root, which the guest sees at the same path),
+copies its output to --out (default results/soak/<series>-<time>/), then renders soak.md
+and the plots (soak.report; PNGs need matplotlib: pip install -e '.[soak]').  Exit
+status: 0 all gates passed, 1 a gate failed, 2 the soak could not run.  Driver options
+(after --): --swap-every, --restart-every, --kill-every, --flood-every, --flood-first,
+--flood-duration, --deny-rate, --allow-rate, ... (python -m soak.driver --help).
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from aegis_stream import lab
+from soak.calib import calibrate
 
-from aegis_stream import lab  # noqa: E402
-from soak.calib import calibrate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def driver_crash(stacks: Path) -> str | None:
@@ -42,9 +42,10 @@ def driver_crash(stacks: Path) -> str | None:
 
 def run_driver(args: argparse.Namespace, extra: list[str], k: lab.LabKernel,
                out: Path) -> tuple[int, bool, str | None]:
-    """One boot running soak/driver.py: (driver rc, wrote soak.json, crash traceback)."""
+    """One boot running soak.driver: (driver rc, wrote soak.json, crash traceback)."""
     rw = Path(tempfile.mkdtemp(prefix="aegis-soak-"))
-    argv = [sys.executable, "soak/driver.py", "--duration", str(args.duration), "--out", str(rw), *extra]
+    argv = [sys.executable, "-m", "soak.driver", "--duration", str(args.duration), "--out", str(rw),
+            *extra]
     print(f"== soak on {k.version}: {' '.join(argv[1:])}", flush=True)
     try:
         res = lab.lab_exec(k, argv, timeout=args.duration + 1200, rwdirs=[str(rw)], stream=True,
@@ -66,7 +67,8 @@ def run_driver(args: argparse.Namespace, extra: list[str], k: lab.LabKernel,
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="soak/run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=600, help="workload seconds (after setup)")
     ap.add_argument("--kernel", default="6.1", choices=list(lab.KERNELS))
     ap.add_argument("--out", default=None)
@@ -75,7 +77,7 @@ def main() -> int:
     ap.add_argument("--retry-crash", type=int, default=0,
                     help="run again (at most N times) when the driver itself dies of a signal; "
                          "each crash is kept in the report (meta.harness_crashes)")
-    ap.add_argument("driver_args", nargs=argparse.REMAINDER, help="-- options for soak/driver.py")
+    ap.add_argument("driver_args", nargs=argparse.REMAINDER, help="-- options for soak.driver")
     args = ap.parse_args()
     extra = args.driver_args[1:] if args.driver_args[:1] == ["--"] else args.driver_args
     out = Path(args.out or ROOT / "results" / "soak" / f"{args.kernel}-{time.strftime('%Y%m%dT%H%M%S')}")
@@ -113,7 +115,7 @@ def main() -> int:
     doc["meta"]["wall_seconds"] = round(time.monotonic() - t0, 1)
     doc["meta"]["harness_crashes"] = crashes
     doc_path.write_text(json.dumps(doc, indent=1) + "\n")
-    subprocess.run([sys.executable, str(ROOT / "soak" / "report.py"), str(doc_path)], check=False)
+    subprocess.run([sys.executable, "-m", "soak.report", str(doc_path.resolve())], cwd=ROOT, check=False)
     failed = [k for k, v in doc["gates"].items() if not v["pass"]]
     print(f"== soak {'FAILED: ' + ', '.join(failed) if failed else 'passed'}; report: {out / 'soak.md'}",
           flush=True)

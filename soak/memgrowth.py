@@ -11,32 +11,29 @@ seconds.  tracemalloc snapshots are taken after ``--warmup`` seconds and at the 
 the allocation sites that grew most are printed with the RSS next to them, so a creep
 seen in the soak (docs/PERFORMANCE.md) can be named, not guessed.
 
-    .venv/bin/python soak/memgrowth.py --duration 600          # ~10 min, ~10% of a core
-    .venv/bin/python soak/memgrowth.py --duration 120 --quick  # smoke
+    .venv/bin/python -m soak.memgrowth --duration 600          # ~10 min, ~10% of a core
+    .venv/bin/python -m soak.memgrowth --duration 120 --quick  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import trio
 
-import trio  # noqa: E402
-
-from aegis_stream.kernel import abi  # noqa: E402
-from aegis_stream.pipeline import Pipeline, PipelineConfig  # noqa: E402
-from aegis_stream.pipeline.memtrim import release_freed_memory  # noqa: E402
-from aegis_stream.pipeline.metrics import AegisMetrics  # noqa: E402
-from aegis_stream.pipeline.normalise import Normaliser  # noqa: E402
-from aegis_stream.pipeline.sinks import open_sink  # noqa: E402
-from aegis_stream.policy.store import PolicyStore  # noqa: E402
-from aegis_stream.testing import (  # noqa: E402
+from aegis_stream.kernel import abi
+from aegis_stream.pipeline import Pipeline, PipelineConfig
+from aegis_stream.pipeline.memtrim import release_freed_memory
+from aegis_stream.pipeline.metrics import AegisMetrics
+from aegis_stream.pipeline.normalise import Normaliser
+from aegis_stream.pipeline.sinks import open_sink
+from aegis_stream.policy.store import PolicyStore
+from aegis_stream.testing import (
     CG_WORKLOADS,
     DEV_SDA1,
     FakeKernel,

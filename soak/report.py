@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Render a soak.json (soak/driver.py) as soak.md and PNG plots next to it.
 
-    soak/report.py [--regate] results/soak/<run>/soak.json
+    python -m soak.report [--regate] results/soak/<run>/soak.json   (from the repository root)
 
 --regate recomputes the resources and gates with the current soak/driver.py first.
 
@@ -291,7 +291,6 @@ def regate(doc: dict) -> None:
     """Recompute resources and gates with the current soak/driver.py (for old soak.json)."""
     import argparse
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from soak import driver
 
     doc["resources"] = driver.resources(doc)

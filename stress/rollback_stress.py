@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Kernel-lab rollback stress: N apply/rollback iterations under a live workload.
 
-Runs **inside a lab kernel** (root, BPF LSM), started by ``stress/run`` (host side) or by
+Runs **inside a lab kernel** (root, BPF LSM), started by ``stress/run`` (host side: ``python
+-m stress.rollback_stress`` from the repository root) or by
 ``tests/kernel/test_lifecycle_stress.py``.
 
 Two signed, enforcing generations of one policy name, both scoped to one cgroup:
@@ -56,17 +57,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from aegis_stream.kernel import abi, slots  # noqa: E402
-from aegis_stream.kernel.devnum import resolve_inode  # noqa: E402
-from aegis_stream.kernel.events import decode_raw  # noqa: E402
-from aegis_stream.kernel.maps import PolicyMaps  # noqa: E402
-from aegis_stream.kernel.ringbuf import RingBuffer  # noqa: E402
-from aegis_stream.policy import signing  # noqa: E402
-from aegis_stream.policy.lifecycle import Lifecycle  # noqa: E402
+from aegis_stream.kernel import abi, slots
+from aegis_stream.kernel.devnum import resolve_inode
+from aegis_stream.kernel.events import decode_raw
+from aegis_stream.kernel.maps import PolicyMaps
+from aegis_stream.kernel.ringbuf import RingBuffer
+from aegis_stream.policy import signing
+from aegis_stream.policy.lifecycle import Lifecycle
 
 WORKLOAD_SRC = Path(__file__).with_name("workload.c")
 WORKLOAD_BIN = Path(__file__).parent / ".build" / "workload"

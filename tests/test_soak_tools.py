@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from soak import driver
 
 
@@ -76,3 +78,81 @@ def test_events_tail_reads_files_rotated_away_between_two_polls(tmp_path) -> Non
     assert tail.counts["bad_lines"] == 0 and tail.unread_files == 0
     # what was read is deleted (the guest's tmpfs is small); only the live file is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl"]
+
+
+def test_kernel_view_reads_counters_and_active_slot_with_the_product_readers(tmp_path):
+    """KernelView (what the driver samples every second) on the fake kernel's maps: the
+    per-hook counters summed, per-hook decisions kept, the active generation and mode."""
+    from aegis_stream.kernel import abi
+    from aegis_stream.policy.store import PolicyStore
+    from aegis_stream.testing import (
+        CG_APP,
+        CG_ROOT,
+        CG_WORKLOADS,
+        DEV_SDA1,
+        FakeKernel,
+        FakeTask,
+        install,
+        sample_record,
+    )
+
+    k = FakeKernel()
+    kv = driver.KernelView.__new__(driver.KernelView)  # the maps without pinned fds
+    kv.maps, kv.ncpu, kv.policy_maps = k.maps(), k.ncpu, k.policy_maps
+    assert kv.active() == (0, "none")
+    app = FakeTask(pid=1, tgid=1, comm="x", cgroups=(CG_ROOT, CG_WORKLOADS, CG_APP))
+    assert k.decide(abi.Hook.FILE_OPEN, DEV_SDA1, 1234, abi.ACTION_OPEN, app) == 0
+    install(k, PolicyStore(tmp_path), sample_record(7, mode="enforce"))
+    assert kv.active() == (7, "enforce")
+    assert k.decide(abi.Hook.FILE_OPEN, DEV_SDA1, 1234, abi.ACTION_OPEN, app) < 0
+    k.cpu = 1
+    assert k.decide(abi.Hook.BPRM_CHECK, DEV_SDA1, 5678, abi.ACTION_EXEC, app) < 0
+    c = kv.counters()
+    assert c["denied"] == 2 and c["denied.file_open"] == 1 and c["denied.bprm_check_security"] == 1
+    assert c["no_policy"] == 1 and c["evaluated"] == 2 and c["audited"] == 0
+    install(k, PolicyStore(tmp_path), sample_record(8, mode="audit"))
+    assert kv.active() == (8, "audit")
+
+
+def test_parse_prom_reads_the_agents_exposition():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+    reg = CollectorRegistry()
+    dropped = Counter("aegis_events_dropped", "d", ["class", "stage", "reason"], registry=reg)
+    dropped.labels("audit", "kernel", "ringbuf_full").inc(3)
+    dropped.labels("audit", "queue", "full").inc(2)
+    Gauge("aegis_events_in_flight", "f", ["class"], registry=reg).labels("deny").set(4)
+    prom = driver.parse_prom(generate_latest(reg).decode())
+    assert driver.agent_drops(prom) == {"audit/kernel/ringbuf_full": 3, "audit/queue/full": 2}
+    assert driver.metric_sum(prom, "aegis_events_in_flight", **{"class": "deny"}) == 4
+    assert driver.metric_sum(prom, "aegis_events_dropped_total", stage="queue") == 2
+    with pytest.raises(ValueError):
+        driver.parse_prom('aegis_x{class="deny" 1\n')
+
+
+HARNESSES = ("soak/*.py", "soak/run", "stress/*.py", "stress/run", "bench/*.py", "bench/run-overhead")
+
+
+def test_harnesses_import_without_sys_path_edits():
+    """bench/, soak/ and stress/ run as modules from the repository root (``python -m
+    soak.driver``); their wrappers (soak/run) exec ``python -m``; none edits sys.path."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [p for pattern in HARNESSES for p in sorted(root.glob(pattern))]
+    assert len(files) >= 12
+    assert [str(p.relative_to(root)) for p in files if "sys.path" in p.read_text()] == []
+
+
+def test_soak_run_wrapper_and_driver_module_start(tmp_path):
+    """soak/run from another directory (the wrapper execs ``python -m soak.host``) and the
+    guest's command line (``python -m soak.driver`` from the root) both get as far as --help."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "soak" / "run"), "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: soak/run"), out.stderr
+    out = subprocess.run([sys.executable, "-m", "soak.driver", "--help"], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--swap-every" in out.stdout, out.stderr
