@@ -174,6 +174,52 @@ class ExplanationEvent(
     inconsistencies: list[str] = msgspec.field(default_factory=list)
 
 
+class FleetRule(msgspec.Struct, frozen=True, kw_only=True):
+    rule_id: str
+    generation: int
+    denies: int
+    audits: int = 0
+
+
+class FleetHost(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    state: str  # the fleet's judgement: worst of the agent's state, the monitor, silence
+    agent_state: str  # what the agent itself last published
+    silent: bool  # no state record for silent_after_s
+    reason_codes: list[str]
+
+
+class FleetEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.fleet.v1", tag_field="schema"):
+    """Fleet SLO and alerts from the faust fleet worker (pipelines/fleet.py, topic
+    aegis.fleet.v1): a periodic ``summary``, a ``host_state`` change of one host (silence
+    included), or a fleet drop-rate SLO alert change (``slo_alert``)."""
+
+    event_id: str  # "<worker>-<ns>-<seq>"
+    time: str
+    worker: str  # the worker's id (host:pid)
+    kind: Literal["summary", "host_state", "slo_alert"]
+    partitions: list[int]  # the decision partitions this worker's counts cover
+    hosts: int  # hosts known to this worker (state partitions it owns)
+    hosts_by_state: dict[str, int]
+    silent_hosts: list[str]
+    denies: int  # all-time, exact (idempotent per source offset)
+    audits: int
+    window_s: int  # tumbling window length of the per-rule counts
+    window_start: str  # start of the last complete window (RFC 3339)
+    window_denies: int  # denies in that window, all rules
+    top_rules: list[FleetRule]  # most denied (rule, generation), all-time
+    host: FleetHost | None = None  # kind host_state: the host that changed
+    previous: str = ""  # kind host_state: its state before
+    event_class: str = ""  # kind slo_alert: deny | audit
+    alert: str = ""  # kind slo_alert: the alert rule's name
+    status: str = ""  # kind slo_alert: firing | resolved
+    objective: float = 0.0
+    burn_long: float = 0.0  # fleet drop ratio / objective over the long window
+    burn_short: float = 0.0
+    emitted_long: int = 0
+    dropped_long: int = 0
+
+
 class StatusAgent(msgspec.Struct, frozen=True, kw_only=True):
     """What the status file says about the agent process, checked against /proc."""
 
@@ -227,6 +273,8 @@ EVENT_TYPES: tuple[type[msgspec.Struct], ...] = (DecisionEvent, StateEvent, Expl
 event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
 # versioned documents that are not events (CLI output): a schema file each, not in the union
 DOCUMENT_TYPES: tuple[type[msgspec.Struct], ...] = (StatusReport,)
+# the fleet worker's output topic (pipelines/fleet.py): an event, but not in the agent's log
+FLEET_TYPES: tuple[type[msgspec.Struct], ...] = (FleetEvent,)
 
 
 def schema_name(t: type[msgspec.Struct]) -> str:
@@ -270,7 +318,7 @@ def json_schema(t: Any) -> dict[str, Any]:
 
 def generated_files() -> dict[str, bytes]:
     """File name -> content for schemas/: one file per event type and the union."""
-    out = {f"{schema_name(t)}.json": _pretty(json_schema(t)) for t in EVENT_TYPES + DOCUMENT_TYPES}
+    out = {f"{schema_name(t)}.json": _pretty(json_schema(t)) for t in EVENT_TYPES + DOCUMENT_TYPES + FLEET_TYPES}
     union = json_schema(Event)
     union["title"] = "aegis event (any schema)"
     out["aegis.event.json"] = _pretty(union)
