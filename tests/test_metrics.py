@@ -133,3 +133,24 @@ async def test_serve_metrics_task_status_and_cancel():
         head, body = await _get(host, port, "/healthz")
         assert body == b"ok\n"
         n.cancel_scope.cancel()
+
+
+def test_one_collector_per_concern_and_extra_collectors():
+    """Each concern is its own collector registered on the registry; a further collector
+    (e.g. a sink's own) is one argument, and its families are exposed and described."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from aegis_stream.pipeline.metrics import COLLECTORS
+
+    class Extra:
+        def collect(self):
+            g = GaugeMetricFamily("aegis_test_extra", "a test family")
+            g.add_metric([], 7)
+            yield g
+
+        describe = collect
+
+    m = AegisMetrics(lambda: None, extra=[Extra()])
+    assert len(m.collector.parts) == len(COLLECTORS) + 1 >= 10
+    assert m.metric_names()["aegis_test_extra"] == "gauge"
+    assert "aegis_test_extra 7.0" in m.exposition().decode()

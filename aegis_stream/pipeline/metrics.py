@@ -5,13 +5,19 @@ snapshot), so the numbers on a scrape are consistent with each other and with th
 pipeline's own accounting; nothing is double-booked.  Names are prefixed ``aegis_``;
 docs/METRICS.md is the contract (tests/test_metrics.py checks both ways).
 
+One small collector per concern (prometheus client_python style): build info, state,
+kernel counters, pipeline classes, rings, spool, SLO, sinks, memory, caches.  Each reads
+:class:`Sources`; adding one is a line in :data:`COLLECTORS` (or pass it to
+:class:`AegisMetrics` as ``extra``).
+
 The HTTP server is trio-native (``serve_metrics``): it runs in the agent's nursery, is
 cancelled with it, and reads statistics on the trio thread (no locking needed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -20,13 +26,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from aegis_stream import __version__
+from aegis_stream.agent.health import State
 from aegis_stream.agent.reasons import STATE_CODES, codes_of
 from aegis_stream.kernel import abi
 from aegis_stream.pipeline import CLASSES, PipelineStatistics
 from aegis_stream.pipeline.normalise import CacheStatistics
 
-STATES = ("enforcing", "auditing", "degraded", "blind")
-MODES = ("enforce", "audit", "none")
+STATES: tuple[str, ...] = tuple(State)
+MODES: tuple[str, ...] = (abi.Mode.ENFORCE.label, abi.Mode.AUDIT.label, abi.MODE_NONE)
 
 
 def _g(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -37,28 +44,48 @@ def _c(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, labels=list(labels))
 
 
-class AegisCollector(Collector):
-    """Yields every aegis_ metric from the latest statistics snapshot."""
+@dataclass(frozen=True)
+class Sources:
+    """What the collectors read: the statistics snapshot and the normaliser's caches."""
 
-    def __init__(
-        self,
-        stats: Callable[[], PipelineStatistics | None],
-        caches: Callable[[], list[CacheStatistics]] | None = None,
-    ) -> None:
-        self.stats = stats
-        self.caches = caches or (lambda: [])
+    stats: Callable[[], PipelineStatistics | None]
+    caches: Callable[[], list[CacheStatistics]] = field(default=lambda: [])
+
+
+class StatsCollector(Collector):
+    """One concern's families from one statistics snapshot (``None``: describe only)."""
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
 
     def describe(self) -> Iterator[Metric]:
-        yield from self._families(None, [])
+        yield from self.families(None)
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._families(self.stats(), self.caches())
+        yield from self.families(self.sources.stats())
 
-    def _families(self, st: PipelineStatistics | None, caches: list[CacheStatistics]) -> Iterator[Metric]:
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
+        raise NotImplementedError
+
+
+class BuildInfoCollector(StatsCollector):
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         info = _g("aegis_build_info", "Agent version and event ABI (value 1)", ["version", "abi_version"])
         info.add_metric([__version__, str(abi.ABI_VERSION)], 1)
         yield info
 
+
+def _state_codes(st: PipelineStatistics) -> Sequence[str]:
+    codes = getattr(st, "reason_codes", None)  # the monitor's codes, where the snapshot has them
+    if codes is None:  # PipelineStatistics without reason_codes (helper E adds it): the texts
+        codes = codes_of(st.reasons)
+    return codes
+
+
+class StateCollector(StatsCollector):
+    """Hooks, the active generation and mode, the protection state and its reasons."""
+
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         attached = _g("aegis_hook_attached", "1 when the hook's BPF program is attached", ["hook"])
         gen = _g("aegis_policy_generation", "Generation of the active policy slot (0 = none)")
         mode = _g("aegis_policy_mode", "1 for the active generation's mode (none = no valid slot)", ["mode"])
@@ -67,7 +94,7 @@ class AegisCollector(Collector):
         why = _g("aegis_state_reason",
                  "1 for each reason code behind the current state (docs/DEGRADED_MODE.md)", ["reason"])
         if st is not None:
-            active = set(codes_of(st.reasons))
+            active = set(_state_codes(st))
             for code in STATE_CODES:
                 why.add_metric([code], 1.0 if code in active else 0.0)
             for hook, ok in sorted(st.hooks.items()):
@@ -80,6 +107,11 @@ class AegisCollector(Collector):
             changes.add_metric([], st.state_changes)
         yield from (attached, gen, mode, state, changes, why)
 
+
+class KernelCountersCollector(StatsCollector):
+    """The per-hook kernel counters (summed over CPUs)."""
+
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         kc = _c("aegis_kernel_hook_counter", "Raw per-hook kernel counters (summed over CPUs)",
                 ["hook", "counter"])
         kd = _c("aegis_kernel_decisions", "Kernel decisions by hook and decision", ["hook", "decision"])
@@ -94,6 +126,11 @@ class AegisCollector(Collector):
                 kf.add_metric([hook], ctrs["ringbuf_fail"])
         yield from (kc, kd, kf)
 
+
+class ClassesCollector(StatsCollector):
+    """Events per class through the pipeline: emitted, read, delivered, dropped, in flight."""
+
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         emitted = _c("aegis_events_emitted", "Decision events the kernel emitted since the agent started",
                      ["class"])
         read = _c("aegis_events_read", "Records read from the ring (or a previous run's spool)", ["class"])
@@ -112,6 +149,9 @@ class AegisCollector(Collector):
                     dropped.add_metric([stage, k, reason], n)
         yield from (emitted, read, delivered, dropped, inflight)
 
+
+class RingsCollector(StatsCollector):
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         fill = _g("aegis_ring_fill_ratio", "Ring bytes waiting / ring size", ["ring"])
         lag = _g("aegis_consumer_lag_bytes", "Producer - consumer position of the ring", ["ring"])
         disc = _c("aegis_ring_discarded_records", "Records the producer discarded", ["ring"])
@@ -122,6 +162,9 @@ class AegisCollector(Collector):
                 disc.add_metric([k], r.discarded)
         yield from (fill, lag, disc)
 
+
+class SpoolCollector(StatsCollector):
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         sp_pending = _g("aegis_spool_pending_events", "Denies waiting in the disk spool")
         sp_bytes = _g("aegis_spool_bytes", "Size of the disk spool file")
         sp_total = _c("aegis_spool_spooled_events", "Denies that went through the disk spool")
@@ -131,6 +174,9 @@ class AegisCollector(Collector):
             sp_total.add_metric([], st.spool.spooled_events)
         yield from (sp_pending, sp_bytes, sp_total)
 
+
+class SloCollector(StatsCollector):
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         ratio = _g("aegis_slo_drop_ratio", "Dropped / emitted over the window", ["class", "window"])
         burn = _g("aegis_slo_burn_rate", "Drop ratio over the window / objective", ["class", "window"])
         firing = _g("aegis_slo_alert_firing", "1 while the burn-rate alert fires", ["class", "alert"])
@@ -145,6 +191,9 @@ class AegisCollector(Collector):
                 firing.add_metric([k, a], 1.0 if f else 0.0)
         yield from (objective, ratio, burn, firing)
 
+
+class SinksCollector(StatsCollector):
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         s_events = _c("aegis_sink_events", "Events a sink accepted", ["sink"])
         s_fail = _c("aegis_sink_failures", "Sink write calls that failed", ["sink"])
         s_failev = _c("aegis_sink_failed_events", "Events in failed sink writes", ["sink"])
@@ -158,11 +207,25 @@ class AegisCollector(Collector):
                 derived.add_metric([kind], n)
         yield from (s_events, s_fail, s_failev, derived)
 
+
+class MemoryCollector(StatsCollector):
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         trims = _c("aegis_memory_trims", "Heap trims after a drained burst (malloc_trim)")
         if st is not None:
             trims.add_metric([], st.memory_trims)
         yield trims
 
+
+class CachesCollector(StatsCollector):
+    """The normaliser's caches (their own statistics, not the pipeline snapshot)."""
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self.cache_families([])
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.cache_families(self.sources.caches())
+
+    def cache_families(self, caches: list[CacheStatistics]) -> Iterator[Metric]:
         lookups = _c("aegis_cache_lookups", "Normaliser cache lookups", ["cache", "result"])
         entries = _g("aegis_cache_entries", "Normaliser cache size", ["cache"])
         for cs in caches:
@@ -172,8 +235,46 @@ class AegisCollector(Collector):
         yield from (lookups, entries)
 
 
+#: every aegis collector, in exposition order: adding a concern is one line here
+COLLECTORS: tuple[Callable[[Sources], Collector], ...] = (
+    BuildInfoCollector,
+    StateCollector,
+    KernelCountersCollector,
+    ClassesCollector,
+    RingsCollector,
+    SpoolCollector,
+    SloCollector,
+    SinksCollector,
+    MemoryCollector,
+    CachesCollector,
+)
+
+
+class AegisCollector(Collector):
+    """Every aegis_ collector of :data:`COLLECTORS` as one (for describing them all)."""
+
+    def __init__(
+        self,
+        stats: Callable[[], PipelineStatistics | None],
+        caches: Callable[[], list[CacheStatistics]] | None = None,
+        extra: Iterable[Collector] = (),
+    ) -> None:
+        sources = Sources(stats, caches or (lambda: []))
+        self.parts: list[Collector] = [make(sources) for make in COLLECTORS] + list(extra)
+
+    def describe(self) -> Iterator[Metric]:
+        for part in self.parts:  # as the registry does: describe() is optional on a Collector
+            describe = getattr(part, "describe", None)
+            yield from (describe() if describe is not None else part.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        for part in self.parts:
+            yield from part.collect()
+
+
 class AegisMetrics:
-    """The registry (fresh per instance unless one is given) with the aegis collector."""
+    """The registry (fresh per instance unless one is given) with one collector per
+    concern; ``extra``: more collectors (e.g. a sink's own)."""
 
     def __init__(
         self,
@@ -181,10 +282,12 @@ class AegisMetrics:
         registry: CollectorRegistry | None = None,
         *,
         caches: Callable[[], list[CacheStatistics]] | None = None,
+        extra: Iterable[Collector] = (),
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.collector = AegisCollector(stats, caches)
-        self.registry.register(self.collector)
+        self.collector = AegisCollector(stats, caches, extra)
+        for part in self.collector.parts:
+            self.registry.register(part)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
