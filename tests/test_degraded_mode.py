@@ -5,6 +5,7 @@ documented and reachable, and `aegis status` judged from fake kernels and status
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -23,15 +24,14 @@ from aegis_stream.agent import run as agent
 from aegis_stream.errors import KernelError, SignatureError
 from aegis_stream.kernel import abi, slots
 from aegis_stream.kernel.maps import PolicyMaps
-from aegis_stream.pipeline import Pipeline, PipelineConfig
+from aegis_stream.pipeline import Pipeline
 from aegis_stream.pipeline.metrics import AegisMetrics
 from aegis_stream.pipeline.schema import StateEvent, StatusReport, event_decoder
 from aegis_stream.pipeline.sinks import JsonLinesFileSink, MemorySink
 from aegis_stream.policy import signing
 from aegis_stream.policy.lifecycle import Lifecycle, ReconcileOutcome
-from aegis_stream.policy.store import PolicyStore
 from aegis_stream.processors.degraded import DegradedConfig, DegradedMonitor, HealthSample
-from aegis_stream.testing import FakeKernel, fixed_normaliser, install, make_events, sample_record
+from aegis_stream.testing import FakeKernel, install, make_events, sample_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "DEGRADED_MODE.md"
@@ -49,23 +49,14 @@ def sample(now: float = 0.0, **kw) -> HealthSample:
 
 
 @pytest.fixture
-def kernel():
-    k = FakeKernel(deny_ring_size=1 << 14, audit_ring_size=1 << 14)
-    yield k
-    k.close()
+def ring_sizes():
+    return 1 << 14, 1 << 14
 
 
 @pytest.fixture
-def store(tmp_path):
-    return PolicyStore(tmp_path / "state")
-
-
-def make_pipeline(kernel, store, sinks, tmp_path, *, on_state=None, wall_clock=time.time, **cfg):
-    cfg.setdefault("spool_dir", str(tmp_path / "spool"))
-    cfg.setdefault("tick_s", 0.5)
-    cfg.setdefault("degraded", DegradedConfig(recover_s=5))
-    return Pipeline(kernel.consumers(), fixed_normaliser(store), sinks, kernel.view(),
-                    config=PipelineConfig(**cfg), on_state=on_state, wall_clock=wall_clock)
+def make_pipeline(make_pipeline):
+    """conftest's, recovering after 5 s instead of the default."""
+    return functools.partial(make_pipeline, degraded=DegradedConfig(recover_s=5))
 
 
 def state_events(sink: MemorySink) -> list[StateEvent]:
@@ -127,7 +118,7 @@ def agent_facts(alive: bool, **doc) -> status.AgentFacts:
 
 # ===================================================================== per-hook / attach
 @pytest.mark.parametrize("missing", HOOKS)
-async def test_hook_fails_to_attach_degraded_with_the_hook(kernel, store, tmp_path, missing,
+async def test_hook_fails_to_attach_degraded_with_the_hook(make_pipeline, kernel, store, tmp_path, missing,
                                                          autojump_clock):
     """A hook not attached: state degraded, reason hooks_missing naming the hook, in the
     aegis.state.v1 event (reason_codes), the metric, and the status file."""
@@ -156,7 +147,7 @@ async def test_hook_fails_to_attach_degraded_with_the_hook(kernel, store, tmp_pa
     assert doc["start_time"] == agent.proc_start_time(os.getpid()) > 0
 
 
-async def test_no_hook_attached_is_blind(kernel, store, tmp_path, autojump_clock):
+async def test_no_hook_attached_is_blind(make_pipeline, kernel, store, tmp_path, autojump_clock):
     install(kernel, store, sample_record(7, mode="enforce"))
     kernel.attached.clear()
     sink = MemorySink()
@@ -188,7 +179,7 @@ def test_every_hook_fails_open_without_a_valid_generation(kernel):
 
 
 # ===================================================================== rings
-async def test_deny_ring_full_decision_enforced_state_blind(kernel, store, tmp_path, autojump_clock):
+async def test_deny_ring_full_decision_enforced_state_blind(make_pipeline, kernel, store, tmp_path, autojump_clock):
     """The deny ring full: the kernel still returns EPERM and counts ringbuf_fail; the lost
     events make the agent blind (deny_events_lost)."""
     from aegis_stream.testing import CG_APP, CG_ROOT, CG_WORKLOADS, DEV_SDA1, FakeTask
@@ -215,7 +206,7 @@ async def test_deny_ring_full_decision_enforced_state_blind(kernel, store, tmp_p
     assert evs[-1].state == "blind" and "deny_events_lost" in evs[-1].reason_codes
 
 
-async def test_audit_ring_full_degraded_audit_drops(kernel, store, tmp_path, autojump_clock):
+async def test_audit_ring_full_degraded_audit_drops(make_pipeline, kernel, store, tmp_path, autojump_clock):
     install(kernel, store, sample_record(7, mode="audit"))
     sink = MemorySink()
     p = make_pipeline(kernel, store, [sink], tmp_path)
@@ -231,7 +222,7 @@ async def test_audit_ring_full_degraded_audit_drops(kernel, store, tmp_path, aut
 
 
 # ===================================================================== event log disk full
-async def test_event_log_disk_full_sink_failing_denies_kept(kernel, store, tmp_path, autojump_clock):
+async def test_event_log_disk_full_sink_failing_denies_kept(make_pipeline, kernel, store, tmp_path, autojump_clock):
     """The event log's disk is full (/dev/full: every write is ENOSPC): sink failure counted,
     state degraded (sink_failing), denies retried, never dropped; audit batches dropped
     and counted (sink/error)."""
@@ -257,7 +248,7 @@ async def test_event_log_disk_full_sink_failing_denies_kept(kernel, store, tmp_p
 
 
 # ===================================================================== clock jumps
-async def test_wall_clock_jumps_do_not_move_windows_or_hysteresis(kernel, store, tmp_path,
+async def test_wall_clock_jumps_do_not_move_windows_or_hysteresis(make_pipeline, kernel, store, tmp_path,
                                                                  autojump_clock):
     """Windows, hysteresis and stall detection run on trio's clock (monotonic); the wall
     clock only stamps records.  A jump of +/- one day changes no state decision."""

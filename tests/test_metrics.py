@@ -5,17 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from aegis_stream.agent.run import serve_pipeline
 from aegis_stream.kernel import abi
-from aegis_stream.pipeline import Pipeline, PipelineConfig
 from aegis_stream.pipeline.metrics import AegisCollector, AegisMetrics, parse_addr, serve_metrics
 from aegis_stream.pipeline.sinks import MemorySink
-from aegis_stream.policy.store import PolicyStore
-from aegis_stream.testing import FakeKernel, fixed_normaliser, install, make_events, sample_record
+from aegis_stream.testing import install, make_events, sample_record
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "METRICS.md"
 ROW = re.compile(r"^\| `(aegis_\w+)` \| (\w+) \| ([^|]*) \| (.+) \|$")
@@ -82,32 +81,31 @@ async def _get(host: str, port: int, path: str) -> tuple[bytes, bytes]:
     return head, body
 
 
-async def test_scrape_the_real_endpoint(tmp_path):
-    kernel = FakeKernel(deny_ring_size=1 << 16, audit_ring_size=1 << 14)
-    store = PolicyStore(tmp_path / "state")
+@pytest.fixture
+def ring_sizes():
+    return 1 << 16, 1 << 14
+
+
+async def test_scrape_the_real_endpoint(make_pipeline, kernel, store, tmp_path):
     install(kernel, store, sample_record(7, mode="audit"))
     kernel.attached.discard("mmap_file")
     sink = MemorySink()
-    p = Pipeline(kernel.consumers(), fixed_normaliser(store), [sink], kernel.view(),
-                 config=PipelineConfig(spool_dir=str(tmp_path / "spool"), tick_s=0.05))
+    p = make_pipeline(kernel, store, [sink], tmp_path, tick_s=0.05)
     bound: list[tuple[str, int]] = []
-    try:
-        async with trio.open_nursery() as n:
-            n.start_soon(lambda: serve_pipeline(p, metrics_addr="127.0.0.1:0", signals=False,
-                                                metrics_started=bound.append))
-            while not bound:
-                await trio.sleep(0.01)
-            kernel.emit_bulk("audit", make_events(400), 400)  # 157 fit in 16 KiB
-            kernel.emit_bulk("deny", make_events(3, decision=abi.Decision.DENY), 3)
-            await p.drain(timeout=5)
-            await trio.sleep(0.2)  # a tick
-            head, body = await _get(*bound[0], "/metrics")
-            assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Type: text/plain; version=" in head
-            h2, b2 = await _get(*bound[0], "/nope")
-            assert h2.startswith(b"HTTP/1.1 404")
-            n.cancel_scope.cancel()
-    finally:
-        kernel.close()
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: serve_pipeline(p, metrics_addr="127.0.0.1:0", signals=False,
+                                            metrics_started=bound.append))
+        while not bound:
+            await trio.sleep(0.01)
+        kernel.emit_bulk("audit", make_events(400), 400)  # 157 fit in 16 KiB
+        kernel.emit_bulk("deny", make_events(3, decision=abi.Decision.DENY), 3)
+        await p.drain(timeout=5)
+        await trio.sleep(0.2)  # a tick
+        head, body = await _get(*bound[0], "/metrics")
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Type: text/plain; version=" in head
+        h2, b2 = await _get(*bound[0], "/nope")
+        assert h2.startswith(b"HTTP/1.1 404")
+        n.cancel_scope.cancel()
     s = _samples(body.decode())
     assert s[("aegis_hook_attached", (("hook", "mmap_file"),))] == 0
     assert s[("aegis_hook_attached", (("hook", "file_open"),))] == 1

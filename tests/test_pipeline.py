@@ -13,7 +13,6 @@ from aegis_stream.kernel.ringbuf import RawBatch
 from aegis_stream.pipeline import DiskSpool, Pipeline, PipelineConfig
 from aegis_stream.pipeline.schema import DecisionEvent, ExplanationEvent, StateEvent, event_decoder
 from aegis_stream.pipeline.sinks import MemorySink
-from aegis_stream.policy.store import PolicyStore
 from aegis_stream.processors.degraded import DegradedConfig
 from aegis_stream.testing import (
     CG_APP,
@@ -21,7 +20,6 @@ from aegis_stream.testing import (
     CG_ROOT,
     CG_WORKLOADS,
     DEV_SDA1,
-    FakeKernel,
     FakeTask,
     fixed_normaliser,
     install,
@@ -34,29 +32,15 @@ OTHER = FakeTask(pid=5000, tgid=5000, comm="cat", cgroups=(CG_ROOT, CG_OTHER))
 
 
 @pytest.fixture
-def store(tmp_path):
-    return PolicyStore(tmp_path / "state")
-
-
-@pytest.fixture
-def kernel():
-    k = FakeKernel(deny_ring_size=1 << 16, audit_ring_size=1 << 14)
-    yield k
-    k.close()
-
-
-def make_pipeline(kernel, store, sinks, tmp_path, **cfg) -> Pipeline:
-    cfg.setdefault("spool_dir", str(tmp_path / "spool"))
-    cfg.setdefault("tick_s", 0.5)
-    return Pipeline(kernel.consumers(), fixed_normaliser(store), sinks, kernel.view(),
-                    config=PipelineConfig(**cfg))
+def ring_sizes():
+    return 1 << 16, 1 << 14  # audit: 157 records fit, so a flood overflows at a known count
 
 
 def decode_lines(sink: MemorySink) -> list:
     return [event_decoder.decode(line) for line in sink.lines]
 
 
-async def test_decisions_flow_end_to_end_with_explanations(kernel, store, tmp_path, autojump_clock):
+async def test_decisions_flow_end_to_end_with_explanations(make_pipeline, kernel, store, tmp_path, autojump_clock):
     install(kernel, store, sample_record(7, mode="enforce"))
     sink = MemorySink()
     p = make_pipeline(kernel, store, [sink], tmp_path)
@@ -89,7 +73,7 @@ async def test_decisions_flow_end_to_end_with_explanations(kernel, store, tmp_pa
         (0, "file_open", 1), (1, "bprm_check_security", 1)]
 
 
-async def test_slow_consumer_full_audit_ring_no_deny_lost_every_drop_counted(
+async def test_slow_consumer_full_audit_ring_no_deny_lost_every_drop_counted(make_pipeline,
         kernel, store, tmp_path, autojump_clock):
     """The telemetry ring overflows (bursts larger than the ring, a slow sink): every deny
     arrives, in order; every lost audit event is counted, by stage and reason; the
@@ -131,7 +115,7 @@ async def test_slow_consumer_full_audit_ring_no_deny_lost_every_drop_counted(
     assert st.state in ("degraded", "blind")
 
 
-async def test_spool_survives_a_forced_stop_and_is_replayed(kernel, store, tmp_path, autojump_clock):
+async def test_spool_survives_a_forced_stop_and_is_replayed(make_pipeline, kernel, store, tmp_path, autojump_clock):
     sink = MemorySink()
     sink.fail_next = 10**9  # the sink is down: denies pile up
     p = make_pipeline(kernel, store, [sink], tmp_path, batch_max=32, shutdown_timeout_s=1.0,
@@ -161,7 +145,7 @@ async def test_spool_survives_a_forced_stop_and_is_replayed(kernel, store, tmp_p
     assert st2.classes["deny"].delivered == 405 and st2.spool.recovered_events == 400
 
 
-async def test_sink_failures_audit_dropped_deny_retried(kernel, store, tmp_path, autojump_clock):
+async def test_sink_failures_audit_dropped_deny_retried(make_pipeline, kernel, store, tmp_path, autojump_clock):
     sink = MemorySink()
     p = make_pipeline(kernel, store, [sink], tmp_path, sink_retry_initial_s=0.1)
     async with trio.open_nursery() as n:
@@ -180,7 +164,7 @@ async def test_sink_failures_audit_dropped_deny_retried(kernel, store, tmp_path,
     assert ss.failures == 4 and ss.failed_events >= 10 + 4  # (a state record may be among them)
 
 
-async def test_audit_sampling_is_counted(kernel, store, tmp_path, autojump_clock):
+async def test_audit_sampling_is_counted(make_pipeline, kernel, store, tmp_path, autojump_clock):
     sink = MemorySink()
     p = make_pipeline(kernel, store, [sink], tmp_path, audit_sample_n=4)
     async with trio.open_nursery() as n:
@@ -194,7 +178,7 @@ async def test_audit_sampling_is_counted(kernel, store, tmp_path, autojump_clock
     assert audit.read == audit.delivered + audit.dropped_userspace
 
 
-async def test_undecodable_records_are_counted(kernel, store, tmp_path, autojump_clock):
+async def test_undecodable_records_are_counted(make_pipeline, kernel, store, tmp_path, autojump_clock):
     sink = MemorySink()
     p = make_pipeline(kernel, store, [sink], tmp_path)
     bad = RawDecision(2, 0, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, "x")
@@ -209,7 +193,7 @@ async def test_undecodable_records_are_counted(kernel, store, tmp_path, autojump
     assert audit.dropped == {("decode", "abi_mismatch"): 1}
 
 
-async def test_records_that_are_not_events_are_counted_drops(kernel, store, tmp_path, autojump_clock):
+async def test_records_that_are_not_events_are_counted_drops(make_pipeline, kernel, store, tmp_path, autojump_clock):
     """A discarded record and a record of another layout in the deny ring: the reader
     skips both, and each is a counted deny drop (read = delivered + dropped), not a
     silent gap between the ring and the sink."""
@@ -262,7 +246,7 @@ async def test_state_changes_are_events_and_callbacks(kernel, store, tmp_path, a
     assert written == seen
 
 
-async def test_slo_burn_alert_fires_and_resolves(kernel, store, tmp_path, autojump_clock):
+async def test_slo_burn_alert_fires_and_resolves(make_pipeline, kernel, store, tmp_path, autojump_clock):
     from aegis_stream.processors.slo import AlertRule, SloConfig
 
     sink = MemorySink(keep=True)
@@ -321,7 +305,7 @@ async def test_serve_pipeline_exit_after_drains_what_the_kernel_produced(kernel,
     assert sink.by_class["deny"] == 7
 
 
-def test_heap_is_trimmed_once_after_a_burst_has_drained(kernel, store, tmp_path, monkeypatch):
+def test_heap_is_trimmed_once_after_a_burst_has_drained(make_pipeline, kernel, store, tmp_path, monkeypatch):
     """A burst (more than one batch in flight) leaves glibc holding the freed batches;
     the ticker trims once when it has drained, and not while events are still in flight
     or when no burst happened (a trim walks the heap: not every tick)."""
@@ -364,7 +348,7 @@ def test_release_freed_memory_returns_heap_to_the_kernel():
     assert keep
 
 
-async def test_policy_swaps_retire_old_generations_from_the_normaliser_caches(
+async def test_policy_swaps_retire_old_generations_from_the_normaliser_caches(make_pipeline,
         kernel, store, tmp_path, autojump_clock):
     """Swap after swap, the caches hold the active generation and the one it replaced, not
     one context and one rule table per generation ever applied (the soak's slow RSS climb);

@@ -20,10 +20,8 @@ PROCS = {1000 + i: ("/usr/bin/cat", ["cat", "/etc/shadow"]) for i in range(16)}
 
 
 @pytest.fixture
-def kernel():
-    k = FakeKernel(deny_ring_size=1 << 16, audit_ring_size=1 << 23)  # never sheds
-    yield k
-    k.close()
+def ring_sizes():
+    return 1 << 16, 1 << 23  # the audit ring never sheds
 
 
 def pipeline(kernel, tmp_path, sink, workers: int) -> Pipeline:

@@ -19,7 +19,6 @@ from aegis_stream.kernel import abi
 from aegis_stream.kernel.counters import CounterSnapshot
 from aegis_stream.pipeline import Pipeline, PipelineConfig, PipelineStatistics
 from aegis_stream.pipeline.sinks import MemorySink
-from aegis_stream.policy.store import PolicyStore
 from aegis_stream.testing import FakeKernel, fixed_normaliser, make_events
 
 
@@ -46,18 +45,6 @@ class TruthAtTick:
 
     def policy_state(self) -> tuple[str, int]:
         return self.inner.policy_state()
-
-
-@pytest.fixture
-def store(tmp_path):
-    return PolicyStore(tmp_path / "state")
-
-
-@pytest.fixture
-def kernel():
-    k = FakeKernel(deny_ring_size=1 << 16, audit_ring_size=1 << 16)
-    yield k
-    k.close()
 
 
 def make(kernel, store, tmp_path, sinks, *, spool: bool = True, **cfg) -> tuple[Pipeline, TruthAtTick]:
