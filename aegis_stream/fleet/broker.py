@@ -171,20 +171,24 @@ def fetch_kafka(
         root.mkdir()
         (root / "pom.xml").write_text(render_pom(version))
         cmd = [
-            "mvn", "-q", "-B", "-f", str(root / "pom.xml"),
+            "mvn", "-q", "-B", "-Dstyle.color=never", "-f", str(root / "pom.xml"),
             f"-Dmaven.repo.local={base / 'm2'}",
             f"{DEPENDENCY_PLUGIN}:copy-dependencies",
             f"-DoutputDirectory={root / 'lib'}",
             "-DincludeScope=runtime",
         ]
-        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        p = None
+        if (base / "m2").is_dir():
+            # everything may be in the private repo already: no network needed
+            p = subprocess.run([cmd[0], "-o", *cmd[1:]], capture_output=True, text=True, check=False)
+        if p is None or p.returncode != 0:
+            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if p.returncode != 0:
-            lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+            out = re.sub(r"\x1b\[[0-9;]*m", "", p.stdout + p.stderr)
+            lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
             errs = [ln for ln in lines if "ERROR" in ln] or lines
-            raise BrokerError(
-                f"mvn dependency:copy-dependencies failed (exit {p.returncode}): "
-                f"{errs[0].strip() if errs else 'no output'}"
-            )
+            first = errs[0].removesuffix("-> [Help 1]").strip() if errs else "no output"
+            raise BrokerError(f"mvn dependency:copy-dependencies failed (exit {p.returncode}): {first}")
         jars = sorted(j.name for j in (root / "lib").glob("*.jar"))
         if f"kafka_{SCALA_VERSION}-{version}.jar" not in jars:
             raise BrokerError(f"mvn ran but kafka_{SCALA_VERSION}-{version}.jar is not in its output")
