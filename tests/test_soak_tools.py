@@ -83,34 +83,25 @@ def test_events_tail_reads_files_rotated_away_between_two_polls(tmp_path) -> Non
 def test_kernel_view_reads_counters_and_active_slot_with_the_product_readers(tmp_path):
     """KernelView (what the driver samples every second) on the fake kernel's maps: the
     per-hook counters summed, per-hook decisions kept, the active generation and mode."""
+    from aegis_stream import testing as t
     from aegis_stream.kernel import abi
     from aegis_stream.policy.store import PolicyStore
-    from aegis_stream.testing import (
-        CG_APP,
-        CG_ROOT,
-        CG_WORKLOADS,
-        DEV_SDA1,
-        FakeKernel,
-        FakeTask,
-        install,
-        sample_record,
-    )
 
-    k = FakeKernel()
+    k = t.FakeKernel()
     kv = driver.KernelView.__new__(driver.KernelView)  # the maps without pinned fds
     kv.maps, kv.ncpu, kv.policy_maps = k.maps(), k.ncpu, k.policy_maps
     assert kv.active() == (0, "none")
-    app = FakeTask(pid=1, tgid=1, comm="x", cgroups=(CG_ROOT, CG_WORKLOADS, CG_APP))
-    assert k.decide(abi.Hook.FILE_OPEN, DEV_SDA1, 1234, abi.ACTION_OPEN, app) == 0
-    install(k, PolicyStore(tmp_path), sample_record(7, mode="enforce"))
+    app = t.FakeTask(pid=1, tgid=1, comm="x", cgroups=(t.CG_ROOT, t.CG_WORKLOADS, t.CG_APP))
+    assert k.decide(abi.Hook.FILE_OPEN, t.DEV_SDA1, 1234, abi.ACTION_OPEN, app) == 0
+    t.install(k, PolicyStore(tmp_path), t.sample_record(7, mode="enforce"))
     assert kv.active() == (7, "enforce")
-    assert k.decide(abi.Hook.FILE_OPEN, DEV_SDA1, 1234, abi.ACTION_OPEN, app) < 0
+    assert k.decide(abi.Hook.FILE_OPEN, t.DEV_SDA1, 1234, abi.ACTION_OPEN, app) < 0
     k.cpu = 1
-    assert k.decide(abi.Hook.BPRM_CHECK, DEV_SDA1, 5678, abi.ACTION_EXEC, app) < 0
+    assert k.decide(abi.Hook.BPRM_CHECK, t.DEV_SDA1, 5678, abi.ACTION_EXEC, app) < 0
     c = kv.counters()
     assert c["denied"] == 2 and c["denied.file_open"] == 1 and c["denied.bprm_check_security"] == 1
     assert c["no_policy"] == 1 and c["evaluated"] == 2 and c["audited"] == 0
-    install(k, PolicyStore(tmp_path), sample_record(8, mode="audit"))
+    t.install(k, PolicyStore(tmp_path), t.sample_record(8, mode="audit"))
     assert kv.active() == (8, "audit")
 
 
