@@ -298,6 +298,44 @@ def test_canary_failure_with_nothing_before_deactivates(env) -> None:
 
 
 # ------------------------------------------------------------------------- crash recovery
+def test_pending_journal_is_a_versioned_struct(env) -> None:
+    """The journal written before an apply changes anything round-trips as the Struct."""
+    import msgspec
+
+    from aegis_stream.policy.lifecycle import JOURNAL_FORMAT, JournalOp, PendingJournal
+
+    env.lc.apply(env.signed(1, "a"))
+
+    def crash(s):
+        if s == "pending":
+            raise SimulatedCrash(s)
+
+    with pytest.raises(SimulatedCrash):
+        env.new(hook=crash).apply(env.signed(2, "ab"), "v2")
+    raw = env.new().pending_path.read_bytes()
+    j = msgspec.json.decode(raw, type=PendingJournal)
+    assert (j.op, j.old_generation, j.new_generation, j.version, j.format) == (
+        JournalOp.APPLY, 1, 2, 2, JOURNAL_FORMAT)
+    assert msgspec.json.decode(msgspec.json.encode(j), type=PendingJournal) == j
+    assert env.new().reconcile().effective == "old"
+
+
+@pytest.mark.parametrize("content", [b"", b"{torn", b"[]", b'{"op": "apply"}',
+                                     b'{"op": "format-disk", "old_generation": 1, "new_generation": 2}',
+                                     b'{"op": "apply", "old_generation": "1", "new_generation": 2}'])
+def test_corrupt_pending_journal_is_discarded_and_reported(env, content) -> None:
+    """A journal that does not decode (torn, wrong type, unknown op): reconcile reports
+    it as inconsistent, records the refusal, removes it, and leaves the kernel alone."""
+    env.lc.apply(env.signed(1, "a"))
+    lc = env.new()
+    lc.pending_path.write_bytes(content)
+    out = lc.reconcile()
+    assert (out.status, out.effective, out.generation, out.detail) == (
+        "inconsistent", "unknown", 1, "unreadable journal")
+    assert not lc.pending_path.exists() and env.active_gen() == 1
+    assert lc.log.last()["reason"] == "unreadable lifecycle journal; discarded"
+
+
 @pytest.mark.parametrize("step", STEPS)
 def test_crash_at_each_step_reconciles_to_exactly_old_or_new(env, step) -> None:
     env.lc.apply(env.signed(1, "a"))

@@ -23,6 +23,7 @@ generation is effective, cleans up, and records which.
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import os
 import time
@@ -52,12 +53,36 @@ class SimulatedCrash(BaseException):
     """Raised by the test hook: like kill -9, no except/finally cleanup in lifecycle runs."""
 
 
+ENFORCE, AUDIT = abi.Mode.ENFORCE.label, abi.Mode.AUDIT.label  # policy mode names
+JOURNAL_FORMAT = 1
+
+
 def _mode_val(mode: str) -> int:
-    return int(abi.Mode.ENFORCE if mode == "enforce" else abi.Mode.AUDIT)
+    return int(abi.Mode.from_name(mode))
 
 
-def _mode_name(val: int) -> str:
-    return "enforce" if val == abi.Mode.ENFORCE else "audit"
+class JournalOp(enum.StrEnum):
+    APPLY = "apply"
+    ROLLBACK = "rollback"
+
+
+class PendingJournal(msgspec.Struct, frozen=True, kw_only=True):
+    """The pending-apply journal (``lifecycle.pending.json``): written before anything
+    changes, removed after the provenance record; what :meth:`Lifecycle.reconcile` reads
+    after a crash.  ``format`` is the journal's own version (``version`` is the policy's,
+    a name older journals already use)."""
+
+    op: JournalOp
+    old_generation: int
+    new_generation: int
+    new_record: bool = True  # False: a flip-rollback to a generation already recorded
+    policy: str = ""
+    version: int = 0  # the policy's version
+    digest: str = ""
+    format: int = JOURNAL_FORMAT
+
+
+_journal_decoder = msgspec.json.Decoder(PendingJournal)
 
 
 # ------------------------------------------------------------------------------ results
@@ -206,8 +231,8 @@ class Lifecycle:
             return {"reason": "(unreadable break-glass marker)"}
         return doc if isinstance(doc, dict) else {"reason": "(unreadable break-glass marker)"}
 
-    def _write_pending(self, doc: dict) -> None:
-        atomic_write(self.pending_path, msgspec.json.encode(doc))
+    def _write_pending(self, journal: PendingJournal) -> None:
+        atomic_write(self.pending_path, msgspec.json.encode(journal))
 
     def _clear_pending(self) -> None:
         self.pending_path.unlink(missing_ok=True)
@@ -237,13 +262,13 @@ class Lifecycle:
             policy = model.loads(data, origin)
             source, envelope, signer = data, b"", ""
         mode = mode_override or policy.mode
-        if mode == "enforce" and not signer:
+        if mode == ENFORCE and not signer:
             raise SignatureError(
                 f"{origin}: enforce mode requires a signed policy (`aegis policy sign`); "
                 "audit mode accepts an unsigned one"
             )
         bg = self.break_glass_state()
-        if mode == "enforce" and bg is not None:
+        if mode == ENFORCE and bg is not None:
             raise PolicyError(
                 f"break-glass is in effect ({bg.get('reason', '')}); enforce is refused until "
                 "`aegis break-glass --clear --reason ...`"
@@ -273,9 +298,9 @@ class Lifecycle:
             gen = self._new_generation(st)
             info.update(generation=gen, previous_generation=old_gen)
             self._step("verified")
-            self._write_pending({"op": "apply", "old_generation": old_gen,
-                                 "new_generation": gen, "policy": adm.policy.name,
-                                 "version": adm.policy.version, "digest": adm.digest})
+            self._write_pending(PendingJournal(
+                op=JournalOp.APPLY, old_generation=old_gen, new_generation=gen,
+                policy=adm.policy.name, version=adm.policy.version, digest=adm.digest))
             self._step("pending")
             recorded_gen = gen
             self.store.record(
@@ -290,7 +315,7 @@ class Lifecycle:
             slots.wait_grace(self._last_switch)
             staged = slots.stage(self.maps, compiled, gen, _mode_val(adm.mode))
             self._step("staged")
-            if adm.mode == "enforce" and self.break_glass_state() is not None:
+            if adm.mode == ENFORCE and self.break_glass_state() is not None:
                 raise PolicyError("break-glass was engaged during the apply; not activated")
             slots.activate(self.maps, staged.slot)
             self._last_switch = time.monotonic()
@@ -368,7 +393,7 @@ class Lifecycle:
         if rec.signer:
             raise SignatureError(f"generation {g}: signed by {rec.signer!r} but its envelope is "
                                  "missing from the store; cannot re-verify")
-        if mode == "enforce":
+        if mode == ENFORCE:
             raise SignatureError(f"generation {g} is unsigned; it cannot be enforced again")
         src = self.store.source(g)
         if src is None:
@@ -391,14 +416,14 @@ class Lifecycle:
                 self._last_switch = time.monotonic()
                 info.update(generation=0, method="deactivate")
                 self.log.append("rollback", **info)
-                return RollbackOutcome(0, cur_gen, "deactivate", "", 0, "audit")
+                return RollbackOutcome(0, cur_gen, "deactivate", "", 0, AUDIT)
             if to_generation is not None:
                 target = self.store.load(to_generation)
             else:
                 target = self._pick_target(cur_gen, to_version)
             mode = target.mode or target.policy.mode
             if self.break_glass_state() is not None:
-                mode = "audit"
+                mode = AUDIT
             info.update(policy=target.policy.name, version=target.policy.version,
                         digest=target.policy.digest, mode=mode,
                         target_generation=target.generation)
@@ -414,8 +439,8 @@ class Lifecycle:
             ):
                 method, gen, slot = "flip", target.generation, inactive
                 info.update(generation=gen, method=method)
-                self._write_pending({"op": "rollback", "old_generation": cur_gen,
-                                     "new_generation": gen, "new_record": False})
+                self._write_pending(PendingJournal(op=JournalOp.ROLLBACK, old_generation=cur_gen,
+                                                   new_generation=gen, new_record=False))
                 self._step("pending")
                 if ic.mode != _mode_val(mode):
                     slots.set_slot_mode(self.maps, inactive, _mode_val(mode))
@@ -425,8 +450,8 @@ class Lifecycle:
                 compiled = compiler.compile_policy(adm.policy)  # re-resolve paths now
                 gen = self._new_generation(st)
                 info.update(generation=gen, method=method)
-                self._write_pending({"op": "rollback", "old_generation": cur_gen,
-                                     "new_generation": gen})
+                self._write_pending(PendingJournal(op=JournalOp.ROLLBACK, old_generation=cur_gen,
+                                                   new_generation=gen))
                 self._step("pending")
                 new_rec = gen
                 self.store.record(
@@ -535,22 +560,21 @@ class Lifecycle:
             return self._reconcile_locked()
 
     def _reconcile_locked(self) -> ReconcileOutcome:
+        pending: PendingJournal | None
         try:
-            pending = msgspec.json.decode(self.pending_path.read_bytes())
+            pending = _journal_decoder.decode(self.pending_path.read_bytes())
         except FileNotFoundError:
             _, gen = self._active()
             return ReconcileOutcome("clean", "none", gen)
-        except (OSError, msgspec.DecodeError):
+        except (OSError, msgspec.DecodeError):  # corrupt, truncated or not a journal
             pending = None
         st, active = self._active()
-        if not isinstance(pending, dict):
+        if pending is None:
             self.log.append("reconcile", result="refused", generation=active,
                             reason="unreadable lifecycle journal; discarded")
             self._clear_pending()
             return ReconcileOutcome("inconsistent", "unknown", active, "unreadable journal")
-        op = str(pending.get("op", "?"))
-        old = int(pending.get("old_generation", 0))
-        new = int(pending.get("new_generation", 0))
+        op, old, new = pending.op, pending.old_generation, pending.new_generation
         last = self.log.last()
         if (
             active == new
@@ -580,9 +604,9 @@ class Lifecycle:
         self._clear_pending()
         return ReconcileOutcome(status, effective, active, detail)
 
-    def _undo_unactivated(self, st: slots.KernelPolicyState, pending: dict) -> None:
-        new = int(pending.get("new_generation", 0))
-        if not new or not pending.get("new_record", True):
+    def _undo_unactivated(self, st: slots.KernelPolicyState, pending: PendingJournal) -> None:
+        new = pending.new_generation
+        if not new or not pending.new_record:
             return  # a flip-rollback's target is an existing generation: keep slot and record
         ic = st.slots[st.inactive_slot]
         if ic.generation == new and st.active.generation != new:
