@@ -7,6 +7,7 @@ Each check is pass / warn / fail with a reason and a fix.  Exit codes:
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno as errno_mod
 import os
 import platform
@@ -35,10 +36,24 @@ class Check(msgspec.Struct, frozen=True):
     fix: str = ""
 
 
+class Verdict(enum.StrEnum):
+    """``aegis doctor``'s answer; :attr:`exit_code` is its exit status."""
+
+    READY = "ready"
+    DEGRADED = "degraded"
+    CANNOT_ENFORCE = "cannot_enforce"
+
+    @property
+    def exit_code(self) -> int:
+        return {Verdict.READY: 0, Verdict.DEGRADED: 1, Verdict.CANNOT_ENFORCE: 2}[self]
+
+
 class DoctorReport(msgspec.Struct, frozen=True):
+    """``aegis doctor --json``: can this host enforce, check by check."""
+
     schema: str
     kernel: str
-    verdict: str  # ready | degraded | cannot_enforce
+    verdict: Verdict
     exit_code: int
     checks: list[Check]
 
@@ -253,7 +268,7 @@ def synthetic_deny_proof() -> Check:
 
         ident = resolve_inode(target)
         cp = CompiledPolicy(
-            "doctor-proof", 1, "enforce", "sha256:doctor",
+            "doctor-proof", 1, abi.Mode.ENFORCE.label, "sha256:doctor",
             [CompiledRule(0, "doctor-canary", target, ident.dev, ident.ino, abi.ACTION_OPEN)],
             [CompiledScope(0, cg, os.stat(cg).st_ino)],
         )
@@ -302,13 +317,8 @@ def run_doctor() -> DoctorReport:
             checks.append(Check("deny-proof", "fail", "skipped: programs do not load here"))
     fails = [c for c in checks if c.status == "fail"]
     warns = [c for c in checks if c.status == "warn"]
-    if fails:
-        verdict, code = "cannot_enforce", 2
-    elif warns:
-        verdict, code = "degraded", 1
-    else:
-        verdict, code = "ready", 0
-    return DoctorReport(SCHEMA, platform.release(), verdict, code, checks)
+    verdict = Verdict.CANNOT_ENFORCE if fails else Verdict.DEGRADED if warns else Verdict.READY
+    return DoctorReport(SCHEMA, platform.release(), verdict, verdict.exit_code, checks)
 
 
 def render(report: DoctorReport) -> str:

@@ -142,9 +142,6 @@ def boot_time_ns() -> int:
     return time.time_ns() - time.monotonic_ns()
 
 
-_boot_time_ns = boot_time_ns  # old name
-
-
 # --------------------------------------------------------------------------- cgroups
 class CgroupResolver:
     """cgroup id -> path.  Ids are cgroup2 directory inode numbers; a miss walks the

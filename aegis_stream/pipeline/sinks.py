@@ -204,7 +204,3 @@ def open_sink(target: str, *, max_bytes: int = 256 << 20, backups: int = 5) -> S
     if target == "-":
         return StdoutSink()
     return JsonLinesFileSink(target, max_bytes=max_bytes, backups=backups)
-
-
-# the old name (one-file JSON lines sink)
-JsonLinesSink = open_sink
