@@ -15,16 +15,17 @@ agent's output is shipped later from wherever its directory ends up:
 Records are exactly what the agent's Kafka sink produces (:mod:`aegis_stream.fleet.sink`
 ``ROUTES``, its producer settings, key = host), so a consumer cannot tell the paths apart.
 
-Idempotent by ``event_id``: every record acknowledged by the broker is appended to a
-ledger kept next to the input, one per Kafka cluster (``.aegis-ship.<cluster id>``); a
-second ship to the same cluster skips what the ledger holds, so it publishes nothing
-twice and downstream counts do not move.  Within one ship, an event present in both
-the events file and the spool is published once.  The ledger is written after the
-broker's acknowledgement: a ship killed between the two republishes at most that last
-chunk, which the fleet worker's dedup on ``(host, event_id)`` absorbs (denies are
-at-least-once everywhere, docs/FLEET.md).  Shipping to a different cluster ships
-everything again (it has none of it).  Spool frames are left in place (the agent's next
-start would replay them: they are in the ledger's cluster already only if shipped there).
+Idempotent by ``event_id``: a ledger kept next to the input, one per Kafka cluster
+(``.aegis-ship.<cluster id>``), records each chunk's dedup keys ``(schema, host,
+event_id)`` as *intended* before producing it and as *acked* once the broker has
+acknowledged every record (idempotent producer, ``acks=all``).  A second ship to the same
+cluster skips what is acked, so it publishes nothing twice and downstream counts (the
+fleet worker counts each record offset once) do not move.  Keys intended but not acked
+are what a ship killed mid-chunk left in doubt: the next ship reads the topics back once
+and skips those already there, so even an interrupted ship never duplicates.  Within one
+ship, an event present in both the events file and the spool is published once.
+Shipping to a different cluster ships everything again (it has none of it).  Inputs are
+never modified (the spool stays for the agent, whose own replay is at-least-once).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class ShipResult:
     failed: int = 0  # not acknowledged (not in the ledger: the next ship retries them)
     bad_lines: int = 0  # not an aegis event (counted, skipped)
     raw_spooled: int = 0  # raw denies in deny.spool, not shippable (see the module doc)
+    in_doubt: int = 0  # in flight when a previous ship died: resolved by reading back
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {self.shipped.get(k, 0)}"
@@ -78,6 +80,8 @@ class ShipResult:
         line = (f"shipped {total} records to {self.bootstrap} (cluster {self.cluster_id}): "
                 f"{parts}; skipped {self.already} already shipped, {self.duplicates} duplicate(s); "
                 f"{self.failed} failed")
+        if self.in_doubt:
+            line += f"; {self.in_doubt} in doubt from an interrupted ship, checked on the topics"
         if self.bad_lines:
             line += f"; {self.bad_lines} line(s) not aegis events"
         if self.raw_spooled:
@@ -173,29 +177,96 @@ def raw_spooled(spool_dir: Path) -> int:
         spool.close()
 
 
+Key = tuple[str, str, str]  # (schema, host, event_id)
+
+
 class _Ledger:
-    """The dedup keys already acknowledged by one cluster (append-only, fsynced)."""
+    """What one cluster acknowledged, as an append-only, fsynced log of dedup keys.
+
+    Before a chunk is produced its keys are written as *intended* (``?``), after the
+    broker's acknowledgement as *acked* (``+``).  Keys intended but never acked were in
+    flight when a previous ship died: they may or may not be on the topics (``in_doubt``),
+    and :func:`_resolve` reads the topics back to tell."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.keys: set[tuple[str, str, str]] = set()
+        self.acked: set[Key] = set()
+        intended: set[Key] = set()
         if path.exists():
             for line in path.read_text().splitlines():
                 parts = line.split("\t")
-                if len(parts) == 3:
-                    self.keys.add((parts[0], parts[1], parts[2]))
+                if len(parts) == 4 and parts[0] in ("?", "+"):
+                    (intended if parts[0] == "?" else self.acked).add((parts[1], parts[2], parts[3]))
+        self.in_doubt = intended - self.acked
 
-    def add(self, keys: list[tuple[str, str, str]]) -> None:
+    def _append(self, tag: str, keys: list[Key]) -> None:
         if not keys:
             return
-        text = "".join(f"{s}\t{h}\t{e}\n" for s, h, e in keys)
+        text = "".join(f"{tag}\t{s}\t{h}\t{e}\n" for s, h, e in keys)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             os.write(fd, text.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.keys.update(keys)
+
+    def intend(self, keys: list[Key]) -> None:
+        self._append("?", keys)
+
+    def ack(self, keys: list[Key]) -> None:
+        self._append("+", keys)
+        self.acked.update(keys)
+        self.in_doubt.difference_update(keys)
+
+
+def _resolve(bootstrap: str, topics: set[str], in_doubt: set[Key], timeout: float) -> set[Key]:
+    """The in-doubt keys that are on ``topics`` (read from the start to their current end,
+    assigned partitions, no group).  Costs one read of those topics: only after a ship
+    died between producing and recording the acknowledgement."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"aegis-ship-{os.getpid()}",
+                  "enable.auto.commit": False, "logger": _quiet()})
+    found: set[Key] = set()
+    try:
+        ends: dict[tuple[str, int], int] = {}
+        for t in sorted(topics):
+            md = c.list_topics(t, timeout=timeout)
+            for p in md.topics[t].partitions:
+                lo, hi = c.get_watermark_offsets(TopicPartition(t, p), timeout=timeout)
+                if hi > lo:
+                    ends[(t, p)] = hi
+        c.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in ends])
+        left = set(ends)
+        while left and found != in_doubt:
+            msg = c.poll(1.0)
+            if msg is None or msg.error() is not None:
+                for tp in c.position([TopicPartition(t, p) for t, p in left]):
+                    if tp.offset >= ends[(tp.topic, tp.partition)]:
+                        left.discard((tp.topic, tp.partition))
+                continue
+            try:
+                h = _head.decode(msg.value() or b"")
+            except msgspec.DecodeError:
+                continue
+            k = (h.schema, h.host, h.event_id)
+            if k in in_doubt:
+                found.add(k)
+            where = (str(msg.topic()), int(msg.partition() or 0))
+            if int(msg.offset() or 0) + 1 >= ends[where]:
+                left.discard(where)
+    finally:
+        c.close()
+    return found
+
+
+def _quiet() -> Any:
+    import logging
+
+    log = logging.getLogger("aegis.fleet.ship.librdkafka")
+    log.propagate = False
+    log.addHandler(logging.NullHandler())
+    return log
 
 
 def _cluster_id(producer: Any, bootstrap: str, timeout: float) -> str:
@@ -244,6 +315,11 @@ def ship(bootstrap: str, *, events: list[Path] = (), spool: Path | None = None, 
         ledger_dir = spool if spool is not None else events[0].resolve().parent
         ledger = ledger_dir / f".aegis-ship.{res.cluster_id}"
     book = _Ledger(ledger)
+    if book.in_doubt:  # a previous ship died mid-chunk: which of those reached the broker?
+        res.in_doubt = len(book.in_doubt)
+        found = _resolve(bootstrap, {r[0] for r in ROUTES.values()}, set(book.in_doubt),
+                         connect_timeout)
+        book.ack(sorted(found))
     headers = {k: _schema_headers(k, ROUTES) for k in ROUTES}
     seen: set[tuple[str, str, str]] = set()
 
@@ -268,6 +344,7 @@ def ship(bootstrap: str, *, events: list[Path] = (), spool: Path | None = None, 
                     failed[0] += 1
             return cb
 
+        book.intend([it.key for it in chunk])
         for it in chunk:
             key = (host or it.host).encode()
             while True:
@@ -279,11 +356,11 @@ def ship(bootstrap: str, *, events: list[Path] = (), spool: Path | None = None, 
                     producer.poll(0.1)
         left = producer.flush(ack_timeout + 5)
         res.failed += failed[0] + left
-        book.add(acked)
+        book.ack(acked)
         chunk.clear()
 
     for it in items():
-        if it.key in book.keys:
+        if it.key in book.acked:
             res.already += 1
             continue
         if it.key in seen:

@@ -157,3 +157,34 @@ def test_ship_errors_are_one_line(kafka_broker, tmp_path):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 1 and words in out.stderr and out.stderr.count("\n") == 1, out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_interrupted_ship_is_resolved_by_reading_back_never_duplicated(kafka_broker, tmp_path):
+    """A ship killed after the broker took a chunk but before the ledger said so: the next
+    ship finds those records on the topics and skips them; records intended but never
+    produced are shipped."""
+    host = f"doubt-{uuid.uuid4().hex[:8]}"
+    events = run_agent(tmp_path / "agent", host, denies=5, audits=10)
+    ledger = tmp_path / "ledger"
+    first = ship(kafka_broker.bootstrap, events=[events], ledger=ledger)
+    n = sum(first.shipped.values())
+    assert first.failed == 0 and n == len(events.read_bytes().splitlines())
+    # the crash: every acknowledgement lost from the ledger (only the intents remain) ...
+    ledger.write_text("".join(x + "\n" for x in ledger.read_text().splitlines()
+                              if x.startswith("?")))
+    # ... and a second file whose chunk was intended but never reached the broker
+    other = run_agent(tmp_path / "agent2", host + "-b", denies=2, audits=0)
+    from aegis_stream.fleet.ship import _Ledger, _item
+
+    _Ledger(ledger).intend([_item(x).key for x in other.read_bytes().splitlines()])
+    again = ship(kafka_broker.bootstrap, events=[events, other], ledger=ledger)
+    m = len(other.read_bytes().splitlines())
+    assert again.in_doubt == n + m and again.already == n
+    assert sum(again.shipped.values()) == m and again.failed == 0
+    got = mine(kafka_broker.bootstrap, host)
+    ids = [r.doc["event_id"] for r in got["aegis.decision.v1"]]
+    assert len(ids) == len(set(ids)) == 15  # nothing published twice
+    assert len(mine(kafka_broker.bootstrap, host + "-b")["aegis.decision.v1"]) == 2
+    # and now everything is acked: a third ship has nothing in doubt and ships nothing
+    third = ship(kafka_broker.bootstrap, events=[events, other], ledger=ledger)
+    assert third.in_doubt == 0 and sum(third.shipped.values()) == 0
