@@ -10,7 +10,7 @@ from aegis_stream.kernel import abi
 from aegis_stream.kernel.counters import MapCounterSource
 from aegis_stream.kernel.events import RECORD_STRIDE, RawDecision, encode_raw
 from aegis_stream.kernel.ringbuf import RawBatch
-from aegis_stream.pipeline import DiskSpool, Pipeline, PipelineConfig
+from aegis_stream.pipeline import DiskSpool, Pipeline
 from aegis_stream.pipeline.schema import DecisionEvent, ExplanationEvent, StateEvent, event_decoder
 from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.processors.degraded import DegradedConfig
@@ -220,14 +220,12 @@ def make_decision(kt: int) -> RawDecision:
                        "cat")
 
 
-async def test_state_changes_are_events_and_callbacks(kernel, store, tmp_path, autojump_clock):
+async def test_state_changes_are_events_and_callbacks(make_pipeline, kernel, store, tmp_path, autojump_clock):
     install(kernel, store, sample_record(7, mode="audit"))
     sink = MemorySink()
     seen: list[StateEvent] = []
-    p = Pipeline(kernel.consumers(), fixed_normaliser(store), [sink], kernel.view(),
-                 config=PipelineConfig(spool_dir=str(tmp_path / "spool"), tick_s=1.0,
-                                       degraded=DegradedConfig(recover_s=10)),
-                 on_state=seen.append)
+    p = make_pipeline(kernel, store, [sink], tmp_path, tick_s=1.0, degraded=DegradedConfig(recover_s=10),
+                      on_state=seen.append)
     async with trio.open_nursery() as n:
         await n.start(p.run)
         await trio.sleep(2)
@@ -244,6 +242,34 @@ async def test_state_changes_are_events_and_callbacks(kernel, store, tmp_path, a
     assert seen[1].hooks_attached == ["file_open", "bprm_check_security"]
     written = [e for e in decode_lines(sink) if isinstance(e, StateEvent)]
     assert written == seen
+
+
+async def test_state_callback_failures_are_logged_counted_and_the_ticker_goes_on(
+        make_pipeline, kernel, store, tmp_path, autojump_clock, capsys):
+    """on_state writes the agent's status file: an OSError there (a full disk) and any
+    other exception (a bug in the callback) are each logged and counted, and neither
+    stops the ticker: the next state change is still seen, every state event is written."""
+    install(kernel, store, sample_record(7, mode="audit"))
+    sink = MemorySink()
+    raised: list[BaseException] = [OSError(28, "No space left on device"), RuntimeError("bug")]
+
+    def on_state(ev: StateEvent) -> None:
+        raise raised.pop(0)
+
+    p = make_pipeline(kernel, store, [sink], tmp_path, tick_s=1.0, on_state=on_state)
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        await trio.sleep(2)  # "" -> auditing: the OSError
+        kernel.attached.discard("mmap_file")
+        await trio.sleep(2)  # auditing -> degraded: the RuntimeError
+        p.stop()
+    assert raised == []
+    assert p.statistics().state_callback_failures == 2
+    written = [(e.previous, e.state) for e in decode_lines(sink) if isinstance(e, StateEvent)]
+    assert written == [("", "auditing"), ("auditing", "degraded")]
+    err = capsys.readouterr().err
+    assert "aegis: state callback failed: [Errno 28] No space left on device" in err
+    assert "aegis: state callback raised (a bug): RuntimeError('bug')" in err
 
 
 async def test_slo_burn_alert_fires_and_resolves(make_pipeline, kernel, store, tmp_path, autojump_clock):
