@@ -657,3 +657,36 @@ def test_status_file_of_an_older_agent_still_reads(tmp_path):
                                 "reasons": ["sink failing: file:/x"], "hooks": {}}))
     r = status.judge(kernel_facts(), status.read_agent(str(path)))
     assert r.state == "degraded" and r.reason_codes == ["sink_failing"]
+
+
+async def test_heartbeat_io_errors_are_logged_and_counted_bugs_surface(
+        kernel, store, tmp_path, make_pipeline, autojump_clock, capsys):
+    """A status file that cannot be written (disk full) does not stop the agent: logged
+    once, then every 60th failure, with the count.  Anything else is a bug and ends the
+    agent's nursery instead of being swallowed."""
+    install(kernel, store, sample_record(7, mode="enforce"))
+    calls: list[int] = []
+
+    def full_disk() -> None:
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "a").mkdir()
+    p = make_pipeline(kernel, store, [MemorySink()], tmp_path / "a")
+    await agent.serve_pipeline(p, exit_after=12, signals=False, heartbeat=full_disk, heartbeat_s=5)
+    assert len(calls) == 2
+    err = capsys.readouterr().err
+    assert err.count("status file not refreshed") == 1 and "(1 times)" in err
+
+    def bug() -> None:
+        raise KeyError("hooks")
+
+    (tmp_path / "b").mkdir()
+    p = make_pipeline(kernel, store, [MemorySink()], tmp_path / "b")
+    seen: list[BaseException] = []
+    try:
+        await agent.serve_pipeline(p, exit_after=12, signals=False, heartbeat=bug, heartbeat_s=5)
+    except* KeyError as eg:
+        seen.extend(eg.exceptions)
+    assert [type(e) for e in seen] == [KeyError]
+

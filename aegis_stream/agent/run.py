@@ -180,17 +180,16 @@ async def serve_pipeline(
             nursery.cancel_scope.cancel()
 
         if heartbeat is not None:
-            heartbeat_failures = [0]
-
             async def beat() -> None:
+                failures = 0
                 while True:
                     await trio.sleep(heartbeat_s)
                     try:
                         heartbeat()
-                    except OSError as exc:  # a full disk must not stop the agent
-                        heartbeat_failures[0] += 1
-                        if heartbeat_failures[0] == 1 or heartbeat_failures[0] % 60 == 0:
-                            _log(f"status file not refreshed ({heartbeat_failures[0]} times): {exc}")
+                    except OSError as exc:  # a full disk must not stop the agent; a bug must
+                        failures += 1       # not be swallowed, so nothing else is caught
+                        if failures == 1 or failures % 60 == 0:
+                            _log(f"status file not refreshed ({failures} times): {exc}")
 
             nursery.start_soon(beat)
 
