@@ -1,0 +1,119 @@
+"""Synthetic fleet traffic for the fleet worker's tests and bench.
+
+Records as the agent's Kafka sink writes them: one JSON :class:`DecisionEvent` /
+:class:`StateEvent` per record, key = host, the schema in the record headers.  The
+expected fleet counts are computed from what was generated, independently of the worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+
+from aegis_stream.fleet.topics import DECISION_TOPIC, HEADER_SCHEMA, HEADER_SCHEMA_VERSION, STATE_TOPIC
+from aegis_stream.pipeline.schema import DecisionEvent, StateEvent
+
+_enc = msgspec.json.Encoder()
+DECISION_HEADERS = [(HEADER_SCHEMA, b"aegis.decision.v1"), (HEADER_SCHEMA_VERSION, b"1")]
+STATE_HEADERS = [(HEADER_SCHEMA, b"aegis.state.v1"), (HEADER_SCHEMA_VERSION, b"1")]
+
+
+class Expected(msgspec.Struct):
+    """What the fleet tables must hold after the generated stream."""
+
+    by_host: dict[str, list[int]]  # host -> [deny, audit]
+    by_rule: dict[str, int]  # "rule|gen" -> denies
+    denies: int = 0
+    audits: int = 0
+
+
+def decision(i: int, *, hosts: int, rules: int, t0: int, rate: int) -> DecisionEvent:
+    host = f"host-{i % hosts:03d}"
+    t = t0 + i // max(rate, 1)
+    return DecisionEvent(
+        event_id=f"0123abcd-{1_000_000 + i}-{i % 97}", time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+        + f".{i % 1_000_000:06d}Z", ktime_ns=1_000_000 + i, host=host, hook="file_open", action="open",
+        decision="audit" if i % 5 == 0 else "deny", mode="enforce", rule_id=f"rule-{(i * 7) % rules}",
+        rule_index=(i * 7) % rules, generation=1 + (i // 1000) % 2, policy_name="fleet", policy_version=1,
+        policy_digest="sha256:00", rule_source="/etc/shadow", dev="8:1", ino=1234, cgroup_id=1,
+        cgroup_path="/", scope_cgroup_id=0, scope_cgroup_path="", pid=100 + i % 50, tid=100 + i % 50,
+        uid=0, gid=0, comm="cat",
+    )
+
+
+def decisions(n: int, *, start: int = 0, hosts: int = 12, rules: int = 40, t0: int = 1_796_000_000,
+              rate: int = 20_000) -> Iterator[DecisionEvent]:
+    for i in range(start, start + n):
+        yield decision(i, hosts=hosts, rules=rules, t0=t0, rate=rate)
+
+
+def expected(events: list[DecisionEvent] | Iterator[DecisionEvent]) -> Expected:
+    by_host: dict[str, list[int]] = {}
+    by_rule: Counter[str] = Counter()
+    d = a = 0
+    for ev in events:
+        c = by_host.setdefault(ev.host, [0, 0])
+        if ev.decision == "deny":
+            c[0] += 1
+            d += 1
+            by_rule[f"{ev.rule_id}|{ev.generation}"] += 1
+        else:
+            c[1] += 1
+            a += 1
+    return Expected(by_host=by_host, by_rule=dict(by_rule), denies=d, audits=a)
+
+
+def state(host: str, state_: str = "enforcing", *, seq: int = 0, emitted: dict[str, int] | None = None,
+          dropped: dict[str, int] | None = None, reasons: list[str] | None = None) -> bytes:
+    """A state record, with the optional cumulative totals the fleet SLO reads."""
+    ev = StateEvent(
+        event_id=f"0123abcd-agent-{seq}", time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        + ".000000Z", host=host, state=state_, previous="", reasons=list(reasons or []),  # type: ignore[arg-type]
+        hooks_attached=["file_open", "bprm_check_security"],
+        hooks_expected=["file_open", "bprm_check_security"], mode="enforce", generation=1,
+        ring_fill={"deny": 0.0, "audit": 0.0}, consumer_lag_bytes={"deny": 0, "audit": 0},
+        drop_ratio={"deny": 0.0, "audit": 0.0},
+    )
+    doc: dict[str, Any] = msgspec.to_builtins(ev)
+    if emitted is not None:
+        doc["emitted_total"] = emitted
+        doc["dropped_total"] = dropped or {}
+    return _enc.encode(doc)
+
+
+def produce_decisions(bootstrap: str, events: Iterator[DecisionEvent], *, topic: str = DECISION_TOPIC) -> int:
+    """Produce with the agent sink's settings (idempotent, acks=all); returns the count."""
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                  "linger.ms": 20, "batch.num.messages": 10_000, "queue.buffering.max.messages": 500_000})
+    n = 0
+    for ev in events:
+        value = _enc.encode(ev)
+        while True:
+            try:
+                p.produce(topic, value, key=ev.host.encode(), headers=DECISION_HEADERS)
+                break
+            except BufferError:
+                p.poll(0.05)
+        n += 1
+        if n % 5000 == 0:
+            p.poll(0)
+    left = p.flush(60)
+    if left:
+        raise RuntimeError(f"{left} decision records not delivered")
+    return n
+
+
+def produce_states(bootstrap: str, records: list[tuple[str, bytes]], *, topic: str = STATE_TOPIC) -> None:
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+    for host, value in records:
+        p.produce(topic, value, key=host.encode(), headers=STATE_HEADERS)
+    if p.flush(30):
+        raise RuntimeError("state records not delivered")
