@@ -25,7 +25,7 @@ from aegis_stream.kernel import abi
 
 SCHEMA = "aegis.decision.v1"
 DECISION_NAMES = {abi.Decision.ALLOW: "allow", abi.Decision.DENY: "deny", abi.Decision.AUDIT: "audit"}
-MODE_NAMES = {abi.Mode.AUDIT: "audit", abi.Mode.ENFORCE: "enforce"}
+MODE_NAMES = {m: m.label for m in abi.Mode}
 ACTION_NAMES = {abi.ACTION_OPEN: "open", abi.ACTION_EXEC: "exec"}
 
 #: struct for one event body (96 bytes)

@@ -318,7 +318,8 @@ def json_schema(t: Any) -> dict[str, Any]:
 
 def generated_files() -> dict[str, bytes]:
     """File name -> content for schemas/: one file per event type and the union."""
-    out = {f"{schema_name(t)}.json": _pretty(json_schema(t)) for t in EVENT_TYPES + DOCUMENT_TYPES + FLEET_TYPES}
+    out = {f"{schema_name(t)}.json": _pretty(json_schema(t))
+           for t in EVENT_TYPES + DOCUMENT_TYPES + FLEET_TYPES}
     union = json_schema(Event)
     union["title"] = "aegis event (any schema)"
     out["aegis.event.json"] = _pretty(union)

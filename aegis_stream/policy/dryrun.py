@@ -156,7 +156,7 @@ def replay_events(
     covered: Callable[[CompiledPolicy], set[int]] = scope_cgroup_ids,
     limit: int = 50,
 ) -> ReplayReport:
-    rep = ReplayReport(decision="deny" if (new_mode or new.mode) == "enforce" else "audit")
+    rep = ReplayReport(decision="deny" if (new_mode or new.mode) == abi.Mode.ENFORCE.label else "audit")
     nm = _Matcher(new, covered)
     om = _Matcher(old, covered) if old else None
     for i, raw in enumerate(lines, start=1):

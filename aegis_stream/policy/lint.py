@@ -373,7 +373,7 @@ def _check_rules(
                                 "the rule may miss the file or hit another one"))
         if key in crit:
             scope = "host-wide" if host_wide else "in its scopes"
-            sev = " in enforce mode" if mode == "enforce" else ""
+            sev = " in enforce mode" if mode == abi.Mode.ENFORCE.label else ""
             issues.append(Issue(
                 "warning", pline, "boot-critical",
                 f"{where}: denies {','.join(r.actions)} of {crit[key]}, which the host needs to "

@@ -79,7 +79,7 @@ def explain(event: DecisionEvent, info: GenerationInfo | None) -> ExplanationEve
             path.append(f"scope {scope_path} matched via ancestor of {task_cg}")
 
     applied = (rec.mode or rec.policy.mode) if rec is not None else ""
-    if event.mode == "enforce":
+    if event.mode == abi.Mode.ENFORCE.label:
         outcome = "EPERM"
         path.append("mode enforce -> EPERM")
     else:

@@ -56,7 +56,7 @@ def install(kernel: FakeKernel, store: PolicyStore, record: GenerationRecord, *,
         "apply", origin=origin, generation=record.generation, policy=record.policy.name,
         version=record.policy.version, digest=record.policy.digest, mode=record.mode,
     )
-    mode = abi.Mode.ENFORCE if (record.mode or record.policy.mode) == "enforce" else abi.Mode.AUDIT
+    mode = abi.Mode.from_name(record.mode or record.policy.mode)
     slots.swap(kernel.policy_maps, record.policy, record.generation, int(mode))
 
 
