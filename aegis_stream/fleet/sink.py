@@ -210,6 +210,18 @@ class LineSpool:
             off, klass, count, length = self._frames[0]
             return SinkBatch(klass, os.pread(self._fd, length, off), count)
 
+    def peek_many(self, max_batches: int, max_bytes: int) -> list[SinkBatch]:
+        """The oldest batches (at least one if any), up to either limit, not removed."""
+        out: list[SinkBatch] = []
+        size = 0
+        with self._lock:
+            for off, klass, count, length in self._frames:
+                if out and (len(out) >= max_batches or size + length > max_bytes):
+                    break
+                out.append(SinkBatch(klass, os.pread(self._fd, length, off), count))
+                size += length
+        return out
+
     def pop(self) -> None:
         with self._lock:
             _, _, count, _ = self._frames.popleft()
@@ -270,8 +282,10 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
         # bounded local queue: ~20k events of audit in flight; beyond it audit is shed
         "queue.buffering.max.messages": 100_000,
         "queue.buffering.max.kbytes": 32 << 10,
-        # a record not acked in 15 s fails its delivery report (durable: it is spooled)
-        "message.timeout.ms": 15_000,
+        # a record not acked in 60 s fails its delivery report (durable: it is already spooled;
+        # best effort: counted).  Long enough to ride out a broker restart, after which a
+        # timed-out record might still have been written ("possibly persisted")
+        "message.timeout.ms": 60_000,
         "reconnect.backoff.ms": 100,
         "reconnect.backoff.max.ms": 1000,
         "socket.connection.setup.timeout.ms": 5000,
@@ -340,7 +354,7 @@ class KafkaSinkStatistics(SinkStatistics):
 class _Flight:
     """The delivery reports of one produced batch; called on the poll thread."""
 
-    __slots__ = ("sink", "n", "acked", "failed", "reasons", "durable", "sealed", "finished",
+    __slots__ = ("sink", "n", "acked", "failed", "reasons", "durable", "sealed", "finished", "whole",
                  "t0", "last_latency", "event", "token", "ok_event")
 
     def __init__(self, sink: KafkaSink, durable: bool) -> None:
@@ -350,6 +364,7 @@ class _Flight:
         self.acked = self.failed = 0
         self.reasons: dict[str, int] = {}
         self.sealed = self.finished = False
+        self.whole = False  # every line of the batch was produced (no full queue)
         self.t0 = time.monotonic()
         self.last_latency: float | None = None
         self.event: trio.Event | None = None
@@ -373,7 +388,7 @@ class _Flight:
 
     @property
     def ok(self) -> bool:
-        return self.finished and self.failed == 0 and self.acked == self.n
+        return self.whole and self.finished and self.failed == 0 and self.acked == self.n
 
 
 class KafkaSink:
@@ -391,6 +406,8 @@ class KafkaSink:
         probe_min_s: float = 0.2,
         probe_max_s: float = 5.0,
         close_timeout_s: float = 5.0,
+        replay_window_batches: int = 64,
+        replay_window_bytes: int = 8 << 20,
         producer: Producer | None = None,
         on_health: Callable[[bool, str], None] | None = None,
         config: Mapping[str, Any] | None = None,
@@ -403,6 +420,8 @@ class KafkaSink:
         self.probe_min_s = probe_min_s
         self.probe_max_s = probe_max_s
         self.close_timeout_s = close_timeout_s
+        self.replay_window_batches = replay_window_batches
+        self.replay_window_bytes = replay_window_bytes
         self.on_health = on_health
         self._headers = {k: schema_headers(s, v) for k, (_, s, v) in ROUTES.items()}
         self._lock = threading.Lock()
@@ -512,6 +531,7 @@ class KafkaSink:
                 if line:
                     produce(topic, line, key, headers=headers, on_delivery=flight)
                     n += 1
+            flight.whole = True
         except BufferError:
             pass
         with self._lock:
@@ -594,7 +614,7 @@ class KafkaSink:
             n = self._produce(batch, flight)
             with self._lock:
                 self.sent += n
-            if n == batch.count:
+            if flight.whole:
                 with trio.move_on_after(self.ack_timeout_s):
                     await flight.event.wait()
                 if flight.ok:
@@ -657,26 +677,33 @@ class KafkaSink:
         return True
 
     def _replay_one(self) -> bool:
-        batch = self.spool.peek()
-        if batch is None:
+        """Replay from the spool head: a window of batches in flight at once (one round
+        trip per batch would fall behind a host that keeps denying), popped in order as
+        each is fully acked; the first one that is not stops the round."""
+        batches = self.spool.peek_many(self.replay_window_batches, self.replay_window_bytes)
+        if not batches:
             return True
-        flight = _Flight(self, durable=True)
-        n = self._produce(batch, flight)
-        with self._lock:
-            self.sent += n
-            self.retried += n
-        if n < batch.count:
-            self._set_health(False, f"{QUEUE_FULL}: librdkafka's queue is full")
-            return False
+        flights: list[_Flight] = []
+        for batch in batches:
+            flight = _Flight(self, durable=True)
+            n = self._produce(batch, flight)
+            with self._lock:
+                self.sent += n
+                self.retried += n
+            flights.append(flight)
+            if not flight.whole:
+                self._set_health(False, f"{QUEUE_FULL}: librdkafka's queue is full")
+                break
         deadline = time.monotonic() + max(self.ack_timeout_s, 5.0)
-        while not flight.finished and time.monotonic() < deadline and not self._stop.is_set():
-            self.producer.poll(0.05)
-        if flight.ok:
+        for flight in flights:
+            while not flight.finished and time.monotonic() < deadline and not self._stop.is_set():
+                self.producer.poll(0.05)
+            if not flight.ok:
+                if not flight.finished:
+                    self._set_health(False, f"{BROKER_UNAVAILABLE}: spool replay not acked in time")
+                return False
             self.spool.pop()
-            return True
-        if not flight.finished:
-            self._set_health(False, f"{BROKER_UNAVAILABLE}: spool replay not acked in time")
-        return False
+        return True
 
     # ------------------------------------------------------------------ close
     async def aclose(self) -> None:
