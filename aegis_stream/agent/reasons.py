@@ -3,7 +3,8 @@
 Every weaker state the agent can be in has a code here, and nowhere else
 (docs/DEGRADED_MODE.md has one row per code; ``tests/test_degraded_mode.py`` fails when a
 code is undocumented or no test triggers it).  A code never changes meaning and is never
-removed; new codes are added at the end of :data:`CODES`.
+removed; new codes are added at the end of :class:`~aegis_stream.agent.health.ReasonCode`
+and of the table :data:`CODES` is read from (``aegis_stream/defaults/reason_codes.toml``).
 
 Three kinds:
 
@@ -32,26 +33,16 @@ from __future__ import annotations
 import errno
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from importlib import resources
 
-from aegis_stream.agent.health import (
-    Enforcement,
-    Reason,
-    ReasonCode,
-    ReasonKind,
-    Severity,
-    State,
-    hooks_reason,
-    unique_codes,
-)
+import msgspec
 
-__all__ = ["BY_CODE", "CODES", "REASON_CODES", "STATES", "STATE_CODES", "UNKNOWN", "CodeInfo",
-           "Enforcement", "Reason", "ReasonCode", "ReasonKind", "Severity", "State", "code_of",
-           "codes_of", "hooks_reason", "reason", "refusal_code", "text", "unique_codes"]
+from aegis_stream.agent.health import Reason, ReasonCode, ReasonKind, Severity, State
+
+TABLE = "reason_codes.toml"  # package data under aegis_stream/defaults/
 
 
-@dataclass(frozen=True)
-class CodeInfo:
+class CodeInfo(msgspec.Struct, frozen=True, kw_only=True, rename={"state": "implies"}):
     """One row of the reason-code table."""
 
     code: ReasonCode
@@ -61,81 +52,25 @@ class CodeInfo:
     summary: str
 
 
-CODES: tuple[CodeInfo, ...] = (
-    # --------------------------------------------------------- state (the monitor)
-    CodeInfo(ReasonCode.HOOKS_NONE, ReasonKind.STATE, Severity.BLIND,
-             r"no hooks attached \(0/\d+\)",
-             "no expected LSM hook is attached: every file open/exec is allowed unseen"),
-    CodeInfo(ReasonCode.HOOKS_MISSING, ReasonKind.STATE, Severity.DEGRADED,
-             r"hooks \d+/\d+ attached \(missing ",
-             "some expected hooks are not attached: those hooks allow everything"),
-    CodeInfo(ReasonCode.DENY_EVENTS_LOST, ReasonKind.STATE, Severity.BLIND,
-             r"\d+ deny events lost",
-             "deny events lost (deny ring full or a userspace loss): the denies were still "
-             "enforced, the agent cannot account for them"),
-    CodeInfo(ReasonCode.CONSUMER_STALLED, ReasonKind.STATE, Severity.BLIND,
-             r"\w+ ring consumer stalled",
-             "a ring consumer made no progress for stall_s while records wait"),
-    CodeInfo(ReasonCode.NO_POLICY, ReasonKind.STATE, Severity.DEGRADED,
-             r"no valid policy generation active",
-             "no valid generation in the kernel: every hook allows (fail-open)"),
-    CodeInfo(ReasonCode.RING_HIGH, ReasonKind.STATE, Severity.DEGRADED,
-             r"\w+ ring \d+% full",
-             "a ring is at or above fill_high (80%): events will be lost soon"),
-    CodeInfo(ReasonCode.CONSUMER_LAG, ReasonKind.STATE, Severity.DEGRADED,
-             r"\w+ consumer \d+ bytes behind",
-             "consumer lag at or above lag_high_bytes"),
-    CodeInfo(ReasonCode.AUDIT_DROPS, ReasonKind.STATE, Severity.DEGRADED,
-             r"audit drop ratio ",
-             "audit events dropped above audit_drop_max (1%) over the short window"),
-    CodeInfo(ReasonCode.SINK_FAILING, ReasonKind.STATE, Severity.DEGRADED,
-             r"sink failing: ",
-             "an event sink (the event log) fails writes, e.g. disk full"),
-    CodeInfo(ReasonCode.DENIES_SPOOLED, ReasonKind.STATE, Severity.DEGRADED,
-             r"\d+ denies waiting in the disk spool",
-             "deny events wait in the on-disk spool to be written"),
-    CodeInfo(ReasonCode.RECONCILE_INCONSISTENT, ReasonKind.STATE, Severity.DEGRADED,
-             r"reconcile: ",
-             "startup reconciliation found the kernel running neither the old nor the new "
-             "generation of an interrupted apply"),
-    # --------------------------------------------------------- status (aegis status)
-    CodeInfo(ReasonCode.NOT_LOADED, ReasonKind.STATUS, Severity.BLIND,
-             r"nothing loaded",
-             "no aegis programs are pinned: nothing is enforced"),
-    CodeInfo(ReasonCode.AGENT_NOT_RUNNING, ReasonKind.STATUS, Severity.DEGRADED,
-             r"agent not running",
-             "the agent is gone; the pinned links keep deciding but nobody drains the "
-             "rings or reports"),
-    CodeInfo(ReasonCode.AGENT_UNRESPONSIVE, ReasonKind.STATUS, Severity.DEGRADED,
-             r"agent unresponsive",
-             "the agent process is alive but has not refreshed the status file"),
-    # --------------------------------------------------------- refusals (nothing changed)
-    CodeInfo(ReasonCode.POLICY_UNREADABLE, ReasonKind.REFUSAL, Severity.UNCHANGED,
-             r"policy unreadable: ",
-             "the policy file cannot be read"),
-    CodeInfo(ReasonCode.POLICY_REJECTED, ReasonKind.REFUSAL, Severity.UNCHANGED,
-             r"policy rejected: ",
-             "the policy does not parse, verify or compile, or anti-rollback refuses it"),
-    CodeInfo(ReasonCode.POLICY_EXPIRED, ReasonKind.REFUSAL, Severity.UNCHANGED,
-             r"policy expired: ",
-             "the policy's signature is expired (or issued in the future) by the wall clock"),
-    CodeInfo(ReasonCode.RULE_MAP_FULL, ReasonKind.REFUSAL, Severity.UNCHANGED,
-             r"rule map full: ",
-             "the kernel rule map has no room for the new generation (E2BIG)"),
-    CodeInfo(ReasonCode.METRICS_UNAVAILABLE, ReasonKind.REFUSAL, Severity.UNCHANGED,
-             r"metrics unavailable: ",
-             "--metrics-addr cannot be bound (port taken, bad address)"),
-    CodeInfo(ReasonCode.LOAD_FAILED, ReasonKind.REFUSAL, Severity.UNCHANGED,
-             r"load failed: ",
-             "the BPF object cannot be opened or loaded at all"),
-)
+class _Table(msgspec.Struct, frozen=True):
+    code: list[CodeInfo]
 
+
+def _load_table() -> tuple[CodeInfo, ...]:
+    """The table is data (one row per code, with prose), checked here against the enum."""
+    raw = resources.files("aegis_stream").joinpath("defaults", TABLE).read_bytes()
+    rows = tuple(msgspec.toml.decode(raw, type=_Table).code)
+    if tuple(r.code for r in rows) != tuple(ReasonCode):
+        raise ImportError(f"{TABLE}: rows do not match aegis_stream.agent.health.ReasonCode")
+    return rows
+
+
+CODES: tuple[CodeInfo, ...] = _load_table()
 BY_CODE: dict[str, CodeInfo] = {c.code: c for c in CODES}  # keyed by member (== its string)
 REASON_CODES: tuple[ReasonCode, ...] = tuple(c.code for c in CODES)
 STATE_CODES: tuple[ReasonCode, ...] = tuple(c.code for c in CODES if c.kind is ReasonKind.STATE)
 STATES: tuple[State, ...] = tuple(State)
 UNKNOWN = "unknown"  # a text no pattern recognises (never produced by aegis itself)
-assert REASON_CODES == tuple(ReasonCode), "every ReasonCode has one row, in enum order"
 
 _PATTERNS = [(c.code, re.compile(c.pattern)) for c in CODES]
 

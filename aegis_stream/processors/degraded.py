@@ -32,16 +32,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from aegis_stream.agent.health import (
-    Reason,
-    ReasonCode,
-    ReasonKind,
-    Severity,
-    State,
-    hooks_reason,
-    unique_codes,
-)
-from aegis_stream.agent.reasons import BY_CODE, code_of
+from aegis_stream.agent.health import Reason, ReasonCode, Severity, State, hooks_reason, unique_codes
+from aegis_stream.agent.reasons import BY_CODE, STATE_CODES, code_of
 from aegis_stream.kernel import abi
 
 
@@ -107,7 +99,7 @@ class DegradedMonitor:
         """A condition only the agent knows (e.g. ``reconcile_inconsistent``); it holds
         (as degraded, or blind if the code says so) until :meth:`clear_condition`."""
         rc = BY_CODE[code]
-        if rc.kind is not ReasonKind.STATE:
+        if rc.code not in STATE_CODES:
             raise ValueError(f"{code} is a {rc.kind} code, not a state condition")
         self.conditions[rc.code] = reason
 
