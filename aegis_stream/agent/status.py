@@ -35,7 +35,6 @@ from aegis_stream.agent.health import Enforcement, Reason, ReasonCode, State, ho
 from aegis_stream.kernel import abi
 from aegis_stream.pipeline.schema import StatusAgent, StatusHook, StatusKernel, StatusReport
 
-EXIT_BY_STATE = {s: s.exit_code for s in State}
 EXIT_UNKNOWN = 3
 STALE_S = 30.0  # the agent refreshes its file every 5 s; older than this = unresponsive
 HOOK_OF_PROGRAM = {prog: abi.HOOK_NAMES[h] for h, prog in abi.HOOK_PROGRAMS.items()}
