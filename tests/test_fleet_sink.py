@@ -306,3 +306,32 @@ async def test_broker_away_is_a_degraded_condition(tmp_path: Path) -> None:
         await wait_for(lambda: not monitor.conditions)
     finally:
         await sink.aclose()
+
+
+async def test_metrics_of_a_kafka_sink(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from aegis_stream.fleet.metrics import KafkaSinkCollector
+
+    prod = FakeProducer(timeout_s=60)
+    sink = make(tmp_path, prod, close_timeout_s=0.1)
+    try:
+        await sink.write(batch("deny", 0, 4))
+        prod.up = False
+        await sink.write(batch("deny", 4, 2))  # spooled
+        await wait_for(lambda: not sink.up)
+        await sink.write(batch("audit", 0, 3))  # shed
+    finally:
+        await sink.aclose()  # the spooled denies stay on disk for the next run
+    reg = CollectorRegistry()
+    reg.register(KafkaSinkCollector(SimpleNamespace(stats=lambda: SimpleNamespace(sinks=(sink.statistics(),)))))
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(generate_latest(reg).decode()) for s in fam.samples}
+    lab = (("sink", "kafka:127.0.0.1:9092"),)
+    assert got[("aegis_sink_acked_total", lab)] == 4
+    assert got[("aegis_sink_spooled_total", lab)] == 2
+    assert got[("aegis_sink_dropped_total", (("reason", BROKER_UNAVAILABLE), *lab))] == 3
+    assert got[("aegis_sink_dropped_total", (("reason", QUEUE_FULL), *lab))] == 0
+    assert got[("aegis_sink_roundtrip_seconds_count", lab)] == 1
+    assert got[("aegis_sink_roundtrip_seconds_bucket", (("le", "+Inf"), *lab))] == 1

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from aegis_stream import __version__
 from aegis_stream.agent.health import State
 from aegis_stream.agent.reasons import STATE_CODES, codes_of
+from aegis_stream.fleet.metrics import KafkaSinkCollector
 from aegis_stream.kernel import abi
 from aegis_stream.pipeline import CLASSES, PipelineStatistics
 from aegis_stream.pipeline.normalise import CacheStatistics
@@ -245,6 +246,7 @@ COLLECTORS: tuple[Callable[[Sources], Collector], ...] = (
     SpoolCollector,
     SloCollector,
     SinksCollector,
+    KafkaSinkCollector,  # aegis_sink_* of Kafka sinks (aegis_stream/fleet/metrics.py)
     MemoryCollector,
     CachesCollector,
 )
