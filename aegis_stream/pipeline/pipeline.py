@@ -96,7 +96,7 @@ class Pipeline:
         self.config = config or PipelineConfig()
         self.ctx = StageContext(self.config, normaliser)
         self.reader = RingReader(self.ctx)
-        self.normaliser = NormaliserStage(self.ctx)
+        self.normalising = NormaliserStage(self.ctx)
         self.writer = SinkWriter(self.ctx, self.sinks)
         self.ticker = Ticker(self.ctx, self.rings, kernel, self.writer, clock=clock,
                              wall_clock=wall_clock, on_state=on_state)
@@ -171,7 +171,7 @@ class Pipeline:
                                     st.start_soon(shards.dispatch, raw[k][1], order_send)
                                     st.start_soon(shards.collect, order_recv, out[k][0])
                                 else:
-                                    st.start_soon(self.normaliser.run, k, raw[k][1], out[k][0])
+                                    st.start_soon(self.normalising.run, k, raw[k][1], out[k][0])
                                 st.start_soon(self.writer.run, k, out[k][1])
                     stages_done.set()
 
