@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Kafka sink throughput: decisions/s from the agent's sink into a real local broker, the
+chosen client design side by side with the alternatives, in one run.
+
+    .venv/bin/python -m bench.kafka_sink_bench                  # own broker (~2-3 min)
+    .venv/bin/python -m bench.kafka_sink_bench --quick          # smaller
+    .venv/bin/python -m bench.kafka_sink_bench --bootstrap H:P  # an existing broker with the topics
+
+Rows (every one writes the same encoded batches: ``--batch`` JSON lines of
+``aegis.decision.v1`` records, ~700 bytes each, as the pipeline hands them to a sink):
+
+``file``              the JSON-lines file sink (the baseline the agent has today)
+``kafka``             KafkaSink as shipped: confluent-kafka (librdkafka), produce() inline
+                      on the trio thread, delivery reports on the sink's poll thread, lz4
+``kafka-nolz4``       the same without compression (the aiokafka row has none)
+``kafka-to-thread``   the same but each batch's produce loop in ``trio.to_thread``
+``aiokafka``          aiokafka 0.14 under plain asyncio (no trio): send() per record, all
+                      futures awaited at the end.  An *upper bound* for the trio-asyncio
+                      route (which adds its loop bridging on top); skipped if not installed
+``kafka deny``        KafkaSink durable path: deny batches of ``--deny-batch`` awaited until
+                      acked (idempotent producer, acks=all), one after the other
+
+Audit rows are timed from the first write until the broker acked every record (so
+librdkafka's queue is not mistaken for throughput).  ``cpu s`` is the process CPU time
+(user+sys, all threads, librdkafka's included) over the same span; the broker's JVM is a
+separate process.  On a shared machine ``ev/cpu-s`` is the steadier number.  The ratio
+column is against the ``kafka`` row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from aegis_stream.fleet.sink import KafkaSink, SinkBatch
+from aegis_stream.fleet.topics import DECISION_TOPIC, schema_headers
+from aegis_stream.pipeline.schema import DecisionEvent
+from aegis_stream.pipeline.sinks import JsonLinesFileSink
+
+_enc = msgspec.json.Encoder()
+
+
+def make_batches(n: int, batch: int, host: str) -> list[SinkBatch]:
+    proto = DecisionEvent(
+        event_id="", time="2026-12-01T08:00:00.000000Z", ktime_ns=0, host=host, hook="file_open",
+        action="open", decision="audit", mode="audit", rule_id="etc-shadow-read", rule_index=3,
+        generation=7, policy_name="baseline", policy_version=12, policy_digest="sha256:" + "ab" * 32,
+        rule_source="/etc/shadow", dev="8:1", ino=1311042, cgroup_id=4242,
+        cgroup_path="/system.slice/nginx.service", scope_cgroup_id=0, scope_cgroup_path="",
+        pid=31337, tid=31337, uid=33, gid=33, comm="nginx", exe="/usr/sbin/nginx",
+        cmdline=["nginx", "-g", "daemon off;"],
+    )
+    out = []
+    for start in range(0, n, batch):
+        k = min(batch, n - start)
+        lines = b"".join(
+            _enc.encode(msgspec.structs.replace(proto, event_id=f"0badc0de-{1000 + i}-{i % 97}",
+                                                ktime_ns=1000 + i)) + b"\n"
+            for i in range(start, start + k))
+        out.append(SinkBatch("audit", lines, k))
+    return out
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class ThreadProduceSink(KafkaSink):
+    """The alternative: each best-effort batch's produce loop runs in trio.to_thread."""
+
+    async def write(self, batch: SinkBatch) -> None:
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        if batch.klass == "audit":
+            await trio.to_thread.run_sync(self._write_best_effort, batch)
+            self.batches += 1
+            self.events += batch.count
+            return
+        await super().write(batch)
+
+
+async def run_kafka(cls: type[KafkaSink], bootstrap: str, batches: list[SinkBatch], spool: Path,
+                    **config: Any) -> tuple[float, float, dict[str, Any]]:
+    sink = cls(bootstrap, host_key=f"bench-{uuid.uuid4().hex[:8]}", spool_dir=spool, config=config)
+    try:
+        total = sum(b.count for b in batches)
+        c0, t0 = cpu_s(), time.perf_counter()
+        for b in batches:
+            await sink.write(b)
+            await trio.sleep(0)  # a real agent's other tasks get the loop between batches
+        while sink.statistics().acked + sum(sink.statistics().dropped.values()) < total:
+            await trio.sleep(0.002)
+        dt, dc = time.perf_counter() - t0, cpu_s() - c0
+    finally:
+        await sink.aclose()
+    st = sink.statistics()
+    return dt, dc, {"acked": st.acked, "dropped": sum(st.dropped.values())}
+
+
+async def run_deny(bootstrap: str, batches: list[SinkBatch],
+                   spool: Path) -> tuple[float, float, dict[str, Any]]:
+    sink = KafkaSink(bootstrap, host_key=f"bench-{uuid.uuid4().hex[:8]}", spool_dir=spool)
+    try:
+        c0, t0 = cpu_s(), time.perf_counter()
+        for b in batches:
+            await sink.write(SinkBatch("deny", b.lines, b.count))
+        dt, dc = time.perf_counter() - t0, cpu_s() - c0
+    finally:
+        await sink.aclose()
+    st = sink.statistics()
+    rtt = st.rtt_sum / st.rtt_count if st.rtt_count else 0.0
+    return dt, dc, {"acked": st.acked, "spooled": st.spooled, "mean batch rtt ms": round(rtt * 1e3, 2)}
+
+
+async def run_file(batches: list[SinkBatch], path: Path) -> tuple[float, float, dict[str, Any]]:
+    sink = JsonLinesFileSink(path, max_bytes=1 << 40)
+    c0, t0 = cpu_s(), time.perf_counter()
+    for b in batches:
+        await sink.write(b)
+        await trio.sleep(0)
+    dt, dc = time.perf_counter() - t0, cpu_s() - c0
+    await sink.aclose()
+    return dt, dc, {}
+
+
+def run_aiokafka(bootstrap: str, batches: list[SinkBatch]) -> tuple[float, float, dict[str, Any]] | None:
+    try:
+        from aiokafka import AIOKafkaProducer
+    except ImportError:
+        return None
+    headers = schema_headers("aegis.decision.v1", 1)
+    key = f"bench-{uuid.uuid4().hex[:8]}".encode()
+
+    async def main() -> tuple[float, float, dict[str, Any]]:
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
+                             linger_ms=5, max_batch_size=1 << 20)
+        await p.start()
+        try:
+            futs: list[Awaitable[Any]] = []
+            c0, t0 = cpu_s(), time.perf_counter()
+            for b in batches:
+                for line in b.lines.splitlines():
+                    futs.append(await p.send(DECISION_TOPIC, line, key=key, headers=headers))
+                await asyncio.sleep(0)
+            res = await asyncio.gather(*futs, return_exceptions=True)
+            dt, dc = time.perf_counter() - t0, cpu_s() - c0
+        finally:
+            await p.stop()
+        failed = sum(isinstance(r, BaseException) for r in res)
+        return dt, dc, {"acked": len(res) - failed, "dropped": failed}
+
+    return asyncio.run(main())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bootstrap", help="an existing broker with the aegis topics (default: start one)")
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--batch", type=int, default=4096, help="records per audit batch")
+    ap.add_argument("--deny-batch", type=int, default=64, help="records per deny batch")
+    ap.add_argument("--deny-events", type=int, default=10_000)
+    ap.add_argument("--quick", action="store_true", help="20,000 audit / 2,000 deny events")
+    args = ap.parse_args()
+    if args.quick:
+        args.events, args.deny_events = 20_000, 2_000
+
+    tmp = Path(tempfile.mkdtemp(prefix="aegis-kafka-bench-"))
+    broker = None
+    try:
+        bootstrap = args.bootstrap
+        if bootstrap is None:
+            from aegis_stream.fleet.broker import LocalBroker
+            from aegis_stream.fleet.topics import create_topics
+
+            broker = LocalBroker(tmp / "kafka")
+            print("starting a local broker ...", file=sys.stderr, flush=True)
+            broker.start()
+            bootstrap = broker.bootstrap
+            create_topics(bootstrap)
+        batches = make_batches(args.events, args.batch, "bench")
+        deny = make_batches(args.deny_events, args.deny_batch, "bench")
+        size = sum(len(b.lines) for b in batches) / args.events
+        print(f"# {args.events} audit events in batches of {args.batch} ({size:.0f} B/event), "
+              f"{args.deny_events} denies in batches of {args.deny_batch}; broker {bootstrap}; "
+              f"load avg {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs")
+
+        rows: list[tuple[str, int, tuple[float, float, dict[str, Any]] | None]] = []
+
+        def row(name: str, n: int, fn: Callable[[], tuple[float, float, dict[str, Any]] | None]) -> None:
+            print(f"  running {name} ...", file=sys.stderr, flush=True)
+            rows.append((name, n, fn()))
+
+        row("file", args.events, lambda: trio.run(run_file, batches, tmp / "events.jsonl"))
+        row("kafka", args.events, lambda: trio.run(run_kafka, KafkaSink, bootstrap, batches, tmp / "s1"))
+        row("kafka-nolz4", args.events, lambda: trio.run(
+            lambda: run_kafka(KafkaSink, bootstrap, batches, tmp / "s2", **{"compression.type": "none"})))
+        row("kafka-to-thread", args.events,
+            lambda: trio.run(run_kafka, ThreadProduceSink, bootstrap, batches, tmp / "s3"))
+        row("aiokafka", args.events, lambda: run_aiokafka(bootstrap, batches))
+        row("kafka deny", args.deny_events, lambda: trio.run(run_deny, bootstrap, deny, tmp / "s4"))
+
+        ref = next(r for name, _, r in rows if name == "kafka")
+        ref_rate = args.events / ref[0] if ref else 0.0
+        print(f"{'design':<16} {'events':>8} {'wall s':>8} {'events/s':>10} {'cpu s':>7} "
+              f"{'ev/cpu-s':>9} {'vs kafka':>8}  notes")
+        for name, n, r in rows:
+            if r is None:
+                print(f"{name:<16} {'skipped (not installed)':>40}")
+                continue
+            dt, dc, notes = r
+            rate = n / dt
+            ratio = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
+            print(f"{name:<16} {n:>8} {dt:>8.2f} {rate:>10,.0f} {dc:>7.2f} {n / max(dc, 1e-9):>9,.0f} "
+                  f"{ratio:>8}  {notes or ''}")
+        return 0
+    finally:
+        if broker is not None:
+            if not broker.stop():
+                broker.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
