@@ -76,6 +76,27 @@ def test_hysteresis_worse_at_once_better_after_recover_s():
     assert m.changes == 4
 
 
+def test_degraded_reasons_carry_their_codes_not_parsed_from_text():
+    """The monitor emits each reason with its code: a condition whose text matches no
+    code's pattern still has its code, in the transition, the snapshot and after restore;
+    a snapshot from before codes were kept reads its texts."""
+    from aegis_stream.agent.health import Reason, ReasonCode, State
+
+    m = DegradedMonitor(DegradedConfig(recover_s=0))
+    m.set_condition("reconcile_inconsistent", "kernel runs generation 9 (free text)")
+    tr = m.observe(sample(0, ring_fill={"deny": 0.95, "audit": 0.9}))
+    assert tr is not None and tr.state is State.DEGRADED
+    assert tr.codes == [ReasonCode.RING_HIGH, ReasonCode.RECONCILE_INCONSISTENT]
+    assert m.judged[-1] == Reason(ReasonCode.RECONCILE_INCONSISTENT,
+                                  "kernel runs generation 9 (free text)")
+    snap = msgspec.json.decode(msgspec.json.encode(m.snapshot()))
+    assert snap["reason_codes"] == ["ring_high", "ring_high", "reconcile_inconsistent"]
+    assert DegradedMonitor.restore(snap).judged == m.judged
+    old = {k: v for k, v in snap.items() if k != "reason_codes"}
+    old["reasons"] = old["reasons"][:2]
+    assert DegradedMonitor.restore(old).codes == [ReasonCode.RING_HIGH]
+
+
 def test_degraded_state_round_trips():
     m = DegradedMonitor(DegradedConfig(recover_s=30))
     m.observe(sample(0))
