@@ -65,6 +65,7 @@ class PipelineStatistics:
     slo_objective: float
     memory_trims: int = 0  # heap trims after a drained burst (aegis_stream.memtrim)
     state_callback_failures: int = 0  # on_state calls that raised (logged each time)
+    reason_codes: tuple[str, ...] = ()  # the stable codes of ``reasons``, in order
 
 
 def window_label(seconds: float) -> str:

@@ -35,5 +35,5 @@ class MapsKernelView:
     def policy_state(self) -> tuple[str, int]:
         st = slots.read_state(self.policy_maps).active
         if not st.valid:
-            return "none", 0
-        return ("enforce" if st.mode == abi.Mode.ENFORCE else "audit"), st.generation
+            return abi.MODE_NONE, 0
+        return abi.Mode(st.mode).label, st.generation

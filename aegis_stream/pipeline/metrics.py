@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from aegis_stream import __version__
 from aegis_stream.agent.health import State
-from aegis_stream.agent.reasons import STATE_CODES, codes_of
+from aegis_stream.agent.reasons import STATE_CODES
 from aegis_stream.fleet.metrics import KafkaSinkCollector
 from aegis_stream.kernel import abi
 from aegis_stream.pipeline import CLASSES, PipelineStatistics
@@ -77,10 +77,7 @@ class BuildInfoCollector(StatsCollector):
 
 
 def _state_codes(st: PipelineStatistics) -> Sequence[str]:
-    codes = getattr(st, "reason_codes", None)  # the monitor's codes, where the snapshot has them
-    if codes is None:  # PipelineStatistics without reason_codes (helper E adds it): the texts
-        codes = codes_of(st.reasons)
-    return codes
+    return st.reason_codes  # the monitor's codes: never recovered from the texts
 
 
 class StateCollector(StatsCollector):

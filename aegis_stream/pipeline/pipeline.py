@@ -279,6 +279,7 @@ class Pipeline:
             generation=tk.generation,
             state=tk.monitor.state,
             reasons=tuple(tk.monitor.reasons),
+            reason_codes=tuple(tk.monitor.codes),
             state_changes=tk.monitor.changes,
             burn_rates=burn,
             drop_ratios=ratios,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 import msgspec
 import trio
 
+from aegis_stream.kernel import abi
 from aegis_stream.kernel.counters import CounterSnapshot
 from aegis_stream.kernel.events import RECORD_STRIDE
 from aegis_stream.kernel.ringbuf import RingBuffer
@@ -51,7 +52,7 @@ class Ticker:
         # the kernel side as of the last tick (what statistics() reports)
         self.snapshot = CounterSnapshot.zero()
         self.hooks: Mapping[str, bool] = {}
-        self.mode, self.generation = "none", 0
+        self.mode, self.generation = abi.MODE_NONE, 0
         self.backlog: dict[str, int] = {}
         self.now = 0.0
         self.memory_trims = 0
@@ -157,8 +158,9 @@ class Ticker:
         eid, t = self._stamp()
         s = tr.sample
         return StateEvent(
-            event_id=eid, time=t, host=self.ctx.norm.host, state=tr.state,  # type: ignore[arg-type]
-            previous=tr.previous, reasons=list(tr.reasons), hooks_attached=list(s.hooks_attached),
+            event_id=eid, time=t, host=self.ctx.norm.host, state=tr.state,
+            previous=tr.previous, reasons=list(tr.reasons), reason_codes=list(tr.codes),
+            hooks_attached=list(s.hooks_attached),
             hooks_expected=list(s.hooks_expected), mode=s.mode, generation=s.generation,
             ring_fill=dict(s.ring_fill), consumer_lag_bytes=dict(s.consumer_lag_bytes),
             drop_ratio=dict(s.drop_ratio),
