@@ -48,10 +48,10 @@ from typing import Any
 import msgspec
 import trio
 
-from aegis_stream.fleet.sink import KafkaSink, SinkBatch
+from aegis_stream.fleet.sink import KafkaSink
 from aegis_stream.fleet.topics import DECISION_TOPIC, schema_headers
 from aegis_stream.pipeline.schema import DecisionEvent
-from aegis_stream.pipeline.sinks import JsonLinesFileSink
+from aegis_stream.pipeline.sinks import JsonLinesFileSink, SinkBatch
 
 _enc = msgspec.json.Encoder()
 
