@@ -336,6 +336,16 @@ class _Context:
 
 
 class Normaliser:
+    """Turns raw kernel records into versioned :class:`DecisionEvent` Structs.
+
+    Adds what the 104-byte record does not carry, from bounded caches keyed by what the
+    record does carry: the process (comm, exe, argv by pid + start time), the cgroup
+    path (by cgroup id), and the rule and policy of the generation the kernel decided
+    with (by generation, from the :class:`PolicyStore`).  Caches are LRU with TTLs and
+    retired per generation (:meth:`retire_generations`), and report hits and misses in
+    :meth:`cache_statistics`.  Audit batches go through the columnar encoder
+    (numpy rows -> JSON lines without a Struct per event)."""
+
     def __init__(
         self,
         store: PolicyStore,
