@@ -149,7 +149,7 @@ def cmd_unload(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from aegis_stream.cli.demo import run_demo
 
-    return run_demo(args.kernel)
+    return run_demo(args.kernel, fleet=not args.no_fleet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="boot a lab kernel and show audit, enforce and a deny")
     dm.add_argument("--kernel", default="6.1")
+    dm.add_argument("--no-fleet", action="store_true",
+                    help="skip the fleet half (local Kafka broker, fleet worker, ship, tail)")
     dm.set_defaults(func=cmd_demo)
 
     from aegis_stream.lab import add_lab_subparsers
