@@ -162,10 +162,24 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
         full = f"{fl.key_partition(key)}|{kind[0]}|{key.split('|', 1)[1]}"
         return fl.decode_counts(decisions.get(full))
 
+    # host and rule rows as the tables hold them, for the views (metrics, summaries)
+    # without walking the tables: rebuilt from the restored table on every (re)assignment
+    mirror: dict[str, fl.Counts] = {}
+
+    def rebuild_mirror() -> None:
+        mirror.clear()
+        for k, v in list(decisions.items()):
+            key = _key(k)
+            if key.split("|", 2)[1] in ("h", "r"):
+                mirror[key] = fl.decode_counts(v)
+
     def write_changed(changed: dict[tuple[str, str], fl.Counts]) -> None:
         for (kind, key), row in changed.items():
             p, rest = key.split("|", 1)
-            decisions[f"{p}|{kind[0]}|{rest}"] = fl.encode_row(row)
+            full = f"{p}|{kind[0]}|{rest}"
+            decisions[full] = fl.encode_row(row)
+            if kind != "windows":
+                mirror[full] = row
 
     def write_progress(last: dict[int, int]) -> None:
         # written after the rows of the batch, in the same changelog partition: if this
@@ -178,6 +192,9 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
     fold = fl.fold_naive if s.naive else fl.fold_exact
 
     def absorb(records: list[tuple[int, int, bytes]]) -> None:
+        if not stats.get("mirrored"):  # first batch after a (re)start: tables restored
+            rebuild_mirror()
+            stats["mirrored"] = True
         changed, result = fold(records, s.window_s, get_counts)
         write_changed(changed)
         last: dict[int, int] = {}
@@ -229,6 +246,7 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
                             else:
                                 await consumer.seek_to_beginning(tp)
                         stats["owned"] = want
+                        rebuild_mirror()
                     if not want:
                         await asyncio.sleep(0.1)
                         continue
@@ -290,11 +308,14 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
             yield fl.decode_host(v, key.split("|", 1)[1])
 
     def decision_rows(kind: str) -> Iterator[tuple[str, fl.Counts]]:
-        for k, v in list(decisions.items()):
-            key = _key(k)
+        if kind in ("h", "r"):
+            items: list[tuple[str, Any]] = [(k, msgspec.structs.replace(v)) for k, v in mirror.items()]
+        else:
+            items = [(_key(k), fl.decode_counts(v)) for k, v in list(decisions.items())]
+        for key, row in items:
             p, rest = key.split("|", 1)
             if rest.startswith(kind + "|"):
-                yield f"{p}|{rest[2:]}", fl.decode_counts(v)
+                yield f"{p}|{rest[2:]}", row
 
     def totals() -> tuple[int, int]:
         d = a = 0
@@ -380,7 +401,7 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
             serve_metrics(s.metrics_addr, host_rows=lambda: snap["hosts"],
                           decision_rows=lambda kind: snap[kind], stats=stats)
 
-        @app.timer(interval=2.0)
+        @app.timer(interval=0.5)
         async def refresh_metrics() -> None:
             snap.update(hosts=list(host_rows()), h=list(decision_rows("h")),
                         r=list(decision_rows("r")))
@@ -412,6 +433,9 @@ def add_worker_arguments(w: argparse.ArgumentParser) -> None:
     w.add_argument("--summary-every", type=float, default=10.0, metavar="S")
     w.add_argument("--batch", type=int, default=10_000, metavar="N", help="records per batch")
     w.add_argument("--data-dir", default="", help="faust's datadir")
+    w.add_argument("--decision-topic", default=DECISION_TOPIC, help=argparse.SUPPRESS)
+    w.add_argument("--state-topic", default=STATE_TOPIC, help=argparse.SUPPRESS)
+    w.add_argument("--fleet-topic", default=FLEET_TOPIC, help=argparse.SUPPRESS)
     w.add_argument("--naive", action="store_true",
                    help="faust defaults (at-least-once, no dedup): over-counts after a crash")
     w.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
@@ -428,6 +452,7 @@ def settings_from(a: argparse.Namespace) -> FleetSettings:
         bootstrap=a.kafka, app_id=a.app_id, window_s=a.window, silent_after_s=a.silent_after,
         summary_every_s=a.summary_every, batch_max=a.batch, metrics_addr=a.metrics_addr,
         web=a.web, naive=a.naive, data_dir=a.data_dir, loglevel=a.loglevel,
+        decision_topic=a.decision_topic, state_topic=a.state_topic, fleet_topic=a.fleet_topic,
     )
 
 

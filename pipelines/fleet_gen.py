@@ -117,3 +117,125 @@ def produce_states(bootstrap: str, records: list[tuple[str, bytes]], *, topic: s
         p.produce(topic, value, key=host.encode(), headers=STATE_HEADERS)
     if p.flush(30):
         raise RuntimeError("state records not delivered")
+
+
+# ------------------------------------------------------------------ a worker process
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+class WorkerProcess:
+    """``python -m pipelines.fleet worker`` as a child process (cwd = the repository),
+    read through its Prometheus endpoint; for tests and the bench."""
+
+    def __init__(self, bootstrap: str, app_id: str, metrics_port: int, *, data_dir: str,
+                 topics: tuple[str, str, str] | None = None, naive: bool = False,
+                 extra: list[str] | None = None, log: str | None = None) -> None:
+        import sys
+
+        self.metrics_port = metrics_port
+        self.argv = [sys.executable, "-m", "pipelines.fleet", "worker", "--kafka", bootstrap,
+                     "--app-id", app_id, "--metrics-addr", f"127.0.0.1:{metrics_port}",
+                     "--data-dir", data_dir, "--summary-every", "2"]
+        if topics:
+            self.argv += ["--decision-topic", topics[0], "--state-topic", topics[1],
+                          "--fleet-topic", topics[2]]
+        if naive:
+            self.argv.append("--naive")
+        self.argv += extra or []
+        self.log = log
+        self.proc: Any = None
+
+    def start(self) -> WorkerProcess:
+        import subprocess
+
+        if self.log:
+            with open(self.log, "ab") as out:  # the child keeps its own descriptor
+                self.proc = subprocess.Popen(self.argv, cwd=REPO, stdout=out,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        else:
+            self.proc = subprocess.Popen(self.argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """Sample name with labels -> value (empty while the endpoint is not up)."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def wait(self, pred: Any, timeout: float, what: str) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        m: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited ({self.proc.returncode}) waiting for {what}")
+            m = self.metrics()
+            if m and pred(m):
+                return m
+            time.sleep(0.25)
+        raise TimeoutError(f"worker: no {what} within {timeout:.0f}s (last {summary_of(m)})")
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def kill9(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM (faust's clean shutdown), SIGKILL after 20 s."""
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+
+
+def summary_of(m: dict[str, float]) -> str:
+    keys = ('aegis_fleet_decisions_total{decision="deny"}', 'aegis_fleet_decisions_total{decision="audit"}',
+            'aegis_fleet_records_total{topic="decision"}')
+    return ", ".join(f"{k.split('{')[1][:-1]}={m.get(k)}" for k in keys)
+
+
+def denies(m: dict[str, float]) -> float:
+    return m.get('aegis_fleet_decisions_total{decision="deny"}', -1)
+
+
+def audits(m: dict[str, float]) -> float:
+    return m.get('aegis_fleet_decisions_total{decision="audit"}', -1)
+
+
+def records(m: dict[str, float]) -> float:
+    return m.get('aegis_fleet_records_total{topic="decision"}', -1)
+
+
+def host_counts(m: dict[str, float]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for k, v in m.items():
+        if k.startswith("aegis_fleet_host_decisions{"):
+            labels = dict(p.split("=", 1) for p in k[k.index("{") + 1:-1].split(","))
+            host, dec = labels["host"].strip('"'), labels["decision"].strip('"')
+            out.setdefault(host, [0, 0])[0 if dec == "deny" else 1] = int(v)
+    return out

@@ -93,12 +93,18 @@ def encode_row(row: msgspec.Struct) -> bytes:
     return _enc.encode(row)
 
 
-def decode_counts(raw: bytes | None) -> Counts:
-    return Counts() if raw is None else _counts_dec.decode(raw)
+# faust hands a restored value back decoded (a dict) where a live one is the raw bytes
+# written: both are accepted
+def decode_counts(raw: bytes | dict[str, Any] | None) -> Counts:
+    if raw is None:
+        return Counts()
+    return msgspec.convert(raw, Counts) if isinstance(raw, dict) else _counts_dec.decode(raw)
 
 
-def decode_host(raw: bytes | None, host: str) -> HostRow:
-    return HostRow(host=host) if raw is None else _host_dec.decode(raw)
+def decode_host(raw: bytes | dict[str, Any] | None, host: str) -> HostRow:
+    if raw is None:
+        return HostRow(host=host)
+    return msgspec.convert(raw, HostRow) if isinstance(raw, dict) else _host_dec.decode(raw)
 
 
 # ------------------------------------------------------------------ keys
