@@ -335,3 +335,16 @@ async def test_metrics_of_a_kafka_sink(tmp_path: Path) -> None:
     assert got[("aegis_sink_dropped_total", (("reason", QUEUE_FULL), *lab))] == 0
     assert got[("aegis_sink_roundtrip_seconds_count", lab)] == 1
     assert got[("aegis_sink_roundtrip_seconds_bucket", (("le", "+Inf"), *lab))] == 1
+
+
+def test_delivery_errors_map_to_reason_codes() -> None:
+    from aegis_stream.fleet.sink import DELIVERY_FAILED, TOO_LARGE, UNKNOWN_TOPIC, reason_of
+
+    ke = ck.KafkaError
+    assert reason_of(ke(ke._MSG_TIMED_OUT)) == BROKER_UNAVAILABLE
+    assert reason_of(ke(ke._ALL_BROKERS_DOWN)) == BROKER_UNAVAILABLE
+    assert reason_of(ke(ke.UNKNOWN_TOPIC_OR_PART)) == UNKNOWN_TOPIC
+    assert reason_of(ke(ke.MSG_SIZE_TOO_LARGE)) == TOO_LARGE
+    assert reason_of(ke(ke._QUEUE_FULL)) == QUEUE_FULL
+    assert reason_of(ke(ke.TOPIC_AUTHORIZATION_FAILED)) == DELIVERY_FAILED
+    assert reason_of(object()) == DELIVERY_FAILED
