@@ -145,21 +145,20 @@ def _lines_of_spool(spool_dir: Path, res: ShipResult) -> Iterator[_Item]:
     path = spool_dir / "kafka.spool"
     if not path.exists() or path.stat().st_size == 0:
         return
-    # LineSpool recovers (cuts a torn tail) on open; its frames are read, never popped,
-    # and it is not closed through its compacting close(): the file stays as it was
+    # LineSpool recovers (cuts a torn tail) on open; its batches are peeked, never
+    # popped, so its close() rewrites nothing: the file stays for the agent
     spool = LineSpool(spool_dir, max_bytes=1 << 62)
     try:
-        for _off, klass, _count, length in list(spool._frames):
-            data = os.pread(spool._fd, length, _off)
-            for line in data.splitlines():
-                if line.strip():
-                    try:
-                        yield _item(line, klass)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        res.bad_lines += 1
+        batches = spool.peek_many(spool.pending_batches, 1 << 62)
     finally:
-        os.close(spool._fd)
-        spool._fd = -1
+        spool.close()
+    for batch in batches:
+        for line in batch.lines.splitlines():
+            if line.strip():
+                try:
+                    yield _item(line, batch.klass)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    res.bad_lines += 1
 
 
 def raw_spooled(spool_dir: Path) -> int:
