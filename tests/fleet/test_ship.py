@@ -13,7 +13,7 @@ import msgspec
 import pytest
 import trio
 
-from aegis_stream.fleet.ship import ShipError, ship
+from aegis_stream.fleet.ship import ShipError, _item, _Ledger, ship
 from aegis_stream.kernel import abi
 from aegis_stream.pipeline import Pipeline, PipelineConfig
 from aegis_stream.pipeline.sinks import JsonLinesFileSink, SinkBatch
@@ -174,8 +174,6 @@ def test_interrupted_ship_is_resolved_by_reading_back_never_duplicated(kafka_bro
                               if x.startswith("?")))
     # ... and a second file whose chunk was intended but never reached the broker
     other = run_agent(tmp_path / "agent2", host + "-b", denies=2, audits=0)
-    from aegis_stream.fleet.ship import _Ledger, _item
-
     _Ledger(ledger).intend([_item(x).key for x in other.read_bytes().splitlines()])
     again = ship(kafka_broker.bootstrap, events=[events, other], ledger=ledger)
     m = len(other.read_bytes().splitlines())
