@@ -23,11 +23,11 @@ class AegisError(Exception):
 
 
 class PolicyError(AegisError):
-    pass
+    """Bad policy input: the message is one line naming the field; nothing was changed."""
 
 
 class SignatureError(PolicyError):
-    pass
+    """A signature, trust, revocation or anti-rollback refusal: the policy is well formed but not admitted."""
 
 
 class SignatureExpiredError(SignatureError):
@@ -36,6 +36,9 @@ class SignatureExpiredError(SignatureError):
 
 
 class KernelError(AegisError):
+    """A bpf()/libbpf call failed.  The message names the object and the call; :attr:`errno` keeps the
+    raw errno (0 when there is none) so callers classify by errno, never by the text."""
+
     def __init__(self, message: str, *, err: int = 0) -> None:
         self.errno = err
         if err:
@@ -53,22 +56,28 @@ class KernelError(AegisError):
 
 
 class LoadError(KernelError):
+    """The BPF object or a program failed to load (verifier rejection included); :attr:`log_tail` keeps
+    the end of the verifier log for the one-line error and ``aegis doctor``."""
+
     def __init__(self, message: str, *, err: int = 0, log_tail: str = "") -> None:
         self.log_tail = log_tail
         super().__init__(message, err=err)
 
 
 class AttachError(KernelError):
-    pass
+    """A program loaded but its LSM hook could not be attached: nothing enforces through it."""
 
 
 class NoAgentError(KernelError):
-    pass
+    """The pinned maps are missing under the pin root: no agent has loaded the programs, so
+    there is nothing to read or unload (the message says to start ``aegis run``)."""
 
 
 class StateError(AegisError):
-    pass
+    """The state dir, provenance log, trust store or pinned state is unreadable or inconsistent; the
+    operation stops rather than guess."""
 
 
 class LabError(AegisError):
-    pass
+    """The QEMU kernel lab cannot run: a host tool is missing, a kernel package cannot be fetched or
+    unpacked, or the kernel lacks the BPF LSM.  The message says which, and the fix."""

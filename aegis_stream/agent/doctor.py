@@ -30,6 +30,8 @@ CAP_SYS_ADMIN, CAP_BPF, CAP_PERFMON = 21, 39, 38
 
 
 class Check(msgspec.Struct, frozen=True):
+    """One row of ``aegis doctor``: ``status`` is pass, warn or fail, ``reason`` says what was
+    measured, and ``fix`` what the operator can do (empty when there is nothing to do)."""
     name: str
     status: str  # pass | warn | fail
     reason: str
@@ -60,6 +62,8 @@ class DoctorReport(msgspec.Struct, frozen=True):
 
 @dataclass
 class Ctx:
+    """What the checks learned that later ones read: whether ``bpf`` is in the active LSM list
+    decides how a program probe's load failure is explained.  Nothing sets ``loadable`` yet."""
     lsm_has_bpf: bool = False
     loadable: bool = False
 

@@ -30,7 +30,7 @@ _dec = msgspec.json.Decoder(DecisionEvent)
 
 
 class ExplainError(AegisError):
-    pass
+    """``aegis explain`` cannot find or read the decision to explain (no log, no such event_id, bad stdin)."""
 
 
 def log_files(path: Path, backups: int = 32) -> list[Path]:

@@ -67,6 +67,12 @@ def proc_start_time(pid: int) -> int:
 
 @dataclass
 class AgentConfig:
+    """How ``aegis run`` was asked to run: built by the CLI from its flags (cli/main.py), read by
+    :func:`run_agent`.  ``policy`` None applies nothing: the kernel keeps its pinned, reconciled
+    generation; ``mode`` overrides the policy's mode; ``events`` ``-`` is stdout.  The pipeline
+    knobs become a :class:`PipelineConfig` through :meth:`pipeline_config` (spool under the state
+    dir unless ``spool_dir`` says otherwise), so the pipeline never sees the CLI's names.
+    ``kafka`` None means no Kafka sink."""
     policy: str | None = None
     events: str = "-"
     metrics_addr: str | None = None

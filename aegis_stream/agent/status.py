@@ -110,6 +110,9 @@ status_file_decoder = msgspec.json.Decoder(StatusFile)
 
 @dataclass
 class KernelFacts:
+    """What the pinned kernel state says, read without the agent: which links are pinned, the active
+    slot's generation and mode, the per-hook counters.  ``loaded`` False: nothing is pinned; ``error``
+    set: pins exist but could not be read.  :func:`judge` weighs it against :class:`AgentFacts`."""
     loaded: bool
     pin_root: str
     links: dict[str, bool] = field(default_factory=dict)  # program -> pinned
@@ -122,6 +125,8 @@ class KernelFacts:
 
 @dataclass
 class AgentFacts:
+    """What the agent's status file says and whether its writer is still alive (same pid and start time,
+    so a reused pid does not count); ``age_s`` lets :func:`judge` call a live but silent agent stale."""
     path: str
     doc: StatusFile | None  # the status file, None when there is none (or unreadable)
     alive: bool  # the pid in it is a live process with the same start time
