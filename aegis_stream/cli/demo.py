@@ -121,7 +121,7 @@ def inside() -> int:
         agent.wait(timeout=30)
         out_dir = os.environ.get("AEGIS_DEMO_OUT")  # shared with the host (the fleet half)
         if out_dir and events.exists():
-            shutil.copy2(events, Path(out_dir) / "events.jsonl")
+            shutil.copyfile(events, Path(out_dir) / "events.jsonl")
         subprocess.run([*AEGIS, "unload"], env=env, capture_output=True)
         cg.rmdir()
         umount(work)
