@@ -231,6 +231,8 @@ def tail(bootstrap: str, filt: TailFilter, *, as_json: bool = False, from_beginn
 
 def cmd_tail(args: Any) -> int:
     """``aegis tail``: 0 after --count decisions, 130 on Ctrl-C; errors are one line."""
+    if args.count is not None and args.count < 1:
+        raise TailError(f"--count must be at least 1 (got {args.count})")
     filt = TailFilter(args.decision, args.rule, args.host)
     result: TailResult | None = None
     try:
