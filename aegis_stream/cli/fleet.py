@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 
 
 def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -11,6 +14,7 @@ def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     # shared by every `aegis fleet X`: each part hangs its parsers on fleet_sub
     fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)
     add_broker_commands(fleet_sub)
+    add_worker_command(fleet_sub)
 
     from aegis_stream.fleet.ship import add_ship_arguments
 
@@ -114,3 +118,51 @@ def add_broker_commands(fleet_sub: argparse._SubParsersAction[argparse.ArgumentP
     t.add_argument("--dir", default=default_dir, help=dir_help)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_status)
+
+
+def find_pipelines() -> Path | None:
+    """The ``pipelines/`` folder (faust apps, not installed into site-packages):
+    ``$AEGIS_PIPELINES``, else the one next to this ``aegis_stream`` package (a checkout
+    or an editable install)."""
+    env = os.environ.get("AEGIS_PIPELINES")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path(__file__).resolve().parents[2] / "pipelines"
+    return here if (here / "fleet.py").is_file() else None
+
+
+def add_worker_command(fleet_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``aegis fleet worker``: the faust fleet worker of ``pipelines/fleet.py``, in this
+    process (faust owns its asyncio loop; no web server unless ``--web``)."""
+    w = fleet_sub.add_parser(
+        "worker", help="run the faust fleet worker (pipelines/fleet.py) until SIGTERM",
+        description="Counts every decision of the fleet exactly (also across a kill -9), "
+                    "judges each host, publishes aegis.fleet.v1.  docs/FLEET.md")
+    where = find_pipelines()
+    if where is None or not (where / "fleet.py").is_file():
+        hint = f"{where} has no fleet.py" if where else "no pipelines/ next to aegis_stream"
+
+        def cmd_missing(a: argparse.Namespace) -> int:
+            print(f"aegis fleet worker: {hint} (run from a checkout, or set AEGIS_PIPELINES "
+                  f"to the pipelines folder)", file=sys.stderr)
+            return 2
+
+        w.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        w.set_defaults(func=cmd_missing)
+        return
+    if str(where.parent) not in sys.path:
+        sys.path.insert(0, str(where.parent))  # `import pipelines.fleet` as from the repo root
+    from pipelines import fleet as fleet_app
+
+    fleet_app.add_worker_arguments(w)
+
+    def cmd_worker(a: argparse.Namespace) -> int:
+        from aegis_stream.fleet.topics import TopicError
+
+        try:
+            return fleet_app.run_worker(fleet_app.settings_from(a))
+        except (TopicError, ValueError) as exc:
+            print(f"aegis fleet worker: {exc}", file=sys.stderr)
+            return 2
+
+    w.set_defaults(func=cmd_worker)
