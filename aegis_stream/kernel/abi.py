@@ -22,6 +22,8 @@ AUDIT_RING_BYTES: Final = 4 << 20
 
 
 class Hook(enum.IntEnum):
+    """The LSM hooks the BPF programs attach to (``enum aegis_hook``); the value is the hook field of
+    every decision record and the row of the per-hook counters."""
     FILE_OPEN = 0
     BPRM_CHECK = 1
     MMAP_FILE = 2
@@ -41,6 +43,8 @@ HOOK_PROGRAMS: Final = {
 
 
 class Decision(enum.IntEnum):
+    """What the kernel decided (``enum aegis_decision``): DENY returned -EPERM (enforce mode), AUDIT
+    would have denied but allowed (audit mode)."""
     ALLOW = 0
     DENY = 1
     AUDIT = 2
@@ -79,6 +83,9 @@ SLOT_SCOPE_HOST: Final = 1 << 1
 
 
 class Counter(enum.IntEnum):
+    """The per-hook, per-CPU counters (``enum aegis_counter``; index ``hook * len(Counter) + counter``).
+    They count every decision, also those whose event could not be reserved (RINGBUF_FAIL), so they are
+    the ground truth lost events are measured against."""
     EVALUATED = 0
     RULE_MATCHED = 1
     SCOPE_MATCHED = 2

@@ -37,6 +37,8 @@ _u64 = struct.Struct("<Q")
 
 
 class PercpuMap(Protocol):
+    """What reading a per-CPU map needs: the pinned FdMap and the fake kernel's maps both provide it."""
+
     def lookup_percpu(self, key: bytes, ncpus: int) -> list[bytes] | None: ...
     def keys(self) -> list[bytes]: ...
 
@@ -227,6 +229,9 @@ class CounterSnapshot:
 
 
 class CounterSource(Protocol):
+    """Anything that returns a :class:`CounterSnapshot` of the per-hook kernel counters (the pipeline
+    polls it each tick; :class:`MapCounterSource` is the implementation over real or fake maps)."""
+
     def read(self) -> CounterSnapshot: ...
 
 

@@ -64,6 +64,8 @@ def parse_inode(text: str) -> InodeId:
 
 @dataclass(frozen=True)
 class MountInfo:
+    """One /proc/self/mountinfo line: ``major:minor`` is the superblock's device, which is what the
+    kernel keys inodes by (unlike ``st_dev`` on btrfs)."""
     mount_id: int
     major: int
     minor: int
@@ -135,6 +137,8 @@ MAX_HANDLE_SZ = 128
 
 @dataclass(frozen=True)
 class FileHandle:
+    """A name_to_handle_at(2) result: the filesystem's handle type and opaque bytes, from which
+    :func:`generation_from_handle` reads the inode generation for known layouts."""
     handle_type: int
     data: bytes
     mount_id: int

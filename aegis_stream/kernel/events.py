@@ -58,7 +58,7 @@ RECORD_DTYPE: Final = np.dtype(
 
 
 class DecodeError(AegisError):
-    pass
+    """A ring record or batch that is not a whole, current-ABI decision record (wrong size or ABI version)."""
 
 
 class RawDecision(msgspec.Struct, frozen=True):

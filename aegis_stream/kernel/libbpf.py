@@ -186,6 +186,8 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
 
 
 class BpfMapInfo(ctypes.Structure):
+    """The leading fields of the kernel's ``struct bpf_map_info``; the kernel fills only the size we
+    pass, so this prefix is enough to learn a map's type, id and sizes from its fd."""
     _fields_ = [
         ("type", c_uint32),
         ("id", c_uint32),

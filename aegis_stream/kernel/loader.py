@@ -43,6 +43,8 @@ def default_object_path() -> Path:
 
 @dataclass
 class ProgramStatus:
+    """How far one BPF program got (not_loaded, loaded, attached, failed), with the errno, error and
+    verifier log tail of the step that failed; ``pinned`` is the link's pin path once attached."""
     name: str
     hook: str
     phase: ProgramPhase = "not_loaded"
@@ -64,6 +66,8 @@ class ProgramStatus:
 
 @dataclass
 class AttachReport:
+    """Every program's :class:`ProgramStatus` after ``attach_all``.  Enforcement may be claimed only when
+    every program attached (:attr:`enforcing_capable`); a partial attach is reported, never hidden."""
     programs: dict[str, ProgramStatus] = field(default_factory=dict)
 
     @property
@@ -112,6 +116,8 @@ def fault_injection(text: str | None = None) -> dict[str, set[str]]:
 
 @dataclass(frozen=True)
 class VerifierStats:
+    """The verifier's "processed N insns ..." summary of one program, checked against
+    bpf/verifier-budget.json so a change that approaches the instruction limit is seen before it fails."""
     insns_processed: int
     insn_limit: int
     max_states_per_insn: int
@@ -335,6 +341,8 @@ class BpfObject:
 
 @dataclass(frozen=True)
 class PinnedState:
+    """The maps and links a loaded agent pinned under ``root``, opened without the agent process (for
+    ``aegis status``/``policy``/``unload``); the caller owns the map fds and must :meth:`close`."""
     root: str
     maps: dict[str, FdMap]
     links: dict[str, bool]

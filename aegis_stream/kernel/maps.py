@@ -13,6 +13,8 @@ from aegis_stream.kernel import abi, libbpf
 
 
 class MapHandle(Protocol):
+    """The map operations the policy code uses, so one code path serves real BPF maps (:class:`FdMap`)
+    and the fake kernel's maps in the unit tests."""
     name: str
     key_size: int
     value_size: int

@@ -44,6 +44,8 @@ _STRIDE_WORDS = RECORD_STRIDE // 4
 
 @dataclass(frozen=True)
 class RingStatistics:
+    """Running totals of one ring's consumer: records handed out, discarded and foreign ones, and how far
+    behind the producer it is (``available_bytes``; :attr:`fill_ratio` feeds the ring metrics)."""
     name: str
     records: int  # records handed out (committed, not discarded)
     discarded: int  # records the producer discarded
@@ -81,6 +83,13 @@ EMPTY_BATCH = RawBatch(b"", 0)
 
 
 class RingBuffer:
+    """The consumer side of one BPF ring buffer, mapped directly (no libbpf callback).  One reader
+    per ring: it alone advances the consumer position, and only past records it has copied out.
+    It stops at the first BUSY record, so records come out in ring order and none is passed over
+    (discarded and foreign records are counted, not returned).  The positions are loaded and stored
+    as whole 8-byte words because the kernel reads them concurrently.  Works on the kernel's map
+    fd and on the fake kernel's memfd (``wakeup_fd``)."""
+
     def __init__(self, fd: int, size: int, name: str = "ring", *, wakeup_fd: int | None = None) -> None:
         if size <= 0 or size & (size - 1):
             raise ValueError(f"ring size {size} is not a power of two")

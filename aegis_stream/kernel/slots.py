@@ -37,6 +37,8 @@ def slot_key(slot: int) -> bytes:
 
 @dataclass(frozen=True)
 class SlotConfig:
+    """One slot's config entry: the generation, mode and rule/scope counts it holds; a decision uses the
+    slot only when :attr:`valid` (the VALID flag is written last, after the slot's contents)."""
     generation: int
     mode: int
     flags: int
@@ -50,6 +52,8 @@ class SlotConfig:
 
 @dataclass(frozen=True)
 class KernelPolicyState:
+    """Both slots and the control word's active slot, read back from the kernel: the truth reconcile and
+    ``aegis status`` start from, not what the state dir says."""
     active_slot: int
     slots: tuple[SlotConfig, SlotConfig]
 
@@ -132,6 +136,8 @@ def clear_slot(maps: PolicyMaps, slot: int) -> None:
 
 @dataclass(frozen=True)
 class StagedSlot:
+    """A generation written into the inactive slot and verified by its read-back ``digest``, not yet
+    active: :func:`activate` makes it so."""
     slot: int
     generation: int
     digest: str
