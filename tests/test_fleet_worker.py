@@ -1,0 +1,240 @@
+"""The fleet worker's aggregation logic without Kafka (pipelines/fleet_logic.py), and the
+aegis.fleet.v1 golden vectors.  The worker on a real broker: tests/fleet/test_worker*.py."""
+
+from __future__ import annotations
+
+import calendar
+import os
+import random
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from aegis_stream.pipeline.schema import FleetEvent, FleetHost, FleetRule
+from aegis_stream.processors.degraded import DegradedConfig
+from aegis_stream.processors.slo import SloConfig
+from pipelines import fleet_gen as g
+from pipelines import fleet_logic as fl
+
+GOLDEN = Path(__file__).parent / "golden" / "fleet_vectors.json"
+_enc = msgspec.json.Encoder()
+
+
+class Tables:
+    """A dict standing in for the faust table: rows by (kind, key)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], fl.Counts] = {}
+
+    def get(self, kind: str, key: str) -> fl.Counts:
+        row = self.rows.get((kind, key))
+        return fl.Counts() if row is None else msgspec.structs.replace(row)
+
+    def write(self, changed: dict[tuple[str, str], fl.Counts]) -> None:
+        self.rows.update(changed)
+
+    def totals(self) -> tuple[int, int]:
+        hosts = [r for (k, _), r in self.rows.items() if k == "hosts"]
+        return sum(r.deny for r in hosts), sum(r.audit for r in hosts)
+
+    def by_host(self) -> dict[str, list[int]]:
+        return {key.split("|", 1)[1]: [r.deny, r.audit] for (k, key), r in self.rows.items() if k == "hosts"}
+
+
+def _records(n: int, partitions: int = 3) -> list[tuple[int, int, bytes]]:
+    """Decisions spread over partitions by host, offsets per partition in order."""
+    out = []
+    offsets = [0] * partitions
+    for ev in g.decisions(n, hosts=7, rules=5):
+        p = int(ev.host[-3:]) % partitions
+        out.append((p, offsets[p], _enc.encode(ev)))
+        offsets[p] += 1
+    return out
+
+
+def _by_partition(recs):
+    per: dict[int, list] = {}
+    for r in recs:
+        per.setdefault(r[0], []).append(r)
+    return per
+
+
+def test_fold_counts_exact_and_one_write_per_key():
+    recs = _records(3000)
+    t = Tables()
+    changed, result = fl.fold_exact(recs, 60, t.get)
+    t.write(changed)
+    want = g.expected(list(g.decisions(3000, hosts=7, rules=5)))
+    assert t.totals() == (want.denies, want.audits)
+    assert t.by_host() == want.by_host
+    assert result.records == 3000 and result.bad == 0
+    # one row per key: 7 hosts, 5 rules x 2 generations x partitions, no more
+    assert len([k for k in changed if k[0] == "hosts"]) == 7
+    rules = fl.merge_rules((key, r) for (k, key), r in t.rows.items() if k == "rules")
+    assert {f"{r}|{gen}": c.deny for (r, gen), c in rules.items() if c.deny} == want.by_rule
+
+
+def test_replay_after_restart_counts_nothing_twice():
+    """A restart replays from the progress offset, which may be before what some rows
+    absorbed (rows written, progress not yet): the rows' hw makes it exact; the naive
+    fold (faust's default at-least-once) over-counts the same replay."""
+    recs = _records(4000)
+    want = g.expected(list(g.decisions(4000, hosts=7, rules=5)))
+    for fold, exact in ((fl.fold_exact, True), (fl.fold_naive, False)):
+        t = Tables()
+        per = _by_partition(recs)
+        first = [r for p in per for r in per[p][: len(per[p]) // 2]]
+        t.write(fold(first, 60, t.get)[0])
+        # the crash lost some rows' last write: partition 0's host rows roll back
+        lost = {k: v for k, v in t.rows.items() if k[0] == "hosts" and k[1].startswith("0|")}
+        for k in lost:
+            del t.rows[k]
+        # replay from a progress offset a quarter in: straddles the surviving rows' hw
+        replay = [r for p in per for r in per[p][len(per[p]) // 4:]]
+        random.Random(1).shuffle(replay)
+        replay.sort(key=lambda r: (r[0], r[1]))
+        for i in range(0, len(replay), 700):
+            t.write(fold(replay[i:i + 700], 60, t.get)[0])
+        # partition 0's host rows restart from nothing: what replay covers only
+        got = t.totals()
+        if exact:
+            part0 = [r for r in recs if r[0] == 0]
+            missing = g.expected([fl.decision_decoder.decode(v) for _, _, v in part0[: len(part0) // 4]])
+            assert got == (want.denies - missing.denies, want.audits - missing.audits)
+            # and the rule rows, which kept their writes, are exactly complete
+            rules = fl.merge_rules((key, r) for (k, key), r in t.rows.items() if k == "rules")
+            assert sum(c.deny for c in rules.values()) == want.denies
+        else:
+            rules = fl.merge_rules((key, r) for (k, key), r in t.rows.items() if k == "rules")
+            assert sum(c.deny for c in rules.values()) > want.denies
+
+
+def test_same_batch_twice_is_a_no_op():
+    recs = _records(500)
+    t = Tables()
+    t.write(fl.fold_exact(recs, 60, t.get)[0])
+    before = t.totals()
+    changed, _ = fl.fold_exact(recs, 60, t.get)
+    assert changed == {} and t.totals() == before
+
+
+def test_bad_records_counted_not_raised():
+    recs = [(0, 0, b"{not json"), (0, 1, _enc.encode(g.decision(1, hosts=1, rules=1, t0=0, rate=1))),
+            (0, 2, _enc.encode(msgspec.structs.replace(g.decision(2, hosts=1, rules=1, t0=0, rate=1),
+                                                       time="yesterday"))),
+            (0, 3, _enc.encode(msgspec.structs.replace(g.decision(3, hosts=1, rules=1, t0=0, rate=1),
+                                                       decision="maybe")))]
+    t = Tables()
+    changed, result = fl.fold_exact(recs, 60, t.get)
+    assert result.records == 4 and result.bad == 3
+    assert result.bad_reasons == {"undecodable": 1, "bad_field": 2}
+    assert sum(r.deny + r.audit for (k, _), r in changed.items() if k == "hosts") == 1
+
+
+def test_windows_are_tumbling_by_decision_time():
+    evs = [msgspec.structs.replace(g.decision(i, hosts=1, rules=1, t0=0, rate=1), decision="deny",
+                                   time=t) for i, t in enumerate(
+        ["2026-12-01T08:00:59.999999Z", "2026-12-01T08:01:00.000000Z", "2026-12-01T08:01:59.000000Z"])]
+    result = fl.fold_decisions([(0, i, _enc.encode(e)) for i, e in enumerate(evs)], 60)
+    starts = {fl.split_window_key(k)[3]: d.deny for k, d in result.windows.items()}
+    base = calendar.timegm((2026, 12, 1, 8, 0, 0))
+    assert starts == {base: 1, base + 60: 2}
+
+
+def test_epoch_s_matches_calendar():
+    assert fl.epoch_s("1970-01-01T00:00:00.000000Z") == 0
+    assert fl.epoch_s("2026-12-01T08:39:07.123456Z") == calendar.timegm((2026, 12, 1, 8, 39, 7))
+    with pytest.raises(ValueError, match="bad decision time"):
+        fl.epoch_s("not a time at all")
+
+
+def test_top_rules_order_and_ties():
+    merged = {("b", 1): fl.Counts(deny=5), ("a", 2): fl.Counts(deny=5), ("a", 1): fl.Counts(deny=5),
+              ("c", 1): fl.Counts(deny=9), ("z", 1): fl.Counts(deny=0, audit=4)}
+    top = fl.top_rules(merged, 3)
+    assert [(t.rule_id, t.generation, t.denies) for t in top] == [("c", 1, 9), ("a", 1, 5), ("a", 2, 5)]
+    assert all(t.denies for t in fl.top_rules(merged, 10))  # audits-only rules are not "denied"
+
+
+def _state(host: str, state: str = "enforcing", **kw) -> tuple[object, fl.StateTotals]:
+    raw = g.state(host, state, **kw)
+    return fl.state_decoder.decode(raw), fl.totals_decoder.decode(raw)
+
+
+def test_host_state_worst_of_agent_and_monitor_and_dedup():
+    row = fl.HostRow(host="h")
+    ev, tot = _state("h", "degraded", reasons=["sink failing: kafka"])
+    assert fl.apply_state(row, 5, ev, tot, 100.0, DegradedConfig(), SloConfig())
+    assert row.state == "degraded" and row.agent_state == "degraded"
+    assert "sink_failing" in row.reason_codes
+    assert not fl.apply_state(row, 5, ev, tot, 101.0, DegradedConfig(), SloConfig())  # replay
+    # the agent says enforcing but its record shows a ring 90% full: the monitor (the
+    # agent's own DegradedMonitor, same thresholds) judges degraded
+    ev2, tot2 = _state("h")
+    ev2 = msgspec.structs.replace(ev2, ring_fill={"deny": 0.9})
+    assert fl.apply_state(row, 6, ev2, tot2, 102.0, DegradedConfig(), SloConfig())
+    assert row.agent_state == "enforcing" and row.state == "degraded"
+    assert "ring_high" in row.reason_codes
+
+
+def test_silence_degrades_and_a_new_record_clears_it():
+    row = fl.HostRow(host="h")
+    ev, tot = _state("h")
+    fl.apply_state(row, 0, ev, tot, 1000.0, DegradedConfig(), SloConfig())
+    assert row.state == "enforcing"
+    assert not fl.check_silence(row, 1029.0, 30.0)
+    assert fl.check_silence(row, 1031.0, 30.0)
+    assert row.silent and row.state == "degraded" and "agent_unresponsive" in row.reason_codes
+    assert not fl.check_silence(row, 1040.0, 30.0)  # already silent: no second change
+    fl.apply_state(row, 1, ev, tot, 1041.0, DegradedConfig(), SloConfig())
+    assert not row.silent and row.state == "enforcing" and row.reason_codes == []
+
+
+def test_fleet_slo_window_sums_hosts_and_survives_counter_reset():
+    cfg = SloConfig()
+    rows = []
+    for host, (e1, d1, e2, d2) in {"a": (1000, 0, 2000, 10), "b": (500, 0, 100, 5)}.items():
+        row = fl.HostRow(host=host)
+        ev, tot = _state(host, emitted={"audit": e1}, dropped={"audit": d1})
+        fl.apply_state(row, 0, ev, tot, 100.0, DegradedConfig(), cfg)
+        ev, tot = _state(host, emitted={"audit": e2}, dropped={"audit": d2})  # b: agent restarted
+        fl.apply_state(row, 1, ev, tot, 110.0, DegradedConfig(), cfg)
+        rows.append(row)
+    w = fl.fleet_window(rows, "audit", 3600, 110.0)
+    assert (w.emitted, w.dropped) == (2000 + 600, 15)
+    assert rows[1].emitted == {"audit": 600} and rows[1].dropped == {"audit": 5}
+
+
+def _golden_events() -> list[tuple[str, FleetEvent]]:
+    base = dict(event_id="fleet-1:42-1796000000000000000-1", time="2026-12-01T08:00:00.000000Z",
+                worker="fleet-1:42", partitions=[0, 1, 2, 3, 4, 5], hosts=3,
+                hosts_by_state={"enforcing": 2, "degraded": 1}, silent_hosts=["host-002"],
+                denies=80000, audits=20000, window_s=60, window_start="2026-12-01T07:59:00.000000Z",
+                window_denies=1234,
+                top_rules=[FleetRule(rule_id="rule-7", generation=3, denies=900, audits=12)])
+    return [
+        ("summary", FleetEvent(kind="summary", **base)),
+        ("host-silent", FleetEvent(kind="host_state", previous="enforcing", host=FleetHost(
+            host="host-002", state="degraded", agent_state="enforcing", silent=True,
+            reason_codes=["agent_unresponsive"]), **base)),
+        ("slo-firing", FleetEvent(kind="slo_alert", event_class="audit", alert="page", status="firing",
+                                  objective=0.001, burn_long=20.5, burn_short=31.25, emitted_long=100000,
+                                  dropped_long=2050, **base)),
+    ]
+
+
+def test_fleet_event_golden_vectors():
+    """The exact aegis.fleet.v1 bytes; a deliberate change regenerates them:
+    ``AEGIS_REGEN_GOLDEN=1 pytest tests/test_fleet_worker.py`` (and review the diff)."""
+    current = [{"name": n, "expected": msgspec.to_builtins(e)} for n, e in _golden_events()]
+    if os.environ.get("AEGIS_REGEN_GOLDEN"):
+        GOLDEN.write_bytes(msgspec.json.format(_enc.encode(current), indent=2) + b"\n")
+    vectors = msgspec.json.decode(GOLDEN.read_bytes())
+    assert [v["name"] for v in vectors] == [n for n, _ in _golden_events()], "vector set changed: regenerate"
+    dec = msgspec.json.Decoder(FleetEvent)
+    for v, (name, ev) in zip(vectors, _golden_events(), strict=True):
+        want = _enc.encode(v["expected"])
+        assert _enc.encode(ev) == want, name
+        assert dec.decode(want) == ev, name
+        assert v["expected"]["schema"] == "aegis.fleet.v1"
