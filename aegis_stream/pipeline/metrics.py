@@ -70,6 +70,8 @@ class StatsCollector(Collector):
 
 
 class BuildInfoCollector(StatsCollector):
+    """``aegis_build_info``: the agent version and event ABI as labels, so a scrape says what produced it."""
+
     def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         info = _g("aegis_build_info", "Agent version and event ABI (value 1)", ["version", "abi_version"])
         info.add_metric([__version__, str(abi.ABI_VERSION)], 1)
@@ -149,6 +151,8 @@ class ClassesCollector(StatsCollector):
 
 
 class RingsCollector(StatsCollector):
+    """Per ring: fill ratio, consumer lag and producer discards, the early warning before a ring overflows."""
+
     def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         fill = _g("aegis_ring_fill_ratio", "Ring bytes waiting / ring size", ["ring"])
         lag = _g("aegis_consumer_lag_bytes", "Producer - consumer position of the ring", ["ring"])
@@ -162,6 +166,8 @@ class RingsCollector(StatsCollector):
 
 
 class SpoolCollector(StatsCollector):
+    """The deny disk spool: denies waiting in it, its file size, and how many went through it."""
+
     def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         sp_pending = _g("aegis_spool_pending_events", "Denies waiting in the disk spool")
         sp_bytes = _g("aegis_spool_bytes", "Size of the disk spool file")
@@ -174,6 +180,9 @@ class SpoolCollector(StatsCollector):
 
 
 class SloCollector(StatsCollector):
+    """The drop-rate SLO: the objective, drop ratio and burn rate per class and window, and which alerts
+    fire."""
+
     def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         ratio = _g("aegis_slo_drop_ratio", "Dropped / emitted over the window", ["class", "window"])
         burn = _g("aegis_slo_burn_rate", "Drop ratio over the window / objective", ["class", "window"])
@@ -191,6 +200,8 @@ class SloCollector(StatsCollector):
 
 
 class SinksCollector(StatsCollector):
+    """Per sink: events accepted, failed writes and the events in them; plus the derived records written."""
+
     def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         s_events = _c("aegis_sink_events", "Events a sink accepted", ["sink"])
         s_fail = _c("aegis_sink_failures", "Sink write calls that failed", ["sink"])
@@ -207,6 +218,8 @@ class SinksCollector(StatsCollector):
 
 
 class MemoryCollector(StatsCollector):
+    """How often the heap was trimmed after a drained burst (pipeline/memtrim.py)."""
+
     def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
         trims = _c("aegis_memory_trims", "Heap trims after a drained burst (malloc_trim)")
         if st is not None:

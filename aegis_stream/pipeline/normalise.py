@@ -47,6 +47,7 @@ _enc = msgspec.json.Encoder()
 
 @dataclass(frozen=True)
 class CacheStatistics:
+    """One :class:`BoundedCache`'s size, capacity and hit/miss/eviction/expiry totals (the cache metrics)."""
     name: str
     size: int
     capacity: int
@@ -206,6 +207,9 @@ class CgroupResolver:
 # --------------------------------------------------------------------------- processes
 @dataclass(frozen=True)
 class ProcessInfo:
+    """A process's exe and cmdline as /proc said at lookup time; ``missing`` names what /proc could not
+    give (the process exited, or a kernel thread has no cmdline), so an event says unknown rather than
+    empty.  The JSON encodings are cached because one process is in many events."""
     exe: str
     cmdline: tuple[str, ...]
     missing: tuple[str, ...]  # "exe" / "cmdline" when /proc could not say
@@ -268,6 +272,8 @@ class StaticProcesses:
 # --------------------------------------------------------------------------- generations
 @dataclass(frozen=True)
 class GenerationInfo:
+    """A generation's stored record (its compiled rule table), the file it was applied from and the
+    record's path: what an event and its explanation cite for ``generation``."""
     record: GenerationRecord
     source: str  # the file it was applied from, per the provenance log ("" if unknown)
     record_path: str

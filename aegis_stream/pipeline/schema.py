@@ -116,6 +116,8 @@ class SloEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.slo.v1", ta
 
 
 class ExplainedRule(msgspec.Struct, frozen=True, kw_only=True):
+    """The rule that decided: its policy id, the kernel's index, the source it was compiled from and the
+    inode the kernel matched."""
     id: str
     index: int  # the kernel's rule_id
     source: str  # the path (or inode literal) the rule was compiled from
@@ -124,6 +126,7 @@ class ExplainedRule(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ExplainedPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """The policy of the decision's generation: name, version, digest and signer, and where it came from."""
     name: str
     version: int
     digest: str
@@ -133,6 +136,7 @@ class ExplainedPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ExplainedScope(msgspec.Struct, frozen=True, kw_only=True):
+    """Why the task was in scope: host-wide, its own cgroup or an ancestor selected by the policy."""
     match: Literal["host", "self", "ancestor", "unknown"]
     cgroup_id: int  # the selected cgroup that matched (0 = host-wide)
     path: str  # its path now
@@ -140,6 +144,7 @@ class ExplainedScope(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ExplainedTask(msgspec.Struct, frozen=True, kw_only=True):
+    """The task that was decided on, as the event recorded it (ids, comm, exe, cgroup)."""
     pid: int
     tid: int
     uid: int
@@ -175,6 +180,7 @@ class ExplanationEvent(
 
 
 class FleetRule(msgspec.Struct, frozen=True, kw_only=True):
+    """One (rule, generation)'s deny and audit counts across the fleet (``FleetEvent.top_rules``)."""
     rule_id: str
     generation: int
     denies: int
@@ -182,6 +188,7 @@ class FleetRule(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class FleetHost(msgspec.Struct, frozen=True, kw_only=True):
+    """The fleet worker's view of one host: its judged state, what the agent last said, and silence."""
     host: str
     state: str  # the fleet's judgement: worst of the agent's state, the monitor, silence
     agent_state: str  # what the agent itself last published
@@ -235,6 +242,8 @@ class StatusAgent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StatusHook(msgspec.Struct, frozen=True, kw_only=True):
+    """One hook in ``aegis status``: whether the kernel runs its program (pinned link) and what the agent
+    reported for it."""
     hook: str  # file_open | bprm_check_security | mmap_file
     program: str
     pinned: bool  # a pinned link under <pin root>/links: the kernel runs it
@@ -243,6 +252,8 @@ class StatusHook(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StatusKernel(msgspec.Struct, frozen=True, kw_only=True):
+    """The kernel half of ``aegis status``: what is pinned and enforced now (generation, mode, slot,
+    counters), read from the pinned maps, not from the agent."""
     loaded: bool  # aegis maps pinned under pin_root
     pin_root: str
     enforcement: Enforcement  # what the kernel does now

@@ -27,11 +27,15 @@ from aegis_stream.errors import AegisError
 
 
 class SinkError(AegisError):
-    pass
+    """A sink could not store a batch; the pipeline decides what that means (denies retried, audits
+    dropped)."""
 
 
 @dataclass(frozen=True)
 class SinkBatch:
+    """One write to a sink: ``count`` events of one class, already encoded as JSON lines.  For denies
+    ``raw`` keeps the kernel records, so a batch that cannot be written before shutdown is spooled to
+    disk instead of lost."""
     klass: str  # deny | audit | state | slo | explanation
     lines: bytes  # JSON lines, each ending in "\n"
     count: int
@@ -40,6 +44,8 @@ class SinkBatch:
 
 @dataclass(frozen=True)
 class SinkStatistics:
+    """One sink's running totals (``aegis_sink_*`` metrics): batches, events and bytes written, and the
+    failed write calls with the events in them."""
     name: str
     batches: int
     events: int
@@ -50,6 +56,9 @@ class SinkStatistics:
 
 
 class Sink(Protocol):
+    """Where encoded events go (stdout, a JSON-lines file, Kafka).  ``write`` stores the whole batch or
+    raises; it never keeps part of one silently, because the pipeline counts a batch as delivered only
+    when ``write`` returns.  Retry and drop policy is the pipeline's, not the sink's."""
     name: str
 
     async def write(self, batch: SinkBatch) -> None: ...
