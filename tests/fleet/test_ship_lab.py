@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,7 @@ def test_lab_agent_spool_shipped_afterwards_denies_arrive_with_explanations(kafk
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "kernel",
          "tests/kernel/test_fleet_ship.py"],
         env={"AEGIS_FLEET_SHIP_DIR": str(shared)}, rwdirs=[shared], timeout=900,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     expected = json.loads((shared / "expected.json").read_text())
