@@ -43,7 +43,7 @@ def test_lab_agent_spool_shipped_afterwards_denies_arrive_with_explanations(kafk
         env={"AEGIS_FLEET_SHIP_DIR": str(shared)}, rwdirs=[shared], timeout=900,
         cwd=Path(__file__).resolve().parents[2],
     )
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert res.returncode == 0 and "1 passed" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
     expected = json.loads((shared / "expected.json").read_text())
     spool = shared / "state" / "spool"
     assert (spool / "kafka.spool").stat().st_size > 0
