@@ -25,6 +25,7 @@ FILE_NAME = "versions.json"
 
 
 class Entry(msgspec.Struct, frozen=True):
+    """One policy name's anti-rollback state: the highest version ever applied and that version's digest."""
     high_water: int
     digest: str
     updated_at: float = 0.0
@@ -35,6 +36,12 @@ _enc = msgspec.json.Encoder(order="sorted")
 
 
 class VersionCounter:
+    """The per-policy-name anti-rollback counter in ``<state dir>/versions.json``, used by
+    :class:`Lifecycle` on every apply.  :meth:`check` refuses a version that is not newer (the
+    byte-identical policy excepted, so a retry works); :meth:`commit` never lets the counter go
+    backwards; :meth:`restore` undoes a commit only for a policy that never became active.  Every write
+    is atomic and a failed write is an error, so a replayed old policy cannot slip in."""
+
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root else _store.state_dir()
         self.path = self.root / FILE_NAME

@@ -27,6 +27,8 @@ UNSTABLE_INODE_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "9p", "fuse", "fus
 
 
 class CompiledRule(msgspec.Struct, frozen=True):
+    """One rule as the kernel holds it: ``index`` is the kernel's rule_id, (dev, ino) the inode the path
+    resolved to at apply time, ``i_generation`` what tells a reused inode number apart."""
     index: int  # the kernel's rule_id
     id: str
     source: str  # the path it was resolved from, or "inode:MAJOR:MINOR:INO"
@@ -41,12 +43,16 @@ class CompiledRule(msgspec.Struct, frozen=True):
 
 
 class CompiledScope(msgspec.Struct, frozen=True):
+    """One scope resolved to its cgroup v2 id (the id the kernel compares against) at apply time."""
     index: int
     cgroup: str
     cgroup_id: int
 
 
 class CompiledPolicy(msgspec.Struct, frozen=True):
+    """A policy resolved for the kernel: rules as (dev, ino) keys in kernel rule_id order, scopes as
+    cgroup ids (none: host-wide).  It is stored with every generation, so an event's rule_id and
+    generation always name exactly the entry that decided; the ``digest`` is the source policy's."""
     name: str
     version: int
     mode: str
@@ -153,6 +159,8 @@ def actions_names(bits: int) -> list[str]:
 
 
 class StaleRule(msgspec.Struct, frozen=True):
+    """A path rule whose compiled inode is no longer the file at its path (moved, reused or missing): the
+    kernel still guards the old inode until the policy is re-applied."""
     rule_id: str
     source: str
     reason: str  # "moved" | "reused" | "missing"

@@ -32,6 +32,8 @@ def _describe(r: CompiledRule) -> str:
 
 @dataclass
 class PolicyDiff:
+    """What applying a policy would change against the active generation, by rule id (rules and scopes
+    added, removed or changed, and a mode change), for ``aegis policy apply --dry-run``."""
     old_label: str
     new_label: str
     added: list[str] = field(default_factory=list)
@@ -139,6 +141,8 @@ class _Matcher:
 
 @dataclass
 class ReplayReport:
+    """A recorded event log replayed against the new policy (and the active one): which past events it
+    would newly match, which it still or no longer matches, and the lines that could not be read."""
     events: int = 0
     bad_lines: list[int] = field(default_factory=list)
     newly_matched: list[str] = field(default_factory=list)  # matched now, not before

@@ -62,6 +62,7 @@ def _mode_val(mode: str) -> int:
 
 
 class JournalOp(enum.StrEnum):
+    """The operation a pending journal records, so :meth:`Lifecycle.reconcile` knows what it was finishing."""
     APPLY = "apply"
     ROLLBACK = "rollback"
 
@@ -88,6 +89,9 @@ _journal_decoder = msgspec.json.Decoder(PendingJournal)
 # ------------------------------------------------------------------------------ results
 @dataclass(frozen=True)
 class Admission:
+    """A policy that passed admission (parsed; signature and trust checked; enforce only when
+    signed and not while break-glass is in effect) and the mode it would run in.  Nothing has
+    changed yet: :meth:`Lifecycle.admit` has no side effects."""
     policy: model.Policy
     source: bytes  # policy TOML
     envelope: bytes  # b"" when unsigned
@@ -102,6 +106,7 @@ class Admission:
 
 @dataclass(frozen=True)
 class ApplyOutcome:
+    """An apply that happened: the new generation is active in ``slot``, replacing ``previous_generation``."""
     generation: int
     previous_generation: int
     slot: int
@@ -112,6 +117,8 @@ class ApplyOutcome:
 
 @dataclass(frozen=True)
 class RollbackOutcome:
+    """A rollback that happened: which generation is now active and how (flip to the other slot, re-apply
+    a stored generation, or deactivate)."""
     generation: int  # the generation now active (0 = none)
     previous_generation: int
     method: str  # flip | reapply | deactivate
@@ -122,6 +129,8 @@ class RollbackOutcome:
 
 @dataclass(frozen=True)
 class BreakGlassOutcome:
+    """Break-glass took effect (every slot in audit, or deactivated); ``problems`` lists what could not
+    be recorded, because break-glass never fails on the lock or the log."""
     generation: int
     method: str  # audit | deactivate
     problems: list[str] = field(default_factory=list)
@@ -129,6 +138,8 @@ class BreakGlassOutcome:
 
 @dataclass(frozen=True)
 class ReconcileOutcome:
+    """What startup reconciliation found after a possible crash mid-apply: whether the old or the new
+    generation is effective, and whether that is clean, recovered or inconsistent."""
     status: str  # clean | recovered | inconsistent
     effective: str  # none | old | new | unknown
     generation: int
@@ -137,6 +148,7 @@ class ReconcileOutcome:
 
 @dataclass(frozen=True)
 class CanaryOutcome:
+    """An apply watched for a window: the measured deny rate, and the rollback when it ran hot."""
     passed: bool
     deny_rate: float
     apply: ApplyOutcome
@@ -167,6 +179,13 @@ def evaluate_canary(
 
 # ------------------------------------------------------------------------------ lifecycle
 class Lifecycle:
+    """Every change to the kernel's policy: apply, rollback, break-glass, canary and reconcile, over the
+    policy maps (pinned or the fake kernel's) and the state dir.  Each operation takes the lifecycle lock
+    and writes its outcome, refusals included, to the provenance log.  An apply goes through the steps in
+    ``STEPS`` (journal, record, anti-rollback counter, stage, one control word write), so after a crash
+    :meth:`reconcile` finds exactly the old or the new generation in force.  Used by ``aegis run``
+    (reconcile + apply at start) and ``aegis policy``."""
+
     def __init__(
         self,
         maps: PolicyMaps,

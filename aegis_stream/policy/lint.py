@@ -56,6 +56,7 @@ SCOPE_KEYS = ("cgroup",)
 
 @dataclass(frozen=True)
 class Issue:
+    """One lint finding with its line: an error (apply would refuse), a warning or an info."""
     level: str  # error | warning | info
     line: int  # 1-based; 0 when unknown
     code: str
@@ -64,6 +65,7 @@ class Issue:
 
 @dataclass
 class LintReport:
+    """Every issue found in one policy file; the file fails lint when there is any error."""
     source: str
     issues: list[Issue] = field(default_factory=list)
 

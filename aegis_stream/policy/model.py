@@ -30,6 +30,8 @@ class Scope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One file rule: exactly one of ``path`` (absolute, resolved to its inode at apply) or ``inode``
+    (``MAJOR:MINOR:INO``), and the actions it denies or audits."""
     id: RuleId
     path: str | None = None
     inode: str | None = None  # "MAJOR:MINOR:INO", kernel device numbers as major:minor
@@ -38,6 +40,10 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``aegis/v1`` policy document as written.  Unknown keys are refused (a typo must not weaken
+    it); :func:`validate` adds the cross-field rules (unique rule ids, one target per rule, absolute
+    paths).  ``mode`` defaults to audit so enforcing is always explicit; an empty ``scope`` is host-wide.
+    Its digest (:func:`policy_digest`) is what signatures and anti-rollback bind to."""
     api_version: Literal["aegis/v1"] = msgspec.field(name="apiVersion")
     name: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9\-.]{0,62}$")]
     version: Annotated[int, msgspec.Meta(ge=1)]

@@ -61,6 +61,7 @@ def _iso(ts: float) -> str:
 
 @dataclass(frozen=True)
 class VerifyResult:
+    """The verdict of :meth:`ProvenanceLog.verify`: the chain is intact, or the first bad line and why."""
     ok: bool
     records: int
     bad_line: int = 0  # 1-based; 0 when ok
@@ -68,6 +69,12 @@ class VerifyResult:
 
 
 class ProvenanceLog:
+    """The append-only, hash-chained record of every policy change and refusal
+    (``<state dir>/provenance.jsonl``).  :meth:`append` is serialised by flock, fsync'd, and
+    updates ``provenance.head`` so a truncated end is detected; a record torn by a crash is
+    repaired by a chained ``log-repair`` record, never skipped.  Tamper-evident, not
+    tamper-proof (see the module)."""
+
     def __init__(self, root: Path | str | None = None, *, host: str | None = None) -> None:
         self.root = Path(root) if root else state_dir()
         self.path = self.root / LOG_NAME

@@ -63,6 +63,8 @@ _KEY_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 # --------------------------------------------------------------------- canonical encoding
 @dataclass(frozen=True)
 class SignedFields:
+    """The fields a signature covers, in the order :func:`signed_bytes` encodes them; decoding the signed
+    bytes gives them back, so two different tuples never sign the same bytes."""
     digest: bytes  # 32 raw bytes: sha256(model.canonical_bytes(policy))
     name: str
     version: int
@@ -178,6 +180,7 @@ def _create_exclusive(path: Path, data: bytes, mode: int) -> None:
 
 @dataclass(frozen=True)
 class GeneratedKey:
+    """A keypair written by :func:`generate_keypair`: its id, the two PEM files and the fingerprint."""
     key_id: str
     private_path: Path
     public_path: Path
@@ -237,6 +240,8 @@ def public_from_raw(raw: bytes) -> Ed25519PublicKey:
 
 # ---------------------------------------------------------------------------- envelope
 class SignatureMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The signature block of an envelope.  Its name, version and digest are claims only: verification
+    recomputes them from the embedded policy and refuses a mismatch."""
     algorithm: Literal["ed25519"]
     key_id: str
     policy_name: str
@@ -248,6 +253,7 @@ class SignatureMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A signed policy (``*.signed``): the policy TOML verbatim and its :class:`SignatureMeta`."""
     format: Literal["aegis.signed-policy.v1"]
     policy: str
     signature: SignatureMeta
@@ -316,6 +322,8 @@ def sign_policy(
 
 @dataclass(frozen=True)
 class VerifiedPolicy:
+    """A policy whose envelope verified against the trust store: the parsed policy, its source bytes and
+    the key and validity window it was signed with."""
     policy: model.Policy
     source: bytes  # the policy TOML
     key_id: str

@@ -23,6 +23,8 @@ DEFAULT_STATE_DIR = "/var/lib/aegis"
 
 
 class GenerationRecord(msgspec.Struct, frozen=True):
+    """What the kernel's generation N enforces: the compiled policy, the signer and the effective mode.
+    Written (fsync'd) before the slot is activated, so an active generation always has one."""
     generation: int
     applied_at: float
     policy: CompiledPolicy
@@ -51,6 +53,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class PolicyHead(msgspec.Struct, frozen=True):
+    """A policy's name, version and digest: the part of a record rollback needs to choose a target."""
     name: str
     version: int
     digest: str = ""
@@ -71,6 +74,11 @@ INDEX_NAME = "index.json"
 
 
 class PolicyStore:
+    """The generation records under ``<state dir>/generations``: compiled policy, source TOML and signed
+    envelope per generation.  Records are written atomically before activation and only a generation that
+    never became active is :meth:`discard`-ed, so every event's generation can be explained and rolled
+    back to; ``index.json`` is only a cache of the heads."""
+
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root else state_dir()
         self.gen_dir = self.root / "generations"

@@ -31,6 +31,7 @@ from aegis_stream.policy.store import atomic_write, state_dir
 
 
 class TrustedKey(msgspec.Struct):
+    """One signing key in the trust file: the raw public key, its fingerprint and validity times."""
     public_key: str
     fingerprint: str
     added_at: int
@@ -40,6 +41,7 @@ class TrustedKey(msgspec.Struct):
 
 
 class TrustFile(msgspec.Struct):
+    """The trust file's content: keys by id and the fingerprints revoked for good."""
     keys: dict[str, TrustedKey] = msgspec.field(default_factory=dict)
     revoked_fingerprints: dict[str, str] = msgspec.field(default_factory=dict)
 
@@ -50,6 +52,7 @@ _enc = msgspec.json.Encoder(order="sorted")
 
 @dataclass(frozen=True)
 class KeyStatus:
+    """One key as ``aegis keys list`` shows it, with its status (valid, revoked or expired) now."""
     key_id: str
     fingerprint: str
     added_at: int
@@ -60,6 +63,12 @@ class KeyStatus:
 
 
 class TrustStore(signing.KeyLookup):
+    """Which Ed25519 keys may sign policies (``<state dir>/keys/trust.json``).  A file that others can
+    write or another user owns is refused, not trusted; a revoked key's fingerprint stays on the
+    revocation list so it cannot come back under another id.  :meth:`public_key` is what signature
+    verification asks, and refuses unknown, revoked or expired keys.  Every change is logged to the
+    provenance log."""
+
     def __init__(self, root: Path | str | None = None, *, log: ProvenanceLog | None = None):
         self.root = Path(root) if root else state_dir()
         self.dir = self.root / "keys"
