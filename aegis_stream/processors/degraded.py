@@ -38,6 +38,8 @@ from aegis_stream.kernel import abi
 
 
 class DegradedConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The thresholds of the degraded-mode judgement (ring fill and lag, audit drop ratio, consumer
+    stall) and ``recover_s``, how long a better state must hold before it is taken."""
     fill_high: float = 0.8
     lag_high_bytes: int = 0  # 0 = judged by fill_high only
     audit_drop_max: float = 0.01
@@ -63,6 +65,8 @@ class HealthSample(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Transition(msgspec.Struct, frozen=True, kw_only=True):
+    """A change of the protection state, with its reasons, their stable codes and the health sample that
+    caused it; the ticker turns it into an aegis.state.v1 record."""
     now: float
     state: State
     previous: str  # the State before, "" for the first

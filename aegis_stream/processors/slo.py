@@ -23,6 +23,8 @@ import msgspec
 
 
 class AlertRule(msgspec.Struct, frozen=True, kw_only=True):
+    """One burn-rate alert: it fires while the burn rate over both ``long_s`` and ``short_s`` is at or
+    above ``burn``."""
     name: str = "page"
     long_s: float = 3600.0
     short_s: float = 300.0
@@ -30,12 +32,15 @@ class AlertRule(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SloConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The drop-ratio objective per event class, the bucket width, and the burn-rate alerts."""
     objective: float = 0.001
     bucket_s: float = 10.0
     alerts: list[AlertRule] = msgspec.field(default_factory=lambda: [AlertRule()])
 
 
 class Window(msgspec.Struct, frozen=True):
+    """Emitted and dropped events summed over one window; :attr:`ratio` is the drop ratio (over the
+    larger of the two, so drops counted after their emission never give a ratio above 1)."""
     emitted: int
     dropped: int
 
@@ -46,6 +51,8 @@ class Window(msgspec.Struct, frozen=True):
 
 
 class AlertChange(msgspec.Struct, frozen=True, kw_only=True):
+    """An alert that started or stopped firing, with both windows' counts and burn rates as evidence (the
+    aegis.slo.v1 record)."""
     now: float
     klass: str
     rule: AlertRule
@@ -58,6 +65,12 @@ class AlertChange(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DropRateSlo:
+    """The multi-window burn-rate drop SLO per event class (see the module).  It is fed cumulative
+    emitted/dropped totals, so a missed sample loses nothing and a total that goes down counts
+    as a reset.  Engine-independent: the agent's ticker runs it, and the faust fleet worker runs
+    the same code per host, keeping its :meth:`snapshot` in a table row and :meth:`restore`-ing
+    it, so agent and fleet judge the same numbers the same way."""
+
     def __init__(self, config: SloConfig | None = None) -> None:
         self.config = config or SloConfig()
         if self.config.objective <= 0:
