@@ -1,7 +1,9 @@
 """The public surface named by aegis_stream/__init__.py (trio's test_exports idea)."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import aegis_stream
 
@@ -35,3 +37,24 @@ def test_import_is_cheap():
 def test_public_classes_have_docstrings():
     for name in ("Pipeline", "Normaliser", "Lifecycle", "AgentConfig", "PipelineConfig", "Policy"):
         assert (getattr(aegis_stream, name).__doc__ or "").strip(), name
+
+
+# Still being written by other work in progress; each entry goes once its docstrings are in
+# (pipelines/ is not under aegis_stream/ and is not scanned here).
+_DOCSTRING_PENDING = ("fleet/", "lab/", "cli/demo.py")
+
+
+def test_every_public_top_level_class_has_a_docstring():
+    """trio's rule: a public class says what it is for.  Scans the source (AST), so classes
+    that are never imported by the facade are covered too."""
+    root = Path(aegis_stream.__file__).parent
+    missing = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(_DOCSTRING_PENDING):
+            continue
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                if not (ast.get_docstring(node) or "").strip():
+                    missing.append(f"{rel}:{node.lineno} {node.name}")
+    assert missing == [], "public classes without a docstring:\n" + "\n".join(missing)
