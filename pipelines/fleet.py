@@ -105,6 +105,11 @@ def _rfc3339(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)) + f".{rem // 1000:06d}Z"
 
 
+def recovery(app: Any) -> Any:
+    """faust's table recovery service (its TableManagerT type does not declare it)."""
+    return app.tables.recovery
+
+
 def build(settings: FleetSettings, sources: SourceTopics) -> Any:
     """The faust app with its tables, agents and timers (not started)."""
     import faust
@@ -138,7 +143,7 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
 
     def table(name: str, partitions: int) -> Any:
         # json keys: a str key must read back as the same str after a restore
-        schema = faust.Schema(key_type=str, value_type=bytes, key_serializer="json",
+        schema: Any = faust.Schema(key_type=str, value_type=bytes, key_serializer="json",
                               value_serializer="raw")
         t = PartitionedTable(app, name=name, default=None, partitions=partitions,
                              schema=schema, help=f"aegis fleet {name}")
@@ -166,11 +171,14 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
     # without walking the tables: rebuilt from the restored table on every (re)assignment
     mirror: dict[str, fl.Counts] = {}
 
-    def rebuild_mirror() -> None:
+    def rebuild_mirror(owned: set[int] | None = None) -> None:
+        """From the restored table; only the partitions this worker owns (None: all),
+        so two workers never both report a partition's counts."""
         mirror.clear()
         for k, v in list(decisions.items()):
             key = _key(k)
-            if key.split("|", 2)[1] in ("h", "r"):
+            parts = key.split("|", 2)  # "<p>|h|host", "<p>|r|rule|gen", "<p>|@"
+            if len(parts) == 3 and parts[1] in ("h", "r") and (owned is None or int(parts[0]) in owned):
                 mirror[key] = fl.decode_counts(v)
 
     def write_changed(changed: dict[tuple[str, str], fl.Counts]) -> None:
@@ -219,7 +227,7 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
     else:
         def owned_partitions() -> set[int]:
             name = decisions.changelog_topic.get_topic_name()
-            return {tp.partition for tp in app.tables.recovery.active_tps if tp.topic == name}
+            return {tp.partition for tp in recovery(app).active_tps if tp.topic == name}
 
         @app.task
         async def batch_decisions() -> None:
@@ -231,7 +239,7 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
             await consumer.start()
             try:
                 while not app.should_stop:
-                    rec = app.tables.recovery
+                    rec = recovery(app)
                     if app.rebalancing or rec.in_recovery or not rec.completed.is_set():
                         await asyncio.sleep(0.05)
                         continue
@@ -246,7 +254,8 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
                             else:
                                 await consumer.seek_to_beginning(tp)
                         stats["owned"] = want
-                        rebuild_mirror()
+                        rebuild_mirror(want)
+                        stats["mirrored"] = True
                     if not want:
                         await asyncio.sleep(0.1)
                         continue
@@ -406,8 +415,10 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
             snap.update(hosts=list(host_rows()), h=list(decision_rows("h")),
                         r=list(decision_rows("r")))
 
-    app.aegis = {"stats": stats, "decisions": decisions, "hosts": hosts, "summary": summary,
-                 "start_metrics": start_metrics if s.metrics_addr else None}
+    handles: dict[str, Any] = {"stats": stats, "decisions": decisions, "hosts": hosts,
+                               "summary": summary,
+                               "start_metrics": start_metrics if s.metrics_addr else None}
+    app.aegis = handles  # type: ignore[attr-defined]
     return app
 
 

@@ -276,11 +276,11 @@ def fold_exact(
         one = fold_decisions([rec], window_s)
         for table, deltas in (("hosts", one.hosts), ("rules", one.rules), ("windows", one.windows)):
             for key, delta in deltas.items():
-                row = rows.get((table, key))
-                if row is None:
-                    row = rows[(table, key)] = get(table, key)
-                if apply_delta(row, delta):
-                    changed[(table, key)] = row
+                cur = rows.get((table, key))
+                if cur is None:
+                    cur = rows[(table, key)] = get(table, key)
+                if apply_delta(cur, delta):
+                    changed[(table, key)] = cur
     return changed, result
 
 

@@ -58,11 +58,11 @@ class FleetCollector(Collector):
                                   labels=["host", "state"])
         silent = GaugeMetricFamily("aegis_fleet_host_silent", "1 when no state record came for "
                                    "silent_after_s", labels=["host"])
-        for row in self.host_rows():
+        for h in self.host_rows():
             for s in STATES:
-                state.add_metric([row.host, s], 1 if row.state == s else 0)
-            by_state[row.state] = by_state.get(row.state, 0) + 1
-            silent.add_metric([row.host], 1 if row.silent else 0)
+                state.add_metric([h.host, s], 1 if h.state == s else 0)
+            by_state[h.state] = by_state.get(h.state, 0) + 1
+            silent.add_metric([h.host], 1 if h.silent else 0)
         yield state
         yield silent
         hosts = GaugeMetricFamily("aegis_fleet_hosts", "hosts per fleet state", labels=["state"])
