@@ -46,6 +46,7 @@ from typing import Any
 
 import msgspec
 
+from aegis_stream.cli.fleet import add_worker_arguments
 from aegis_stream.fleet.topics import (
     DECISION_TOPIC,
     FLEET_TOPIC,
@@ -79,6 +80,7 @@ class FleetSettings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_addr: str = ""  # "" = no Prometheus endpoint; else HOST:PORT
     web: bool = False
     naive: bool = False  # faust defaults (at-least-once, no dedup): the over-count demo
+    guarantee: str = "at_least_once"  # faust's processing_guarantee (measured with --naive)
     data_dir: str = ""  # faust's datadir ("" = ~/.cache/aegis/fleet-worker/<app id>)
     loglevel: str = "warn"
 
@@ -132,6 +134,7 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
         producer_acks=-1,
         stream_buffer_maxsize=s.batch_max * 2,
         table_cleanup_interval=3600.0,
+        processing_guarantee=s.guarantee,
     )
 
     class PartitionedTable(faust.Table):  # type: ignore[misc]
@@ -261,6 +264,11 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
                         continue
                     got = await consumer.getmany(timeout_ms=int(s.batch_within_s * 1000),
                                                  max_records=s.batch_max)
+                    if app.rebalancing or rec.in_recovery:
+                        # the partitions may be someone else's by now: drop the batch and
+                        # seek again from the (restored) progress rows once it settles
+                        stats["owned"] = set()
+                        continue
                     records = [(tp.partition, m.offset, m.value) for tp, msgs in got.items()
                                for m in msgs if m.value is not None]
                     if records:
@@ -428,28 +436,8 @@ def parser() -> argparse.ArgumentParser:
                                 description="the aegis fleet worker (faust-streaming)")
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("worker", help="run a fleet worker until SIGTERM/SIGINT")
-    add_worker_arguments(w)
+    add_worker_arguments(w)  # one definition, shared with `aegis fleet worker`
     return p
-
-
-def add_worker_arguments(w: argparse.ArgumentParser) -> None:
-    w.add_argument("--kafka", required=True, metavar="BOOTSTRAP", help="HOST:PORT[,HOST:PORT..]")
-    w.add_argument("--metrics-addr", default="", metavar="HOST:PORT",
-                   help="serve Prometheus metrics there (off by default)")
-    w.add_argument("--web", action="store_true", help="run faust's web server (off by default)")
-    w.add_argument("--app-id", default="aegis-fleet", help="faust app id = consumer group")
-    w.add_argument("--window", type=int, default=60, metavar="S", help="tumbling window of rule counts")
-    w.add_argument("--silent-after", type=float, default=60.0, metavar="S",
-                   help="a host with no state record for S seconds is degraded")
-    w.add_argument("--summary-every", type=float, default=10.0, metavar="S")
-    w.add_argument("--batch", type=int, default=10_000, metavar="N", help="records per batch")
-    w.add_argument("--data-dir", default="", help="faust's datadir")
-    w.add_argument("--decision-topic", default=DECISION_TOPIC, help=argparse.SUPPRESS)
-    w.add_argument("--state-topic", default=STATE_TOPIC, help=argparse.SUPPRESS)
-    w.add_argument("--fleet-topic", default=FLEET_TOPIC, help=argparse.SUPPRESS)
-    w.add_argument("--naive", action="store_true",
-                   help="faust defaults (at-least-once, no dedup): over-counts after a crash")
-    w.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
 
 
 def settings_from(a: argparse.Namespace) -> FleetSettings:
@@ -463,7 +451,8 @@ def settings_from(a: argparse.Namespace) -> FleetSettings:
         bootstrap=a.kafka, app_id=a.app_id, window_s=a.window, silent_after_s=a.silent_after,
         summary_every_s=a.summary_every, batch_max=a.batch, metrics_addr=a.metrics_addr,
         web=a.web, naive=a.naive, data_dir=a.data_dir, loglevel=a.loglevel,
-        decision_topic=a.decision_topic, state_topic=a.state_topic, fleet_topic=a.fleet_topic,
+        guarantee=a.guarantee, decision_topic=a.decision_topic, state_topic=a.state_topic,
+        fleet_topic=a.fleet_topic,
     )
 
 

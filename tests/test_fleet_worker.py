@@ -238,3 +238,26 @@ def test_fleet_event_golden_vectors():
         assert _enc.encode(ev) == want, name
         assert dec.decode(want) == ev, name
         assert v["expected"]["schema"] == "aegis.fleet.v1"
+
+
+def test_aegis_fleet_worker_finds_pipelines_or_says_why(monkeypatch, capsys):
+    from aegis_stream.cli import fleet as cli_fleet
+    from aegis_stream.cli.main import main
+
+    assert cli_fleet.find_pipelines() == Path(fl.__file__).parent  # the checkout's
+    monkeypatch.setenv("AEGIS_PIPELINES", "/nonexistent/pipelines")
+    assert main(["fleet", "worker", "--kafka", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "AEGIS_PIPELINES" in err[0], err
+
+
+def test_worker_settings_refuse_bad_values():
+    from pipelines import fleet
+
+    p = fleet.parser()
+    with pytest.raises(ValueError, match="metrics-addr"):
+        fleet.settings_from(p.parse_args(["worker", "--kafka", "k:1", "--metrics-addr", "nope"]))
+    with pytest.raises(ValueError, match="must be > 0"):
+        fleet.settings_from(p.parse_args(["worker", "--kafka", "k:1", "--window", "0"]))
+    s = fleet.settings_from(p.parse_args(["worker", "--kafka", "k:1"]))
+    assert not s.web and not s.metrics_addr and not s.naive  # no server unless asked

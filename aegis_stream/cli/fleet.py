@@ -131,6 +131,32 @@ def find_pipelines() -> Path | None:
     return here if (here / "fleet.py").is_file() else None
 
 
+def add_worker_arguments(w: argparse.ArgumentParser) -> None:
+    """The worker's options (also ``python -m pipelines.fleet worker``)."""
+    from aegis_stream.fleet.topics import DECISION_TOPIC, FLEET_TOPIC, STATE_TOPIC
+
+    w.add_argument("--kafka", required=True, metavar="BOOTSTRAP", help="HOST:PORT[,HOST:PORT..]")
+    w.add_argument("--metrics-addr", default="", metavar="HOST:PORT",
+                   help="serve Prometheus metrics there (off by default)")
+    w.add_argument("--web", action="store_true", help="run faust's web server (off by default)")
+    w.add_argument("--app-id", default="aegis-fleet", help="faust app id = consumer group")
+    w.add_argument("--window", type=int, default=60, metavar="S", help="tumbling window of rule counts")
+    w.add_argument("--silent-after", type=float, default=60.0, metavar="S",
+                   help="a host with no state record for S seconds is degraded")
+    w.add_argument("--summary-every", type=float, default=10.0, metavar="S")
+    w.add_argument("--batch", type=int, default=10_000, metavar="N", help="records per batch")
+    w.add_argument("--data-dir", default="", help="faust's datadir")
+    w.add_argument("--decision-topic", default=DECISION_TOPIC, help=argparse.SUPPRESS)
+    w.add_argument("--state-topic", default=STATE_TOPIC, help=argparse.SUPPRESS)
+    w.add_argument("--fleet-topic", default=FLEET_TOPIC, help=argparse.SUPPRESS)
+    w.add_argument("--naive", action="store_true",
+                   help="faust defaults (at-least-once, no dedup): over-counts after a crash")
+    w.add_argument("--guarantee", default="at_least_once", choices=["at_least_once", "exactly_once"],
+                   help="faust's processing_guarantee (Kafka transactions; for measurements)")
+    w.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+
+
+
 def add_worker_command(fleet_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``aegis fleet worker``: the faust fleet worker of ``pipelines/fleet.py``, in this
     process (faust owns its asyncio loop; no web server unless ``--web``)."""
@@ -138,26 +164,19 @@ def add_worker_command(fleet_sub: argparse._SubParsersAction[argparse.ArgumentPa
         "worker", help="run the faust fleet worker (pipelines/fleet.py) until SIGTERM",
         description="Counts every decision of the fleet exactly (also across a kill -9), "
                     "judges each host, publishes aegis.fleet.v1.  docs/FLEET.md")
-    where = find_pipelines()
-    if where is None or not (where / "fleet.py").is_file():
-        hint = f"{where} has no fleet.py" if where else "no pipelines/ next to aegis_stream"
-
-        def cmd_missing(a: argparse.Namespace) -> int:
-            print(f"aegis fleet worker: {hint} (run from a checkout, or set AEGIS_PIPELINES "
-                  f"to the pipelines folder)", file=sys.stderr)
-            return 2
-
-        w.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        w.set_defaults(func=cmd_missing)
-        return
-    if str(where.parent) not in sys.path:
-        sys.path.insert(0, str(where.parent))  # `import pipelines.fleet` as from the repo root
-    from pipelines import fleet as fleet_app
-
-    fleet_app.add_worker_arguments(w)
+    add_worker_arguments(w)
 
     def cmd_worker(a: argparse.Namespace) -> int:
+        where = find_pipelines()
+        if where is None or not (where / "fleet.py").is_file():
+            why = f"{where} has no fleet.py" if where else "no pipelines/ next to aegis_stream"
+            print(f"aegis fleet worker: {why} (run from a checkout, or set AEGIS_PIPELINES "
+                  f"to the pipelines folder)", file=sys.stderr)
+            return 2
+        if str(where.parent) not in sys.path:
+            sys.path.insert(0, str(where.parent))  # `import pipelines.fleet` as from the repo root
         from aegis_stream.fleet.topics import TopicError
+        from pipelines import fleet as fleet_app
 
         try:
             return fleet_app.run_worker(fleet_app.settings_from(a))

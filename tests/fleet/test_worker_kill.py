@@ -20,6 +20,7 @@ from aegis_stream.fleet.broker import free_port
 from pipelines import fleet_gen as g
 
 N = 60_000
+RESTORE_WAIT = 80.0
 
 
 def _topics(kafka_topic_factory) -> tuple[str, str, str]:
@@ -48,7 +49,7 @@ def _kill_and_restart(kafka_broker, kafka_topic_factory, tmp_path, *, naive: boo
         producer.join(60)
         killed_at = time.monotonic()
         w = mk().start()
-        m = w.wait(lambda m: g.denies(m) + g.audits(m) >= N, 80, "every decision counted")
+        m = w.wait(lambda m: g.denies(m) + g.audits(m) >= N, RESTORE_WAIT, "every decision counted")
         time.sleep(3)  # anything still to be (re)applied would show now
         m = w.metrics()
         restart_s = time.monotonic() - killed_at
