@@ -44,14 +44,49 @@ class FakeProducer:
     (records wait; after ``timeout_s`` their delivery report fails like librdkafka's)."""
 
     def __init__(self, *, queue_max: int = 1_000_000, timeout_s: float = 0.3,
-                 topics: tuple[str, ...] = (DECISION_TOPIC, EXPLANATION_TOPIC, STATE_TOPIC)) -> None:
-        self.up = True
+                 topics: tuple[str, ...] = (DECISION_TOPIC, EXPLANATION_TOPIC, STATE_TOPIC),
+                 shared: Path | None = None) -> None:
+        # shared: the broker's state (up/down, what it got) lives in files there, so the
+        # test's copy and the producer process's forked copy see the same broker
+        self.shared = shared
+        if shared is not None:
+            shared.mkdir(parents=True, exist_ok=True)
+        self._up = True
         self.queue_max = queue_max
         self.timeout_s = timeout_s
         self.topics = topics
         self.queue: deque[tuple[float, str, bytes, bytes, Any, Any]] = deque()
-        self.log: list[tuple[str, bytes, bytes, dict[str, bytes]]] = []
+        self._log: list[tuple[str, bytes, bytes, dict[str, bytes]]] = []
         self.lock = threading.Lock()
+
+    @property
+    def up(self) -> bool:
+        return self._up if self.shared is None else not (self.shared / "down").exists()
+
+    @up.setter
+    def up(self, value: bool) -> None:
+        if self.shared is None:
+            self._up = value
+        elif value:
+            (self.shared / "down").unlink(missing_ok=True)
+        else:
+            (self.shared / "down").touch()
+
+    @property
+    def log(self) -> list[tuple[str, bytes, bytes, dict[str, bytes]]]:
+        if self.shared is None:
+            return self._log
+        path = self.shared / "log"
+        recs = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        return [(t, k.encode(), v.encode(), {h: hv.encode() for h, hv in hs.items()}) for t, k, v, hs in recs]
+
+    def _record(self, topic: str, key: bytes, value: bytes, headers: dict[str, bytes]) -> None:
+        if self.shared is None:
+            self._log.append((topic, key, value, headers))
+            return
+        rec = [topic, key.decode(), value.decode(), {h: v.decode() for h, v in headers.items()}]
+        with open(self.shared / "log", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
 
     def produce(self, topic: str, value: bytes, key: bytes, *, headers: Any, on_delivery: Any) -> None:
         with self.lock:
@@ -67,7 +102,7 @@ class FakeProducer:
                 done.append((self.up, self.queue.popleft()))
         for ok, (_, topic, value, key, headers, cb) in done:
             if ok:
-                self.log.append((topic, key, value, dict(headers)))
+                self._record(topic, key, value, dict(headers))
                 cb(None, _Msg())
             else:
                 cb(ck.KafkaError(ck.KafkaError._MSG_TIMED_OUT), None)
@@ -97,11 +132,27 @@ def batch(klass: str, start: int, n: int) -> SinkBatch:
 
 
 def make(tmp_path: Path, prod: FakeProducer, **kw: Any) -> KafkaSink:
+    """In-process mode with ``prod``, or (``prod.shared`` set) a producer process whose
+    producer is the forked copy of ``prod``."""
     kw.setdefault("ack_timeout_s", 0.2)
     kw.setdefault("probe_min_s", 0.01)
     kw.setdefault("probe_max_s", 0.05)
+    if prod.shared is not None:
+        return KafkaSink("127.0.0.1:9092", host_key="host-a", spool_dir=tmp_path / "spool",
+                         producer_factory=lambda cfg: prod, **kw)
     return KafkaSink("127.0.0.1:9092", host_key="host-a", spool_dir=tmp_path / "spool",
                      producer=prod, **kw)
+
+
+@pytest.fixture(params=["thread", "process"])
+def fake(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """``fake(**kw) -> FakeProducer`` for the in-process sink, or for a producer process."""
+    def new(**kw: Any) -> FakeProducer:
+        if request.param == "process":
+            kw["shared"] = tmp_path / "broker"
+        return FakeProducer(**kw)
+
+    return new
 
 
 async def wait_for(cond: Any, timeout: float = 5.0) -> None:
@@ -110,8 +161,8 @@ async def wait_for(cond: Any, timeout: float = 5.0) -> None:
             await trio.sleep(0.01)
 
 
-async def test_routes_keys_and_headers(tmp_path: Path) -> None:
-    prod = FakeProducer()
+async def test_routes_keys_and_headers(tmp_path: Path, fake: Any) -> None:
+    prod = fake()
     sink = make(tmp_path, prod)
     try:
         await sink.write(batch("deny", 0, 3))
@@ -133,8 +184,8 @@ async def test_routes_keys_and_headers(tmp_path: Path) -> None:
     assert st.rtt_count == 5 and sum(st.rtt_buckets) == 5 and st.up
 
 
-async def test_denies_spooled_while_down_and_replayed_in_order(tmp_path: Path) -> None:
-    prod = FakeProducer()
+async def test_denies_spooled_while_down_and_replayed_in_order(tmp_path: Path, fake: Any) -> None:
+    prod = fake()
     health: list[tuple[bool, str]] = []
     sink = make(tmp_path, prod, on_health=lambda up, why: health.append((up, why)))
     try:
@@ -166,8 +217,8 @@ async def test_denies_spooled_while_down_and_replayed_in_order(tmp_path: Path) -
     assert all(why.startswith(BROKER_UNAVAILABLE) for up, why in health if not up)
 
 
-async def test_audit_shed_counted_while_down(tmp_path: Path) -> None:
-    prod = FakeProducer(timeout_s=0.05)
+async def test_audit_shed_counted_while_down(tmp_path: Path, fake: Any) -> None:
+    prod = fake(timeout_s=0.05)
     sink = make(tmp_path, prod)
     try:
         prod.up = False
@@ -205,8 +256,8 @@ async def test_queue_full_sheds_audit_and_spools_deny(tmp_path: Path) -> None:
     assert [v["seq"] for v in prod.values() if v["decision"] == "deny"] == list(range(10))
 
 
-async def test_full_spool_raises_and_a_retry_gets_through(tmp_path: Path) -> None:
-    prod = FakeProducer()
+async def test_full_spool_raises_and_a_retry_gets_through(tmp_path: Path, fake: Any) -> None:
+    prod = fake()
     prod.up = False
     sink = make(tmp_path, prod, spool_max_bytes=400)
     try:
@@ -223,13 +274,13 @@ async def test_full_spool_raises_and_a_retry_gets_through(tmp_path: Path) -> Non
     assert list(dict.fromkeys(v["seq"] for v in prod.values())) == list(range(10))
 
 
-async def test_previous_runs_spool_replayed_first(tmp_path: Path) -> None:
+async def test_previous_runs_spool_replayed_first(tmp_path: Path, fake: Any) -> None:
     spool = LineSpool(tmp_path / "spool", 1 << 20)
     assert spool.append(batch("deny", 0, 3)) and spool.append(batch("explanation", 0, 1))
     spool.close()
     with open(tmp_path / "spool" / "kafka.spool", "ab") as fh:
         fh.write(b"\x00\x00\x00\x00\x07\x00")  # a torn frame (crash mid-append): cut off
-    prod = FakeProducer()
+    prod = fake()
     sink = make(tmp_path, prod)
     try:
         assert sink.statistics().spool.recovered_events == 4  # type: ignore[union-attr]
@@ -242,8 +293,8 @@ async def test_previous_runs_spool_replayed_first(tmp_path: Path) -> None:
     assert (tmp_path / "spool" / "kafka.spool").stat().st_size == 0
 
 
-async def test_close_counts_unacknowledged_best_effort(tmp_path: Path) -> None:
-    prod = FakeProducer(timeout_s=60)
+async def test_close_counts_unacknowledged_best_effort(tmp_path: Path, fake: Any) -> None:
+    prod = fake(timeout_s=60)
     sink = make(tmp_path, prod, close_timeout_s=0.1)
     await sink.write(batch("audit", 0, 7))
     prod.up = False
@@ -288,11 +339,11 @@ def test_missing_topic_refuses_and_unreachable_starts_down() -> None:
     assert check_topics(FakeProducer(), "b:1") is None
 
 
-async def test_broker_away_is_a_degraded_condition(tmp_path: Path) -> None:
+async def test_broker_away_is_a_degraded_condition(tmp_path: Path, fake: Any) -> None:
     from aegis_stream.processors.degraded import DegradedMonitor
 
     monitor = DegradedMonitor()
-    prod = FakeProducer()
+    prod = fake()
     sink = make(tmp_path, prod)
     try:
         sink.bind_monitor(monitor)
@@ -308,13 +359,13 @@ async def test_broker_away_is_a_degraded_condition(tmp_path: Path) -> None:
         await sink.aclose()
 
 
-async def test_metrics_of_a_kafka_sink(tmp_path: Path) -> None:
+async def test_metrics_of_a_kafka_sink(tmp_path: Path, fake: Any) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
     from aegis_stream.fleet.metrics import KafkaSinkCollector
 
-    prod = FakeProducer(timeout_s=60)
+    prod = fake(timeout_s=60)
     sink = make(tmp_path, prod, close_timeout_s=0.1)
     try:
         await sink.write(batch("deny", 0, 4))
@@ -348,3 +399,120 @@ def test_delivery_errors_map_to_reason_codes() -> None:
     assert reason_of(ke(ke._QUEUE_FULL)) == QUEUE_FULL
     assert reason_of(ke(ke.TOPIC_AUTHORIZATION_FAILED)) == DELIVERY_FAILED
     assert reason_of(object()) == DELIVERY_FAILED
+
+
+# ------------------------------------------------------------------ the producer process
+def test_producer_process_frames(tmp_path: Path) -> None:
+    """The producer process's protocol, its main loop on a thread here: one BATCH frame ->
+    one DONE frame with the batch's counts; a full queue -> SHORT at once, DONE once the
+    produced part is reported; PROBE and FLUSH -> REPLY; EOF ends it."""
+    import socket
+
+    from aegis_stream.fleet import sink as ks
+    from aegis_stream.pipeline.workers import _recv_exact
+
+    prod = FakeProducer(queue_max=5)
+    ours, theirs = socket.socketpair()
+    child = ks._ProducerChild(theirs, lambda cfg: prod, {}, b"host-a")
+    t = threading.Thread(target=child.run, daemon=True)
+    t.start()
+
+    def send(kind: int, arg: int, body: bytes, seq: int) -> None:
+        ours.sendall(ks._HDR.pack(kind, arg, 0, len(body), seq) + body)
+
+    def recv() -> tuple[int, int, int, bytes]:
+        kind, arg, _, n, seq = ks._HDR.unpack(_recv_exact(ours, ks._HDR.size))
+        return kind, arg, seq, _recv_exact(ours, n) if n else b""
+
+    ours.settimeout(5.0)
+    send(ks.BATCH, ks._KLASS_CODE["deny"], batch("deny", 0, 3).lines, 7)
+    kind, arg, seq, body = recv()
+    assert (kind, arg, seq) == (ks.DONE, 1, 7)
+    assert ks._DONE.unpack(body)[:3] == (3, 3, 0) and len(body) == ks._DONE.size
+    assert [(t_, k, h[HEADER_SCHEMA]) for t_, k, _, h in prod.log] == [
+        (DECISION_TOPIC, b"host-a", b"aegis.decision.v1")] * 3
+
+    prod.up = False  # 5 of 8 fit in the queue; they time out after 0.3 s
+    send(ks.BATCH, ks._KLASS_CODE["audit"], batch("audit", 0, 8).lines, 8)
+    assert recv() == (ks.SHORT, 0, 8, ks._U32.pack(5))
+    send(ks.PROBE, 1, ks._F64.pack(0.1), 9)
+    got = {}
+    while len(got) < 2:
+        kind, arg, seq, body = recv()
+        got[kind] = (arg, seq, body)
+    assert got[ks.REPLY][:2] == (ks.TOPICS_UNAVAILABLE, 9)
+    arg, seq, body = got[ks.DONE]
+    assert (arg, seq, ks._DONE.unpack_from(body)[:3]) == (0, 8, (5, 0, 5))
+    assert ks._REASON.unpack_from(body, ks._DONE.size) == (ks.REASONS.index(BROKER_UNAVAILABLE), 5)
+
+    prod.up = True
+    send(ks.PROBE, 1, ks._F64.pack(0.1), 10)
+    assert recv() == (ks.REPLY, ks.TOPICS_OK, 10, b"\n")
+    send(ks.FLUSH, 0, ks._F64.pack(0.1), 11)
+    assert recv() == (ks.REPLY, 0, 11, b"0")
+    ours.shutdown(socket.SHUT_WR)
+    t.join(2.0)
+    assert not t.is_alive()
+    ours.close()
+    theirs.close()
+
+
+async def test_queue_full_in_the_producer_process(tmp_path: Path) -> None:
+    prod = FakeProducer(queue_max=30, timeout_s=60, shared=tmp_path / "broker")
+    prod.up = False
+    health: list[tuple[bool, str]] = []
+    sink = make(tmp_path, prod, on_health=lambda up, why: health.append((up, why)))
+    try:
+        await sink.write(batch("audit", 0, 50))
+        await wait_for(lambda: sink.statistics().dropped[QUEUE_FULL] == 20)
+        await sink.write(batch("deny", 0, 10))  # the queue is full: SHORT, then the spool
+        st = sink.statistics()
+        # (the poll thread's probe may already have replaced the reason: the broker is down)
+        await wait_for(lambda: bool(health))  # on_health runs on the trio loop, soon
+        assert st.spooled == 10 and health[0][1].startswith(QUEUE_FULL)
+        prod.up = True
+        await wait_for(lambda: sink.statistics().spool.pending_events == 0)  # type: ignore[union-attr]
+    finally:
+        await sink.aclose()
+    assert [v["seq"] for v in prod.values() if v["decision"] == "deny"] == list(range(10))
+    assert sink.statistics().dropped[QUEUE_FULL] == 20
+
+
+async def test_producer_process_killed(tmp_path: Path) -> None:
+    """SIGKILL the producer process while a deny batch awaits its ack and audit records wait
+    in its queue: the deny batch is spooled at once (not after ack_timeout_s), the audit
+    records are counted sink/producer_lost, a new process starts and the spool is re-sent
+    through it; 0 denies lost, in order."""
+    import os
+    import signal
+
+    from aegis_stream.fleet.sink import PRODUCER_LOST
+
+    prod = FakeProducer(timeout_s=60, shared=tmp_path / "broker")
+    sink = make(tmp_path, prod, ack_timeout_s=10.0)
+    try:
+        await sink.write(batch("deny", 0, 5))
+        pid = sink.producer_pid
+        assert pid > 0 and pid != os.getpid()
+        prod.up = False  # what follows waits in the producer process's queue
+        await sink.write(batch("audit", 0, 10))
+        async with trio.open_nursery() as n:
+            n.start_soon(sink.write, batch("deny", 5, 5))
+            await trio.sleep(0.3)
+            t0 = trio.current_time()
+            os.kill(pid, signal.SIGKILL)
+        assert trio.current_time() - t0 < 2.0  # noticed at once, not after 10 s
+        st = sink.statistics()
+        assert st.producer_lost == 1 and st.spooled == 5 and st.dropped[PRODUCER_LOST] == 10
+        assert not st.up and st.reason.startswith(f"{PRODUCER_LOST}: producer process {pid} killed by SIGKILL")
+        await wait_for(lambda: sink.producer_pid not in (0, pid))
+        await sink.write(batch("deny", 10, 5))  # behind the spooled batch
+        prod.up = True
+        await wait_for(lambda: sink.statistics().spool.pending_events == 0)  # type: ignore[union-attr]
+        await sink.write(batch("deny", 15, 5))
+    finally:
+        await sink.aclose()
+    assert list(dict.fromkeys(v["seq"] for v in prod.values())) == list(range(20))
+    assert not [v for v in prod.values() if v["decision"] == "audit"]
+    st = sink.statistics()
+    assert st.producer_lost == 1 and st.acked >= 20 and st.spool.replayed_events == 10  # type: ignore[union-attr]

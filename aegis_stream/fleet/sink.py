@@ -36,9 +36,13 @@ Errors::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import re
+import select
+import signal
 import socket
 import struct
 import threading
@@ -85,7 +89,9 @@ UNKNOWN_TOPIC = "sink/unknown_topic"
 TOO_LARGE = "sink/too_large"
 DELIVERY_FAILED = "sink/delivery_failed"
 SHUTDOWN = "sink/shutdown"
-REASONS = (BROKER_UNAVAILABLE, QUEUE_FULL, UNKNOWN_TOPIC, TOO_LARGE, DELIVERY_FAILED, SHUTDOWN)
+PRODUCER_LOST = "sink/producer_lost"  # the producer process died before reporting them
+REASONS = (BROKER_UNAVAILABLE, QUEUE_FULL, UNKNOWN_TOPIC, TOO_LARGE, DELIVERY_FAILED, SHUTDOWN,
+           PRODUCER_LOST)
 
 #: round-trip histogram bucket bounds (seconds), Prometheus style (le)
 RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -349,27 +355,36 @@ class KafkaSinkStatistics(SinkStatistics):
     rtt_sum: float = 0.0
     rtt_count: int = 0
     spool: LineSpoolStatistics | None = None
+    producer_pid: int = 0  # the producer process (0: in-process mode, or being restarted)
+    producer_lost: int = 0  # producer processes that died (each replaced by a new one)
 
 
 class _Flight:
-    """The delivery reports of one produced batch; called on the poll thread."""
+    """The delivery reports of one produced batch: called on the poll thread (in-process
+    mode), or filled from the producer process's DONE frame (process mode)."""
 
-    __slots__ = ("sink", "n", "acked", "failed", "reasons", "durable", "sealed", "finished", "whole",
-                 "t0", "last_latency", "event", "token", "ok_event")
+    __slots__ = ("sink", "n", "count", "acked", "failed", "reasons", "durable", "sealed", "finished",
+                 "whole", "t0", "last_latency", "event", "token", "ok_event", "seq", "gen", "replay",
+                 "lost")
 
-    def __init__(self, sink: KafkaSink, durable: bool) -> None:
+    def __init__(self, sink: KafkaSink, durable: bool, count: int = 0, replay: bool = False) -> None:
         self.sink = sink
         self.durable = durable
-        self.n = 0
+        self.count = count  # records in the batch
+        self.replay = replay
+        self.n = 0  # records produced (handed to librdkafka)
         self.acked = self.failed = 0
         self.reasons: dict[str, int] = {}
         self.sealed = self.finished = False
         self.whole = False  # every line of the batch was produced (no full queue)
+        self.lost = False  # its producer process died before reporting it
         self.t0 = time.monotonic()
         self.last_latency: float | None = None
         self.event: trio.Event | None = None
         self.token: trio.lowlevel.TrioToken | None = None
         self.ok_event = threading.Event()
+        self.seq = 0
+        self.gen = 0
 
     def __call__(self, err: Any, msg: Any) -> None:
         if err is None:
@@ -390,10 +405,304 @@ class _Flight:
     def ok(self) -> bool:
         return self.whole and self.finished and self.failed == 0 and self.acked == self.n
 
+    @property
+    def short(self) -> bool:
+        """Produced only in part: librdkafka's queue was full."""
+        return self.sealed and not self.whole
+
+    def wake(self) -> None:
+        """Wake the trio task awaiting this flight (any thread)."""
+        self.ok_event.set()
+        if self.event is not None and self.token is not None:
+            try:
+                self.token.run_sync_soon(self.event.set)
+            except trio.RunFinishedError:
+                pass
+
+
+# =========================================================================== producer process
+# The produce loop costs ~6 us of Python per record (the headers more than the call); in the
+# agent's process it competes with the ring readers and the normaliser for the GIL.  In
+# process mode (the default) a forked child (pipeline.workers.fork_with_socket, like the
+# audit encoders) owns the librdkafka producer: one frame per batch goes down the socket
+# pair, one small frame per batch comes back with its delivery counts.
+#
+#   agent -> child   <B kind><B arg><H 0><I body length><Q seq> body
+#       BATCH  arg = class code, body = the batch's JSON lines
+#       PROBE  arg = 1: all sink topics, 0: the decision topic; body = <d timeout>
+#       FLUSH  body = <d timeout>
+#   child -> agent   the same header
+#       DONE   arg bit 0 = whole; body = <I produced><I acked><I failed><d latency, <0 none>
+#              then <B reason index><I count> per failure reason (REASONS order)
+#       SHORT  librdkafka's queue was full; body = <I produced> (a DONE follows)
+#       HEALTH arg = 1 up / 0 down; body = the reason (utf-8)
+#       REPLY  to PROBE/FLUSH (seq = the request's): arg = status; body = utf-8 text
+_HDR = struct.Struct("<BBHIQ")
+_DONE = struct.Struct("<IIId")
+_REASON = struct.Struct("<BI")
+_U32 = struct.Struct("<I")
+_F64 = struct.Struct("<d")
+BATCH, PROBE, FLUSH = 1, 2, 3
+DONE, SHORT, HEALTH, REPLY = 1, 2, 3, 4
+#: PROBE reply status
+TOPICS_OK, TOPICS_UNAVAILABLE, TOPICS_MISSING = 0, 1, 2
+_REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
+
+
+def _topics_state(producer: Producer, all_topics: bool, timeout: float) -> tuple[int, str, str]:
+    """(status, topic, words) of a metadata request: every sink topic, or the decision
+    topic only (the probe while the broker is away)."""
+    try:
+        md = (producer.list_topics(timeout=timeout) if all_topics
+              else producer.list_topics(DECISION_TOPIC, timeout=timeout))
+    except Exception as exc:
+        return TOPICS_UNAVAILABLE, "", _words(exc)
+    for topic in (sorted({r[0] for r in ROUTES.values()}) if all_topics else [DECISION_TOPIC]):
+        t = md.topics.get(topic)
+        if t is None or t.error is not None:
+            return TOPICS_MISSING, topic, t.error.str() if t is not None and t.error else "missing"
+    return TOPICS_OK, "", ""
+
+
+def _health_of_error(err: Any) -> str | None:
+    """librdkafka's error_cb -> a 'broker away' reason, or None when it is not one."""
+    from confluent_kafka import KafkaError
+
+    if err.code() == KafkaError._ALL_BROKERS_DOWN:
+        return f"{BROKER_UNAVAILABLE}: {err.str()}"
+    if err.fatal():
+        return f"{DELIVERY_FAILED}: fatal producer error: {err.str()}"
+    return None
+
+
+def _confluent_producer(cfg: dict[str, Any]) -> Producer:
+    from confluent_kafka import Producer as _Producer
+
+    return cast(Producer, _Producer(cfg))
+
+
+class _ChildBatch:
+    """One batch's delivery reports inside the producer process."""
+
+    __slots__ = ("child", "seq", "n", "acked", "failed", "reasons", "sealed", "finished", "whole",
+                 "latency")
+
+    def __init__(self, child: _ProducerChild, seq: int) -> None:
+        self.child = child
+        self.seq = seq
+        self.n = self.acked = self.failed = 0
+        self.reasons: dict[str, int] = {}
+        self.sealed = self.finished = self.whole = False
+        self.latency = -1.0
+
+    def __call__(self, err: Any, msg: Any) -> None:
+        if err is None:
+            self.acked += 1
+        else:
+            self.failed += 1
+            r = reason_of(err)
+            self.reasons[r] = self.reasons.get(r, 0) + 1
+        if self.sealed and self.acked + self.failed >= self.n:
+            if msg is not None:
+                try:
+                    lat = msg.latency()
+                    self.latency = -1.0 if lat is None else float(lat)
+                except Exception:
+                    pass
+            self.child.done(self)
+
+
+class _ProducerChild:
+    """The producer process: batches in, produce() per line with the class's pre-built
+    topic and headers, one DONE frame per batch out.  Its main thread reads requests and
+    produces; a poll thread serves delivery reports and sends the finished batches' frames
+    (several per send).  No trio here."""
+
+    def __init__(self, sock: socket.socket, factory: Callable[[dict[str, Any]], Producer],
+                 config: Mapping[str, Any], key: bytes, eof_flush_s: float = 5.0) -> None:
+        self.sock = sock
+        self.key = key
+        self.eof_flush_s = eof_flush_s
+        self.lock = threading.Lock()  # the out list and the socket's send side
+        self.out: list[bytes] = []
+        self.stop = threading.Event()
+        # per class code: (topic, headers), built once
+        self.routes = {_KLASS_CODE[k]: (t, schema_headers(s, v)) for k, (t, s, v) in ROUTES.items()}
+        self.producer = factory({**config, "error_cb": self.error_cb})
+
+    def send(self, frame: bytes = b"") -> None:
+        """Send the finished batches' frames, then ``frame`` (order: a REPLY to FLUSH
+        comes after the DONE frames of what the flush delivered)."""
+        with self.lock:
+            data = b"".join(self.out) + frame
+            self.out.clear()
+            if data:
+                try:
+                    self.sock.sendall(data)
+                except OSError:
+                    pass  # the agent is gone: the main thread sees EOF
+
+    def done(self, b: _ChildBatch) -> None:
+        reasons = b"".join(_REASON.pack(_REASON_INDEX.get(r, _REASON_INDEX[DELIVERY_FAILED]), c)
+                           for r, c in b.reasons.items())
+        body = _DONE.pack(b.n, b.acked, b.failed, b.latency) + reasons
+        with self.lock:
+            if b.finished:
+                return
+            b.finished = True
+            self.out.append(_HDR.pack(DONE, 1 if b.whole else 0, 0, len(body), b.seq) + body)
+
+    def error_cb(self, err: Any) -> None:
+        try:
+            why = _health_of_error(err)
+        except Exception:
+            return
+        if why:
+            body = why.encode()
+            self.send(_HDR.pack(HEALTH, 0, 0, len(body), 0) + body)
+
+    def produce(self, seq: int, code: int, lines: bytes) -> None:
+        b = _ChildBatch(self, seq)
+        topic, headers = self.routes[code]
+        produce = self.producer.produce
+        key = self.key
+        n = 0
+        try:
+            for line in lines.splitlines():
+                if line:
+                    produce(topic, line, key, headers=headers, on_delivery=b)
+                    n += 1
+            b.whole = True
+        except BufferError:
+            self.send(_HDR.pack(SHORT, 0, 0, _U32.size, seq) + _U32.pack(n))
+        b.n = n
+        b.sealed = True
+        if b.acked + b.failed >= n:
+            b.latency = -1.0
+            self.done(b)
+
+    def reply(self, seq: int, status: int, text: str) -> None:
+        body = text.encode()
+        self.send(_HDR.pack(REPLY, status, 0, len(body), seq) + body)
+
+    def poll_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.producer.poll(0.05)
+                self.send()
+            except Exception:
+                _log.exception("kafka producer process: poll")
+                time.sleep(0.1)
+
+    def run(self) -> None:
+        from aegis_stream.pipeline.workers import _recv_exact
+
+        poller = threading.Thread(target=self.poll_loop, name="aegis-kafka-poll", daemon=True)
+        poller.start()
+        try:
+            while True:
+                try:
+                    kind, arg, _, length, seq = _HDR.unpack(_recv_exact(self.sock, _HDR.size))
+                    body = _recv_exact(self.sock, length) if length else b""
+                except (EOFError, OSError):
+                    break  # the agent closed its end (after a FLUSH) or died
+                if kind == BATCH:
+                    self.produce(seq, arg, body)
+                    self.send()
+                elif kind == PROBE:
+                    status, topic, words = _topics_state(self.producer, bool(arg), _F64.unpack(body)[0])
+                    self.reply(seq, status, f"{topic}\n{words}")
+                elif kind == FLUSH:
+                    left = self.producer.flush(_F64.unpack(body)[0])
+                    self.eof_flush_s = 0.0  # the agent's bound is spent: EOF exits at once
+                    self.reply(seq, 0, str(left))
+        finally:
+            # deliver what is queued (bounded) before the process exits
+            self.producer.flush(self.eof_flush_s)
+            self.send()
+            self.stop.set()
+            poller.join(1.0)
+
+
+def producer_main(sock: socket.socket, factory: Callable[[dict[str, Any]], Producer],
+                  config: Mapping[str, Any], key: bytes) -> None:
+    """The forked producer process (see :class:`_ProducerChild`), until EOF."""
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)  # the agent's trio wakeup fd is not ours
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent drains and closes; EOF ends it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _ProducerChild(sock, factory, config, key).run()
+
+
+class _ProducerProcess:
+    """A producer process and the agent's end of its socket."""
+
+    def __init__(self, pid: int, sock: socket.socket, gen: int) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.gen = gen
+        self.buf = bytearray()
+        self.started = time.monotonic()
+        self.status: int | None = None  # wait status once reaped
+
+    @classmethod
+    def fork(cls, factory: Callable[[dict[str, Any]], Producer], config: Mapping[str, Any],
+             key: bytes, gen: int) -> _ProducerProcess:
+        from aegis_stream.pipeline.workers import fork_with_socket
+
+        pid, sock = fork_with_socket(lambda child: producer_main(child, factory, config, key))
+        return cls(pid, sock, gen)
+
+    def exited(self) -> bool:
+        """Reaped now (or before)?"""
+        if self.status is not None:
+            return True
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            self.status = 0
+            return True
+        if pid:
+            self.status = status
+        return self.status is not None
+
+    def end(self, wait_s: float) -> None:
+        """Wait up to ``wait_s`` for it to exit, then SIGKILL it; reap it."""
+        deadline = time.monotonic() + wait_s
+        while not self.exited() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self.exited():
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                self.status = os.waitpid(self.pid, 0)[1]
+
+    def how(self) -> str:
+        st = self.status
+        if st is None:
+            return "stopped answering"
+        if os.WIFSIGNALED(st):
+            return f"killed by {signal.Signals(os.WTERMSIG(st)).name}"
+        return f"exited with status {os.waitstatus_to_exitcode(st)}"
+
+
+class _Call:
+    """A PROBE or FLUSH awaiting its REPLY."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: tuple[int, str] | None = None
+
 
 class KafkaSink:
     """A :class:`~aegis_stream.pipeline.sinks.Sink` producing to Kafka (see the module
-    docstring for the delivery semantics per class)."""
+    docstring for the delivery semantics per class).
+
+    ``producer_process`` (default: True unless a ``producer`` instance is given) runs the
+    librdkafka producer in a forked process; ``producer_factory(config)`` makes it (in the
+    child in process mode, here otherwise)."""
 
     def __init__(
         self,
@@ -409,6 +718,9 @@ class KafkaSink:
         replay_window_batches: int = 64,
         replay_window_bytes: int = 8 << 20,
         producer: Producer | None = None,
+        producer_factory: Callable[[dict[str, Any]], Producer] | None = None,
+        producer_process: bool | None = None,
+        max_queued_bytes: int = 64 << 20,
         on_health: Callable[[bool, str], None] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> None:
@@ -422,28 +734,56 @@ class KafkaSink:
         self.close_timeout_s = close_timeout_s
         self.replay_window_batches = replay_window_batches
         self.replay_window_bytes = replay_window_bytes
+        self.max_queued_bytes = max_queued_bytes
         self.on_health = on_health
         self._headers = {k: schema_headers(s, v) for k, (_, s, v) in ROUTES.items()}
         self._lock = threading.Lock()
         self._up = True  # optimistic until a delivery or a probe says otherwise
         self._reason = ""
         self._token: trio.lowlevel.TrioToken | None = None
-        self._flights: set[_Flight] = set()
+        self._flights: dict[int, _Flight] = {}
+        self._calls: dict[int, _Call] = {}
+        self._seq = 0
         # statistics (ints written under self._lock or by one side only)
         self.batches = self.events = self.bytes = self.failures = self.failed_events = 0
         self.sent = self.acked = self.retried = self.spooled = self.delivery_failed = 0
+        self.producer_lost = 0
         self.dropped: dict[str, int] = dict.fromkeys(REASONS, 0)
         self.rtt = [0] * (len(RTT_BUCKETS) + 1)
         self.rtt_sum = 0.0
         self.rtt_count = 0
         self.spool = LineSpool(spool_dir, spool_max_bytes)
-        if producer is None:
-            from confluent_kafka import Producer as _Producer
-
-            cfg = producer_config(self.bootstrap, error_cb=self._error_cb, **(config or {}))
-            producer = cast(Producer, _Producer(cfg))
-        self.producer: Producer = producer
+        if producer_process is None:
+            producer_process = producer is None
+        if producer_process and producer is not None:
+            raise KafkaSinkError(f"{self.name}: a producer instance cannot run in a producer process "
+                                 f"(pass producer_factory)")
+        factory = producer_factory or _confluent_producer
+        self.producer: Producer | None = None
+        self._proc: _ProducerProcess | None = None
+        self._gen = 0
+        self._restart_at = 0.0
+        self._restart_backoff = 0.0
+        self._dead: list[_ProducerProcess] = []  # sockets closed one death later (the sender may hold one)
         self._stop = threading.Event()
+        if producer_process:
+            if producer_factory is None:
+                import confluent_kafka  # noqa: F401  (a missing [fleet] extra fails here, not in the child)
+            self._factory = factory
+            self._child_config = producer_config(self.bootstrap, **(config or {}))
+            self._send_q: queue.SimpleQueue[tuple[int, _Flight | None, bytes, bytes] | None] = \
+                queue.SimpleQueue()
+            self._queued_bytes = 0
+            self._start_process()  # before this sink's threads exist
+            self._sender: threading.Thread | None = threading.Thread(
+                target=self._send_loop, name=f"aegis-kafka-send-{self.bootstrap}", daemon=True)
+            self._sender.start()
+        else:
+            self._sender = None
+            if producer is None:
+                producer = factory(producer_config(self.bootstrap, error_cb=self._error_cb,
+                                                   **(config or {})))
+            self.producer = producer
         self._thread = threading.Thread(target=self._poll_loop, name=f"aegis-kafka-{self.bootstrap}",
                                         daemon=True)
         self._thread.start()
@@ -486,18 +826,21 @@ class KafkaSink:
 
     def _error_cb(self, err: Any) -> None:  # librdkafka, on the poll thread
         try:
-            from confluent_kafka import KafkaError
-
-            if err.code() == KafkaError._ALL_BROKERS_DOWN:
-                self._set_health(False, f"{BROKER_UNAVAILABLE}: {err.str()}")
-            elif err.fatal():
-                self._set_health(False, f"{DELIVERY_FAILED}: fatal producer error: {err.str()}")
+            why = _health_of_error(err)
+            if why:
+                self._set_health(False, why)
         except Exception:
             _log.exception("kafka error callback")
 
     @property
     def up(self) -> bool:
         return self._up
+
+    @property
+    def producer_pid(self) -> int:
+        """The producer process's pid (0: in-process mode, or being restarted)."""
+        proc = self._proc
+        return proc.pid if proc is not None else 0
 
     def bind_monitor(self, monitor: Any) -> None:
         """Report the broker's absence to the agent's degraded monitor as the state
@@ -518,9 +861,17 @@ class KafkaSink:
             on_health(up, reason)
 
     # ------------------------------------------------------------------ producing
-    def _produce(self, batch: SinkBatch, flight: _Flight) -> int:
-        """Produce every line of the batch; returns how many were taken (a full local
-        queue stops it early).  The flight is sealed with that count."""
+    def _produce(self, batch: SinkBatch, flight: _Flight) -> None:
+        """Hand a batch to the producer.  In-process: produce every line now (a full
+        local queue stops it early; the flight is sealed with the count taken).  Process
+        mode: queue the batch's frame for the sender thread; the DONE frame seals it."""
+        with self._lock:
+            self._seq += 1
+            flight.seq = self._seq
+            self._flights[flight.seq] = flight
+        if self.producer is None:
+            self._submit(flight, BATCH, _KLASS_CODE[batch.klass], batch.lines)
+            return
         topic = ROUTES[batch.klass][0]
         headers = self._headers[batch.klass]
         produce = self.producer.produce
@@ -535,12 +886,70 @@ class KafkaSink:
         except BufferError:
             pass
         with self._lock:
-            self._flights.add(flight)
+            self.sent += n
+            if flight.replay:
+                self.retried += n
+        if not flight.durable and n < batch.count:
+            self._drop(QUEUE_FULL, batch.count - n)
         flight.n = n
         flight.sealed = True
         if flight.acked + flight.failed >= n:
             self._finish(flight)
-        return n
+
+    def _submit(self, flight: _Flight | None, kind: int, arg: int, body: bytes, seq: int = 0) -> None:
+        with self._lock:
+            proc = self._proc
+            full = self._queued_bytes + len(body) > self.max_queued_bytes
+            if proc is not None and not full:
+                self._queued_bytes += len(body)
+                if flight is not None:
+                    flight.gen = proc.gen
+                seq = flight.seq if flight is not None else seq
+        if proc is None or full:
+            if flight is not None:
+                if full:  # the producer process is not keeping up: like librdkafka's full queue
+                    flight.n, flight.whole, flight.sealed = 0, False, True
+                    if not flight.durable:
+                        self._drop(QUEUE_FULL, flight.count)
+                    with self._lock:
+                        self._flights.pop(flight.seq, None)
+                    flight.finished = True
+                    flight.wake()
+                else:
+                    self._fail_lost(flight)
+            return
+        self._send_q.put((proc.gen, flight, _HDR.pack(kind, arg, 0, len(body), seq), body))
+
+    def _send_loop(self) -> None:
+        """The sender thread: request frames to the producer process, in order."""
+        while True:
+            item = self._send_q.get()
+            if item is None:
+                return
+            gen, flight, hdr, body = item
+            with self._lock:
+                self._queued_bytes -= len(body)
+                proc = self._proc
+                if proc is None or proc.gen != gen or (flight is not None and flight.finished):
+                    continue  # its process died: the flight was failed (and spooled or counted)
+                sock = proc.sock
+            try:
+                sock.sendall(hdr)
+                if body:
+                    sock.sendall(body)
+            except OSError:
+                pass  # the poll thread sees the EOF and counts the loss
+
+    def _fail_lost(self, flight: _Flight) -> None:
+        """Its producer process died before reporting it: durable records stay spooled
+        (or are spooled by their writer), best-effort ones are counted lost."""
+        with self._lock:
+            self._flights.pop(flight.seq, None)
+        flight.lost = True
+        flight.n, flight.whole, flight.acked, flight.failed = flight.count, True, 0, flight.count
+        flight.reasons = {PRODUCER_LOST: flight.count} if flight.count else {}
+        flight.sealed = True
+        self._finish(flight)
 
     def _finish(self, flight: _Flight) -> None:
         """All delivery reports of a flight are in (either thread may get here first)."""
@@ -548,14 +957,14 @@ class KafkaSink:
             if flight.finished:
                 return
             flight.finished = True
-            self._flights.discard(flight)
+            self._flights.pop(flight.seq, None)
             self.acked += flight.acked
             if flight.durable:
                 self.delivery_failed += flight.failed
             else:
                 for r, c in flight.reasons.items():
                     self.dropped[r] = self.dropped.get(r, 0) + c
-            if flight.n:
+            if flight.n and not flight.lost:
                 rtt = flight.last_latency if flight.last_latency is not None else time.monotonic() - flight.t0
                 i = 0
                 while i < len(RTT_BUCKETS) and rtt > RTT_BUCKETS[i]:
@@ -563,17 +972,14 @@ class KafkaSink:
                 self.rtt[i] += 1
                 self.rtt_sum += rtt
                 self.rtt_count += 1
-        if flight.failed:
+        if flight.lost:
+            pass  # _lost has said why (the process, not the broker)
+        elif flight.failed:
             reason = max(flight.reasons, key=lambda r: flight.reasons[r])
             self._set_health(False, f"{reason}: {flight.failed} of {flight.n} records not acked")
         elif flight.acked:
             self._set_health(True)
-        flight.ok_event.set()
-        if flight.event is not None and flight.token is not None:
-            try:
-                flight.token.run_sync_soon(flight.event.set)
-            except trio.RunFinishedError:
-                pass
+        flight.wake()
 
     def _drop(self, reason: str, n: int) -> None:
         with self._lock:
@@ -596,34 +1002,28 @@ class KafkaSink:
 
     def _write_best_effort(self, batch: SinkBatch) -> None:
         if not self._up:
-            self._drop(BROKER_UNAVAILABLE, batch.count)
+            self._drop(PRODUCER_LOST if self._reason.startswith(PRODUCER_LOST) else BROKER_UNAVAILABLE,
+                       batch.count)
             return
-        flight = _Flight(self, durable=False)
-        n = self._produce(batch, flight)
-        with self._lock:
-            self.sent += n
-        if n < batch.count:
-            self._drop(QUEUE_FULL, batch.count - n)
+        self._produce(batch, _Flight(self, durable=False, count=batch.count))
 
     async def _write_durable(self, batch: SinkBatch) -> None:
         # once anything waits in the spool, every durable batch queues behind it (order)
         if self._up and not self.spool.pending_batches:
-            flight = _Flight(self, durable=True)
+            flight = _Flight(self, durable=True, count=batch.count)
             flight.event = trio.Event()
             flight.token = self._token
-            n = self._produce(batch, flight)
-            with self._lock:
-                self.sent += n
-            if flight.whole:
+            self._produce(batch, flight)
+            if not flight.short:
                 with trio.move_on_after(self.ack_timeout_s):
                     await flight.event.wait()
                 if flight.ok:
                     return
-                if not flight.finished:
-                    self._set_health(False, f"{BROKER_UNAVAILABLE}: no ack within "
-                                            f"{self.ack_timeout_s:g}s")
-            else:
+            if flight.short:
                 self._set_health(False, f"{QUEUE_FULL}: librdkafka's queue is full")
+            elif not flight.finished:
+                self._set_health(False, f"{BROKER_UNAVAILABLE}: no ack within "
+                                        f"{self.ack_timeout_s:g}s")
         if not self.spool.append(batch):
             self.failures += 1
             self.failed_events += batch.count
@@ -641,7 +1041,7 @@ class KafkaSink:
         next_try = 0.0
         while not self._stop.is_set():
             try:
-                self.producer.poll(0.05)
+                self._pump(0.05)
                 if time.monotonic() < next_try:
                     continue
                 if not self._up:
@@ -661,20 +1061,183 @@ class KafkaSink:
                 _log.exception("kafka sink poll thread")
                 time.sleep(0.1)
 
+    def _pump(self, timeout: float) -> None:
+        """Serve delivery reports for up to ``timeout``: librdkafka's poll() in-process;
+        the producer process's frames otherwise (its death is noticed, counted, and a new
+        one started here)."""
+        if self.producer is not None:
+            self.producer.poll(timeout)
+            return
+        proc = self._proc
+        if proc is None:
+            if not self._stop.is_set() and time.monotonic() >= self._restart_at:
+                self._start_process()
+            else:
+                time.sleep(min(timeout, 0.02))
+            return
+        try:
+            ready = select.select([proc.sock], [], [], timeout)[0]
+            data = proc.sock.recv(1 << 16) if ready else None
+        except (OSError, ValueError):
+            data = b""
+        if data is None:
+            if proc.exited():
+                self._lost(proc)
+            return
+        if not data:
+            self._lost(proc)
+            return
+        buf = proc.buf
+        buf += data
+        off = 0
+        while len(buf) - off >= _HDR.size:
+            kind, arg, _, length, seq = _HDR.unpack_from(buf, off)
+            if len(buf) - off - _HDR.size < length:
+                break
+            body = bytes(buf[off + _HDR.size: off + _HDR.size + length])
+            off += _HDR.size + length
+            self._dispatch(kind, arg, seq, body)
+        del buf[:off]
+
+    def _dispatch(self, kind: int, arg: int, seq: int, body: bytes) -> None:
+        if kind == DONE:
+            with self._lock:
+                f = self._flights.get(seq)
+            if f is None:
+                return  # already failed as lost, or left at close
+            produced, acked, failed, lat = _DONE.unpack_from(body)
+            reasons: dict[str, int] = {}
+            for off in range(_DONE.size, len(body), _REASON.size):
+                i, c = _REASON.unpack_from(body, off)
+                r = REASONS[i] if i < len(REASONS) else DELIVERY_FAILED
+                reasons[r] = reasons.get(r, 0) + c
+            shorted = f.sealed  # a SHORT frame came first (and counted the queue-full part)
+            f.n, f.whole, f.acked, f.failed, f.reasons = produced, bool(arg & 1), acked, failed, reasons
+            f.last_latency = lat if lat >= 0 else None
+            with self._lock:
+                self.sent += produced
+                if f.replay:
+                    self.retried += produced
+            if not f.durable and produced < f.count and not shorted:
+                self._drop(QUEUE_FULL, f.count - produced)
+            f.sealed = True
+            self._finish(f)
+        elif kind == SHORT:
+            with self._lock:
+                f = self._flights.get(seq)
+            if f is not None and not f.sealed:
+                f.n, f.whole, f.sealed = _U32.unpack(body)[0], False, True
+                if not f.durable:
+                    self._drop(QUEUE_FULL, f.count - f.n)
+                f.wake()  # a durable writer spools it now (its DONE comes later)
+        elif kind == HEALTH:
+            self._set_health(bool(arg), body.decode(errors="replace"))
+        elif kind == REPLY:
+            with self._lock:
+                call = self._calls.get(seq)
+            if call is not None:
+                call.result = (arg, body.decode(errors="replace"))
+                call.done.set()
+
+    def _call(self, kind: int, arg: int, timeout: float, wait_s: float, pump: bool) -> tuple[int, str] | None:
+        """A PROBE or FLUSH to the producer process and its REPLY (None: no answer).
+        ``pump``: this thread serves the frames while it waits (the poll thread, or the
+        closing one after it stopped)."""
+        call = _Call()
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            self._calls[seq] = call
+        try:
+            self._submit(None, kind, arg, _F64.pack(timeout), seq)
+            if self._proc is None:
+                return None
+            deadline = time.monotonic() + wait_s
+            while not call.done.is_set() and time.monotonic() < deadline:
+                if pump:
+                    self._pump(0.05)
+                else:
+                    call.done.wait(0.05)
+            return call.result
+        finally:
+            with self._lock:
+                self._calls.pop(seq, None)
+
+    def _start_process(self) -> None:
+        with self._lock:
+            self._gen += 1
+            gen = self._gen
+        try:
+            proc = _ProducerProcess.fork(self._factory, self._child_config, self._key, gen)
+        except OSError as exc:
+            self._restart_backoff = min(max(self._restart_backoff * 2, 0.1), self.probe_max_s)
+            self._restart_at = time.monotonic() + self._restart_backoff
+            self._set_health(False, f"{PRODUCER_LOST}: cannot start a producer process ({exc})")
+            return
+        with self._lock:
+            self._proc = proc
+
+    def _lost(self, proc: _ProducerProcess) -> None:
+        """The producer process died (EOF, or reaped): fail its un-reported flights (a
+        durable writer spools its batch; a replay stays in the spool; best-effort records
+        are counted ``sink/producer_lost``), count it, and start another (backoff when
+        they keep dying)."""
+        with self._lock:
+            if self._proc is not proc:
+                return
+            self._proc = None
+            flights = [f for f in self._flights.values() if f.gen == proc.gen]
+            calls = list(self._calls.values())
+            self.producer_lost += 1
+        with contextlib.suppress(OSError):
+            proc.sock.shutdown(socket.SHUT_RDWR)
+        proc.end(0.5)
+        for old in self._dead:
+            old.sock.close()
+        self._dead = [proc]
+        self._set_health(False, f"{PRODUCER_LOST}: producer process {proc.pid} {proc.how()}"
+                                + ("" if self._stop.is_set() else "; restarting"))
+        for c in calls:
+            c.done.set()
+        for f in flights:
+            self._fail_lost(f)
+        quick = time.monotonic() - proc.started < 10.0
+        self._restart_backoff = min(max(self._restart_backoff * 2, 0.1), self.probe_max_s) if quick else 0.0
+        self._restart_at = time.monotonic() + self._restart_backoff
+        if not self._stop.is_set():
+            _log.warning("kafka %s: producer process %d %s: %d flights failed, starting another",
+                         self.bootstrap, proc.pid, proc.how(), len(flights))
+
     def _probe(self) -> bool:
         """Broker away, nothing spooled: does it answer metadata for our topics?"""
-        try:
-            md = self.producer.list_topics(DECISION_TOPIC, timeout=min(2.0, self.probe_max_s))
-        except Exception as exc:
-            self._set_health(False, f"{BROKER_UNAVAILABLE}: {_words(exc)}")
+        timeout = min(2.0, self.probe_max_s)
+        if self.producer is not None:
+            status, topic, words = _topics_state(self.producer, False, timeout)
+        else:
+            res = self._call(PROBE, 0, timeout, timeout + 2.0, pump=True)
+            if res is None:
+                status, topic, words = TOPICS_UNAVAILABLE, "", "the producer process does not answer"
+            else:
+                status, (topic, _, words) = res[0], res[1].partition("\n")
+        if status == TOPICS_UNAVAILABLE:
+            if self._proc is not None or self.producer is not None:
+                self._set_health(False, f"{BROKER_UNAVAILABLE}: {words}")
             return False
-        t = md.topics.get(DECISION_TOPIC)
-        if t is None or t.error is not None:
-            self._set_health(False, f"{UNKNOWN_TOPIC}: {DECISION_TOPIC} "
-                                    f"({t.error.str() if t is not None and t.error else 'missing'})")
+        if status == TOPICS_MISSING:
+            self._set_health(False, f"{UNKNOWN_TOPIC}: {topic} ({words})")
             return False
         self._set_health(True)
         return True
+
+    def _check_topics(self, timeout: float) -> str | None:
+        """:func:`check_topics` through this sink's producer (or producer process)."""
+        if self.producer is not None:
+            return check_topics(self.producer, self.bootstrap, timeout)
+        res = self._call(PROBE, 1, timeout, timeout + 5.0, pump=False)
+        if res is None:
+            return f"{BROKER_UNAVAILABLE}: {self.bootstrap} does not answer (the producer process does not)"
+        status, (topic, _, words) = res[0], res[1].partition("\n")
+        return _topics_verdict(status, topic, words, self.bootstrap)
 
     def _replay_one(self) -> bool:
         """Replay from the spool head: a window of batches in flight at once (one round
@@ -685,21 +1248,21 @@ class KafkaSink:
             return True
         flights: list[_Flight] = []
         for batch in batches:
-            flight = _Flight(self, durable=True)
-            n = self._produce(batch, flight)
-            with self._lock:
-                self.sent += n
-                self.retried += n
+            flight = _Flight(self, durable=True, count=batch.count, replay=True)
+            self._produce(batch, flight)
             flights.append(flight)
-            if not flight.whole:
+            if flight.short:
                 self._set_health(False, f"{QUEUE_FULL}: librdkafka's queue is full")
                 break
         deadline = time.monotonic() + max(self.ack_timeout_s, 5.0)
         for flight in flights:
-            while not flight.finished and time.monotonic() < deadline and not self._stop.is_set():
-                self.producer.poll(0.05)
+            while (not flight.finished and not flight.short and time.monotonic() < deadline
+                   and not self._stop.is_set()):
+                self._pump(0.05)
             if not flight.ok:
-                if not flight.finished:
+                if flight.short:
+                    self._set_health(False, f"{QUEUE_FULL}: librdkafka's queue is full")
+                elif not flight.finished:
                     self._set_health(False, f"{BROKER_UNAVAILABLE}: spool replay not acked in time")
                 return False
             self.spool.pop()
@@ -707,22 +1270,44 @@ class KafkaSink:
 
     # ------------------------------------------------------------------ close
     async def aclose(self) -> None:
-        """Flush what librdkafka holds (up to ``close_timeout_s``), stop the poll thread,
-        close the spool (what it holds stays on disk for the next run or ``aegis fleet
-        ship``).  Best-effort records still unacknowledged are counted ``sink/shutdown``."""
+        """Flush what librdkafka holds (up to ``close_timeout_s``), stop the poll thread
+        (and the producer process), close the spool (what it holds stays on disk for the
+        next run or ``aegis fleet ship``).  Best-effort records still unacknowledged are
+        counted ``sink/shutdown``."""
         if self._stop.is_set():
             return
         self._stop.set()
         await trio.to_thread.run_sync(self._thread.join)
-        await trio.to_thread.run_sync(self.producer.flush, self.close_timeout_s)
+        if self.producer is not None:
+            await trio.to_thread.run_sync(self.producer.flush, self.close_timeout_s)
+        else:
+            await trio.to_thread.run_sync(self._close_process)
         with self._lock:
-            left = list(self._flights)
+            left = list(self._flights.values())
             self._flights.clear()
         for f in left:
             f.finished = True
             if not f.durable:
-                self._drop(SHUTDOWN, f.n - f.acked - f.failed)
+                self._drop(SHUTDOWN, (f.n if f.sealed else f.count) - f.acked - f.failed)
         self.spool.close()
+
+    def _close_process(self) -> None:
+        """FLUSH (bounded), then EOF; the process is reaped (SIGKILL if it lingers)."""
+        if self._proc is not None:
+            self._call(FLUSH, 0, self.close_timeout_s, self.close_timeout_s + 2.0, pump=True)
+        self._send_q.put(None)
+        if self._sender is not None:
+            self._sender.join(2.0)
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.sock.shutdown(socket.SHUT_WR)  # EOF: it flushes what is left and exits
+            proc.end(2.0)
+            self._dead.append(proc)
+        for old in self._dead:
+            old.sock.close()
+        self._dead = []
 
     def statistics(self) -> KafkaSinkStatistics:
         with self._lock:
@@ -733,6 +1318,7 @@ class KafkaSink:
                 delivery_failed=self.delivery_failed,
                 dropped=dict(self.dropped), rtt_buckets=tuple(self.rtt), rtt_sum=self.rtt_sum,
                 rtt_count=self.rtt_count, spool=self.spool.statistics(),
+                producer_pid=self.producer_pid, producer_lost=self.producer_lost,
             )
 
 
@@ -742,20 +1328,20 @@ def _words(exc: BaseException) -> str:
     return s() if callable(s) else str(arg)
 
 
+def _topics_verdict(status: int, topic: str, words: str, bootstrap: str) -> str | None:
+    if status == TOPICS_UNAVAILABLE:
+        return f"{BROKER_UNAVAILABLE}: {bootstrap} does not answer ({words})"
+    if status == TOPICS_MISSING:
+        raise KafkaSinkError(f"kafka: topic {topic} does not exist on {bootstrap} "
+                             f"(create the fleet topics first: aegis fleet topics create)")
+    return None
+
+
 def check_topics(producer: Producer, bootstrap: str, timeout: float = 5.0) -> str | None:
     """At start: None when every sink topic exists; a reason when the broker does not
     answer (the sink starts degraded and spools); KafkaSinkError when it answers without
     one of the topics (a one-line refusal to start)."""
-    try:
-        md = producer.list_topics(timeout=timeout)
-    except Exception as exc:
-        return f"{BROKER_UNAVAILABLE}: {bootstrap} does not answer ({_words(exc)})"
-    for topic in sorted({r[0] for r in ROUTES.values()}):
-        t = md.topics.get(topic)
-        if t is None or t.error is not None:
-            raise KafkaSinkError(f"kafka: topic {topic} does not exist on {bootstrap} "
-                                 f"(create the fleet topics first: aegis fleet topics create)")
-    return None
+    return _topics_verdict(*_topics_state(producer, True, timeout), bootstrap)
 
 
 async def open_kafka_sink(bootstrap: str, *, host_key: str | None = None,
@@ -768,7 +1354,7 @@ async def open_kafka_sink(bootstrap: str, *, host_key: str | None = None,
     sink = KafkaSink(bootstrap, host_key=host_key, spool_dir=spool_dir, **kwargs)
     sink._token = trio.lowlevel.current_trio_token()
     try:
-        why = await trio.to_thread.run_sync(check_topics, sink.producer, sink.bootstrap, check_timeout_s)
+        why = await trio.to_thread.run_sync(sink._check_topics, check_timeout_s)
     except KafkaSinkError as exc:
         if strict:
             await sink.aclose()
