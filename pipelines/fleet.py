@@ -56,7 +56,7 @@ from aegis_stream.fleet.topics import (
     TopicError,
     list_topics,
 )
-from aegis_stream.pipeline.schema import FleetEvent, FleetHost, FleetRule
+from aegis_stream.pipeline.schema import FleetEvent, FleetHost, FleetRule, SloEvent, StateEvent
 from aegis_stream.processors.degraded import DegradedConfig
 from aegis_stream.processors.slo import SloConfig
 from pipelines import fleet_logic as fl
@@ -302,8 +302,9 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
             for e in events:
                 m = e.message
                 try:
-                    ev = fl.state_decoder.decode(m.value)
-                    totals = fl.totals_decoder.decode(m.value)
+                    ev = fl.state_topic_decoder.decode(m.value)
+                    totals = (fl.totals_decoder.decode(m.value) if isinstance(ev, StateEvent)
+                              else None)
                 except (msgspec.DecodeError, ValueError):
                     stats["bad"] += 1
                     stats["bad_reasons"]["state_undecodable"] = stats["bad_reasons"].get(
@@ -312,7 +313,12 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
                 key = fl.host_key(m.partition, ev.host)
                 row = fl.decode_host(hosts.get(key), ev.host)
                 before = row.state
-                if fl.apply_state(row, m.offset, ev, totals, now, degraded_cfg, slo_cfg):
+                if isinstance(ev, SloEvent):  # the agent's own SLO alert change
+                    if fl.apply_slo(row, m.offset, ev):
+                        hosts[key] = fl.encode_row(row)
+                    continue
+                if fl.apply_state(row, m.offset, ev, totals or fl.StateTotals(), now,
+                                  degraded_cfg, slo_cfg):
                     hosts[key] = fl.encode_row(row)
                     stats["state_records"] += 1
                     if row.state != before:

@@ -33,7 +33,7 @@ import msgspec
 
 from aegis_stream.agent.health import State
 from aegis_stream.agent.reasons import codes_of
-from aegis_stream.pipeline.schema import DecisionEvent, StateEvent
+from aegis_stream.pipeline.schema import DecisionEvent, SloEvent, StateEvent
 from aegis_stream.processors.degraded import DegradedConfig, DegradedMonitor, HealthSample
 from aegis_stream.processors.slo import DropRateSlo, SloConfig, Window
 
@@ -70,6 +70,7 @@ class HostRow(msgspec.Struct, kw_only=True):
     dropped: dict[str, int] = {}
     monitor: dict[str, Any] = {}  # DegradedMonitor.snapshot()
     slo: dict[str, Any] = {}  # DropRateSlo.snapshot()
+    agent_alerts: dict[str, str] = {}  # "class/alert" -> firing|resolved (its aegis.slo.v1)
 
 
 class StateTotals(msgspec.Struct, kw_only=True):
@@ -86,6 +87,8 @@ _counts_dec = msgspec.json.Decoder(Counts)
 _host_dec = msgspec.json.Decoder(HostRow)
 decision_decoder = msgspec.json.Decoder(DecisionEvent)
 state_decoder = msgspec.json.Decoder(StateEvent)
+# the state topic carries the agent's state changes and its own SLO alert changes
+state_topic_decoder = msgspec.json.Decoder(StateEvent | SloEvent)
 totals_decoder = msgspec.json.Decoder(StateTotals)
 
 
@@ -383,6 +386,15 @@ def apply_state(
     row.drop_ratio = dict(ev.drop_ratio)
     row.silent = False
     judge(row, monitor.state, list(ev.reasons), monitor.reasons)
+    return True
+
+
+def apply_slo(row: HostRow, offset: int, ev: SloEvent) -> bool:
+    """Absorb the agent's own SLO alert change (same partition and hw as its states)."""
+    if offset <= row.hw:
+        return False
+    row.hw = offset
+    row.agent_alerts[f"{ev.event_class}/{ev.alert}"] = ev.status
     return True
 
 

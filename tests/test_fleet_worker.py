@@ -261,3 +261,20 @@ def test_worker_settings_refuse_bad_values():
         fleet.settings_from(p.parse_args(["worker", "--kafka", "k:1", "--window", "0"]))
     s = fleet.settings_from(p.parse_args(["worker", "--kafka", "k:1"]))
     assert not s.web and not s.metrics_addr and not s.naive  # no server unless asked
+
+
+def test_state_topic_carries_slo_alerts_too():
+    """The agent's sink puts aegis.slo.v1 on the state topic: recorded, not 'bad'."""
+    from aegis_stream.pipeline.schema import SloEvent
+
+    slo = SloEvent(event_id="e", time="2026-12-01T08:00:00.000000Z", host="h", event_class="audit",
+                   alert="page", status="firing", objective=0.001, long_window_s=3600.0,
+                   short_window_s=300.0, burn_threshold=14.4, burn_long=20.0, burn_short=30.0,
+                   emitted_long=1000, dropped_long=20)
+    ev = fl.state_topic_decoder.decode(_enc.encode(slo))
+    assert isinstance(ev, SloEvent)
+    row = fl.HostRow(host="h")
+    assert fl.apply_slo(row, 3, ev) and row.agent_alerts == {"audit/page": "firing"}
+    assert not fl.apply_slo(row, 3, ev)
+    st, _ = _state("h")
+    assert not fl.apply_state(row, 2, st, fl.StateTotals(), 1.0, DegradedConfig(), SloConfig())  # older
