@@ -77,6 +77,10 @@ def test_counts_host_state_and_silence_exact(kafka_broker, kafka_topic_factory, 
         assert m['aegis_fleet_host_state{host="host-000",state="degraded"}'] == 1  # silence
         assert m['aegis_fleet_host_state{host="host-003",state="degraded"}'] == 1  # its own word
         assert m['aegis_fleet_records_dropped_total{reason="undecodable"}'] == 0
+        assert m['aegis_fleet_records_dropped_total{reason="state_undecodable"}'] == 0
+        lag = {k.split('topic="')[1][:-2] for k in m if k.startswith("aegis_fleet_consumer_lag_records{")}
+        assert lag == {topics[0], topics[1]}  # per partition of both source topics
+        assert m[f'aegis_fleet_consumer_lag_records{{partition="5",topic="{topics[0]}"}}'] == 0
         time.sleep(2.5)  # one more summary after the counts settled
     finally:
         stop.set()
