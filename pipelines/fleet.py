@@ -325,7 +325,11 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
                     if fl.apply_slo(row, m.offset, ev):
                         hosts[key] = fl.encode_row(row)
                     continue
-                if fl.apply_state(row, m.offset, ev, totals or fl.StateTotals(), now,
+                # when the record was written (Kafka timestamp, never ahead of this
+                # clock), not when a catching-up worker read it: a host silent during
+                # the worker's downtime must still show as silent
+                at = min(now, m.timestamp) if m.timestamp else now
+                if fl.apply_state(row, m.offset, ev, totals or fl.StateTotals(), at,
                                   degraded_cfg, slo_cfg):
                     hosts[key] = fl.encode_row(row)
                     stats["state_records"] += 1

@@ -63,7 +63,7 @@ class HostRow(msgspec.Struct, kw_only=True):
     generation: int = 0
     mode: str = ""
     event_time: str = ""  # the last state record's own time
-    seen_at: float = 0.0  # worker wall clock when the last state record was absorbed
+    seen_at: float = 0.0  # when the last state record was written (its Kafka timestamp)
     silent: bool = False
     drop_ratio: dict[str, float] = {}
     emitted: dict[str, int] = {}  # reset-corrected cumulative per class (fleet SLO input)
@@ -414,7 +414,7 @@ def judge(row: HostRow, monitor_state: str, agent_reasons: list[str], monitor_re
 
 def check_silence(row: HostRow, now: float, silent_after_s: float) -> bool:
     """Mark a host silent (at least degraded) when its last state record is older than
-    ``silent_after_s`` (worker clock); True when the row changed."""
+    ``silent_after_s`` (by the worker's clock); True when the row changed."""
     quiet = now - row.seen_at
     if quiet < silent_after_s or row.silent:
         return False
