@@ -400,3 +400,46 @@ async def test_policy_swaps_retire_old_generations_from_the_normaliser_caches(ma
         (g, r) for g in gens for r in ("deny-shadow", "deny-nc")]
     # two contexts per generation (one per hook), at most two generations cached
     assert max(c for c, _ in held) <= 4 and max(g for _, g in held) <= 2, held
+
+
+async def test_state_heartbeat_carries_the_slo_totals(make_pipeline, kernel, store, tmp_path, autojump_clock):
+    """Without a state change the agent still writes its state every state_heartbeat_s
+    (marked heartbeat), with the cumulative per-class totals a fleet consumer's SLO needs:
+    emitted = the kernel's decisions, dropped = kernel ring failures + userspace drops."""
+    install(kernel, store, sample_record(7, mode="enforce"))
+    sink = MemorySink()
+    p = make_pipeline(kernel, store, [sink], tmp_path, tick_s=1.0, state_heartbeat_s=10.0)
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        # 300 audit events into the small test ring: some fail in the kernel (counted drops)
+        kernel.emit_bulk("audit", make_events(300), 300)
+        kernel.emit_bulk("deny", make_events(5, decision=abi.Decision.DENY), 5)
+        await trio.sleep(35)
+        p.stop()
+    states = [event_decoder.decode(x) for x in sink.lines]
+    states = [e for e in states if isinstance(e, StateEvent)]
+    # changes as they happen (enforcing, then degraded by the audit drops), then a beat
+    # every 10 s repeating the state in force
+    changes = [e.state for e in states if not e.heartbeat]
+    beats = [e for e in states if e.heartbeat]
+    assert changes == ["enforcing", "degraded"]
+    assert len(beats) == 3 and all(b.state == b.previous == "degraded" for b in beats)
+    assert beats[0].reason_codes == ["audit_drops"]
+    st = p.statistics().classes
+    last = beats[-1]
+    assert last.emitted_total == {"deny": 5, "audit": 300}
+    assert last.emitted_total["audit"] == st["audit"].kernel_emitted
+    assert last.dropped_total["audit"] == st["audit"].kernel_dropped + st["audit"].dropped_userspace > 0
+    assert last.dropped_total["deny"] == 0
+
+
+async def test_state_heartbeat_off(make_pipeline, kernel, store, tmp_path, autojump_clock):
+    install(kernel, store, sample_record(7, mode="enforce"))
+    sink = MemorySink()
+    p = make_pipeline(kernel, store, [sink], tmp_path, tick_s=1.0, state_heartbeat_s=0)
+    async with trio.open_nursery() as n:
+        await n.start(p.run)
+        await trio.sleep(35)
+        p.stop()
+    states = [e for e in map(event_decoder.decode, sink.lines) if isinstance(e, StateEvent)]
+    assert len(states) == 1 and not states[0].heartbeat

@@ -37,6 +37,9 @@ class PipelineConfig:
     spool_dir: str | None = None  # None: no spool (a full deny channel blocks the reader)
     spool_max_bytes: int = 64 << 20
     tick_s: float = 1.0
+    #: a state record every this many seconds even without a change (0: only changes), so
+    #: fleet consumers see the host alive and get its cumulative SLO totals
+    state_heartbeat_s: float = 15.0
     explain_denies: bool = True
     sink_retry_initial_s: float = 0.05
     sink_retry_max_s: float = 2.0

@@ -88,6 +88,13 @@ class StateEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.state.v1"
     # the stable codes of ``reasons`` (aegis_stream.reasons, docs/DEGRADED_MODE.md); filled
     # from the reason texts when a writer (or an older record) leaves it empty
     reason_codes: list[str] = msgspec.field(default_factory=list)
+    # a periodic record (``state_heartbeat_s``) with the state unchanged: it tells a fleet
+    # consumer the host is alive and carries the drop-rate SLO's input
+    heartbeat: bool = False
+    # per class since the agent started: decisions the kernel made (its counters) and
+    # those lost at any stage (kernel ring + userspace), the fleet SLO's cumulative input
+    emitted_total: dict[str, int] = msgspec.field(default_factory=dict)
+    dropped_total: dict[str, int] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.reasons and not self.reason_codes:

@@ -61,6 +61,8 @@ class Ticker:
         self.alert_changes: list[AlertChange] = []
         self._burst = False  # more than one batch was in flight since the last trim
         self._state_seq = 0
+        self.last_sample: HealthSample | None = None
+        self._last_state_write = 0.0  # clock() of the last state record written
 
     def baseline(self) -> None:
         """Where the kernel side stands as the pipeline starts."""
@@ -141,6 +143,7 @@ class Ticker:
             sink_failing=sorted(self.writer.failing),
             spooled_denies=spool.pending_events if spool else 0,
         )
+        self.last_sample = sample
         transition = self.monitor.observe(sample)
         if transition is not None:
             self.last_transition = transition
@@ -154,16 +157,35 @@ class Ticker:
         self._state_seq += 1
         return f"{self.ctx.norm.boot8}-agent-{ns}-{self._state_seq}", t
 
-    def state_event(self, tr: Transition) -> StateEvent:
+    def totals(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per class since the start: decisions emitted, and lost at any stage."""
+        acct = self.ctx.acct
+        emitted = {k: self.emitted(k, self.snapshot) for k in CLASSES}
+        dropped = {k: acct[k].kernel_dropped + acct[k].dropped_userspace for k in CLASSES}
+        return emitted, dropped
+
+    def heartbeat_event(self) -> StateEvent | None:
+        """The current state again (``heartbeat``), once the monitor has published one."""
+        tr = self.last_transition
+        if tr is None or self.last_sample is None:
+            return None
+        m = self.monitor
+        beat = Transition(now=self.now, state=tr.state, previous=tr.state, reasons=list(m.reasons),
+                          sample=self.last_sample, codes=list(m.codes))
+        return self.state_event(beat, heartbeat=True)
+
+    def state_event(self, tr: Transition, *, heartbeat: bool = False) -> StateEvent:
         eid, t = self._stamp()
         s = tr.sample
+        emitted, dropped = self.totals()
         return StateEvent(
             event_id=eid, time=t, host=self.ctx.norm.host, state=tr.state,
             previous=tr.previous, reasons=list(tr.reasons), reason_codes=list(tr.codes),
             hooks_attached=list(s.hooks_attached),
             hooks_expected=list(s.hooks_expected), mode=s.mode, generation=s.generation,
             ring_fill=dict(s.ring_fill), consumer_lag_bytes=dict(s.consumer_lag_bytes),
-            drop_ratio=dict(s.drop_ratio),
+            drop_ratio=dict(s.drop_ratio), heartbeat=heartbeat, emitted_total=emitted,
+            dropped_total=dropped,
         )
 
     def slo_event(self, ch: AlertChange) -> SloEvent:
@@ -209,10 +231,16 @@ class Ticker:
         while True:
             transition, changes = self.tick()
             self.trim_after_burst()
+            beat_s = self.ctx.config.state_heartbeat_s
+            ev: StateEvent | None = None
             if transition is not None:
                 ev = self.state_event(transition)
                 log(f"state: {ev.state}" + (f" ({'; '.join(ev.reasons)})" if ev.reasons else ""))
                 self._notify_state(ev)
+            elif beat_s > 0 and self.now - self._last_state_write >= beat_s:
+                ev = self.heartbeat_event()
+            if ev is not None:
+                self._last_state_write = self.now
                 await self.writer.write_derived(SinkBatch("state", _enc.encode(ev) + b"\n", 1))
             if changes:
                 evs = [self.slo_event(c) for c in changes]
