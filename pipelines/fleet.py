@@ -105,7 +105,8 @@ def check_sources(s: FleetSettings) -> SourceTopics:
     missing = [t for t in (s.decision_topic, s.state_topic, s.fleet_topic) if t not in topics]
     if missing:
         raise TopicError(f"topic(s) {', '.join(missing)} missing on {s.bootstrap} "
-                         f"(create them first: aegis fleet topics create, or scripts/kafka)")
+                         f"(create them first: `aegis fleet broker start` does for a local broker; "
+                         f"docs/FLEET.md lists them)")
     return SourceTopics(topics[s.decision_topic], topics[s.state_topic])
 
 
@@ -155,7 +156,7 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
     def table(name: str, partitions: int) -> Any:
         # json keys: a str key must read back as the same str after a restore
         schema: Any = faust.Schema(key_type=str, value_type=bytes, key_serializer="json",
-                              value_serializer="raw")
+                                   value_serializer="raw")
         t = PartitionedTable(app, name=name, default=None, partitions=partitions,
                              schema=schema, help=f"aegis fleet {name}")
         return app.tables.add(t)

@@ -108,3 +108,16 @@ def test_throughput_one_worker(kafka_broker, tmp_path):
     print(f"fleet worker: {r.decisions_per_s:,} decisions/s, RSS {r.worker_rss_mb} MB")
     assert r.exact
     assert r.decisions_per_s >= 12_000, r
+
+
+def test_missing_source_topic_is_a_one_line_error(kafka_broker):
+    """faust would ignore a source topic created after it started: refuse to start."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pipelines.fleet", "worker", "--kafka", kafka_broker.bootstrap,
+                        "--decision-topic", f"missing.{uuid.uuid4().hex[:6]}"],
+                       cwd=g.REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing" in lines[0] and "aegis fleet worker:" in lines[0], r.stderr
