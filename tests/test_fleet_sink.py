@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,96 +31,7 @@ from aegis_stream.pipeline.sinks import SinkBatch
 
 ck = pytest.importorskip("confluent_kafka")
 
-
-class _Msg:
-    def latency(self) -> float:
-        return 0.002
-
-
-class FakeProducer:
-    """A broker that is ``up`` (every queued record is acked at the next poll) or down
-    (records wait; after ``timeout_s`` their delivery report fails like librdkafka's)."""
-
-    def __init__(self, *, queue_max: int = 1_000_000, timeout_s: float = 0.3,
-                 topics: tuple[str, ...] = (DECISION_TOPIC, EXPLANATION_TOPIC, STATE_TOPIC),
-                 shared: Path | None = None) -> None:
-        # shared: the broker's state (up/down, what it got) lives in files there, so the
-        # test's copy and the producer process's forked copy see the same broker
-        self.shared = shared
-        if shared is not None:
-            shared.mkdir(parents=True, exist_ok=True)
-        self._up = True
-        self.queue_max = queue_max
-        self.timeout_s = timeout_s
-        self.topics = topics
-        self.queue: deque[tuple[float, str, bytes, bytes, Any, Any]] = deque()
-        self._log: list[tuple[str, bytes, bytes, dict[str, bytes]]] = []
-        self.lock = threading.Lock()
-
-    @property
-    def up(self) -> bool:
-        return self._up if self.shared is None else not (self.shared / "down").exists()
-
-    @up.setter
-    def up(self, value: bool) -> None:
-        if self.shared is None:
-            self._up = value
-        elif value:
-            (self.shared / "down").unlink(missing_ok=True)
-        else:
-            (self.shared / "down").touch()
-
-    @property
-    def log(self) -> list[tuple[str, bytes, bytes, dict[str, bytes]]]:
-        if self.shared is None:
-            return self._log
-        path = self.shared / "log"
-        recs = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-        return [(t, k.encode(), v.encode(), {h: hv.encode() for h, hv in hs.items()}) for t, k, v, hs in recs]
-
-    def _record(self, topic: str, key: bytes, value: bytes, headers: dict[str, bytes]) -> None:
-        if self.shared is None:
-            self._log.append((topic, key, value, headers))
-            return
-        rec = [topic, key.decode(), value.decode(), {h: v.decode() for h, v in headers.items()}]
-        with open(self.shared / "log", "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
-
-    def produce(self, topic: str, value: bytes, key: bytes, *, headers: Any, on_delivery: Any) -> None:
-        with self.lock:
-            if len(self.queue) >= self.queue_max:
-                raise BufferError("Local: Queue full")
-            self.queue.append((time.monotonic(), topic, value, key, headers, on_delivery))
-
-    def poll(self, timeout: float) -> int:
-        done = []
-        with self.lock:
-            now = time.monotonic()
-            while self.queue and (self.up or now - self.queue[0][0] > self.timeout_s):
-                done.append((self.up, self.queue.popleft()))
-        for ok, (_, topic, value, key, headers, cb) in done:
-            if ok:
-                self._record(topic, key, value, dict(headers))
-                cb(None, _Msg())
-            else:
-                cb(ck.KafkaError(ck.KafkaError._MSG_TIMED_OUT), None)
-        if not done:
-            time.sleep(min(timeout, 0.005))
-        return len(done)
-
-    def flush(self, timeout: float) -> int:
-        end = time.monotonic() + timeout
-        while self.queue and time.monotonic() < end:
-            self.poll(0.01)
-        return len(self.queue)
-
-    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
-        if not self.up:
-            raise ck.KafkaException(ck.KafkaError(ck.KafkaError._TRANSPORT))
-        return SimpleNamespace(topics={t: SimpleNamespace(error=None) for t in self.topics})
-
-    def values(self, topic: str = DECISION_TOPIC) -> list[dict[str, Any]]:
-        return [json.loads(v) for t, _, v, _ in self.log if t == topic]
+from ._fake_producer import FakeProducer  # noqa: E402  (needs confluent_kafka)
 
 
 def batch(klass: str, start: int, n: int) -> SinkBatch:
@@ -133,13 +42,13 @@ def batch(klass: str, start: int, n: int) -> SinkBatch:
 
 def make(tmp_path: Path, prod: FakeProducer, **kw: Any) -> KafkaSink:
     """In-process mode with ``prod``, or (``prod.shared`` set) a producer process whose
-    producer is the forked copy of ``prod``."""
+    producer is a FakeProducer with the same settings and broker state."""
     kw.setdefault("ack_timeout_s", 0.2)
     kw.setdefault("probe_min_s", 0.01)
     kw.setdefault("probe_max_s", 0.05)
     if prod.shared is not None:
         return KafkaSink("127.0.0.1:9092", host_key="host-a", spool_dir=tmp_path / "spool",
-                         producer_factory=lambda cfg: prod, **kw)
+                         **prod.spec(), **kw)
     return KafkaSink("127.0.0.1:9092", host_key="host-a", spool_dir=tmp_path / "spool",
                      producer=prod, **kw)
 
@@ -403,13 +312,13 @@ def test_delivery_errors_map_to_reason_codes() -> None:
 
 # ------------------------------------------------------------------ the producer process
 def test_producer_process_frames(tmp_path: Path) -> None:
-    """The producer process's protocol, its main loop on a thread here: one BATCH frame ->
+    """The producer process's protocol, its main loop on a thread here: READY, then one BATCH frame ->
     one DONE frame with the batch's counts; a full queue -> SHORT at once, DONE once the
     produced part is reported; PROBE and FLUSH -> REPLY; EOF ends it."""
     import socket
 
     from aegis_stream.fleet import sink as ks
-    from aegis_stream.pipeline.workers import _recv_exact
+    from aegis_stream.fleet.producer import recv_exact as _recv_exact
 
     prod = FakeProducer(queue_max=5)
     ours, theirs = socket.socketpair()
@@ -425,6 +334,7 @@ def test_producer_process_frames(tmp_path: Path) -> None:
         return kind, arg, seq, _recv_exact(ours, n) if n else b""
 
     ours.settimeout(5.0)
+    assert recv() == (ks.READY, 0, 0, b"")  # first: its producer exists
     send(ks.BATCH, ks._KLASS_CODE["deny"], batch("deny", 0, 3).lines, 7)
     kind, arg, seq, body = recv()
     assert (kind, arg, seq) == (ks.DONE, 1, 7)

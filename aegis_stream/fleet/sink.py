@@ -37,6 +37,7 @@ Errors::
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -45,6 +46,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -52,46 +54,55 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import trio
 
-from aegis_stream.fleet.topics import (
-    DECISION_TOPIC,
-    EXPLANATION_TOPIC,
-    STATE_TOPIC,
-    schema_headers,
+from aegis_stream.fleet.producer import (  # noqa: F401  (re-exported: ship, tests, docs)
+    _CODE_KLASS,
+    _DONE,
+    _F64,
+    _HDR,
+    _KLASS_CODE,
+    _REASON,
+    _U32,
+    BATCH,
+    BROKER_UNAVAILABLE,
+    DELIVERY_FAILED,
+    DONE,
+    DURABLE,
+    FLUSH,
+    HEALTH,
+    PROBE,
+    PRODUCER_LOST,
+    QUEUE_FULL,
+    READY,
+    REASONS,
+    REPLY,
+    ROUTES,
+    SHORT,
+    SHUTDOWN,
+    TOO_LARGE,
+    TOPICS_MISSING,
+    TOPICS_OK,
+    TOPICS_UNAVAILABLE,
+    UNKNOWN_TOPIC,
+    Producer,
+    _confluent_producer,
+    _health_of_error,
+    _ProducerChild,
+    _rdkafka_log,
+    _topics_state,
+    _words,
+    load_factory,
+    producer_config,
+    reason_of,
+    spawn,
 )
+from aegis_stream.fleet.topics import schema_headers
 from aegis_stream.pipeline.sinks import SinkBatch, SinkError, SinkStatistics
 
 _log = logging.getLogger("aegis.fleet.kafka")
-_rdkafka_log = logging.getLogger("aegis.fleet.kafka.librdkafka")
-_rdkafka_log.propagate = False
-_rdkafka_log.addHandler(logging.NullHandler())
-
-#: class -> (topic, schema name, schema version)
-ROUTES: Mapping[str, tuple[str, str, int]] = {
-    "deny": (DECISION_TOPIC, "aegis.decision.v1", 1),
-    "audit": (DECISION_TOPIC, "aegis.decision.v1", 1),
-    "explanation": (EXPLANATION_TOPIC, "aegis.explanation.v1", 1),
-    "state": (STATE_TOPIC, "aegis.state.v1", 1),
-    "slo": (STATE_TOPIC, "aegis.slo.v1", 1),
-}
-#: classes that are spooled, never shed (explanations ride with their denies)
-DURABLE = frozenset({"deny", "explanation"})
-_KLASS_CODE = {k: i for i, k in enumerate(ROUTES)}
-_CODE_KLASS = dict(enumerate(ROUTES))
-
-# reason codes of dropped records (aegis_sink_dropped_total{reason})
-BROKER_UNAVAILABLE = "sink/broker_unavailable"
-QUEUE_FULL = "sink/queue_full"
-UNKNOWN_TOPIC = "sink/unknown_topic"
-TOO_LARGE = "sink/too_large"
-DELIVERY_FAILED = "sink/delivery_failed"
-SHUTDOWN = "sink/shutdown"
-PRODUCER_LOST = "sink/producer_lost"  # the producer process died before reporting them
-REASONS = (BROKER_UNAVAILABLE, QUEUE_FULL, UNKNOWN_TOPIC, TOO_LARGE, DELIVERY_FAILED, SHUTDOWN,
-           PRODUCER_LOST)
 
 #: round-trip histogram bucket bounds (seconds), Prometheus style (le)
 RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -266,75 +277,6 @@ class LineSpool:
 
 
 # =========================================================================== producer
-class Producer(Protocol):
-    """The part of ``confluent_kafka.Producer`` the sink uses (a fake implements it)."""
-
-    def produce(self, topic: str, value: bytes, key: bytes, *, headers: Any,
-                on_delivery: Callable[[Any, Any], None]) -> None: ...
-    def poll(self, timeout: float) -> int: ...
-    def flush(self, timeout: float) -> int: ...
-    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any: ...
-
-
-def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
-    """librdkafka settings of the sink (overrides win; docs/FLEET.md explains each)."""
-    cfg: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
-        "enable.idempotence": True,  # no duplicates or reordering from librdkafka's retries
-        "acks": "all",
-        "linger.ms": 5,
-        "batch.size": 1 << 20,
-        "compression.type": "lz4",
-        # bounded local queue: ~20k events of audit in flight; beyond it audit is shed
-        "queue.buffering.max.messages": 100_000,
-        "queue.buffering.max.kbytes": 32 << 10,
-        # a record not acked in 60 s fails its delivery report (durable: it is already spooled;
-        # best effort: counted).  Long enough to ride out a broker restart, after which a
-        # timed-out record might still have been written ("possibly persisted")
-        "message.timeout.ms": 60_000,
-        "reconnect.backoff.ms": 100,
-        "reconnect.backoff.max.ms": 1000,
-        "socket.connection.setup.timeout.ms": 5000,
-        # librdkafka logs a line per failed connect; what matters reaches the sink through
-        # error_cb and delivery reports (health, counted reasons), so its log is not printed
-        "logger": _rdkafka_log,
-    }
-    cfg.update(overrides)
-    return cfg
-
-
-def _kafka_error_codes() -> dict[int, str]:
-    try:
-        from confluent_kafka import KafkaError
-    except ImportError:  # pragma: no cover - the [fleet] extra is missing
-        return {}
-    ke: Any = KafkaError
-    codes = {
-        ke._MSG_TIMED_OUT: BROKER_UNAVAILABLE, ke._TRANSPORT: BROKER_UNAVAILABLE,
-        ke._ALL_BROKERS_DOWN: BROKER_UNAVAILABLE, ke._PURGE_QUEUE: BROKER_UNAVAILABLE,
-        ke._PURGE_INFLIGHT: BROKER_UNAVAILABLE, ke._TIMED_OUT: BROKER_UNAVAILABLE,
-        ke.NOT_ENOUGH_REPLICAS: BROKER_UNAVAILABLE, ke.REQUEST_TIMED_OUT: BROKER_UNAVAILABLE,
-        ke._QUEUE_FULL: QUEUE_FULL,
-        ke._UNKNOWN_TOPIC: UNKNOWN_TOPIC, ke.UNKNOWN_TOPIC_OR_PART: UNKNOWN_TOPIC,
-        ke.MSG_SIZE_TOO_LARGE: TOO_LARGE,
-    }
-    return codes
-
-
-_CODES: dict[int, str] | None = None  # built on first use: no librdkafka import without --kafka
-
-
-def reason_of(err: Any) -> str:
-    """A delivery error -> the reason code it is counted under."""
-    global _CODES
-    if _CODES is None:
-        _CODES = _kafka_error_codes()
-    try:
-        return _CODES.get(err.code(), DELIVERY_FAILED)
-    except Exception:
-        return DELIVERY_FAILED
-
-
 # =========================================================================== statistics
 @dataclass(frozen=True)
 class KafkaSinkStatistics(SinkStatistics):
@@ -420,270 +362,44 @@ class _Flight:
                 pass
 
 
-# =========================================================================== producer process
-# The produce loop costs ~6 us of Python per record (the headers more than the call); in the
-# agent's process it competes with the ring readers and the normaliser for the GIL.  In
-# process mode (the default) a forked child (pipeline.workers.fork_with_socket, like the
-# audit encoders) owns the librdkafka producer: one frame per batch goes down the socket
-# pair, one small frame per batch comes back with its delivery counts.
-#
-#   agent -> child   <B kind><B arg><H 0><I body length><Q seq> body
-#       BATCH  arg = class code, body = the batch's JSON lines
-#       PROBE  arg = 1: all sink topics, 0: the decision topic; body = <d timeout>
-#       FLUSH  body = <d timeout>
-#   child -> agent   the same header
-#       DONE   arg bit 0 = whole; body = <I produced><I acked><I failed><d latency, <0 none>
-#              then <B reason index><I count> per failure reason (REASONS order)
-#       SHORT  librdkafka's queue was full; body = <I produced> (a DONE follows)
-#       HEALTH arg = 1 up / 0 down; body = the reason (utf-8)
-#       REPLY  to PROBE/FLUSH (seq = the request's): arg = status; body = utf-8 text
-_HDR = struct.Struct("<BBHIQ")
-_DONE = struct.Struct("<IIId")
-_REASON = struct.Struct("<BI")
-_U32 = struct.Struct("<I")
-_F64 = struct.Struct("<d")
-BATCH, PROBE, FLUSH = 1, 2, 3
-DONE, SHORT, HEALTH, REPLY = 1, 2, 3, 4
-#: PROBE reply status
-TOPICS_OK, TOPICS_UNAVAILABLE, TOPICS_MISSING = 0, 1, 2
-_REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
-
-
-def _topics_state(producer: Producer, all_topics: bool, timeout: float) -> tuple[int, str, str]:
-    """(status, topic, words) of a metadata request: every sink topic, or the decision
-    topic only (the probe while the broker is away)."""
-    try:
-        md = (producer.list_topics(timeout=timeout) if all_topics
-              else producer.list_topics(DECISION_TOPIC, timeout=timeout))
-    except Exception as exc:
-        return TOPICS_UNAVAILABLE, "", _words(exc)
-    for topic in (sorted({r[0] for r in ROUTES.values()}) if all_topics else [DECISION_TOPIC]):
-        t = md.topics.get(topic)
-        if t is None or t.error is not None:
-            return TOPICS_MISSING, topic, t.error.str() if t is not None and t.error else "missing"
-    return TOPICS_OK, "", ""
-
-
-def _health_of_error(err: Any) -> str | None:
-    """librdkafka's error_cb -> a 'broker away' reason, or None when it is not one."""
-    from confluent_kafka import KafkaError
-
-    if err.code() == KafkaError._ALL_BROKERS_DOWN:
-        return f"{BROKER_UNAVAILABLE}: {err.str()}"
-    if err.fatal():
-        return f"{DELIVERY_FAILED}: fatal producer error: {err.str()}"
-    return None
-
-
-def _confluent_producer(cfg: dict[str, Any]) -> Producer:
-    from confluent_kafka import Producer as _Producer
-
-    return cast(Producer, _Producer(cfg))
-
-
-class _ChildBatch:
-    """One batch's delivery reports inside the producer process."""
-
-    __slots__ = ("child", "seq", "n", "acked", "failed", "reasons", "sealed", "finished", "whole",
-                 "latency")
-
-    def __init__(self, child: _ProducerChild, seq: int) -> None:
-        self.child = child
-        self.seq = seq
-        self.n = self.acked = self.failed = 0
-        self.reasons: dict[str, int] = {}
-        self.sealed = self.finished = self.whole = False
-        self.latency = -1.0
-
-    def __call__(self, err: Any, msg: Any) -> None:
-        if err is None:
-            self.acked += 1
-        else:
-            self.failed += 1
-            r = reason_of(err)
-            self.reasons[r] = self.reasons.get(r, 0) + 1
-        if self.sealed and self.acked + self.failed >= self.n:
-            if msg is not None:
-                try:
-                    lat = msg.latency()
-                    self.latency = -1.0 if lat is None else float(lat)
-                except Exception:
-                    pass
-            self.child.done(self)
-
-
-class _ProducerChild:
-    """The producer process: batches in, produce() per line with the class's pre-built
-    topic and headers, one DONE frame per batch out.  Its main thread reads requests and
-    produces; a poll thread serves delivery reports and sends the finished batches' frames
-    (several per send).  No trio here."""
-
-    def __init__(self, sock: socket.socket, factory: Callable[[dict[str, Any]], Producer],
-                 config: Mapping[str, Any], key: bytes, eof_flush_s: float = 5.0) -> None:
-        self.sock = sock
-        self.key = key
-        self.eof_flush_s = eof_flush_s
-        self.lock = threading.Lock()  # the out list and the socket's send side
-        self.out: list[bytes] = []
-        self.stop = threading.Event()
-        # per class code: (topic, headers), built once
-        self.routes = {_KLASS_CODE[k]: (t, schema_headers(s, v)) for k, (t, s, v) in ROUTES.items()}
-        self.producer = factory({**config, "error_cb": self.error_cb})
-
-    def send(self, frame: bytes = b"") -> None:
-        """Send the finished batches' frames, then ``frame`` (order: a REPLY to FLUSH
-        comes after the DONE frames of what the flush delivered)."""
-        with self.lock:
-            data = b"".join(self.out) + frame
-            self.out.clear()
-            if data:
-                try:
-                    self.sock.sendall(data)
-                except OSError:
-                    pass  # the agent is gone: the main thread sees EOF
-
-    def done(self, b: _ChildBatch) -> None:
-        reasons = b"".join(_REASON.pack(_REASON_INDEX.get(r, _REASON_INDEX[DELIVERY_FAILED]), c)
-                           for r, c in b.reasons.items())
-        body = _DONE.pack(b.n, b.acked, b.failed, b.latency) + reasons
-        with self.lock:
-            if b.finished:
-                return
-            b.finished = True
-            self.out.append(_HDR.pack(DONE, 1 if b.whole else 0, 0, len(body), b.seq) + body)
-
-    def error_cb(self, err: Any) -> None:
-        try:
-            why = _health_of_error(err)
-        except Exception:
-            return
-        if why:
-            body = why.encode()
-            self.send(_HDR.pack(HEALTH, 0, 0, len(body), 0) + body)
-
-    def produce(self, seq: int, code: int, lines: bytes) -> None:
-        b = _ChildBatch(self, seq)
-        topic, headers = self.routes[code]
-        produce = self.producer.produce
-        key = self.key
-        n = 0
-        try:
-            for line in lines.splitlines():
-                if line:
-                    produce(topic, line, key, headers=headers, on_delivery=b)
-                    n += 1
-            b.whole = True
-        except BufferError:
-            self.send(_HDR.pack(SHORT, 0, 0, _U32.size, seq) + _U32.pack(n))
-        b.n = n
-        b.sealed = True
-        if b.acked + b.failed >= n:
-            b.latency = -1.0
-            self.done(b)
-
-    def reply(self, seq: int, status: int, text: str) -> None:
-        body = text.encode()
-        self.send(_HDR.pack(REPLY, status, 0, len(body), seq) + body)
-
-    def poll_loop(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.producer.poll(0.05)
-                self.send()
-            except Exception:
-                _log.exception("kafka producer process: poll")
-                time.sleep(0.1)
-
-    def run(self) -> None:
-        from aegis_stream.pipeline.workers import _recv_exact
-
-        poller = threading.Thread(target=self.poll_loop, name="aegis-kafka-poll", daemon=True)
-        poller.start()
-        try:
-            while True:
-                try:
-                    kind, arg, _, length, seq = _HDR.unpack(_recv_exact(self.sock, _HDR.size))
-                    body = _recv_exact(self.sock, length) if length else b""
-                except (EOFError, OSError):
-                    break  # the agent closed its end (after a FLUSH) or died
-                if kind == BATCH:
-                    self.produce(seq, arg, body)
-                    self.send()
-                elif kind == PROBE:
-                    status, topic, words = _topics_state(self.producer, bool(arg), _F64.unpack(body)[0])
-                    self.reply(seq, status, f"{topic}\n{words}")
-                elif kind == FLUSH:
-                    left = self.producer.flush(_F64.unpack(body)[0])
-                    self.eof_flush_s = 0.0  # the agent's bound is spent: EOF exits at once
-                    self.reply(seq, 0, str(left))
-        finally:
-            # deliver what is queued (bounded) before the process exits
-            self.producer.flush(self.eof_flush_s)
-            self.send()
-            self.stop.set()
-            poller.join(1.0)
-
-
-def producer_main(sock: socket.socket, factory: Callable[[dict[str, Any]], Producer],
-                  config: Mapping[str, Any], key: bytes) -> None:
-    """The forked producer process (see :class:`_ProducerChild`), until EOF."""
-    with contextlib.suppress(ValueError):
-        signal.set_wakeup_fd(-1)  # the agent's trio wakeup fd is not ours
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent drains and closes; EOF ends it
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _ProducerChild(sock, factory, config, key).run()
-
-
 class _ProducerProcess:
-    """A producer process and the agent's end of its socket."""
+    """A producer process (:mod:`aegis_stream.fleet.producer`) and the agent's end of its
+    socket."""
 
-    def __init__(self, pid: int, sock: socket.socket, gen: int) -> None:
-        self.pid = pid
+    def __init__(self, popen: subprocess.Popen[bytes], sock: socket.socket, gen: int) -> None:
+        self.popen = popen
+        self.pid = popen.pid
         self.sock = sock
         self.gen = gen
         self.buf = bytearray()
         self.started = time.monotonic()
-        self.status: int | None = None  # wait status once reaped
+        self.ready = False  # its READY frame came: the producer exists
 
     @classmethod
-    def fork(cls, factory: Callable[[dict[str, Any]], Producer], config: Mapping[str, Any],
-             key: bytes, gen: int) -> _ProducerProcess:
-        from aegis_stream.pipeline.workers import fork_with_socket
-
-        pid, sock = fork_with_socket(lambda child: producer_main(child, factory, config, key))
-        return cls(pid, sock, gen)
+    def start(cls, config: Mapping[str, Any], key: bytes, factory: str | None,
+              factory_kwargs: Mapping[str, Any] | None, gen: int) -> _ProducerProcess:
+        popen, sock = spawn(config, key, factory, factory_kwargs)
+        return cls(popen, sock, gen)
 
     def exited(self) -> bool:
-        """Reaped now (or before)?"""
-        if self.status is not None:
-            return True
-        try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            self.status = 0
-            return True
-        if pid:
-            self.status = status
-        return self.status is not None
+        """Exited (and reaped)?"""
+        return self.popen.poll() is not None
 
     def end(self, wait_s: float) -> None:
         """Wait up to ``wait_s`` for it to exit, then SIGKILL it; reap it."""
-        deadline = time.monotonic() + wait_s
-        while not self.exited() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not self.exited():
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                self.status = os.waitpid(self.pid, 0)[1]
+        try:
+            self.popen.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
 
     def how(self) -> str:
-        st = self.status
-        if st is None:
+        rc = self.popen.returncode
+        if rc is None:
             return "stopped answering"
-        if os.WIFSIGNALED(st):
-            return f"killed by {signal.Signals(os.WTERMSIG(st)).name}"
-        return f"exited with status {os.waitstatus_to_exitcode(st)}"
+        if rc < 0:
+            return f"killed by {signal.Signals(-rc).name}"
+        return f"exited with status {rc}"
 
 
 class _Call:
@@ -701,8 +417,10 @@ class KafkaSink:
     docstring for the delivery semantics per class).
 
     ``producer_process`` (default: True unless a ``producer`` instance is given) runs the
-    librdkafka producer in a forked process; ``producer_factory(config)`` makes it (in the
-    child in process mode, here otherwise)."""
+    librdkafka producer in a separate process (:mod:`aegis_stream.fleet.producer`).
+    ``producer_factory`` (``"module:attr"``, called with the librdkafka config and
+    ``producer_factory_kwargs``; a callable too in-process) replaces confluent-kafka's
+    Producer: fakes for tests."""
 
     def __init__(
         self,
@@ -718,9 +436,11 @@ class KafkaSink:
         replay_window_batches: int = 64,
         replay_window_bytes: int = 8 << 20,
         producer: Producer | None = None,
-        producer_factory: Callable[[dict[str, Any]], Producer] | None = None,
+        producer_factory: str | Callable[..., Producer] | None = None,
+        producer_factory_kwargs: Mapping[str, Any] | None = None,
         producer_process: bool | None = None,
         max_queued_bytes: int = 64 << 20,
+        start_timeout_s: float = 10.0,
         on_health: Callable[[bool, str], None] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> None:
@@ -735,6 +455,7 @@ class KafkaSink:
         self.replay_window_batches = replay_window_batches
         self.replay_window_bytes = replay_window_bytes
         self.max_queued_bytes = max_queued_bytes
+        self.start_timeout_s = start_timeout_s
         self.on_health = on_health
         self._headers = {k: schema_headers(s, v) for k, (_, s, v) in ROUTES.items()}
         self._lock = threading.Lock()
@@ -758,19 +479,29 @@ class KafkaSink:
         if producer_process and producer is not None:
             raise KafkaSinkError(f"{self.name}: a producer instance cannot run in a producer process "
                                  f"(pass producer_factory)")
-        factory = producer_factory or _confluent_producer
         self.producer: Producer | None = None
         self._proc: _ProducerProcess | None = None
         self._gen = 0
         self._restart_at = 0.0
         self._restart_backoff = 0.0
+        self._probe_now = False
         self._dead: list[_ProducerProcess] = []  # sockets closed one death later (the sender may hold one)
         self._stop = threading.Event()
         if producer_process:
             if producer_factory is None:
                 import confluent_kafka  # noqa: F401  (a missing [fleet] extra fails here, not in the child)
-            self._factory = factory
-            self._child_config = producer_config(self.bootstrap, **(config or {}))
+            elif not isinstance(producer_factory, str):
+                raise KafkaSinkError(f"{self.name}: a producer process needs producer_factory as "
+                                     f"'module:attr', not {producer_factory!r}")
+            self._factory = producer_factory
+            self._factory_kwargs = dict(producer_factory_kwargs or {})
+            self._child_config = {k: v for k, v in producer_config(self.bootstrap, **(config or {})).items()
+                                  if k != "logger"}  # the child logs through its own
+            try:
+                json.dumps([self._child_config, self._factory_kwargs])
+            except (TypeError, ValueError) as exc:
+                raise KafkaSinkError(f"{self.name}: a producer process takes plain settings only "
+                                     f"({exc})") from None
             self._send_q: queue.SimpleQueue[tuple[int, _Flight | None, bytes, bytes] | None] = \
                 queue.SimpleQueue()
             self._queued_bytes = 0
@@ -781,8 +512,10 @@ class KafkaSink:
         else:
             self._sender = None
             if producer is None:
-                producer = factory(producer_config(self.bootstrap, error_cb=self._error_cb,
-                                                   **(config or {})))
+                make = (load_factory(producer_factory) if isinstance(producer_factory, str)
+                        else producer_factory or _confluent_producer)
+                producer = make(producer_config(self.bootstrap, error_cb=self._error_cb, **(config or {})),
+                                **(producer_factory_kwargs or {}))
             self.producer = producer
         self._thread = threading.Thread(target=self._poll_loop, name=f"aegis-kafka-{self.bootstrap}",
                                         daemon=True)
@@ -1009,6 +742,7 @@ class KafkaSink:
 
     async def _write_durable(self, batch: SinkBatch) -> None:
         # once anything waits in the spool, every durable batch queues behind it (order)
+        await self._until_ready()
         if self._up and not self.spool.pending_batches:
             flight = _Flight(self, durable=True, count=batch.count)
             flight.event = trio.Event()
@@ -1033,6 +767,17 @@ class KafkaSink:
         with self._lock:
             self.spooled += batch.count
 
+    async def _until_ready(self) -> None:
+        """A producer process just started (~0.2 s; more on a busy host): wait for it
+        (bounded by ``start_timeout_s``) before a durable batch's ack timeout starts, so
+        that its start is not mistaken for a broker that does not ack."""
+        proc = self._proc
+        if proc is None or proc.ready:
+            return
+        with trio.move_on_after(self.start_timeout_s):
+            while not proc.ready and proc is self._proc:
+                await trio.sleep(0.005)
+
     # ------------------------------------------------------------------ poll thread
     def _poll_loop(self) -> None:
         """Delivery reports, then the spool: replay its head while the broker acks, probe
@@ -1042,6 +787,9 @@ class KafkaSink:
         while not self._stop.is_set():
             try:
                 self._pump(0.05)
+                if self._probe_now:  # a new producer process: ask the broker at once
+                    self._probe_now = False
+                    backoff, next_try = self.probe_min_s, 0.0
                 if time.monotonic() < next_try:
                     continue
                 if not self._up:
@@ -1096,7 +844,10 @@ class KafkaSink:
                 break
             body = bytes(buf[off + _HDR.size: off + _HDR.size + length])
             off += _HDR.size + length
-            self._dispatch(kind, arg, seq, body)
+            if kind == READY:
+                proc.ready = True
+            else:
+                self._dispatch(kind, arg, seq, body)
         del buf[:off]
 
     def _dispatch(self, kind: int, arg: int, seq: int, body: bytes) -> None:
@@ -1168,7 +919,8 @@ class KafkaSink:
             self._gen += 1
             gen = self._gen
         try:
-            proc = _ProducerProcess.fork(self._factory, self._child_config, self._key, gen)
+            proc = _ProducerProcess.start(self._child_config, self._key, self._factory,
+                                          self._factory_kwargs, gen)
         except OSError as exc:
             self._restart_backoff = min(max(self._restart_backoff * 2, 0.1), self.probe_max_s)
             self._restart_at = time.monotonic() + self._restart_backoff
@@ -1176,6 +928,7 @@ class KafkaSink:
             return
         with self._lock:
             self._proc = proc
+        self._probe_now = True
 
     def _lost(self, proc: _ProducerProcess) -> None:
         """The producer process died (EOF, or reaped): fail its un-reported flights (a
@@ -1320,12 +1073,6 @@ class KafkaSink:
                 rtt_count=self.rtt_count, spool=self.spool.statistics(),
                 producer_pid=self.producer_pid, producer_lost=self.producer_lost,
             )
-
-
-def _words(exc: BaseException) -> str:
-    arg = exc.args[0] if exc.args else exc
-    s = getattr(arg, "str", None)
-    return s() if callable(s) else str(arg)
 
 
 def _topics_verdict(status: int, topic: str, words: str, bootstrap: str) -> str | None:

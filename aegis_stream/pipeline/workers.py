@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import struct
-from collections.abc import Callable
 
 import trio
 
@@ -41,28 +40,6 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise EOFError
         got += k
     return bytes(buf)
-
-
-def fork_with_socket(child_main: Callable[[socket.socket], None]) -> tuple[int, socket.socket]:
-    """Fork a child that runs ``child_main(its end of a Unix socket pair)`` and exits
-    (status 1 if it raised); returns ``(pid, the parent's end)``.  Both ends get 4 MiB
-    buffers.  Shared by the audit workers and the Kafka sink's producer process."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    for sk in (parent, child):
-        sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-        sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            parent.close()
-            child_main(child)
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    child.close()
-    return pid, parent
 
 
 def _worker_log(msg: str) -> None:
@@ -101,7 +78,21 @@ class AuditWorker:
     @classmethod
     def fork(cls, norm: Normaliser, cpus: frozenset[int] | None) -> AuditWorker:
         """Fork a worker that encodes with ``norm``, pinned to ``cpus`` (None: inherit)."""
-        pid, parent = fork_with_socket(lambda child: worker_main(child, norm, cpus))
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sk in (parent, child):
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                parent.close()
+                worker_main(child, norm, cpus)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        child.close()
         return cls(pid, parent)
 
     async def submit(self, batch: RawBatch) -> None:
