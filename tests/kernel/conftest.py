@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class Lab:
     cg_other: Path
     files: Path
     applied: list[ApplyOutcome] = field(default_factory=list)
+    apply_seconds: list[float] = field(default_factory=list)  # wall time of each apply
 
     @property
     def store(self) -> PolicyStore:
@@ -113,7 +115,9 @@ class Lab:
         data = doc.encode()
         if mode == "enforce":
             data = signing.sign_policy(data, self.key, KEY_ID)
+        t0 = time.perf_counter()
         res = self.lifecycle.apply(data, f"kernel-test:{name}")
+        self.apply_seconds.append(time.perf_counter() - t0)
         self.applied.append(res)
         if drain:  # False: keep what is on the rings (tests that collect under load)
             self.drain()
@@ -271,7 +275,7 @@ def loopfs(lab_env: Lab):
 
 
 @pytest.fixture(scope="session")
-def lab_env(tmp_path_factory) -> Iterator[Lab]:
+def lab_env(tmp_path_factory, record_testsuite_property) -> Iterator[Lab]:
     if not IN_LAB:
         pytest.skip("not in a lab kernel")
     if os.geteuid() != 0:
@@ -306,6 +310,12 @@ def lab_env(tmp_path_factory) -> Iterator[Lab]:
     private, _ = signing.load_private_key(key.private_path)
     lab = Lab(obj, maps, lifecycle, private, rings, sel, child, other, files)
     yield lab
+    if lab.apply_seconds:  # the cost of the product's apply path in this guest (TCG)
+        ms = sorted(1000 * t for t in lab.apply_seconds)
+        record_testsuite_property("lifecycle_apply_ms", json.dumps({
+            "n": len(ms), "p50": round(ms[len(ms) // 2], 1),
+            "p95": round(ms[int(len(ms) * 0.95)], 1), "max": round(ms[-1], 1),
+            "total_s": round(sum(ms) / 1000, 1)}))
     for r in rings.values():
         r.close()
     obj.close(keep_pins=False)
