@@ -1,33 +1,41 @@
 #!/usr/bin/env python3
-"""Kafka sink throughput: decisions/s from the agent's sink into a real local broker, the
-chosen client design side by side with the alternatives, in one run.
+"""Kafka sink throughput: decisions/s from the agent's sink into a real local broker, and
+what it costs the agent's own process, the producer process side by side with the
+in-process sink, in one run.
 
-    .venv/bin/python -m bench.kafka_sink_bench                  # own broker (~2-3 min)
+    .venv/bin/python -m bench.kafka_sink_bench                  # own broker (~1-2 min)
     .venv/bin/python -m bench.kafka_sink_bench --quick          # smaller
+    .venv/bin/python -m bench.kafka_sink_bench --all            # + the client alternatives
     .venv/bin/python -m bench.kafka_sink_bench --bootstrap H:P  # an existing broker with the topics
 
 Rows (every one writes the same encoded batches: ``--batch`` JSON lines of
 ``aegis.decision.v1`` records, ~700 bytes each, as the pipeline hands them to a sink):
 
 ``file``              the JSON-lines file sink (the baseline the agent has today)
-``kafka``             KafkaSink as shipped: confluent-kafka (librdkafka), produce() inline
-                      on the trio thread, delivery reports on the sink's poll thread, lz4
-``kafka-nolz4``       the same without compression (the aiokafka row has none)
-``kafka-to-thread``   the same but each batch's produce loop in ``trio.to_thread``
+``kafka in-process``  KafkaSink(producer_process=False): confluent-kafka (librdkafka),
+                      produce() per record inline on the trio thread, delivery reports on
+                      the sink's poll thread, lz4
+``kafka process``     KafkaSink as shipped: the same produce loop in a forked producer
+                      process, one frame per batch over a socket pair, one back per batch
+``kafka deny ...``    the durable path in both modes: deny batches of ``--deny-batch``
+                      awaited until acked (idempotent producer, acks=all), one after another
+with ``--all`` also:
+``kafka-nolz4``       in-process without compression (the aiokafka row has none)
+``kafka-to-thread``   in-process but each batch's produce loop in ``trio.to_thread``
 ``aiokafka``          aiokafka 0.14 under plain asyncio (no trio): send() per record, all
                       futures awaited at the end.  An *upper bound* for the trio-asyncio
                       route (which adds its loop bridging on top); skipped if not installed
-``kafka deny``        KafkaSink durable path: deny batches of ``--deny-batch`` awaited until
-                      acked (idempotent producer, acks=all), one after the other
 
-Audit rows are timed from the first write until the broker acked every record (so
-librdkafka's queue is not mistaken for throughput); the kafka rows hand a batch over only
-while librdkafka holds at most 4 batches (a sustained rate: a burst beyond its bounded
+Audit rows are timed from the first write until the broker acked every record (so a
+client queue is not mistaken for throughput); the kafka rows hand a batch over only while
+at most 4 batches are unacknowledged (a sustained rate: a burst beyond librdkafka's bounded
 queue would be shed, counted ``sink/queue_full``, and the rate would mean nothing).
-``cpu s`` is the process CPU time (user+sys, all threads, librdkafka's included) over the
-same span; the broker's JVM is a
-separate process.  On a shared machine ``ev/cpu-s`` is the steadier number.  The ratio
-column is against the ``kafka`` row.
+``agent cpu`` is the agent process's CPU time (user+sys, all its threads, an in-process
+librdkafka's included) over the same span, ``/100k`` the same per 100,000 events: the
+number that decides whether the sink lowers the agent's own ceiling (200,000 audit
+events/s).  ``producer cpu /100k`` is the producer process's (from /proc), paid on another
+core.  The broker's JVM is a separate process.  The ratio column is events/s against the
+``kafka in-process`` row.
 """
 
 from __future__ import annotations
@@ -96,45 +104,72 @@ class ThreadProduceSink(KafkaSink):
         await super().write(batch)
 
 
+def proc_cpu_s(pid: int) -> float:
+    """utime+stime of another process (0.0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+Result = tuple[float, float, dict[str, Any]]
+
+
 async def run_kafka(cls: type[KafkaSink], bootstrap: str, batches: list[SinkBatch], spool: Path,
-                    **config: Any) -> tuple[float, float, dict[str, Any]]:
-    sink = cls(bootstrap, host_key=f"bench-{uuid.uuid4().hex[:8]}", spool_dir=spool, config=config)
+                    process: bool, **config: Any) -> Result:
+    sink = cls(bootstrap, host_key=f"bench-{uuid.uuid4().hex[:8]}", spool_dir=spool, config=config,
+               producer_process=process)
+    notes: dict[str, Any] = {}
     try:
         total = sum(b.count for b in batches)
+        pid = sink.producer_pid
+        p0 = proc_cpu_s(pid) if pid else 0.0
         c0, t0 = cpu_s(), time.perf_counter()
-        producer: Any = sink.producer
         for b in batches:
-            # sustained rate, not a burst into a shedding queue: wait while librdkafka holds
-            # more than 4 batches (aiokafka's send() waits for buffer room the same way)
-            while len(producer) > 4 * b.count:
+            # sustained rate, not a burst into a shedding queue: wait while more than 4
+            # batches are unacknowledged (aiokafka's send() waits for buffer room the same way)
+            while sink.events - sink.acked - sum(sink.dropped.values()) > 4 * b.count:
                 await trio.sleep(0.001)
             await sink.write(b)
             await trio.sleep(0)  # a real agent's other tasks get the loop between batches
-        while sink.statistics().acked + sum(sink.statistics().dropped.values()) < total:
+        while sink.acked + sum(sink.dropped.values()) < total:
             await trio.sleep(0.002)
         dt, dc = time.perf_counter() - t0, cpu_s() - c0
+        if pid:
+            notes["producer cpu s"] = round(proc_cpu_s(pid) - p0, 2)
     finally:
         await sink.aclose()
     st = sink.statistics()
-    return dt, dc, {"acked": st.acked, "dropped": sum(st.dropped.values())}
+    return dt, dc, {"acked": st.acked, "dropped": sum(st.dropped.values()), **notes}
 
 
-async def run_deny(bootstrap: str, batches: list[SinkBatch],
-                   spool: Path) -> tuple[float, float, dict[str, Any]]:
-    sink = KafkaSink(bootstrap, host_key=f"bench-{uuid.uuid4().hex[:8]}", spool_dir=spool)
+async def run_deny(bootstrap: str, batches: list[SinkBatch], spool: Path, process: bool) -> Result:
+    sink = KafkaSink(bootstrap, host_key=f"bench-{uuid.uuid4().hex[:8]}", spool_dir=spool,
+                     producer_process=process)
+    notes: dict[str, Any] = {}
     try:
+        pid = sink.producer_pid
+        p0 = proc_cpu_s(pid) if pid else 0.0
         c0, t0 = cpu_s(), time.perf_counter()
         for b in batches:
             await sink.write(SinkBatch("deny", b.lines, b.count))
         dt, dc = time.perf_counter() - t0, cpu_s() - c0
+        if pid:
+            notes["producer cpu s"] = round(proc_cpu_s(pid) - p0, 2)
     finally:
         await sink.aclose()
     st = sink.statistics()
     rtt = st.rtt_sum / st.rtt_count if st.rtt_count else 0.0
-    return dt, dc, {"acked": st.acked, "spooled": st.spooled, "mean batch rtt ms": round(rtt * 1e3, 2)}
+    if st.reason:
+        notes["reason"] = st.reason
+    if st.producer_lost:
+        notes["producer lost"] = st.producer_lost
+    return dt, dc, {"acked": st.acked, "spooled": st.spooled, "mean batch rtt ms": round(rtt * 1e3, 2),
+                    **notes}
 
 
-async def run_file(batches: list[SinkBatch], path: Path) -> tuple[float, float, dict[str, Any]]:
+async def run_file(batches: list[SinkBatch], path: Path) -> Result:
     sink = JsonLinesFileSink(path, max_bytes=1 << 40)
     c0, t0 = cpu_s(), time.perf_counter()
     for b in batches:
@@ -145,7 +180,7 @@ async def run_file(batches: list[SinkBatch], path: Path) -> tuple[float, float, 
     return dt, dc, {}
 
 
-def run_aiokafka(bootstrap: str, batches: list[SinkBatch]) -> tuple[float, float, dict[str, Any]] | None:
+def run_aiokafka(bootstrap: str, batches: list[SinkBatch]) -> Result | None:
     try:
         from aiokafka import AIOKafkaProducer
     except ImportError:
@@ -182,6 +217,8 @@ def main() -> int:
     ap.add_argument("--deny-batch", type=int, default=64, help="records per deny batch")
     ap.add_argument("--deny-events", type=int, default=10_000)
     ap.add_argument("--quick", action="store_true", help="20,000 audit / 2,000 deny events")
+    ap.add_argument("--all", action="store_true",
+                    help="also the client alternatives (nolz4, to_thread, aiokafka)")
     args = ap.parse_args()
     if args.quick:
         args.events, args.deny_events = 20_000, 2_000
@@ -206,34 +243,48 @@ def main() -> int:
               f"{args.deny_events} denies in batches of {args.deny_batch}; broker {bootstrap}; "
               f"load avg {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs")
 
-        rows: list[tuple[str, int, tuple[float, float, dict[str, Any]] | None]] = []
+        rows: list[tuple[str, int, Result | None]] = []
 
-        def row(name: str, n: int, fn: Callable[[], tuple[float, float, dict[str, Any]] | None]) -> None:
+        def row(name: str, n: int, fn: Callable[[], Result | None]) -> None:
             print(f"  running {name} ...", file=sys.stderr, flush=True)
             rows.append((name, n, fn()))
 
+        # warm-up, not reported: the broker's first connections, partition leaders, JIT
+        print("  warm-up ...", file=sys.stderr, flush=True)
+        for i, process in enumerate((False, True)):
+            trio.run(run_kafka, KafkaSink, bootstrap, batches[:3], tmp / f"w{i}", process)
         row("file", args.events, lambda: trio.run(run_file, batches, tmp / "events.jsonl"))
-        row("kafka", args.events, lambda: trio.run(run_kafka, KafkaSink, bootstrap, batches, tmp / "s1"))
-        row("kafka-nolz4", args.events, lambda: trio.run(
-            lambda: run_kafka(KafkaSink, bootstrap, batches, tmp / "s2", **{"compression.type": "none"})))
-        row("kafka-to-thread", args.events,
-            lambda: trio.run(run_kafka, ThreadProduceSink, bootstrap, batches, tmp / "s3"))
-        row("aiokafka", args.events, lambda: run_aiokafka(bootstrap, batches))
-        row("kafka deny", args.deny_events, lambda: trio.run(run_deny, bootstrap, deny, tmp / "s4"))
+        row("kafka in-process", args.events,
+            lambda: trio.run(run_kafka, KafkaSink, bootstrap, batches, tmp / "s1", False))
+        row("kafka process", args.events,
+            lambda: trio.run(run_kafka, KafkaSink, bootstrap, batches, tmp / "s2", True))
+        if args.all:
+            row("kafka-nolz4", args.events, lambda: trio.run(
+                lambda: run_kafka(KafkaSink, bootstrap, batches, tmp / "s3", False,
+                                  **{"compression.type": "none"})))
+            row("kafka-to-thread", args.events,
+                lambda: trio.run(run_kafka, ThreadProduceSink, bootstrap, batches, tmp / "s4", False))
+            row("aiokafka", args.events, lambda: run_aiokafka(bootstrap, batches))
+        row("kafka deny in-proc", args.deny_events,
+            lambda: trio.run(run_deny, bootstrap, deny, tmp / "s5", False))
+        row("kafka deny process", args.deny_events,
+            lambda: trio.run(run_deny, bootstrap, deny, tmp / "s6", True))
 
-        ref = next(r for name, _, r in rows if name == "kafka")
+        ref = next(r for name, _, r in rows if name == "kafka in-process")
         ref_rate = args.events / ref[0] if ref else 0.0
-        print(f"{'design':<16} {'events':>8} {'wall s':>8} {'events/s':>10} {'cpu s':>7} "
-              f"{'ev/cpu-s':>9} {'vs kafka':>8}  notes")
+        print(f"{'design':<19} {'events':>8} {'wall s':>7} {'events/s':>9} {'agent cpu s':>11} "
+              f"{'/100k':>6} {'producer cpu /100k':>18} {'vs in-proc':>10}  notes")
         for name, n, r in rows:
             if r is None:
-                print(f"{name:<16} {'skipped (not installed)':>40}")
+                print(f"{name:<19} {'skipped (not installed)':>40}")
                 continue
             dt, dc, notes = r
             rate = n / dt
             ratio = f"{rate / ref_rate:.2f}x" if ref_rate else "-"
-            print(f"{name:<16} {n:>8} {dt:>8.2f} {rate:>10,.0f} {dc:>7.2f} {n / max(dc, 1e-9):>9,.0f} "
-                  f"{ratio:>8}  {notes or ''}")
+            pc = notes.get("producer cpu s")
+            pcs = f"{pc / n * 1e5:.3f}" if pc is not None else "-"
+            print(f"{name:<19} {n:>8} {dt:>7.2f} {rate:>9,.0f} {dc:>11.2f} {dc / n * 1e5:>6.3f} "
+                  f"{pcs:>18} {ratio:>10}  {notes or ''}")
         return 0
     finally:
         if broker is not None:

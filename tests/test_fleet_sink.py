@@ -295,6 +295,7 @@ async def test_metrics_of_a_kafka_sink(tmp_path: Path, fake: Any) -> None:
     assert got[("aegis_sink_dropped_total", (("reason", QUEUE_FULL), *lab))] == 0
     assert got[("aegis_sink_roundtrip_seconds_count", lab)] == 1
     assert got[("aegis_sink_roundtrip_seconds_bucket", (("le", "+Inf"), *lab))] == 1
+    assert got[("aegis_sink_producer_lost_total", lab)] == 0
 
 
 def test_delivery_errors_map_to_reason_codes() -> None:
@@ -426,3 +427,8 @@ async def test_producer_process_killed(tmp_path: Path) -> None:
     assert not [v for v in prod.values() if v["decision"] == "audit"]
     st = sink.statistics()
     assert st.producer_lost == 1 and st.acked >= 20 and st.spool.replayed_events == 10  # type: ignore[union-attr]
+    from aegis_stream.fleet.metrics import KafkaSinkCollector
+
+    fams = {f.name: f for f in KafkaSinkCollector(SimpleNamespace(stats=lambda: SimpleNamespace(sinks=(st,))))
+            .collect()}
+    assert [s.value for s in fams["aegis_sink_producer_lost"].samples if s.name.endswith("_total")] == [1]

@@ -52,6 +52,9 @@ class KafkaSinkCollector(Collector):
                                      "Durable records whose delivery failed (spooled, not lost)", labels=lab)
         dropped = CounterMetricFamily("aegis_sink_dropped", "Best-effort records lost, by reason",
                                       labels=["sink", "reason"])
+        lost = CounterMetricFamily("aegis_sink_producer_lost",
+                                   "Producer processes that died (each replaced; their un-acked denies "
+                                   "re-sent from the spool)", labels=lab)
         pending = GaugeMetricFamily("aegis_sink_spool_pending_events", "Records waiting in the sink's spool",
                                     labels=lab)
         rtt = HistogramMetricFamily("aegis_sink_roundtrip_seconds",
@@ -64,6 +67,7 @@ class KafkaSinkCollector(Collector):
             retried.add_metric(name, s.retried)
             spooled.add_metric(name, s.spooled)
             failed.add_metric(name, s.delivery_failed)
+            lost.add_metric(name, s.producer_lost)
             for reason, n in sorted(s.dropped.items()):
                 dropped.add_metric([s.name, reason], n)
             pending.add_metric(name, s.spool.pending_events if s.spool is not None else 0)
@@ -73,4 +77,4 @@ class KafkaSinkCollector(Collector):
                 total += n  # the sink keeps per-bucket counts; Prometheus wants cumulative
                 buckets.append((bound, total))
             rtt.add_metric(name, buckets, s.rtt_sum)
-        yield from (up, sent, acked, retried, spooled, failed, dropped, pending, rtt)
+        yield from (up, sent, acked, retried, spooled, failed, lost, dropped, pending, rtt)
