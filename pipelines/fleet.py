@@ -64,7 +64,7 @@ from aegis_stream.fleet.topics import (
     TopicError,
     list_topics,
 )
-from aegis_stream.pipeline.schema import FleetEvent, FleetHost, FleetRule, SloEvent, StateEvent
+from aegis_stream.pipeline.schema import FleetEvent, FleetHost, FleetRule, SloEvent
 from aegis_stream.processors.degraded import DegradedConfig
 from aegis_stream.processors.slo import SloConfig
 from pipelines import fleet_logic as fl
@@ -312,8 +312,6 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
                 m = e.message
                 try:
                     ev = fl.state_topic_decoder.decode(m.value)
-                    totals = (fl.totals_decoder.decode(m.value) if isinstance(ev, StateEvent)
-                              else None)
                 except (msgspec.DecodeError, ValueError):
                     stats["bad"] += 1
                     stats["bad_reasons"]["state_undecodable"] = stats["bad_reasons"].get(
@@ -330,8 +328,7 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
                 # clock), not when a catching-up worker read it: a host silent during
                 # the worker's downtime must still show as silent
                 at = min(now, m.timestamp) if m.timestamp else now
-                if fl.apply_state(row, m.offset, ev, totals or fl.StateTotals(), at,
-                                  degraded_cfg, slo_cfg):
+                if fl.apply_state(row, m.offset, ev, at, degraded_cfg, slo_cfg):
                     hosts[key] = fl.encode_row(row)
                     stats["state_records"] += 1
                     if row.state != before:

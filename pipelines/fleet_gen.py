@@ -69,20 +69,17 @@ def expected(events: list[DecisionEvent] | Iterator[DecisionEvent]) -> Expected:
 
 def state(host: str, state_: str = "enforcing", *, seq: int = 0, emitted: dict[str, int] | None = None,
           dropped: dict[str, int] | None = None, reasons: list[str] | None = None) -> bytes:
-    """A state record, with the optional cumulative totals the fleet SLO reads."""
+    """A state record as the agent writes it (cumulative per-class totals included)."""
     ev = StateEvent(
         event_id=f"0123abcd-agent-{seq}", time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         + ".000000Z", host=host, state=state_, previous="", reasons=list(reasons or []),  # type: ignore[arg-type]
         hooks_attached=["file_open", "bprm_check_security"],
         hooks_expected=["file_open", "bprm_check_security"], mode="enforce", generation=1,
         ring_fill={"deny": 0.0, "audit": 0.0}, consumer_lag_bytes={"deny": 0, "audit": 0},
-        drop_ratio={"deny": 0.0, "audit": 0.0},
+        drop_ratio={"deny": 0.0, "audit": 0.0}, emitted_total=dict(emitted or {}),
+        dropped_total=dict(dropped or {}),
     )
-    doc: dict[str, Any] = msgspec.to_builtins(ev)
-    if emitted is not None:
-        doc["emitted_total"] = emitted
-        doc["dropped_total"] = dropped or {}
-    return _enc.encode(doc)
+    return _enc.encode(ev)
 
 
 def produce_decisions(bootstrap: str, events: Iterator[DecisionEvent], *, topic: str = DECISION_TOPIC) -> int:

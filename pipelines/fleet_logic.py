@@ -73,15 +73,6 @@ class HostRow(msgspec.Struct, kw_only=True):
     agent_alerts: dict[str, str] = {}  # "class/alert" -> firing|resolved (its aegis.slo.v1)
 
 
-class StateTotals(msgspec.Struct, kw_only=True):
-    """Optional cumulative counters of a state record (per class, since agent start).
-
-    Read with a separate decoder so state records that lack them still decode."""
-
-    emitted_total: dict[str, int] = {}
-    dropped_total: dict[str, int] = {}
-
-
 _enc = msgspec.json.Encoder()
 _counts_dec = msgspec.json.Decoder(Counts)
 _host_dec = msgspec.json.Decoder(HostRow)
@@ -89,7 +80,6 @@ decision_decoder = msgspec.json.Decoder(DecisionEvent)
 state_decoder = msgspec.json.Decoder(StateEvent)
 # the state topic carries the agent's state changes and its own SLO alert changes
 state_topic_decoder = msgspec.json.Decoder(StateEvent | SloEvent)
-totals_decoder = msgspec.json.Decoder(StateTotals)
 
 
 def encode_row(row: msgspec.Struct) -> bytes:
@@ -355,7 +345,6 @@ def apply_state(
     row: HostRow,
     offset: int,
     ev: StateEvent,
-    totals: StateTotals,
     now: float,
     degraded: DegradedConfig,
     slo: SloConfig,
@@ -368,9 +357,9 @@ def apply_state(
     monitor.observe(sample_of(ev, now))
     row.monitor = monitor.snapshot()
     tracker = DropRateSlo.restore(row.slo) if row.slo else DropRateSlo(slo)
-    for klass in sorted(totals.emitted_total):
-        e = totals.emitted_total[klass]
-        d = totals.dropped_total.get(klass, 0)
+    for klass in sorted(ev.emitted_total):  # empty in records of agents before the field
+        e = ev.emitted_total[klass]
+        d = ev.dropped_total.get(klass, 0)
         prev_e, prev_d = tracker.last.get(klass, (0, 0))
         # reset-corrected cumulative, the same rule DropRateSlo.observe applies
         row.emitted[klass] = row.emitted.get(klass, 0) + (e - prev_e if e >= prev_e else e)

@@ -157,37 +157,36 @@ def test_top_rules_order_and_ties():
     assert all(t.denies for t in fl.top_rules(merged, 10))  # audits-only rules are not "denied"
 
 
-def _state(host: str, state: str = "enforcing", **kw) -> tuple[object, fl.StateTotals]:
-    raw = g.state(host, state, **kw)
-    return fl.state_decoder.decode(raw), fl.totals_decoder.decode(raw)
+def _state(host: str, state: str = "enforcing", **kw):
+    return fl.state_decoder.decode(g.state(host, state, **kw))
 
 
 def test_host_state_worst_of_agent_and_monitor_and_dedup():
     row = fl.HostRow(host="h")
-    ev, tot = _state("h", "degraded", reasons=["sink failing: kafka"])
-    assert fl.apply_state(row, 5, ev, tot, 100.0, DegradedConfig(), SloConfig())
+    ev = _state("h", "degraded", reasons=["sink failing: kafka"])
+    assert fl.apply_state(row, 5, ev, 100.0, DegradedConfig(), SloConfig())
     assert row.state == "degraded" and row.agent_state == "degraded"
     assert "sink_failing" in row.reason_codes
-    assert not fl.apply_state(row, 5, ev, tot, 101.0, DegradedConfig(), SloConfig())  # replay
+    assert not fl.apply_state(row, 5, ev, 101.0, DegradedConfig(), SloConfig())  # replay
     # the agent says enforcing but its record shows a ring 90% full: the monitor (the
     # agent's own DegradedMonitor, same thresholds) judges degraded
-    ev2, tot2 = _state("h")
+    ev2 = _state("h")
     ev2 = msgspec.structs.replace(ev2, ring_fill={"deny": 0.9})
-    assert fl.apply_state(row, 6, ev2, tot2, 102.0, DegradedConfig(), SloConfig())
+    assert fl.apply_state(row, 6, ev2, 102.0, DegradedConfig(), SloConfig())
     assert row.agent_state == "enforcing" and row.state == "degraded"
     assert "ring_high" in row.reason_codes
 
 
 def test_silence_degrades_and_a_new_record_clears_it():
     row = fl.HostRow(host="h")
-    ev, tot = _state("h")
-    fl.apply_state(row, 0, ev, tot, 1000.0, DegradedConfig(), SloConfig())
+    ev = _state("h")
+    fl.apply_state(row, 0, ev, 1000.0, DegradedConfig(), SloConfig())
     assert row.state == "enforcing"
     assert not fl.check_silence(row, 1029.0, 30.0)
     assert fl.check_silence(row, 1031.0, 30.0)
     assert row.silent and row.state == "degraded" and "agent_unresponsive" in row.reason_codes
     assert not fl.check_silence(row, 1040.0, 30.0)  # already silent: no second change
-    fl.apply_state(row, 1, ev, tot, 1041.0, DegradedConfig(), SloConfig())
+    fl.apply_state(row, 1, ev, 1041.0, DegradedConfig(), SloConfig())
     assert not row.silent and row.state == "enforcing" and row.reason_codes == []
 
 
@@ -196,10 +195,10 @@ def test_fleet_slo_window_sums_hosts_and_survives_counter_reset():
     rows = []
     for host, (e1, d1, e2, d2) in {"a": (1000, 0, 2000, 10), "b": (500, 0, 100, 5)}.items():
         row = fl.HostRow(host=host)
-        ev, tot = _state(host, emitted={"audit": e1}, dropped={"audit": d1})
-        fl.apply_state(row, 0, ev, tot, 100.0, DegradedConfig(), cfg)
-        ev, tot = _state(host, emitted={"audit": e2}, dropped={"audit": d2})  # b: agent restarted
-        fl.apply_state(row, 1, ev, tot, 110.0, DegradedConfig(), cfg)
+        ev = _state(host, emitted={"audit": e1}, dropped={"audit": d1})
+        fl.apply_state(row, 0, ev, 100.0, DegradedConfig(), cfg)
+        ev = _state(host, emitted={"audit": e2}, dropped={"audit": d2})  # b: agent restarted
+        fl.apply_state(row, 1, ev, 110.0, DegradedConfig(), cfg)
         rows.append(row)
     w = fl.fleet_window(rows, "audit", 3600, 110.0)
     assert (w.emitted, w.dropped) == (2000 + 600, 15)
@@ -276,5 +275,5 @@ def test_state_topic_carries_slo_alerts_too():
     row = fl.HostRow(host="h")
     assert fl.apply_slo(row, 3, ev) and row.agent_alerts == {"audit/page": "firing"}
     assert not fl.apply_slo(row, 3, ev)
-    st, _ = _state("h")
-    assert not fl.apply_state(row, 2, st, fl.StateTotals(), 1.0, DegradedConfig(), SloConfig())  # older
+    st = _state("h")
+    assert not fl.apply_state(row, 2, st, 1.0, DegradedConfig(), SloConfig())  # older
