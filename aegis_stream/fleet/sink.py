@@ -3,10 +3,21 @@ and state next to them, denies never lost.
 
 Client: confluent-kafka (librdkafka), chosen by measurement (``python -m
 bench.kafka_sink_bench``, docs/FLEET.md).  ``produce()`` only appends to librdkafka's
-queue (its own C threads talk to the broker); delivery reports arrive through ``poll()``,
-which a dedicated thread per sink calls.  The trio side produces a batch inline and, for
-the classes that must not be lost, awaits the batch's last delivery report through a
-``trio.Event`` set from that thread (one cross-thread wake per batch, not per event).
+queue (its own C threads talk to the broker), but it costs ~3-6 us of Python per record
+(the headers more than the call), and in the agent's process that competes with the
+ring readers and the normaliser for the GIL.  So by default the producer runs in a
+separate process (:mod:`aegis_stream.fleet.producer`): the trio side hands each batch
+over as one frame (queued for a sender thread, so ``write`` never blocks on the socket),
+the child splits the lines and produces them with the class's pre-built topic and
+headers, and one small DONE frame per batch comes back with its delivery counts.  The
+sink's poll thread reads those frames (in-process mode, ``producer_process=False``: it
+calls librdkafka's ``poll()``), and for the classes that must not be lost the trio side
+awaits the batch's report through a ``trio.Event`` set from that thread (one cross-thread
+wake per batch, not per event).  A producer process that dies (EOF on its socket, or
+reaped) is counted (``producer_lost``) and replaced; the batches it had not reported are
+failed: a deny batch's writer spools it (its replay goes through the next process),
+best-effort records are counted ``sink/producer_lost`` (some may have been delivered
+unreported: counted lost all the same).
 
 Delivery per class::
 
