@@ -432,3 +432,28 @@ async def test_producer_process_killed(tmp_path: Path) -> None:
     fams = {f.name: f for f in KafkaSinkCollector(SimpleNamespace(stats=lambda: SimpleNamespace(sinks=(st,))))
             .collect()}
     assert [s.value for s in fams["aegis_sink_producer_lost"].samples if s.name.endswith("_total")] == [1]
+
+
+async def test_hung_producer_process_is_replaced(tmp_path: Path) -> None:
+    """A producer process that stops answering (SIGSTOP) is killed when a probe goes
+    unanswered, and replaced; the spooled denies go through the new one."""
+    import os
+    import signal
+
+    prod = FakeProducer(shared=tmp_path / "broker")
+    sink = make(tmp_path, prod)
+    try:
+        await sink.write(batch("deny", 0, 2))
+        pid = sink.producer_pid
+        prod.up = False
+        await sink.write(batch("deny", 2, 2))  # no ack: spooled, the poll thread probes
+        assert sink.statistics().spooled == 2
+        os.kill(pid, signal.SIGSTOP)
+        await wait_for(lambda: sink.producer_pid not in (0, pid), timeout=10)
+        st = sink.statistics()
+        assert st.producer_lost == 1 and not st.up
+        prod.up = True
+        await wait_for(lambda: sink.statistics().spool.pending_events == 0)  # type: ignore[union-attr]
+    finally:
+        await sink.aclose()
+    assert list(dict.fromkeys(v["seq"] for v in prod.values())) == [0, 1, 2, 3]

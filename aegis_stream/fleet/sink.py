@@ -783,10 +783,10 @@ class KafkaSink:
         (bounded by ``start_timeout_s``) before a durable batch's ack timeout starts, so
         that its start is not mistaken for a broker that does not ack."""
         proc = self._proc
-        if proc is None or proc.ready:
-            return
+        if proc is None or proc.ready or not self._up:
+            return  # (down: the batch is spooled without waiting)
         with trio.move_on_after(self.start_timeout_s):
-            while not proc.ready and proc is self._proc:
+            while not proc.ready and proc is self._proc and self._up:
                 await trio.sleep(0.005)
 
     # ------------------------------------------------------------------ poll thread
@@ -979,6 +979,14 @@ class KafkaSink:
             status, topic, words = _topics_state(self.producer, False, timeout)
         else:
             res = self._call(PROBE, 0, timeout, timeout + 2.0, pump=True)
+            proc = self._proc
+            if res is None and proc is not None and (
+                    proc.ready or time.monotonic() - proc.started > self.start_timeout_s):
+                # hung (its probe has its own bound): kill it; the EOF replaces it
+                _log.warning("kafka %s: producer process %d does not answer: killing it",
+                             self.bootstrap, proc.pid)
+                with contextlib.suppress(OSError):
+                    proc.popen.kill()
             if res is None:
                 status, topic, words = TOPICS_UNAVAILABLE, "", "the producer process does not answer"
             else:
