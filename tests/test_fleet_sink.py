@@ -457,3 +457,27 @@ async def test_hung_producer_process_is_replaced(tmp_path: Path) -> None:
     finally:
         await sink.aclose()
     assert list(dict.fromkeys(v["seq"] for v in prod.values())) == [0, 1, 2, 3]
+
+
+async def test_producer_process_outlives_sigint_and_sigterm(tmp_path: Path) -> None:
+    """^C / a service stop reach the whole process group: the producer process waits for
+    the agent's drain and close (EOF) instead of dying with records in flight."""
+    import os
+    import signal
+
+    prod = FakeProducer(shared=tmp_path / "broker")
+    sink = make(tmp_path, prod)
+    try:
+        await sink.write(batch("deny", 0, 1))
+        pid = sink.producer_pid
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+        await sink.write(batch("deny", 1, 1))
+        await trio.sleep(0.2)
+        st = sink.statistics()
+        assert st.producer_pid == pid and st.producer_lost == 0 and st.acked == 2
+    finally:
+        await sink.aclose()
+    assert sink.statistics().producer_pid == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # closed and reaped

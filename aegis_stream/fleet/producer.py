@@ -402,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     """The producer process: ``python -m aegis_stream.fleet.producer FD`` with the spec (JSON)
     on stdin; runs until EOF on FD."""
     args = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent drains and closes; EOF ends it
+    # a terminal's ^C and a service manager's SIGTERM reach the whole group: the agent
+    # drains, then FLUSHes and closes this process (EOF ends it; the agent's death too)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     spec = json.loads(sys.stdin.buffer.read())
     for path in reversed(spec.get("sys_path") or []):
         if path not in sys.path:
