@@ -18,8 +18,10 @@ from aegis_stream.fleet.topics import DECISION_TOPIC, HEADER_SCHEMA, HEADER_SCHE
 from aegis_stream.pipeline.schema import DecisionEvent, StateEvent
 
 _enc = msgspec.json.Encoder()
-DECISION_HEADERS = [(HEADER_SCHEMA, b"aegis.decision.v1"), (HEADER_SCHEMA_VERSION, b"1")]
-STATE_HEADERS = [(HEADER_SCHEMA, b"aegis.state.v1"), (HEADER_SCHEMA_VERSION, b"1")]
+DECISION_HEADERS: list[tuple[str, str | bytes | None]] = [
+    (HEADER_SCHEMA, b"aegis.decision.v1"), (HEADER_SCHEMA_VERSION, b"1")]
+STATE_HEADERS: list[tuple[str, str | bytes | None]] = [
+    (HEADER_SCHEMA, b"aegis.state.v1"), (HEADER_SCHEMA_VERSION, b"1")]
 
 
 class Expected(msgspec.Struct):
@@ -34,9 +36,12 @@ class Expected(msgspec.Struct):
 def decision(i: int, *, hosts: int, rules: int, t0: int, rate: int) -> DecisionEvent:
     host = f"host-{i % hosts:03d}"
     t = t0 + i // max(rate, 1)
+    # ktime advances with the decision time (``rate`` per second): the fleet worker's
+    # dedup window (1 s of ktime) then holds about a second of a host's ids, as it would live
+    kt = 1_000_000_000 + i * (1_000_000_000 // max(rate, 1))
     return DecisionEvent(
-        event_id=f"0123abcd-{1_000_000 + i}-{i % 97}", time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
-        + f".{i % 1_000_000:06d}Z", ktime_ns=1_000_000 + i, host=host, hook="file_open", action="open",
+        event_id=f"0123abcd-{kt}-{i % 97}", time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+        + f".{i % 1_000_000:06d}Z", ktime_ns=kt, host=host, hook="file_open", action="open",
         decision="audit" if i % 5 == 0 else "deny", mode="enforce", rule_id=f"rule-{(i * 7) % rules}",
         rule_index=(i * 7) % rules, generation=1 + (i // 1000) % 2, policy_name="fleet", policy_version=1,
         policy_digest="sha256:00", rule_source="/etc/shadow", dev="8:1", ino=1234, cgroup_id=1,

@@ -15,6 +15,21 @@ Exactness by idempotence
     partition it was written to; a key written from two partitions would restore to
     whichever partition was read last.)
 
+Each decision once per (host, ``event_id``)
+    The agent's sink delivers denies at least once: a batch produced but not acked in
+    time is spooled and produced again after the broker returns, at new offsets, behind
+    newer records.  Offsets cannot see that; the host row can.  It keeps, per (boot,
+    class), the newest ``ktime_ns`` absorbed and the ids absorbed within a reorder window
+    (1 s) below it (:func:`seen_before`): an id in that set, or a ktime below the window,
+    is a repeat -- refused, counted per class in the row (``duplicates``) and in the
+    worker's dropped-records metric (``duplicate``).  The host row decides for every table
+    (a rule or window row takes only what its host row accepted), and it is written after
+    the batch's rule and window rows, into the same changelog partition: whatever prefix a
+    crash leaves, a host row's dedup state is that of its ``hw`` and every row its batch
+    touched survived with it, so a replay decides each record exactly as the first run
+    did (tests/test_fleet_worker.py cuts that changelog at every point).  Bounded: about a
+    window of ids per (host, class), :data:`MAX_BOOTS` boots per host.
+
 Per-host judgement reuses the agent's processors: :class:`~aegis_stream.processors.
 degraded.DegradedMonitor` (same thresholds and hysteresis, fed from the host's state
 records) and :class:`~aegis_stream.processors.slo.DropRateSlo` (fed with the cumulative
@@ -42,13 +57,28 @@ PROGRESS_KEY = "@progress"
 
 
 # ------------------------------------------------------------------ rows (table values)
-class Counts(msgspec.Struct, kw_only=True):
-    """Decisions absorbed by one row; ``hw`` = highest source offset absorbed (-1 none)."""
+class Seen(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Dedup state of one (host, boot, class): the highest ``ktime_ns`` absorbed and the
+    event ids absorbed within the reorder window below it (id -> its ktime)."""
+
+    hw: int = 0
+    since: int = -1  # source offset of the boot's first record (the eviction order)
+    ids: dict[str, int] = {}
+
+
+class Counts(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Decisions absorbed by one row; ``hw`` = highest source offset absorbed (-1 none).
+
+    Host rows also carry the dedup state of their host (``seen``, keyed ``class|boot``)
+    and the duplicates it refused per class: in the same changelog record as the counts
+    and ``hw``, so a restored row's dedup state is exactly the one its counts came from."""
 
     deny: int = 0
     audit: int = 0
     hw: int = -1
     last_time: str = ""  # the newest decision time seen (RFC 3339)
+    duplicates: dict[str, int] = {}
+    seen: dict[str, Seen] = {}
 
 
 class HostRow(msgspec.Struct, kw_only=True):
@@ -236,54 +266,151 @@ def apply_delta(row: Counts, delta: DecisionDelta, offsets: list[int] | None = N
     return True
 
 
+DEDUP_WINDOW_NS = 1_000_000_000  # reorder window below a (host, boot, class)'s newest ktime
+MAX_BOOTS = 16  # per host and class: a spool replayed across a few reboots still dedups
+
+
+def _evict_boots(row: Counts, klass: str) -> None:
+    mine = [k for k in row.seen if k.startswith(klass + "|")]
+    if len(mine) > MAX_BOOTS:  # the boot first seen longest ago goes
+        del row.seen[min(mine, key=lambda k: row.seen[k].since)]
+
+
+def seen_before(row: Counts, ev: DecisionEvent, offset: int, window_ns: int = DEDUP_WINDOW_NS) -> bool:
+    """Whether the host row already absorbed this decision (same ``event_id``, at an
+    earlier offset); records it as absorbed otherwise.
+
+    ``event_id`` is ``<boot>-<ktime_ns>-<tid>`` and a host's records come in produce order,
+    so a repeat (the sink's spool replay) comes after its original with a ktime at or
+    below the boot's newest: within ``window_ns`` of it the id itself decides, below that
+    the record is older than anything the window keeps and is a repeat.  Rings are only
+    nearly ktime-ordered across CPUs: the window must exceed that disorder (1 s is far
+    above it), or an original that late would be refused (and counted as a duplicate)."""
+    boot, _, rest = ev.event_id.partition("-")
+    key = f"{ev.decision}|{boot}"
+    kt = ev.ktime_ns
+    s = row.seen.get(key)
+    if s is None:
+        row.seen[key] = Seen(hw=kt, since=offset, ids={rest: kt})
+        _evict_boots(row, ev.decision)
+        return False
+    if kt > s.hw:
+        s.hw = kt
+    elif kt < s.hw - window_ns or rest in s.ids:
+        return True
+    s.ids[rest] = kt
+    return False
+
+
+def prune_seen(row: Counts, window_ns: int = DEDUP_WINDOW_NS) -> None:
+    """Forget ids that fell below their window (the ktime test alone decides them now)."""
+    for s in row.seen.values():
+        floor = s.hw - window_ns
+        if any(v < floor for v in s.ids.values()):
+            s.ids = {k: v for k, v in s.ids.items() if v >= floor}
+
+
+class ExactFold(msgspec.Struct):
+    """:func:`fold_exact`'s accounting: records read, undecodable/bad ones (by reason),
+    repeats of an absorbed ``event_id`` refused (``duplicates``, by class), and records
+    some earlier run already absorbed (``replayed``: a restart's re-read)."""
+
+    records: int = 0
+    bad: int = 0
+    bad_reasons: dict[str, int] = {}
+    duplicates: dict[str, int] = {}
+    replayed: int = 0
+
+
 def fold_exact(
     records: list[tuple[int, int, bytes]],
     window_s: int,
     get: Callable[[str, str], Counts],
-) -> tuple[dict[tuple[str, str], Counts], FoldResult]:
-    """Fold a batch and apply it to the current rows (``get(table, key)``); returns the
-    rows that changed, keyed by (table, key), and the fold's accounting.
+    window_ns: int = DEDUP_WINDOW_NS,
+) -> tuple[dict[tuple[str, str], Counts], ExactFold]:
+    """Fold a batch into the current rows (``get(table, key)``), each record once per
+    (host, ``event_id``): returns the rows that changed, keyed by (table, key), host rows
+    LAST, and the accounting.  Records of one partition must come in offset order.
 
-    Records a row already absorbed (offset <= its hw) are dropped before folding, per row,
-    so a batch that straddles a row's high-water offset is still exact."""
-    result = fold_decisions(records, window_s)
+    The host row decides (dedup state and ``hw`` together); the rule and window rows take
+    what it accepted, each above its own ``hw``.  The caller writes the changed rows in the
+    order returned, all into the partition's changelog partition, so a host row that
+    survived a crash implies every rule/window row of its batch did: a record at or below
+    the host row's ``hw`` is absorbed everywhere, one above it is decided afresh by a dedup
+    state that is exactly the one of that offset."""
+    acct = ExactFold(bad_reasons={}, duplicates={})
+    host_rows: dict[str, Counts] = {}
+    touched: set[str] = set()
+    rules: dict[str, DecisionDelta] = {}
+    windows: dict[str, DecisionDelta] = {}
+    accepted: list[tuple[int, str, str, str, str]] = []  # offset, decision, rule, window, time
+    dec = decision_decoder.decode
+    for partition, offset, value in records:
+        acct.records += 1
+        try:
+            ev = dec(value)
+            if ev.decision not in CLASSES:
+                raise ValueError(f"decision {ev.decision!r}")
+            start = epoch_s(ev.time) // window_s * window_s
+        except (msgspec.DecodeError, ValueError) as exc:
+            acct.bad += 1
+            why = "undecodable" if isinstance(exc, msgspec.DecodeError) else "bad_field"
+            acct.bad_reasons[why] = acct.bad_reasons.get(why, 0) + 1
+            continue
+        hk = host_key(partition, ev.host)
+        row = host_rows.get(hk)
+        if row is None:
+            row = host_rows[hk] = get("hosts", hk)
+        if offset <= row.hw:
+            acct.replayed += 1
+            continue
+        row.hw = offset
+        touched.add(hk)
+        if seen_before(row, ev, offset, window_ns):
+            row.duplicates[ev.decision] = row.duplicates.get(ev.decision, 0) + 1
+            acct.duplicates[ev.decision] = acct.duplicates.get(ev.decision, 0) + 1
+            continue
+        if ev.decision == "deny":
+            row.deny += 1
+        else:
+            row.audit += 1
+        if ev.time > row.last_time:
+            row.last_time = ev.time
+        rk = rule_key(partition, ev.rule_id, ev.generation)
+        wk = window_key(partition, ev.rule_id, ev.generation, start)
+        _add(rules, rk, ev.decision, offset, ev.time)
+        _add(windows, wk, ev.decision, offset, ev.time)
+        accepted.append((offset, ev.decision, rk, wk, ev.time))
     changed: dict[tuple[str, str], Counts] = {}
-    straddling = False
-    for table, deltas in (("hosts", result.hosts), ("rules", result.rules), ("windows", result.windows)):
+    for table, deltas, which in (("rules", rules, 2), ("windows", windows, 3)):
         for key, delta in deltas.items():
             row = get(table, key)
-            if delta.first <= row.hw < delta.hw:
-                straddling = True
-                break
-            if apply_delta(row, delta):
-                changed[(table, key)] = row
-        if straddling:
-            break
-    if not straddling:
-        return changed, result
-    # slow path (only right after a restart that replays from before some rows' hw):
-    # one record at a time against fresh rows
-    changed = {}
-    rows: dict[tuple[str, str], Counts] = {}
-    for rec in records:
-        one = fold_decisions([rec], window_s)
-        for table, deltas in (("hosts", one.hosts), ("rules", one.rules), ("windows", one.windows)):
-            for key, delta in deltas.items():
-                cur = rows.get((table, key))
-                if cur is None:
-                    cur = rows[(table, key)] = get(table, key)
-                if apply_delta(cur, delta):
-                    changed[(table, key)] = cur
-    return changed, result
+            if delta.hw <= row.hw:
+                continue  # absorbed before the crash
+            if delta.first <= row.hw:  # straddles (a restart): only the records above hw
+                redo: dict[str, DecisionDelta] = {}
+                for acc in accepted:
+                    if acc[which] == key and acc[0] > row.hw:
+                        _add(redo, key, acc[1], acc[0], acc[4])
+                delta = redo[key]
+            apply_delta(row, delta)
+            changed[(table, key)] = row
+    for hk in touched:  # last: see above
+        row = host_rows[hk]
+        prune_seen(row, window_ns)
+        changed[("hosts", hk)] = row
+    return changed, acct
 
 
 def fold_naive(
     records: list[tuple[int, int, bytes]],
     window_s: int,
     get: Callable[[str, str], Counts],
-) -> tuple[dict[tuple[str, str], Counts], FoldResult]:
+    window_ns: int = DEDUP_WINDOW_NS,
+) -> tuple[dict[tuple[str, str], Counts], ExactFold]:
     """faust's default semantics, for the demonstration (``--naive``): every record
-    delivered is counted, replays included (at-least-once over-counts after a crash)."""
+    delivered is counted, replays and repeated event ids included (at-least-once
+    over-counts after a crash); ``window_ns`` is ignored."""
     result = fold_decisions(records, window_s)
     changed: dict[tuple[str, str], Counts] = {}
     for table, deltas in (("hosts", result.hosts), ("rules", result.rules), ("windows", result.windows)):
@@ -294,7 +421,7 @@ def fold_naive(
             row.hw = max(row.hw, delta.hw)
             row.last_time = max(row.last_time, delta.last_time)
             changed[(table, key)] = row
-    return changed, result
+    return changed, ExactFold(records=result.records, bad=result.bad, bad_reasons=result.bad_reasons)
 
 
 # ------------------------------------------------------------------ fleet views

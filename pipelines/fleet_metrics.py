@@ -38,16 +38,30 @@ class FleetCollector(Collector):
         d = a = 0
         per_host = GaugeMetricFamily("aegis_fleet_host_decisions", "decisions per host",
                                      labels=["host", "decision"])
+        dup = CounterMetricFamily("aegis_fleet_duplicates", "repeats of an event_id a host row "
+                                  "had absorbed (the sink's at-least-once replay), not counted; "
+                                  "exact, from the tables", labels=["decision"])
+        host_dup = GaugeMetricFamily("aegis_fleet_host_duplicates", "repeated event_ids refused "
+                                     "per host", labels=["host", "decision"])
+        dups = dict.fromkeys(fl.CLASSES, 0)
         for key, row in self.decision_rows("h"):
             d += row.deny
             a += row.audit
             host = key.split("|", 1)[1]
             per_host.add_metric([host, "deny"], row.deny)
             per_host.add_metric([host, "audit"], row.audit)
+            for klass in fl.CLASSES:
+                n = row.duplicates.get(klass, 0)
+                dups[klass] += n
+                host_dup.add_metric([host, klass], n)
         dec.add_metric(["deny"], d)
         dec.add_metric(["audit"], a)
         yield dec
         yield per_host
+        for klass, n in dups.items():
+            dup.add_metric([klass], n)
+        yield dup
+        yield host_dup
         rules = GaugeMetricFamily("aegis_fleet_rule_denies", "denies per (rule, generation), "
                                   "all-time", labels=["rule", "generation"])
         for (rule, gen), c in fl.merge_rules(self.decision_rows("r")).items():
@@ -58,13 +72,20 @@ class FleetCollector(Collector):
                                   labels=["host", "state"])
         silent = GaugeMetricFamily("aegis_fleet_host_silent", "1 when no state record came for "
                                    "silent_after_s", labels=["host"])
+        slo_in = GaugeMetricFamily("aegis_fleet_host_slo_events", "a host's cumulative decisions "
+                                   "emitted and lost, per class, from its state records (the "
+                                   "fleet SLO's input)", labels=["host", "class", "kind"])
         for h in self.host_rows():
+            for klass in sorted(set(h.emitted) | set(h.dropped)):
+                slo_in.add_metric([h.host, klass, "emitted"], h.emitted.get(klass, 0))
+                slo_in.add_metric([h.host, klass, "dropped"], h.dropped.get(klass, 0))
             for s in STATES:
                 state.add_metric([h.host, s], 1 if h.state == s else 0)
             by_state[h.state] = by_state.get(h.state, 0) + 1
             silent.add_metric([h.host], 1 if h.silent else 0)
         yield state
         yield silent
+        yield slo_in
         hosts = GaugeMetricFamily("aegis_fleet_hosts", "hosts per fleet state", labels=["state"])
         for s, n in sorted(by_state.items()):
             hosts.add_metric([s], n)
@@ -76,7 +97,7 @@ class FleetCollector(Collector):
         yield lag
         bad = CounterMetricFamily("aegis_fleet_records_dropped", "source records not counted, "
                                   "by reason (this worker process)", labels=["reason"])
-        for why in ("undecodable", "bad_field", "state_undecodable"):
+        for why in ("undecodable", "bad_field", "state_undecodable", "duplicate"):
             bad.add_metric([why], self.stats["bad_reasons"].get(why, 0))
         yield bad
         seen = CounterMetricFamily("aegis_fleet_records", "source records read by this worker "
@@ -84,6 +105,10 @@ class FleetCollector(Collector):
         seen.add_metric(["decision"], self.stats["records"])
         seen.add_metric(["state"], self.stats["state_records"])
         yield seen
+        yield CounterMetricFamily("aegis_fleet_records_replayed", "decision records this worker "
+                                  "process re-read that its restored tables had absorbed (a "
+                                  "restart's replay: skipped, idempotent)",
+                                  value=self.stats.get("replayed", 0))
 
 
 def serve_metrics(addr: str, **kw: Any) -> CollectorRegistry:
