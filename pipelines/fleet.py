@@ -444,7 +444,7 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
 
         def start_metrics() -> None:
             serve_metrics(s.metrics_addr, host_rows=lambda: snap["hosts"],
-                          decision_rows=lambda kind: snap[kind], stats=stats)
+                          decision_rows=lambda kind: snap[kind], stats=stats, slo=slo_cfg)
 
         @app.timer(interval=0.5)
         async def refresh_metrics() -> None:

@@ -7,6 +7,7 @@ from the changelog, so ``_total`` series stay monotonic across restarts).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -14,6 +15,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from aegis_stream.pipeline.accounting import window_label
+from aegis_stream.processors.slo import SloConfig
 from pipelines import fleet_logic as fl
 
 STATES = ("enforcing", "auditing", "degraded", "blind")
@@ -27,10 +30,14 @@ class FleetCollector(Collector):
         host_rows: Callable[[], Iterable[fl.HostRow]],
         decision_rows: Callable[[str], Iterable[tuple[str, fl.Counts]]],
         stats: dict[str, Any],
+        slo: SloConfig | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.host_rows = host_rows
         self.decision_rows = decision_rows
         self.stats = stats
+        self.slo = slo or SloConfig()
+        self.clock = clock
 
     def collect(self) -> Iterator[Any]:
         dec = CounterMetricFamily("aegis_fleet_decisions", "decisions counted by the fleet "
@@ -75,7 +82,8 @@ class FleetCollector(Collector):
         slo_in = GaugeMetricFamily("aegis_fleet_host_slo_events", "a host's cumulative decisions "
                                    "emitted and lost, per class, from its state records (the "
                                    "fleet SLO's input)", labels=["host", "class", "kind"])
-        for h in self.host_rows():
+        hosts_seen = list(self.host_rows())
+        for h in hosts_seen:
             for klass in sorted(set(h.emitted) | set(h.dropped)):
                 slo_in.add_metric([h.host, klass, "emitted"], h.emitted.get(klass, 0))
                 slo_in.add_metric([h.host, klass, "dropped"], h.dropped.get(klass, 0))
@@ -86,6 +94,7 @@ class FleetCollector(Collector):
         yield state
         yield silent
         yield slo_in
+        yield from self.collect_slo(hosts_seen)
         hosts = GaugeMetricFamily("aegis_fleet_hosts", "hosts per fleet state", labels=["state"])
         for s, n in sorted(by_state.items()):
             hosts.add_metric([s], n)
@@ -109,6 +118,44 @@ class FleetCollector(Collector):
                                   "process re-read that its restored tables had absorbed (a "
                                   "restart's replay: skipped, idempotent)",
                                   value=self.stats.get("replayed", 0))
+
+
+    def collect_slo(self, rows: list[fl.HostRow]) -> Iterator[Any]:
+        """The fleet drop-rate SLO: the hosts' cumulative totals and drop ratio, their
+        DropRateSlo windows summed and the burn rates (the same sums the worker's
+        aegis.fleet.v1 slo_alert records judge), and which fleet alerts fire."""
+        total = CounterMetricFamily("aegis_fleet_slo_events", "decisions the hosts' agents "
+                                    "emitted and lost since they started, summed over the "
+                                    "fleet (their state records' cumulative totals)",
+                                    labels=["class", "kind"])
+        ratio = GaugeMetricFamily("aegis_fleet_drop_ratio", "fleet decisions lost / emitted "
+                                  "since the agents started", labels=["class"])
+        win = GaugeMetricFamily("aegis_fleet_slo_window_events", "emitted and lost in the "
+                                "SLO window, the hosts' windows summed",
+                                labels=["class", "window", "kind"])
+        burn = GaugeMetricFamily("aegis_fleet_slo_burn_rate", "the fleet's drop ratio in the "
+                                 "window / the objective", labels=["class", "window"])
+        now = self.clock()
+        seconds = sorted({a.long_s for a in self.slo.alerts} | {a.short_s for a in self.slo.alerts})
+        for klass in fl.CLASSES:
+            e = sum(r.emitted.get(klass, 0) for r in rows)
+            d = sum(r.dropped.get(klass, 0) for r in rows)
+            total.add_metric([klass, "emitted"], e)
+            total.add_metric([klass, "dropped"], d)
+            ratio.add_metric([klass], d / max(e, d) if max(e, d) else 0.0)
+            for sec in seconds:
+                w = fl.fleet_window(rows, klass, sec, now)
+                label = window_label(sec)
+                win.add_metric([klass, label, "emitted"], w.emitted)
+                win.add_metric([klass, label, "dropped"], w.dropped)
+                burn.add_metric([klass, label], w.ratio / self.slo.objective)
+        firing = GaugeMetricFamily("aegis_fleet_slo_alert_firing", "1 while the fleet's "
+                                   "burn-rate alert fires", labels=["class", "alert"])
+        for klass in fl.CLASSES:
+            for rule in self.slo.alerts:
+                on = self.stats.get("slo_firing", {}).get(f"{klass}/{rule.name}", False)
+                firing.add_metric([klass, rule.name], 1 if on else 0)
+        yield from (total, ratio, win, burn, firing)
 
 
 def serve_metrics(addr: str, **kw: Any) -> CollectorRegistry:

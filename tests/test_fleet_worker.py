@@ -419,3 +419,35 @@ def test_dedup_state_restored_from_the_changelog_and_exact_across_any_crash_poin
         assert _rule_denies(t) == want_deny, cut
         got_dups = sum(sum(r.duplicates.values()) for (k, _), r in t.rows.items() if k == "hosts")
         assert got_dups == want_dups, cut
+
+
+def test_metrics_report_duplicates_and_the_fleet_slo():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipelines.fleet_metrics import FleetCollector
+
+    cfg = SloConfig()
+    rows = []
+    for i, (host, e, d) in enumerate((("a", 10_000, 300), ("b", 30_000, 0))):
+        row = fl.HostRow(host=host)
+        fl.apply_state(row, 0, _state(host, emitted={"audit": e, "deny": 50}, dropped={"audit": d, "deny": 0}),
+                       1000.0 + i, DegradedConfig(), cfg)
+        rows.append(row)
+    h = fl.Counts(deny=7, audit=1, duplicates={"deny": 3})
+    reg = CollectorRegistry()
+    reg.register(FleetCollector(lambda: rows, lambda kind: [("0|a", h)] if kind == "h" else [],
+                                {"lag": {}, "bad_reasons": {"duplicate": 3}, "records": 11, "state_records": 2,
+                                 "slo_firing": {"audit/page": True}}, cfg, clock=lambda: 1010.0))
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+         for fam in text_string_to_metric_families(generate_latest(reg).decode()) for s in fam.samples}
+    assert m[("aegis_fleet_duplicates_total", (("decision", "deny"),))] == 3
+    assert m[("aegis_fleet_host_duplicates", (("decision", "deny"), ("host", "a")))] == 3
+    assert m[("aegis_fleet_records_dropped_total", (("reason", "duplicate"),))] == 3
+    assert m[("aegis_fleet_host_slo_events", (("class", "audit"), ("host", "a"), ("kind", "dropped")))] == 300
+    assert m[("aegis_fleet_slo_events_total", (("class", "audit"), ("kind", "emitted")))] == 40_000
+    assert m[("aegis_fleet_drop_ratio", (("class", "audit"),))] == pytest.approx(300 / 40_000)
+    assert m[("aegis_fleet_slo_window_events", (("class", "audit"), ("kind", "dropped"), ("window", "1h")))] == 300
+    assert m[("aegis_fleet_slo_burn_rate", (("class", "audit"), ("window", "5m")))] == pytest.approx(7.5)
+    assert m[("aegis_fleet_slo_alert_firing", (("alert", "page"), ("class", "audit")))] == 1
+    assert m[("aegis_fleet_slo_alert_firing", (("alert", "page"), ("class", "deny")))] == 0

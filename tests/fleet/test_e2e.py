@@ -13,9 +13,12 @@ Proved:
   in the agent's order, with its explanation on aegis.explanation.v1;
 * the worker counts them: per host (its Prometheus ``aegis_fleet_host_decisions``) and
   per (rule, generation) (``aegis_fleet_rule_denies``), equal to the agents' own counts;
-* the fleet SLO matches the per-host SLOs the agents computed: the fleet's drop-rate
-  window sums the agents' own windows (emitted, dropped) per class, and the fleet alert
-  fires exactly when that sum burns past the threshold (host A's agent fires its own).
+* the fleet SLO matches the per-host SLOs the agents computed: each agent publishes its
+  cumulative emitted/dropped totals per class in every state record (a heartbeat every
+  second here, so one comes after its last event); the worker's per-host totals equal
+  each agent's own statistics, the fleet drop ratio equals their sum's, the fleet's
+  drop-rate window sums the agents' own windows per class, and the fleet alert fires
+  because that sum burns past the threshold (host A's agent fires its own).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import pytest
 import trio
 
 from aegis_stream.kernel import abi
-from aegis_stream.pipeline import Pipeline, PipelineConfig
+from aegis_stream.pipeline import Pipeline, PipelineConfig, PipelineStatistics
 from aegis_stream.pipeline.schema import DecisionEvent, SloEvent, event_decoder
 from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.policy.store import PolicyStore
@@ -46,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BURSTS = 12
 DENY_PER_BURST = 50
 AUDIT_PER_BURST = 400
+HEARTBEAT_S = 1.0  # the agents' state heartbeat (default 15 s): totals reach the worker soon
 
 
 def recorded_stream() -> list[tuple[bytes, bytes]]:
@@ -75,6 +79,7 @@ class Agent:
         self.pipeline: Pipeline | None = None
         self.kafka = None
         self.slo_windows: dict[str, tuple[int, int]] = {}
+        self.final: PipelineStatistics | None = None
 
     async def run(self, bootstrap: str, stream: list[tuple[bytes, bytes]]) -> None:
         from aegis_stream.fleet.sink import open_kafka_sink
@@ -86,15 +91,21 @@ class Agent:
         self.pipeline = p = Pipeline(self.kernel.consumers(), norm, [self.kafka, self.truth],
                                      self.kernel.view(),
                                      config=PipelineConfig(spool_dir=str(self.dir / "rawspool"),
-                                                           tick_s=0.2))
+                                                           tick_s=0.2, state_heartbeat_s=HEARTBEAT_S))
         async with trio.open_nursery() as n:
             await n.start(p.run)
             for deny, audit in stream:
                 self.kernel.emit_bulk("deny", deny, DENY_PER_BURST)
                 self.kernel.emit_bulk("audit", audit, AUDIT_PER_BURST)
                 await trio.sleep(0.05)
-            await trio.sleep(1.0)  # a few ticks: state, SLO evaluated on the final totals
+            # everything read and accounted, then two heartbeats: the last state record
+            # carries the final totals (and the SLO is evaluated on them)
+            with trio.fail_after(30):
+                while any(c.in_flight or c.backlog for c in p.statistics().classes.values()):
+                    await trio.sleep(0.05)
+            await trio.sleep(2 * HEARTBEAT_S + 0.5)
             assert await p.drain_and_stop(timeout=60)
+        self.final = p.statistics()
         await self.kafka.aclose()
         now = trio.current_time()
         for klass in ("deny", "audit"):
@@ -177,14 +188,18 @@ def fleet_run(e2e_broker, tmp_path_factory):
 
         trio.run(main)
         # the worker has caught up when its per-host deny counts stop short of nothing
+        # and read each agent's last state record (its final totals)
         want = {a.name: len(a.denies()) for a in agents}
+        final = {a.name: a.final.classes["audit"].kernel_emitted for a in agents if a.final}
         deadline = time.monotonic() + 120
         m: dict = {}
         while time.monotonic() < deadline:
             m = _metrics(port)
             got = {h: m.get(("aegis_fleet_host_decisions", (("decision", "deny"), ("host", h))))
                    for h in want}
-            if got == want:
+            emitted = {h: m.get(("aegis_fleet_host_slo_events",
+                                 (("class", "audit"), ("host", h), ("kind", "emitted")))) for h in final}
+            if got == want and emitted == final:
                 break
             time.sleep(1.0)
         time.sleep(3.0)  # a few summaries / SLO evaluations on the final state
@@ -243,30 +258,59 @@ def test_the_worker_counts_every_deny_per_host_and_per_rule(fleet_run, e2e_broke
     for (rule, gen), n in per_rule.items():
         assert m.get(("aegis_fleet_rule_denies", (("generation", str(gen)), ("rule", rule)))) == n
     assert m.get(("aegis_fleet_decisions_total", (("decision", "deny"),))) == sum(per_rule.values())
+    # nothing spooled (the broker was up): nothing repeated, nothing refused as a repeat
+    assert m.get(("aegis_fleet_duplicates_total", (("decision", "deny"),))) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gap, not a test bug: aegis.state.v1 carries no cumulative emitted/dropped totals and the "
-    "agent publishes it only on state changes, so the worker's fleet SLO (fleet_logic."
-    "StateTotals) has no input; strict: this fails as soon as the agent publishes them"))
+def _m(m: dict, name: str, **labels: str) -> float | None:
+    return m.get((name, tuple(sorted(labels.items()))))
+
+
 def test_fleet_slo_matches_the_agents_slos(fleet_run, e2e_broker):
-    agents, _, _ = fleet_run
+    agents, m, work = fleet_run
     a, b, c = agents
     # the agents' own view: host A burns its audit budget (kernel ring losses), B and C not
     assert a.slo_windows["audit"][1] > 0 and b.slo_windows["audit"][1] == 0 == c.slo_windows["audit"][1]
     assert any(isinstance(e, SloEvent) and e.event_class == "audit" and e.status == "firing"
                for e in a.events())
-    emitted = sum(x.slo_windows["audit"][0] for x in agents)
-    dropped = sum(x.slo_windows["audit"][1] for x in agents)
+    log = (work / "worker.log").read_text()[-2000:]
+    sums = {}
+    for klass in ("deny", "audit"):
+        e_sum = d_sum = 0
+        for x in agents:
+            assert x.final is not None
+            st = x.final.classes[klass]
+            e_sum += st.kernel_emitted
+            d_sum += st.dropped_total
+            # per host: what the worker holds from the agent's state records == its statistics
+            got = (_m(m, "aegis_fleet_host_slo_events", host=x.name, **{"class": klass}, kind="emitted"),
+                   _m(m, "aegis_fleet_host_slo_events", host=x.name, **{"class": klass}, kind="dropped"))
+            assert got == (st.kernel_emitted, st.dropped_total), (x.name, klass, log)
+            # and the agent's own SLO window holds the same totals (all inside its long window)
+            assert x.slo_windows[klass] == (st.kernel_emitted, st.dropped_total), (x.name, klass)
+        sums[klass] = (e_sum, d_sum)
+        assert _m(m, "aegis_fleet_slo_events_total", **{"class": klass}, kind="emitted") == e_sum
+        assert _m(m, "aegis_fleet_slo_events_total", **{"class": klass}, kind="dropped") == d_sum
+        assert _m(m, "aegis_fleet_drop_ratio", **{"class": klass}) == pytest.approx(d_sum / e_sum, rel=1e-12)
+        # the fleet's long window sums the agents' own long windows
+        agents_long = (sum(x.slo_windows[klass][0] for x in agents), sum(x.slo_windows[klass][1] for x in agents))
+        fleet_long = (_m(m, "aegis_fleet_slo_window_events", **{"class": klass}, window="1h", kind="emitted"),
+                      _m(m, "aegis_fleet_slo_window_events", **{"class": klass}, window="1h", kind="dropped"))
+        assert fleet_long == agents_long, klass
+    assert sums["deny"][1] == 0  # no deny lost anywhere
+    emitted, dropped = sums["audit"]
     burn = dropped / emitted / 0.001
     assert burn >= 14.4  # so the fleet alert must fire
+    assert _m(m, "aegis_fleet_slo_burn_rate", **{"class": "audit"}, window="1h") == pytest.approx(burn)
     fleet = [msgspec.json.decode(r.value) for r in read_topic(e2e_broker.bootstrap, "aegis.fleet.v1")]
     alerts = [f for f in fleet if f["kind"] == "slo_alert" and f["event_class"] == "audit"]
     assert alerts, f"the fleet SLO never fired although the agents' sum burns at {burn:.0f}"
-    last = alerts[-1]
-    assert last["status"] == "firing"
-    # the fleet's long window is the sum of the agents' own long windows
-    assert (last["emitted_long"], last["dropped_long"]) == (emitted, dropped)
+    assert alerts[-1]["status"] == "firing"
+    assert _m(m, "aegis_fleet_slo_alert_firing", **{"class": "audit"}, alert="page") == 1
+    # the alert's evidence is the fleet window when it fired: part of the final sums
+    first = alerts[0]
+    assert 0 < first["dropped_long"] <= dropped and 0 < first["emitted_long"] <= emitted
+    assert first["dropped_long"] / first["emitted_long"] / 0.001 >= 14.4
     deny = [f for f in fleet if f["kind"] == "slo_alert" and f["event_class"] == "deny"]
     assert not deny  # no deny lost anywhere: the deny SLO never fires
-
+    assert _m(m, "aegis_fleet_slo_alert_firing", **{"class": "deny"}, alert="page") == 0
