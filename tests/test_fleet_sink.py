@@ -319,7 +319,7 @@ def test_producer_process_frames(tmp_path: Path) -> None:
     import socket
 
     from aegis_stream.fleet import sink as ks
-    from aegis_stream.fleet.producer import recv_exact as _recv_exact
+    from aegis_stream.framing import recv_exact as _recv_exact
 
     prod = FakeProducer(queue_max=5)
     ours, theirs = socket.socketpair()

@@ -43,6 +43,7 @@ from pathlib import Path
 import msgspec
 
 from aegis_stream.errors import AegisError
+from aegis_stream.framing import recv_exact
 
 KAFKA_VERSION = "4.1.1"
 SCALA_VERSION = "2.13"
@@ -296,11 +297,13 @@ def api_versions(host: str, port: int, *, timeout: float = 2.0) -> int:
     with socket.create_connection((host, port), timeout=timeout) as s:
         s.settimeout(timeout)
         s.sendall(struct.pack(">i", len(body)) + body)
-        head = _recv_exact(s, 4)
-        (size,) = struct.unpack(">i", head)
-        if not 6 <= size <= 1 << 20:
-            raise BrokerError(f"ApiVersions answer of {size} bytes from {host}:{port}")
-        data = _recv_exact(s, size)
+        try:
+            (size,) = struct.unpack(">i", recv_exact(s, 4))
+            if not 6 <= size <= 1 << 20:
+                raise BrokerError(f"ApiVersions answer of {size} bytes from {host}:{port}")
+            data = recv_exact(s, size)
+        except EOFError:  # an OSError for the callers, like a refused connection
+            raise ConnectionError("connection closed mid-answer") from None
     corr, err = struct.unpack(">ih", data[:6])
     if corr != 7:
         raise BrokerError(f"ApiVersions answer with correlation id {corr} (sent 7)")
@@ -309,15 +312,6 @@ def api_versions(host: str, port: int, *, timeout: float = 2.0) -> int:
     (count,) = struct.unpack(">i", data[6:10])
     return int(count)
 
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("connection closed mid-answer")
-        buf += chunk
-    return bytes(buf)
 
 
 def _metadata_ready(bootstrap: str, timeout: float) -> bool:

@@ -33,6 +33,7 @@ from aegis_stream.fleet.topics import (
     STATE_TOPIC,
     schema_headers,
 )
+from aegis_stream.framing import recv_exact, socket_pair
 
 _log = logging.getLogger("aegis.fleet.kafka")
 _rdkafka_log = logging.getLogger("aegis.fleet.kafka.librdkafka")
@@ -195,6 +196,28 @@ def _health_of_error(err: Any) -> str | None:
     return None
 
 
+def tally(report: Any, err: Any) -> bool:
+    """Count one librdkafka delivery report into a batch's ``report`` (``acked``, or
+    ``failed`` with ``reasons`` by :func:`reason_of`); True when it was the batch's last
+    (``sealed``: every record produced, and ``n`` of them reported)."""
+    if err is None:
+        report.acked += 1
+    else:
+        report.failed += 1
+        r = reason_of(err)
+        report.reasons[r] = report.reasons.get(r, 0) + 1
+    return bool(report.sealed and report.acked + report.failed >= report.n)
+
+
+def latency_of(msg: Any) -> float | None:
+    """The broker round trip librdkafka measured for ``msg`` (None when it has none)."""
+    try:
+        lat = msg.latency()
+    except Exception:  # a stand-in message (tests) or a report without timing
+        return None
+    return None if lat is None else float(lat)
+
+
 def _confluent_producer(cfg: dict[str, Any]) -> Producer:
     from confluent_kafka import Producer as _Producer
 
@@ -216,19 +239,10 @@ class _ChildBatch:
         self.latency = -1.0
 
     def __call__(self, err: Any, msg: Any) -> None:
-        if err is None:
-            self.acked += 1
-        else:
-            self.failed += 1
-            r = reason_of(err)
-            self.reasons[r] = self.reasons.get(r, 0) + 1
-        if self.sealed and self.acked + self.failed >= self.n:
+        if tally(self, err):
             if msg is not None:
-                try:
-                    lat = msg.latency()
-                    self.latency = -1.0 if lat is None else float(lat)
-                except Exception:
-                    pass
+                lat = latency_of(msg)
+                self.latency = -1.0 if lat is None else lat
             self.child.done(self)
 
 
@@ -343,21 +357,8 @@ class _ProducerChild:
             poller.join(1.0)
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """``n`` bytes from a blocking socket (EOFError at its end); the audit workers' framing
-    (pipeline.workers), here so the child imports no pipeline code."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if not k:
-            raise EOFError
-        got += k
-    return bytes(buf)
 
 
-_SOCKET_BUFFER = 4 << 20  # a whole 4096-record batch in flight (as the audit workers')
 
 
 def load_factory(spec: str) -> Callable[..., Producer]:
@@ -376,11 +377,8 @@ def spawn(config: Mapping[str, Any], key: bytes, factory: str | None = None,
     Raises TypeError/ValueError for a setting that is not JSON, OSError if it cannot start."""
     spec = json.dumps({"config": dict(config), "key": key.decode(), "factory": factory,
                        "factory_kwargs": dict(factory_kwargs or {}), "sys_path": sys.path})
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    parent, child = socket_pair()
     try:
-        for sk in (parent, child):
-            sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-            sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         proc = subprocess.Popen(
             [sys.executable, "-m", "aegis_stream.fleet.producer", str(child.fileno())],
             stdin=subprocess.PIPE, pass_fds=(child.fileno(),), close_fds=True)

@@ -105,13 +105,16 @@ from aegis_stream.fleet.producer import (  # noqa: F401  (re-exported: ship, tes
     _rdkafka_log,
     _topics_state,
     _words,
+    latency_of,
     load_factory,
     producer_config,
     reason_of,
     spawn,
+    tally,
 )
 from aegis_stream.fleet.topics import schema_headers
 from aegis_stream.pipeline.sinks import SinkBatch, SinkError, SinkStatistics
+from aegis_stream.pipeline.spool import SpoolStatistics
 
 _log = logging.getLogger("aegis.fleet.kafka")
 
@@ -154,19 +157,6 @@ def check_host_key(value: str) -> str:
 
 # =========================================================================== spool
 _FRAME = struct.Struct("<IIII")  # class code, event count, byte length, crc32 of the bytes
-
-
-@dataclass(frozen=True)
-class LineSpoolStatistics:
-    path: str
-    pending_batches: int
-    pending_events: int
-    file_bytes: int
-    max_bytes: int
-    spooled_events: int
-    replayed_events: int
-    recovered_events: int  # found on disk at start (a previous run's)
-    full: int  # times a batch did not fit
 
 
 class LineSpool:
@@ -258,10 +248,11 @@ class LineSpool:
                 os.ftruncate(self._fd, 0)
                 self._end = 0
 
-    def statistics(self) -> LineSpoolStatistics:
+    def statistics(self) -> SpoolStatistics:
+        """The same record as the pipeline's deny spool (``enabled`` always True)."""
         with self._lock:
             pending = sum(f[2] for f in self._frames)
-            return LineSpoolStatistics(str(self.path), len(self._frames), pending, self._end,
+            return SpoolStatistics(True, str(self.path), len(self._frames), pending, self._end,
                                        self.max_bytes, self.spooled, self.replayed,
                                        self.recovered, self.full)
 
@@ -307,7 +298,7 @@ class KafkaSinkStatistics(SinkStatistics):
     rtt_buckets: tuple[int, ...] = ()  # per RTT_BUCKETS (+Inf last), not cumulative
     rtt_sum: float = 0.0
     rtt_count: int = 0
-    spool: LineSpoolStatistics | None = None
+    spool: SpoolStatistics | None = None
     producer_pid: int = 0  # the producer process (0: in-process mode, or being restarted)
     producer_lost: int = 0  # producer processes that died (each replaced by a new one)
 
@@ -340,18 +331,9 @@ class _Flight:
         self.gen = 0
 
     def __call__(self, err: Any, msg: Any) -> None:
-        if err is None:
-            self.acked += 1
-        else:
-            self.failed += 1
-            r = reason_of(err)
-            self.reasons[r] = self.reasons.get(r, 0) + 1
-        if self.sealed and self.acked + self.failed >= self.n:
+        if tally(self, err):
             if msg is not None:
-                try:
-                    self.last_latency = msg.latency()
-                except Exception:
-                    self.last_latency = None
+                self.last_latency = latency_of(msg)
             self.sink._finish(self)
 
     @property

@@ -17,6 +17,7 @@ import struct
 
 import trio
 
+from aegis_stream.framing import recv_exact, socket_pair
 from aegis_stream.kernel.ringbuf import RawBatch
 from aegis_stream.pipeline.config import log
 from aegis_stream.pipeline.decoding import encode_audit_batch
@@ -24,22 +25,10 @@ from aegis_stream.pipeline.normalise import Normaliser
 
 _REQ = struct.Struct("<QI")  # request: data length, stride; then the raw records
 _RES = struct.Struct("<QIII")  # result: lines length, encoded, abi mismatches, failed
-_SOCKET_BUFFER = 4 << 20  # a whole 4096-record batch (and its JSON) in flight each way
 
 #: what a result is: (JSON lines, encoded, abi mismatches, normalise failures)
 EncodedBatch = tuple[bytes, int, int, int]
 
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if not k:
-            raise EOFError
-        got += k
-    return bytes(buf)
 
 
 def _worker_log(msg: str) -> None:
@@ -55,8 +44,8 @@ def worker_main(sock: socket.socket, norm: Normaliser, cpus: frozenset[int] | No
             os.sched_setaffinity(0, cpus)
     while True:
         try:
-            length, stride = _REQ.unpack(_recv_exact(sock, _REQ.size))
-            data = _recv_exact(sock, length)
+            length, stride = _REQ.unpack(recv_exact(sock, _REQ.size))
+            data = recv_exact(sock, length)
         except (EOFError, OSError):
             return
         lines, n_ok, bad, failed = encode_audit_batch(norm, data, stride, _worker_log)
@@ -78,10 +67,7 @@ class AuditWorker:
     @classmethod
     def fork(cls, norm: Normaliser, cpus: frozenset[int] | None) -> AuditWorker:
         """Fork a worker that encodes with ``norm``, pinned to ``cpus`` (None: inherit)."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for sk in (parent, child):
-            sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-            sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        parent, child = socket_pair()
         pid = os.fork()
         if pid == 0:
             code = 0
