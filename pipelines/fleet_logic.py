@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import calendar
 import heapq
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -306,8 +307,16 @@ def prune_seen(row: Counts, window_ns: int = DEDUP_WINDOW_NS) -> None:
     """Forget ids that fell below their window (the ktime test alone decides them now)."""
     for s in row.seen.values():
         floor = s.hw - window_ns
-        if any(v < floor for v in s.ids.values()):
-            s.ids = {k: v for k, v in s.ids.items() if v >= floor}
+        # ids are inserted in (nearly) ktime order and a JSON round trip keeps that order:
+        # drop from the oldest end; an id inserted late behind a newer one goes when the
+        # ones before it have gone (until then the ktime test decides for it anyway)
+        n = 0
+        for v in s.ids.values():
+            if v >= floor:
+                break
+            n += 1
+        if n:
+            s.ids = dict(itertools.islice(s.ids.items(), n, None))
 
 
 class ExactFold(msgspec.Struct):
@@ -344,6 +353,7 @@ def fold_exact(
     rules: dict[str, DecisionDelta] = {}
     windows: dict[str, DecisionDelta] = {}
     accepted: list[tuple[int, str, str, str, str]] = []  # offset, decision, rule, window, time
+    keys: dict[tuple[int, str, int, int], tuple[str, str]] = {}
     dec = decision_decoder.decode
     for partition, offset, value in records:
         acct.records += 1
@@ -376,8 +386,12 @@ def fold_exact(
             row.audit += 1
         if ev.time > row.last_time:
             row.last_time = ev.time
-        rk = rule_key(partition, ev.rule_id, ev.generation)
-        wk = window_key(partition, ev.rule_id, ev.generation, start)
+        rw = keys.get((partition, ev.rule_id, ev.generation, start))
+        if rw is None:
+            rw = keys[(partition, ev.rule_id, ev.generation, start)] = (
+                rule_key(partition, ev.rule_id, ev.generation),
+                window_key(partition, ev.rule_id, ev.generation, start))
+        rk, wk = rw
         _add(rules, rk, ev.decision, offset, ev.time)
         _add(windows, wk, ev.decision, offset, ev.time)
         accepted.append((offset, ev.decision, rk, wk, ev.time))

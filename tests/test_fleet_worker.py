@@ -340,9 +340,11 @@ def test_out_of_order_within_the_window_is_kept_and_older_is_a_repeat():
     t = Tables()
     dups = _fold_all(t, _log(evs))
     assert t.totals() == (4, 0) and dups == {"deny": 2}
-    row = t.rows[("hosts", "0|h")]
-    # pruned to the window below the newest ktime
-    assert sorted(row.seen["deny|b00t0001"].ids.values()) == [base - w // 2, base, base + 10]
+    # what the window below the newest ktime must keep (older ids may linger until pruned
+    # from the oldest end: the ktime test decides them)
+    ids = t.rows[("hosts", "0|h")].seen["deny|b00t0001"].ids.values()
+    assert sorted(v for v in ids if v >= base + 10 - w) == [base - w // 2, base, base + 10]
+    assert len(ids) <= 4
 
 
 def test_two_boots_of_one_host_never_collide_and_an_old_boot_still_dedups():
