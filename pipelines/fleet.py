@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -99,6 +100,13 @@ class FleetSettings(msgspec.Struct, frozen=True, kw_only=True):
     guarantee: str = "at_least_once"  # faust's processing_guarantee (measured with --naive)
     data_dir: str = ""  # faust's datadir ("" = ~/.cache/aegis/fleet-worker/<app id>)
     loglevel: str = "warn"
+
+
+class LatencyStamp(msgspec.Struct, frozen=True):
+    """The two fields of a decision record the opt-in latency log reads."""
+
+    ktime_ns: int = 0
+    decision: str = ""
 
 
 class SourceTopics(msgspec.Struct, frozen=True):
@@ -220,6 +228,12 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
             decisions[f"{p}|@"] = fl.encode_row(row)
 
     fold = fl.fold_naive if s.naive else fl.fold_exact
+    # opt-in, for bench/fleet_latency_bench.py (AEGIS_FLEET_LATENCY_LOG=PATH): one JSON
+    # line per absorbed batch, the CLOCK_MONOTONIC ns its rows were in the table and each
+    # record's ktime_ns by decision (bpf_ktime_get_ns: the same clock on one host)
+    lat_path = os.environ.get("AEGIS_FLEET_LATENCY_LOG", "")
+    lat_log = open(lat_path, "ab") if lat_path else None  # noqa: SIM115 - the worker's lifetime
+    lat_decoder = msgspec.json.Decoder(LatencyStamp) if lat_log else None
 
     def absorb(records: list[tuple[int, int, bytes]]) -> None:
         if not stats.get("mirrored"):  # first batch after a (re)start: tables restored
@@ -231,6 +245,15 @@ def build(settings: FleetSettings, sources: SourceTopics) -> Any:
         for p, off, _ in records:
             last[p] = off
         write_progress(last)
+        if lat_log is not None and lat_decoder is not None:
+            applied = time.monotonic_ns()
+            kt: dict[str, list[int]] = {}
+            for _, _, raw in records:
+                with contextlib.suppress(msgspec.DecodeError, ValueError):
+                    st = lat_decoder.decode(raw)
+                    kt.setdefault(st.decision, []).append(st.ktime_ns)
+            lat_log.write(msgspec.json.encode({"t": applied, "kt": kt}) + b"\n")
+            lat_log.flush()
         stats["records"] += result.records
         stats["bad"] += result.bad
         stats["replayed"] += result.replayed
