@@ -403,7 +403,8 @@ def report(r: BenchResult) -> str:
         _line("ring -> Kafka ack deny", x.deny_ack),
         _line("ring -> table deny", x.deny_table),
         _line("ring -> table audit", x.audit_table),
-        f"  sink round trip (produce -> ack per batch, any class, histogram, {int(rtt.get('batches', 0)):,} batches): "
+        f"  sink round trip (produce -> ack per batch, any class, histogram, "
+        f"{int(rtt.get('batches', 0)):,} batches): "
         f"p50 <= {rtt.get('p50_le_ms')} ms, p95 <= {rtt.get('p95_le_ms')} ms, "
         f"p99 <= {rtt.get('p99_le_ms')} ms",
         f"  lost: kernel {x.kernel_dropped}, pipeline {x.dropped_userspace}, sink dropped {x.sink_dropped}, "
