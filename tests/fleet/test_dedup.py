@@ -148,7 +148,7 @@ async def stream_through_sinks(broker: LocalBroker, tmp_path: Path, disturb: Any
                 nursery.start_soon(stream, h)
             await trio.sleep(1.5)
             await disturb(broker, sinks)
-            with trio.fail_after(60):  # back: the spools drain, in order
+            with trio.fail_after(120):  # back: the spools drain, in order
                 while not all(s.up and s.spool.pending_batches == 0 for s in sinks.values()):
                     await trio.sleep(0.1)
             await trio.sleep(1.0)
@@ -173,6 +173,9 @@ def _sink_run(broker: LocalBroker, tmp_path: Path, disturb: Any) -> tuple[dict[s
             h = r.key.decode(errors="replace")
             if h in hosts:
                 on_topic[h][r.doc["decision"]][r.doc["event_id"]] += 1
+        for h in hosts:  # the sink's order (the dedup relies on it): first copies in ktime order
+            kts = [int(eid.split("-")[1]) for eid in on_topic[h]["deny"]]  # Counter keeps first-seen order
+            assert kts == sorted(kts), f"{h}: the sink reordered its denies"
 
         def caught_up(m: dict[str, float]) -> bool:
             have = g.host_counts(m)
@@ -180,7 +183,11 @@ def _sink_run(broker: LocalBroker, tmp_path: Path, disturb: Any) -> tuple[dict[s
             return all(have.get(h, [0, 0])[0] + dups.get((h, "deny"), 0) >= sum(on_topic[h]["deny"].values())
                        for h in hosts)
 
-        w.wait(caught_up, 90, "the sinks' records absorbed")
+        try:
+            w.wait(caught_up, 180, "the sinks' records absorbed")
+        except (RuntimeError, TimeoutError) as exc:  # with the worker's own account
+            tail = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{exc}; on the topic {on_topic and {h: {k: sum(c.values()) for k, c in v.items()} for h, v in on_topic.items()}}; worker log:\n{tail}") from None
         time.sleep(2)
         return run, w.metrics(), on_topic
     finally:
