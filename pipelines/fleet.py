@@ -39,10 +39,11 @@ Throughput
     per key per batch: 36,000-64,000 decisions/s, RSS ~130-160 MB
     (``python -m bench.fleet_worker_bench``); with the event_id dedup 28,000-61,500/s,
     RSS ~170-180 MB, against 38,000-65,700/s for the code before it run side by side on
-    the same (shared, 2-core) machine: the fold costs ~25% more CPU, the worker ~5-25%.  The state topic (a record per host state
-    change) goes through an ordinary faust agent.  The decision consumer follows faust's
-    assignment of the decisions table's changelog partitions, so workers of one app id
-    share the partitions the way faust shares the tables.
+    the same (shared, 2-core) machine: the fold costs ~25% more CPU, the worker ~5-25%.
+    The state topic (a record per host state change) goes through an ordinary faust
+    agent.  The decision consumer follows faust's assignment of the decisions table's
+    changelog partitions, so workers of one app id share the partitions the way faust
+    shares the tables.
 """
 
 from __future__ import annotations
