@@ -2,7 +2,7 @@
 
 The faust app (:mod:`pipelines.fleet`) feeds it batches of source records and writes back
 the rows it returns; these functions are the whole meaning of the fleet tables, so unit
-tests (tests/test_fleet_worker.py) pin them without a broker.
+tests (tests/unit/test_fleet_worker.py) pin them without a broker.
 
 Exactness by idempotence
     Every table row carries ``hw``: the highest source offset it has absorbed, and every
@@ -27,7 +27,7 @@ Each decision once per (host, ``event_id``)
     the batch's rule and window rows, into the same changelog partition: whatever prefix a
     crash leaves, a host row's dedup state is that of its ``hw`` and every row its batch
     touched survived with it, so a replay decides each record exactly as the first run
-    did (tests/test_fleet_worker.py cuts that changelog at every point).  Bounded: about a
+    did (tests/unit/test_fleet_worker.py cuts that changelog at every point).  Bounded: about a
     window of ids per (host, class), :data:`MAX_BOOTS` boots per host.
 
 Per-host judgement reuses the agent's processors: :class:`~aegis_stream.processors.

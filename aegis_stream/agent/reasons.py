@@ -1,7 +1,7 @@
 """Reason codes: the stable, enumerated set of *why* aegis is not in its healthy state.
 
 Every weaker state the agent can be in has a code here, and nowhere else
-(docs/DEGRADED_MODE.md has one row per code; ``tests/test_degraded_mode.py`` fails when a
+(docs/DEGRADED_MODE.md has one row per code; ``tests/unit/test_degraded_mode.py`` fails when a
 code is undocumented or no test triggers it).  A code never changes meaning and is never
 removed; new codes are added at the end of :class:`~aegis_stream.agent.health.ReasonCode`
 and of the table :data:`CODES` is read from (``aegis_stream/defaults/reason_codes.toml``).

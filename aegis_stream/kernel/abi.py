@@ -1,7 +1,7 @@
 """Python mirror of bpf/aegis_abi.h: constants and byte layouts.
 
 Every layout here is compared field by field with the compiled object's BTF by
-tests/test_abi_btf.py (as tetragon's alignchecker does), so the two cannot drift.
+tests/unit/test_abi_btf.py (as tetragon's alignchecker does), so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ ALL_MAPS: Final = (
     MAP_AUDIT_EVENTS,
 )
 #: every map's max_entries as aegis.bpf.c declares it (ring buffers: bytes); compared
-#: with the object's BTF map definitions by tests/test_abi_btf.py
+#: with the object's BTF map definitions by tests/unit/test_abi_btf.py
 MAP_MAX_ENTRIES: Final = {
     MAP_RULES: MAX_RULES * SLOTS,
     MAP_SCOPES: MAX_SCOPES * SLOTS,

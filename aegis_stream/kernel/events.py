@@ -1,6 +1,6 @@
 """Decision events: the raw kernel record (abi.EVENT) decoded, one at a time or in batches.
 
-Two decode paths, same answer (tests/test_ringbuf.py and tests/test_normalise.py check
+Two decode paths, same answer (tests/unit/test_ringbuf.py and tests/unit/test_normalise.py check
 that they agree field for field):
 
 * :func:`decode_raw` -- one record -> :class:`RawDecision` (``struct.unpack``).  The
@@ -42,7 +42,7 @@ _NP_FORMATS = {"H": "<u2", "B": "u1", "I": "<u4", "Q": "<u8", "16s": "S16"}
 _EV_NAMES = [n for n, _ in abi.EVENT.fields]
 _EV_FORMATS = [_NP_FORMATS[f] for _, f in abi.EVENT.fields]
 _EV_OFFSETS = list(abi.EVENT.offsets().values())
-#: numpy mirror of struct aegis_event (same offsets: checked in tests/test_ringbuf.py)
+#: numpy mirror of struct aegis_event (same offsets: checked in tests/unit/test_ringbuf.py)
 EVENT_DTYPE: Final = np.dtype(
     {"names": _EV_NAMES, "formats": _EV_FORMATS, "offsets": _EV_OFFSETS, "itemsize": EVENT_SIZE}
 )

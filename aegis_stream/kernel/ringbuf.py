@@ -191,7 +191,7 @@ class RingBuffer:
             if length == EVENT_SIZE:
                 # the strided scan saw it BUSY and the producer has committed it since: an
                 # event like the others, taken by the fast path (skipping it as foreign lost
-                # a deny once in a CI soak; tests/test_ringbuf.py reproduces the interleaving)
+                # a deny once in a CI soak; tests/unit/test_ringbuf.py reproduces the interleaving)
                 continue
             if length & DISCARD_BIT:
                 self.discarded += 1

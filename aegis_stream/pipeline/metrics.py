@@ -3,7 +3,7 @@
 Every metric is computed at scrape time from ``Pipeline.statistics()`` (one frozen
 snapshot), so the numbers on a scrape are consistent with each other and with the
 pipeline's own accounting; nothing is double-booked.  Names are prefixed ``aegis_``;
-docs/METRICS.md is the contract (tests/test_metrics.py checks both ways).
+docs/METRICS.md is the contract (tests/unit/test_metrics.py checks both ways).
 
 One small collector per concern (prometheus client_python style): build info, state,
 kernel counters, pipeline classes, rings, spool, SLO, sinks, memory, caches.  Each reads

@@ -1,7 +1,7 @@
 """Raw decision -> DecisionEvent: rule/policy from the generation store, cgroup path,
 process exe and cmdline (best effort, flagged in ``enrichment_missing`` when not).
 
-Two paths, one answer (tests/test_normalise.py proves them byte-identical):
+Two paths, one answer (tests/unit/test_normalise.py proves them byte-identical):
 
 * :meth:`Normaliser.normalise` -- one :class:`RawDecision` -> :class:`DecisionEvent`
   (the reference; denies and explanations use it).

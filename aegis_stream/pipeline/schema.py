@@ -6,7 +6,7 @@ field (the msgspec tag): ``aegis.decision.v1``, ``aegis.state.v1``,
 any line of the event log with :data:`event_decoder`.
 
 Evolution rules (msgspec's, enforced by :func:`compat_problems` against the checked-in
-files in schemas/, see tests/test_schema_compat.py): new fields go last and have
+files in schemas/, see tests/unit/test_schema_compat.py): new fields go last and have
 defaults; a field is never removed, renamed or retyped; anything else is a new version
 (``.v2``) of the schema.
 

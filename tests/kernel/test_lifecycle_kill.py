@@ -1,7 +1,7 @@
 """kill -9 at each step of a real apply, in a real kernel, then restart and reconcile.
 
 The apply runs in a forked child process on the lab's loaded maps through
-``Lifecycle(hook=...)``: the step hook the fake-maps tests use (tests/test_lifecycle.py)
+``Lifecycle(hook=...)``: the step hook the fake-maps tests use (tests/unit/test_lifecycle.py)
 makes the child send itself SIGKILL right after the step; "mid-stage" kills it after the
 first rule written into the inactive slot.  Then a fresh Lifecycle (the next
 start) reconciles, and the test checks that exactly the old or the new generation is

@@ -3,7 +3,7 @@
 A vector is a policy, a filesystem fixture and an ordered list of steps; each probe step
 names the exact outcome (errno / ok / exit status) and the exact list of decision events.
 tests/kernel/test_compliance_vectors.py replays each vector in a lab kernel and compares
-the transcript field for field; tests/test_vectors_schema.py validates them on any host.
+the transcript field for field; tests/unit/test_vectors_schema.py validates them on any host.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from aegis_stream.policy.lifecycle import Lifecycle, ReconcileOutcome
 from aegis_stream.processors.degraded import DegradedConfig, DegradedMonitor, HealthSample
 from aegis_stream.testing import FakeKernel, install, make_events, sample_record
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "DEGRADED_MODE.md"
 HOOKS = ["file_open", "bprm_check_security", "mmap_file"]
 PROGS = list(abi.HOOK_PROGRAMS.values())
@@ -75,7 +75,7 @@ def metric(p: Pipeline, name: str, **labels) -> float:
 
 
 class Signed:
-    """A trusted key and a state dir over fake policy maps (as tests/test_lifecycle.py)."""
+    """A trusted key and a state dir over fake policy maps (as tests/unit/test_lifecycle.py)."""
 
     def __init__(self, tmp_path: Path, max_rules: int = 64) -> None:
         self.tmp = tmp_path

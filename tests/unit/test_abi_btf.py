@@ -69,7 +69,7 @@ def test_abi_version_matches_header():
     import re
     from pathlib import Path
 
-    header = (Path(__file__).parents[1] / "bpf" / "aegis_abi.h").read_text()
+    header = (Path(__file__).parents[2] / "bpf" / "aegis_abi.h").read_text()
     assert int(re.search(r"#define AEGIS_ABI_VERSION (\d+)", header).group(1)) == abi.ABI_VERSION
     for name in ("MAX_RULES", "MAX_SCOPES", "MAX_CGROUP_DEPTH", "SLOTS", "MAX_RULE_COUNTERS"):
         m = re.search(rf"#define AEGIS_{name} (\d+)", header)

@@ -18,7 +18,7 @@ def test_cpu_model_absent_or_unreadable(tmp_path: Path) -> None:
 
 
 def test_bench_and_soak_share_it() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     for script in ("bench/overhead.py", "soak/driver.py"):
         text = (root / script).read_text()
         assert "from bench.hostinfo import cpu_model" in text and "/proc/cpuinfo" not in text

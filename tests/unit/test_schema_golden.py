@@ -5,7 +5,7 @@ in hex and the expected ``aegis.decision.v1`` record, produced with a fixed stor
 (tests/golden/state), cgroup table, process table, host and boot id
 (``fakekernel.fixed_normaliser``).  Both normalise paths (per record and the columnar
 batch encoder) must produce exactly these bytes.  A deliberate change regenerates the
-file: ``AEGIS_REGEN_GOLDEN=1 pytest tests/test_schema_golden.py`` (and review the diff).
+file: ``AEGIS_REGEN_GOLDEN=1 pytest tests/unit/test_schema_golden.py`` (and review the diff).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from aegis_stream.pipeline.schema import DecisionEvent, event_decoder
 from aegis_stream.policy.store import PolicyStore
 from aegis_stream.testing import CG_APP, CG_OTHER, CG_WORKLOADS, DEV_SDA1, fixed_normaliser
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 VECTORS = GOLDEN / "decision_vectors.json"
 _enc = msgspec.json.Encoder()
 

@@ -1,6 +1,6 @@
 """A fake of the part of confluent_kafka.Producer the Kafka sink uses (produce / poll /
-flush / list_topics), for tests/test_fleet_sink.py.  A module of its own: in process mode
-the sink's producer process imports it (``producer_factory="tests._fake_producer:child"``),
+flush / list_topics), for tests/unit/test_fleet_sink.py.  A module of its own: in process mode
+the sink's producer process imports it (``producer_factory="tests.unit._fake_producer:child"``),
 and it stays small so that process starts fast."""
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class FakeProducer:
     def spec(self) -> dict[str, Any]:
         """KafkaSink arguments that make this fake in a producer process (needs ``shared``)."""
         assert self.shared is not None
-        return {"producer_factory": "tests._fake_producer:child",
+        return {"producer_factory": "tests.unit._fake_producer:child",
                 "producer_factory_kwargs": {"queue_max": self.queue_max, "timeout_s": self.timeout_s,
                                             "topics": list(self.topics), "shared": str(self.shared)}}
 

@@ -16,7 +16,7 @@ from aegis_stream.pipeline.metrics import AegisCollector, AegisMetrics, parse_ad
 from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.testing import install, make_events, sample_record
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "METRICS.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "METRICS.md"
 ROW = re.compile(r"^\| `(aegis_\w+)` \| (\w+) \| ([^|]*) \| (.+) \|$")
 
 

@@ -129,7 +129,7 @@ def test_harnesses_import_without_sys_path_edits():
     soak.driver``); their wrappers (soak/run) exec ``python -m``; none edits sys.path."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     files = [p for pattern in HARNESSES for p in sorted(root.glob(pattern))]
     assert len(files) >= 12
     assert [str(p.relative_to(root)) for p in files if "sys.path" in p.read_text()] == []
@@ -140,7 +140,7 @@ def test_soak_run_wrapper_and_driver_module_start(tmp_path):
     guest's command line (``python -m soak.driver`` from the root) both get as far as --help."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, str(root / "soak" / "run"), "--help"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("usage: soak/run"), out.stderr

@@ -17,7 +17,7 @@ from aegis_stream.processors.slo import SloConfig
 from pipelines import fleet_gen as g
 from pipelines import fleet_logic as fl
 
-GOLDEN = Path(__file__).parent / "golden" / "fleet_vectors.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "fleet_vectors.json"
 _enc = msgspec.json.Encoder()
 
 
@@ -225,7 +225,7 @@ def _golden_events() -> list[tuple[str, FleetEvent]]:
 
 def test_fleet_event_golden_vectors():
     """The exact aegis.fleet.v1 bytes; a deliberate change regenerates them:
-    ``AEGIS_REGEN_GOLDEN=1 pytest tests/test_fleet_worker.py`` (and review the diff)."""
+    ``AEGIS_REGEN_GOLDEN=1 pytest tests/unit/test_fleet_worker.py`` (and review the diff)."""
     current = [{"name": n, "expected": msgspec.to_builtins(e)} for n, e in _golden_events()]
     if os.environ.get("AEGIS_REGEN_GOLDEN"):
         GOLDEN.write_bytes(msgspec.json.format(_enc.encode(current), indent=2) + b"\n")

@@ -13,7 +13,7 @@ from aegis_stream.agent.explain import add_pipeline_commands, find_event, render
 from aegis_stream.errors import AegisError
 from aegis_stream.pipeline.schema import ExplanationEvent
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 def _parser() -> argparse.ArgumentParser:
