@@ -184,6 +184,9 @@ def _quiet_logger() -> Any:
 
 @dataclass(frozen=True)
 class TailResult:
+    """What one ``aegis tail`` run did: records printed, filtered out, and values that
+    were not a decision record (counted and reported, never silently skipped)."""
+
     printed: int
     skipped: int  # filtered out
     undecodable: int  # values that were not a decision record (counted, reported)

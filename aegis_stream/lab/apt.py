@@ -26,6 +26,9 @@ _DEBIAN_CODENAMES = {"buster", "bullseye", "bookworm", "trixie", "forky", "duke"
 
 @dataclass(frozen=True)
 class Mirrors:
+    """The Debian mirrors the private apt configuration points at (taken from the
+    host's own apt sources) and the archive keyring that verifies them."""
+
     debian: str  # e.g. http://deb.debian.org/debian
     security: str  # e.g. http://deb.debian.org/debian-security
     keyring: str = DEBIAN_KEYRING

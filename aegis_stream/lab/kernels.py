@@ -48,6 +48,9 @@ DEFAULT_CACHE = "~/.cache/aegis/kernels"
 
 @dataclass(frozen=True)
 class LabKernel:
+    """A fetched, complete lab kernel in the cache: its series, release, vmlinuz and
+    modules tree (what ``lab_exec`` boots)."""
+
     series: str  # "6.1" | "6.12" | "7"
     version: str  # kernel release, e.g. "6.1.0-56-amd64" (= uname -r in the guest)
     vmlinuz: Path

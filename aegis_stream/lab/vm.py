@@ -46,6 +46,9 @@ _EXTRA_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/s
 
 @dataclass(frozen=True)
 class LabResult:
+    """The outcome of one guest command: its exit status and output (read from the
+    shared rwdir, not from vng's own exit status), host wall time and guest boot time."""
+
     returncode: int  # the guest command's exit status
     stdout: str  # the command's stdout
     stderr: str  # the command's stderr (and the guest prologue's)
@@ -55,6 +58,8 @@ class LabResult:
 
 
 class LabTimeout(LabError):
+    """The guest command ran past its timeout; carries what it had printed so far."""
+
     def __init__(
         self, message: str, *, stdout: str = "", stderr: str = "", console: str = ""
     ) -> None:

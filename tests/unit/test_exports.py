@@ -41,7 +41,7 @@ def test_public_classes_have_docstrings():
 
 # Still being written by other work in progress; each entry goes once its docstrings are in
 # (pipelines/ is not under aegis_stream/ and is not scanned here).
-_DOCSTRING_PENDING = ("fleet/", "lab/", "cli/demo.py")
+_DOCSTRING_PENDING: tuple[str, ...] = ()
 
 
 def test_every_public_top_level_class_has_a_docstring():
