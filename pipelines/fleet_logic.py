@@ -219,6 +219,21 @@ def _add(d: dict[str, DecisionDelta], key: str, decision: str, offset: int, t: s
         delta.last_time = t
 
 
+def decode_decision(value: bytes, window_s: int) -> tuple[DecisionEvent, int] | str:
+    """A decision record and the start of its tumbling window, or why it is unusable
+    (``undecodable``: not a decision record; ``bad_field``: a decision or time that is
+    not one)."""
+    try:
+        ev = decision_decoder.decode(value)
+        if ev.decision not in CLASSES:
+            raise ValueError(f"decision {ev.decision!r}")
+        return ev, epoch_s(ev.time) // window_s * window_s
+    except msgspec.DecodeError:
+        return "undecodable"
+    except ValueError:
+        return "bad_field"
+
+
 def fold_decisions(records: Iterable[tuple[int, int, bytes]], window_s: int) -> FoldResult:
     """Group a batch of ``(partition, offset, value)`` decision records into per-row
     deltas (one table write per key per batch, not one per record).  Records of one
@@ -228,19 +243,14 @@ def fold_decisions(records: Iterable[tuple[int, int, bytes]], window_s: int) -> 
     windows: dict[str, DecisionDelta] = {}
     n = bad = 0
     reasons: dict[str, int] = {}
-    dec = decision_decoder.decode
     for partition, offset, value in records:
         n += 1
-        try:
-            ev = dec(value)
-            if ev.decision not in CLASSES:
-                raise ValueError(f"decision {ev.decision!r}")
-            start = epoch_s(ev.time) // window_s * window_s
-        except (msgspec.DecodeError, ValueError) as exc:
+        decoded = decode_decision(value, window_s)
+        if isinstance(decoded, str):
             bad += 1
-            why = "undecodable" if isinstance(exc, msgspec.DecodeError) else "bad_field"
-            reasons[why] = reasons.get(why, 0) + 1
+            reasons[decoded] = reasons.get(decoded, 0) + 1
             continue
+        ev, start = decoded
         _add(hosts, host_key(partition, ev.host), ev.decision, offset, ev.time)
         _add(rules, rule_key(partition, ev.rule_id, ev.generation), ev.decision, offset, ev.time)
         _add(windows, window_key(partition, ev.rule_id, ev.generation, start), ev.decision, offset, ev.time)
@@ -354,19 +364,14 @@ def fold_exact(
     windows: dict[str, DecisionDelta] = {}
     accepted: list[tuple[int, str, str, str, str]] = []  # offset, decision, rule, window, time
     keys: dict[tuple[int, str, int, int], tuple[str, str]] = {}
-    dec = decision_decoder.decode
     for partition, offset, value in records:
         acct.records += 1
-        try:
-            ev = dec(value)
-            if ev.decision not in CLASSES:
-                raise ValueError(f"decision {ev.decision!r}")
-            start = epoch_s(ev.time) // window_s * window_s
-        except (msgspec.DecodeError, ValueError) as exc:
+        decoded = decode_decision(value, window_s)
+        if isinstance(decoded, str):
             acct.bad += 1
-            why = "undecodable" if isinstance(exc, msgspec.DecodeError) else "bad_field"
-            acct.bad_reasons[why] = acct.bad_reasons.get(why, 0) + 1
+            acct.bad_reasons[decoded] = acct.bad_reasons.get(decoded, 0) + 1
             continue
+        ev, start = decoded
         hk = host_key(partition, ev.host)
         row = host_rows.get(hk)
         if row is None:
