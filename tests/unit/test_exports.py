@@ -58,3 +58,12 @@ def test_every_public_top_level_class_has_a_docstring():
                 if not (ast.get_docstring(node) or "").strip():
                     missing.append(f"{rel}:{node.lineno} {node.name}")
     assert missing == [], "public classes without a docstring:\n" + "\n".join(missing)
+
+
+def test_cli_start_does_not_load_the_pipeline():
+    # every `aegis` command (the kernel suite runs hundreds under TCG) imports the CLI and
+    # the event schema; the pipeline, trio and numpy load only for the commands that run it
+    code = ("import sys, aegis_stream.cli.main as m; m.build_parser(); "
+            "print(sorted(x for x in ('numpy', 'trio', 'aegis_stream.pipeline.pipeline') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
