@@ -38,9 +38,9 @@ def _missing(msg: str) -> None:
     pytest.skip(msg)
 
 
-@pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    """The session's broker: ``.bootstrap``, ``.kill()``, ``.restart()``, ``.stop()``."""
+def started_broker(directory: Path) -> Iterator[LocalBroker]:
+    """A broker on ``directory`` with the aegis topics, stopped (killed if it must be) at
+    the end; missing jars or client skip locally and fail under CI.  For fixtures."""
     try:
         import confluent_kafka  # noqa: F401
     except ImportError:
@@ -49,7 +49,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBrok
         _missing(f"Kafka {KAFKA_VERSION} jars are not in {cache_dir()}; run {FETCH_HINT}")
     from aegis_stream.fleet.topics import create_topics
 
-    broker = LocalBroker(tmp_path_factory.mktemp("kafka"))
+    broker = LocalBroker(directory)
     broker.start()
     try:
         create_topics(broker.bootstrap)
@@ -57,6 +57,12 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBrok
     finally:
         if not broker.stop():
             broker.kill()  # never leave a JVM behind
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """The session's broker: ``.bootstrap``, ``.kill()``, ``.restart()``, ``.stop()``."""
+    yield from started_broker(tmp_path_factory.mktemp("kafka"))
 
 
 @pytest.fixture(autouse=True)

@@ -43,6 +43,7 @@ from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.policy.store import PolicyStore
 from aegis_stream.testing import FakeKernel, fixed_normaliser, install, make_events, sample_record
 
+from .conftest import started_broker
 from .readback import read_topic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,18 +140,7 @@ def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 @pytest.fixture(scope="module")
 def e2e_broker(tmp_path_factory):
     """A broker of this module's own: the fleet's totals are these three hosts only."""
-    from aegis_stream.fleet.broker import LocalBroker, kafka_lib
-    from aegis_stream.fleet.topics import create_topics
-
-    if kafka_lib() is None:
-        pytest.skip("no Kafka jars (scripts/kafka fetch)")
-    b = LocalBroker(tmp_path_factory.mktemp("e2e-kafka"))
-    b.start()
-    try:
-        create_topics(b.bootstrap)
-        yield b
-    finally:
-        b.stop()
+    yield from started_broker(tmp_path_factory.mktemp("e2e-kafka"))
 
 
 @pytest.fixture(scope="module")
