@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from aegis_stream.errors import StateError
-from aegis_stream.policy.store import atomic_write, state_dir
+from aegis_stream.policy.store import atomic_write, private_dir, state_dir
 
 GENESIS = "0" * 64
 LOG_NAME = "provenance.jsonl"
@@ -97,7 +97,7 @@ class ProvenanceLog:
             if v is not None:
                 rec[k] = v
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StateError(f"{self.path}: cannot open provenance log: {exc.strerror}") from None

@@ -36,11 +36,35 @@ def state_dir() -> Path:
     return Path(os.environ.get("AEGIS_STATE_DIR", DEFAULT_STATE_DIR))
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write temp, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+PRIVATE_DIR_MODE, PRIVATE_FILE_MODE = 0o700, 0o600  # docs/POLICY_LIFECYCLE.md "State directory"
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` and every missing parent as 0700 (``mkdir(parents=True)`` would make
+    the parents 0777 & ~umask: a world-readable state dir)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, PRIVATE_DIR_MODE)
+        except FileExistsError:
+            continue  # created meanwhile by another writer: its mode is its creator's
+        os.chmod(d, PRIVATE_DIR_MODE)  # a umask such as 0o277 must not narrow it either
+
+
+def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Write temp, fsync, rename, fsync the directory.  The file is ``mode`` (0600) and any
+    directory created for it 0700, whatever the umask."""
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fd, mode)  # an older temp file of this pid keeps its mode through O_CREAT
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from aegis_stream.errors import PolicyError, SignatureError, SignatureExpiredError, StateError
 from aegis_stream.policy import signing
 from aegis_stream.policy.provenance import ProvenanceLog
-from aegis_stream.policy.store import atomic_write, state_dir
+from aegis_stream.policy.store import atomic_write, private_dir, state_dir
 
 
 class TrustedKey(msgspec.Struct):
@@ -92,7 +92,7 @@ class TrustStore(signing.KeyLookup):
 
     def _save(self, tf: TrustFile) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.dir)
             atomic_write(self.path, msgspec.json.format(_enc.encode(tf), indent=2) + b"\n")
             os.chmod(self.path, 0o600)
         except OSError as exc:
