@@ -174,7 +174,8 @@ async def serve_pipeline(
         if metrics_addr:
             from aegis_stream.pipeline.metrics import AegisMetrics, serve_metrics
 
-            metrics = AegisMetrics(pipeline.statistics, caches=pipeline.norm.cache_statistics)
+            metrics = AegisMetrics(pipeline.statistics, caches=pipeline.norm.cache_statistics,
+                                   state_root=pipeline.norm.store.root)  # policy expiry, canaries
             bound = await nursery.start(partial(serve_metrics, listeners=metrics_listeners),
                                         metrics, metrics_addr)
             _log(f"metrics on http://{bound[0]}:{bound[1]}/metrics")

@@ -6,9 +6,14 @@ pipeline's own accounting; nothing is double-booked.  Names are prefixed ``aegis
 docs/METRICS.md is the contract (tests/unit/test_metrics.py checks both ways).
 
 One small collector per concern (prometheus client_python style): build info, state,
-kernel counters, pipeline classes, rings, spool, SLO, sinks, memory, caches.  Each reads
-:class:`Sources`; adding one is a line in :data:`COLLECTORS` (or pass it to
-:class:`AegisMetrics` as ``extra``).
+kernel counters, pipeline classes, rings, spool, SLO, sinks, memory, caches, policy
+(signature expiry, canary results).  Each reads :class:`Sources`; adding one is a line in
+:data:`COLLECTORS` (or pass it to :class:`AegisMetrics` as ``extra``).  The registry also
+carries client_python's standard ``process_*`` and ``python_*`` collectors.
+
+Deprecated names (:data:`DEPRECATED`) stay exported, with ``DEPRECATED`` in their HELP
+text, for one release after their rename; ``AegisMetrics(deprecated=False)`` drops them early, e.g.
+for a scrape that must pass ``promtool check metrics`` (which flags the old name).
 
 The HTTP server is trio-native (``serve_metrics``): it runs in the agent's nursery, is
 cancelled with it, and reads statistics on the trio thread (no locking needed).
@@ -16,12 +21,24 @@ cancelled with it, and reads statistics on the trio thread (no locking needed).
 
 from __future__ import annotations
 
+import calendar
+import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -35,6 +52,14 @@ from aegis_stream.pipeline.normalise import CacheStatistics
 
 STATES: tuple[str, ...] = tuple(State)
 MODES: tuple[str, ...] = (abi.Mode.ENFORCE.label, abi.Mode.AUDIT.label, abi.MODE_NONE)
+
+#: deprecated exposed name -> (its replacement, the release that removes it); both are
+#: exported until then (docs/METRICS.md, "Deprecated names")
+DEPRECATED: dict[str, tuple[str, str]] = {
+    "aegis_kernel_hook_counter_total": ("aegis_kernel_hook_counts_total", "0.2.0"),
+}
+#: canary outcomes as ``aegis policy apply --canary-seconds`` records them in the provenance log
+CANARY_RESULTS: tuple[str, ...] = ("passed", "failed")
 
 
 def _g(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -51,6 +76,10 @@ class Sources:
 
     stats: Callable[[], PipelineStatistics | None]
     caches: Callable[[], list[CacheStatistics]] = field(default=lambda: [])
+    #: the policy state dir (generation records, provenance log); None: no policy metrics
+    state_root: Path | None = None
+    #: export the names of :data:`DEPRECATED` beside their replacements
+    deprecated: bool = True
 
 
 class StatsCollector(Collector):
@@ -112,8 +141,12 @@ class KernelCountersCollector(StatsCollector):
     """The per-hook kernel counters (summed over CPUs)."""
 
     def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
-        kc = _c("aegis_kernel_hook_counter", "Raw per-hook kernel counters (summed over CPUs)",
+        kc = _c("aegis_kernel_hook_counts", "Raw per-hook kernel counters (summed over CPUs)",
                 ["hook", "counter"])
+        new, gone = DEPRECATED["aegis_kernel_hook_counter_total"]
+        old = _c("aegis_kernel_hook_counter",
+                 f"DEPRECATED: renamed {new}, removed in {gone}. Raw per-hook kernel counters",
+                 ["hook", "counter"])
         kd = _c("aegis_kernel_decisions", "Kernel decisions by hook and decision", ["hook", "decision"])
         kf = _c("aegis_kernel_ringbuf_reserve_failures",
                 "Ring-buffer reserves that failed in the kernel (event lost, decision kept)", ["hook"])
@@ -121,10 +154,13 @@ class KernelCountersCollector(StatsCollector):
             for hook, ctrs in sorted(st.kernel.hooks.items()):
                 for name, v in ctrs.items():
                     kc.add_metric([hook, name], v)
+                    old.add_metric([hook, name], v)
                 kd.add_metric([hook, "deny"], ctrs["denied"])
                 kd.add_metric([hook, "audit"], ctrs["audited"])
                 kf.add_metric([hook], ctrs["ringbuf_fail"])
         yield from (kc, kd, kf)
+        if self.sources.deprecated:
+            yield old
 
 
 class ClassesCollector(StatsCollector):
@@ -246,6 +282,95 @@ class CachesCollector(StatsCollector):
         yield from (lookups, entries)
 
 
+def _iso_seconds(text: str) -> float | None:
+    """A provenance record's ``time`` (``2026-12-01T12:00:00.000000Z``) as Unix seconds."""
+    try:
+        whole, _, frac = text.rstrip("Z").partition(".")
+        return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float("0." + (frac or "0"))
+    except ValueError:
+        return None
+
+
+class PolicyCollector(StatsCollector):
+    """The active policy's signature expiry and the canary outcomes of ``aegis policy apply
+    --canary-seconds``, read from the state dir (the generation's signed envelope; the
+    provenance log, read incrementally: it is append-only)."""
+
+    def __init__(self, sources: Sources) -> None:
+        super().__init__(sources)
+        self._expiry: dict[int, float | None] = {}  # generation -> expires_at (None: unsigned)
+        self._log_pos = 0
+        self._log_ino = 0
+        self._canary_n = dict.fromkeys(CANARY_RESULTS, 0)
+        self._canary_last: dict[str, float] = {}
+
+    def _expires_at(self, generation: int) -> float | None:
+        if generation in self._expiry:
+            return self._expiry[generation]
+        from aegis_stream.errors import SignatureError
+        from aegis_stream.policy.signing import parse_envelope
+
+        assert self.sources.state_root is not None
+        path = self.sources.state_root / "generations" / f"{generation}.signed"
+        try:
+            exp: float | None = float(parse_envelope(path.read_bytes(), str(path)).signature.expires_at)
+        except FileNotFoundError:
+            exp = None  # applied unsigned (audit mode allows that): nothing expires
+        except (OSError, SignatureError):
+            return None  # unreadable now: not cached, tried again at the next scrape
+        self._expiry = {generation: exp}  # only the active generation's is ever asked for
+        return exp
+
+    def _read_canaries(self) -> None:
+        assert self.sources.state_root is not None
+        path = self.sources.state_root / "provenance.jsonl"
+        try:
+            with open(path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if st.st_ino != self._log_ino or st.st_size < self._log_pos:  # replaced: read it again
+                    self._log_ino, self._log_pos = st.st_ino, 0
+                    self._canary_n = dict.fromkeys(CANARY_RESULTS, 0)
+                    self._canary_last = {}
+                fh.seek(self._log_pos)
+                data = fh.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # whole records only: a torn last line is read when complete
+        self._log_pos += end
+        for line in data[:end].splitlines():
+            if b'"canary"' not in line:
+                continue
+            try:
+                rec = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if not isinstance(rec, dict) or rec.get("action") != "canary":
+                continue
+            result = "passed" if rec.get("result") == "ok" else "failed"
+            self._canary_n[result] += 1
+            ts = _iso_seconds(str(rec.get("time", "")))
+            if ts is not None:
+                self._canary_last[result] = ts
+
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
+        expiry = _g("aegis_policy_signature_expiry_timestamp_seconds",
+                    "When the active generation's policy signature expires (Unix seconds)")
+        runs = _c("aegis_policy_canary_runs", "Canary applies recorded in the provenance log", ["result"])
+        last = _g("aegis_policy_canary_last_run_timestamp_seconds",
+                  "When the last canary of this result was recorded (Unix seconds)", ["result"])
+        if st is not None and self.sources.state_root is not None:
+            if st.generation:
+                exp = self._expires_at(st.generation)
+                if exp is not None:
+                    expiry.add_metric([], exp)
+            self._read_canaries()
+            for r in CANARY_RESULTS:
+                runs.add_metric([r], self._canary_n[r])
+                if r in self._canary_last:
+                    last.add_metric([r], self._canary_last[r])
+        yield from (expiry, runs, last)
+
+
 #: every aegis collector, in exposition order: adding a concern is one line here
 COLLECTORS: tuple[Callable[[Sources], Collector], ...] = (
     BuildInfoCollector,
@@ -259,6 +384,7 @@ COLLECTORS: tuple[Callable[[Sources], Collector], ...] = (
     KafkaSinkCollector,  # aegis_sink_* of Kafka sinks (aegis_stream/fleet/metrics.py)
     MemoryCollector,
     CachesCollector,
+    PolicyCollector,
 )
 
 
@@ -270,8 +396,11 @@ class AegisCollector(Collector):
         stats: Callable[[], PipelineStatistics | None],
         caches: Callable[[], list[CacheStatistics]] | None = None,
         extra: Iterable[Collector] = (),
+        *,
+        state_root: Path | None = None,
+        deprecated: bool = True,
     ) -> None:
-        sources = Sources(stats, caches or (lambda: []))
+        sources = Sources(stats, caches or (lambda: []), state_root, deprecated)
         self.parts: list[Collector] = [make(sources) for make in COLLECTORS] + list(extra)
 
     def describe(self) -> Iterator[Metric]:
@@ -286,7 +415,11 @@ class AegisCollector(Collector):
 
 class AegisMetrics:
     """The registry (fresh per instance unless one is given) with one collector per
-    concern; ``extra``: more collectors (e.g. a sink's own)."""
+    concern; ``extra``: more collectors (e.g. a sink's own).  ``state_root``: the policy
+    state dir, for the policy metrics; ``deprecated``: export deprecated names too
+    (:data:`DEPRECATED`); ``standard``: register client_python's ``process_*`` and
+    ``python_*`` collectors (not on a registry that already has them, such as the global
+    default one)."""
 
     def __init__(
         self,
@@ -295,11 +428,18 @@ class AegisMetrics:
         *,
         caches: Callable[[], list[CacheStatistics]] | None = None,
         extra: Iterable[Collector] = (),
+        state_root: Path | None = None,
+        deprecated: bool = True,
+        standard: bool = True,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.collector = AegisCollector(stats, caches, extra)
+        self.collector = AegisCollector(stats, caches, extra, state_root=state_root, deprecated=deprecated)
         for part in self.collector.parts:
             self.registry.register(part)
+        if standard:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
