@@ -40,7 +40,14 @@ from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy import compiler, model, signing
 from aegis_stream.policy.antirollback import VersionCounter
 from aegis_stream.policy.provenance import ProvenanceLog
-from aegis_stream.policy.store import GenerationRecord, PolicyStore, atomic_write, state_dir
+from aegis_stream.policy.store import (
+    PRIVATE_DIR_MODE,
+    GenerationRecord,
+    PolicyStore,
+    atomic_write,
+    private_dir,
+    state_dir,
+)
 from aegis_stream.policy.trust import TrustStore
 
 STEPS = ("verified", "pending", "recorded", "counter", "staged", "activated", "logged")
@@ -209,9 +216,19 @@ class Lifecycle:
         if self.hook is not None:
             self.hook(name)
 
+    def _private_dirs(self) -> None:
+        """The state dir and the directories holding records and keys are 0700: created so,
+        and tightened when an older aegis (or a umask) left them readable by others."""
+        private_dir(self.root)
+        for d in (self.root, self.store.gen_dir, self.trust.dir):
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(d)
+                if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                    os.chmod(d, PRIVATE_DIR_MODE)
+
     @contextlib.contextmanager
     def _locked(self, *, wait_s: float | None = None) -> Iterator[bool]:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._private_dirs()
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         got = False
         try:
@@ -286,6 +303,8 @@ class Lifecycle:
                 f"{origin}: enforce mode requires a signed policy (`aegis policy sign`); "
                 "audit mode accepts an unsigned one"
             )
+        if mode == AUDIT:
+            self._check_leaving_enforce(origin, policy, signer, mode_override)
         bg = self.break_glass_state()
         if mode == ENFORCE and bg is not None:
             raise PolicyError(
@@ -293,6 +312,38 @@ class Lifecycle:
                 "`aegis break-glass --clear --reason ...`"
             )
         return Admission(policy, source, envelope, signer, mode, model.policy_digest(policy))
+
+    def enforcing_generation(self) -> int:
+        """The generation the kernel enforces now (its active slot valid and in enforce
+        mode), 0 when it enforces nothing (no policy, audit, break-glass)."""
+        if self.maps is None:  # a dry run without a loaded kernel side
+            return 0
+        try:
+            st, gen = self._active()
+        except StateError:
+            return 0  # no control entry: nothing is loaded, so nothing enforces
+        return gen if st.active.valid and st.active.mode == int(abi.Mode.ENFORCE) else 0
+
+    def _check_leaving_enforce(self, origin: str, policy: model.Policy, signer: str,
+                               mode_override: str | None) -> None:
+        """Leaving enforce needs the trust entering it needed: while the kernel enforces,
+        an audit-mode apply is admitted only when a signature says audit (a signed policy
+        whose own mode is audit).  Break-glass is the recorded way out without a key."""
+        gen = self.enforcing_generation()
+        if not gen:
+            return
+        exit_ = ("or `aegis break-glass --reason TEXT` (recorded) to stop enforcing in an "
+                 "emergency")
+        if not signer:
+            raise SignatureError(
+                f"{origin}: generation {gen} is enforcing; an unsigned policy cannot replace it "
+                f"(leaving enforce needs a signature): sign it with `aegis policy sign`, {exit_}"
+            )
+        if mode_override == AUDIT and policy.mode != AUDIT:
+            raise SignatureError(
+                f"{origin}: generation {gen} is enforcing; `--mode audit` would leave enforce "
+                f"without a signature saying so: sign a new version with mode = \"audit\", {exit_}"
+            )
 
     # ---------------------------------------------------------------- apply
     def apply(
@@ -368,10 +419,15 @@ class Lifecycle:
         to_version: int | None = None,
         to_generation: int | None = None,
         reason: str = "",
+        restore_previous: bool = False,
     ) -> RollbackOutcome:
+        """Go back to a stored generation (re-verified).  While the kernel enforces, a
+        target that would run in audit must be signed as audit (as for apply);
+        ``restore_previous`` is the canary's own undo: it returns to exactly what ran before
+        its apply, which was admitted then, so that check does not apply."""
         with self._locked():
             self._reconcile_locked()
-            return self._rollback_locked(to_version, to_generation, reason)
+            return self._rollback_locked(to_version, to_generation, reason, restore_previous)
 
     def _pick_target(self, cur_gen: int, to_version: int | None) -> GenerationRecord:
         if not cur_gen:
@@ -421,7 +477,8 @@ class Lifecycle:
         return Admission(policy, src, b"", "", mode, model.policy_digest(policy))
 
     def _rollback_locked(
-        self, to_version: int | None, to_generation: int | None, reason: str
+        self, to_version: int | None, to_generation: int | None, reason: str,
+        restore_previous: bool = False,
     ) -> RollbackOutcome:
         info: dict[str, Any] = {}
         if reason:
@@ -430,6 +487,11 @@ class Lifecycle:
         try:
             st, cur_gen = self._active()
             info["previous_generation"] = cur_gen
+            enforcing = st.active.valid and st.active.mode == int(abi.Mode.ENFORCE)
+            if to_generation == 0 and enforcing and not restore_previous:
+                raise SignatureError(
+                    f"generation {cur_gen} is enforcing; deactivating it needs "
+                    "`aegis break-glass --deactivate --reason TEXT` (recorded)")
             if to_generation == 0:
                 slots.deactivate_all(self.maps)
                 self._last_switch = time.monotonic()
@@ -448,6 +510,13 @@ class Lifecycle:
                         target_generation=target.generation)
             adm = self._reverify(target, mode)
             info["signer"] = adm.signer_label
+            if (mode == AUDIT and enforcing and not restore_previous
+                    and not (adm.signer and adm.policy.mode == AUDIT)):
+                raise SignatureError(
+                    f"generation {cur_gen} is enforcing; rolling back to generation "
+                    f"{target.generation} would run it in audit mode, which no signature says "
+                    "(leaving enforce needs one): apply a signed audit-mode policy, or "
+                    "`aegis break-glass --reason TEXT` (recorded)")
             inactive = st.inactive_slot
             ic = st.slots[inactive]
             if (
@@ -528,7 +597,8 @@ class Lifecycle:
         if cur != res.generation:
             raise StateError(f"{why}; but generation {cur} replaced {res.generation} meanwhile, "
                              "not rolling back")
-        rb = self.rollback(to_generation=res.previous_generation, reason=why)
+        rb = self.rollback(to_generation=res.previous_generation, reason=why,
+                           restore_previous=True)
         return CanaryOutcome(False, rate, res, rb)
 
     # ---------------------------------------------------------------- break-glass

@@ -6,8 +6,9 @@ skip with the reason; inside the lab a missing capability is a failure, never a 
 Policies are applied the way the product applies them: through ``Lifecycle.apply`` (lock,
 journal, signature check against the trust store, anti-rollback counter, generation record,
 provenance log).  A per-session key (``kt``) is generated into the session's state
-directory and trusted there; enforce-mode policies are signed with it, audit-mode ones go
-unsigned (which the lifecycle accepts for audit only).
+directory and trusted there; every policy is signed with it (leaving enforce needs a
+signature: an unsigned audit policy is refused while the kernel enforces), except where a
+test asks for ``signed=False``.
 """
 
 from __future__ import annotations
@@ -97,9 +98,11 @@ class Lab:
         scopes: list[Path] | None = None,
         name: str = "kt",
         drain: bool = True,
+        signed: bool = True,
     ) -> ApplyOutcome:
-        """Apply through ``Lifecycle.apply``, signed when enforcing.  The version counts up
-        across the session, so the anti-rollback counter accepts every apply."""
+        """Apply through ``Lifecycle.apply``, signed (audit too: an audit apply over an
+        enforcing generation needs a signature).  The version counts up across the session,
+        so the anti-rollback counter accepts every apply."""
         version = len(self.applied) + 1
         doc = f'apiVersion = "aegis/v1"\nname = "{name}"\nversion = {version}\nmode = "{mode}"\n'
         for sc in [self.cg_selected] if scopes is None else scopes:
@@ -113,7 +116,7 @@ class Lab:
             acts = r.get("actions", ["open", "exec"])
             doc += "actions = [" + ", ".join(f'"{a}"' for a in acts) + "]\n"
         data = doc.encode()
-        if mode == "enforce":
+        if signed:
             data = signing.sign_policy(data, self.key, KEY_ID)
         t0 = time.perf_counter()
         res = self.lifecycle.apply(data, f"kernel-test:{name}")
