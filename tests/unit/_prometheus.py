@@ -25,6 +25,19 @@ def tool(name: str) -> str:
     return path
 
 
+def need_module(name: str) -> None:
+    """Import ``name`` or skip (fail under ``CI=true``: scripts/setup installs the extras)."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        why = f"{name} not installed (pip install -e '.[dashboards]'; scripts/setup does)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why}, and CI=true")
+        pytest.skip(why)
+
+
 async def http_get(host: str, port: int, path: str) -> tuple[bytes, bytes]:
     """One plain HTTP/1.1 GET on a trio socket: (head, body)."""
     stream = await trio.open_tcp_stream(host, port)
