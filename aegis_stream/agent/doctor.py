@@ -20,6 +20,7 @@ from pathlib import Path
 
 import msgspec
 
+from aegis_stream import textsafe
 from aegis_stream.errors import AegisError
 from aegis_stream.kernel import abi, libbpf, slots
 from aegis_stream.kernel.loader import REQUIRED_PROGRAMS, BpfObject, default_object_path
@@ -187,6 +188,34 @@ def check_lockdown(ctx: Ctx) -> Check:
     return Check("lockdown", "pass", f"lockdown {ld}")
 
 
+PTRACE_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
+_PTRACE_FIX = ("sysctl -w kernel.yama.ptrace_scope=1 and keep it: echo kernel.yama.ptrace_scope=1 "
+               "> /etc/sysctl.d/10-ptrace.conf (or run readers of protected files under a uid "
+               "that scoped tasks do not share)")
+
+
+def check_ptrace_scope(ctx: Ctx, path: str = PTRACE_SCOPE) -> Check:
+    """BYP-PTRACE-FD (docs/BYPASS_CATALOG.md): with Yama off or at scope 0, a scoped task may
+    pidfd_getfd() an fd, or read /proc/PID/mem, of any same-uid process outside the scope."""
+    scope = _read(path)
+    if scope is None:
+        return Check("ptrace-scope", "warn",
+                     "Yama is not active (no kernel.yama.ptrace_scope): a scoped task can take "
+                     "a denied file's fd (pidfd_getfd) or mapping (/proc/PID/mem) from any "
+                     "same-uid process outside the scope",
+                     "add yama to the kernel's lsm= list and set kernel.yama.ptrace_scope=1, "
+                     "or run readers of protected files under a uid that scoped tasks do not "
+                     "share")
+    if scope == "0":
+        return Check("ptrace-scope", "warn",
+                     "kernel.yama.ptrace_scope=0: a scoped task can take a denied file's fd "
+                     "(pidfd_getfd) or mapping (/proc/PID/mem) from any same-uid process "
+                     "outside the scope", _PTRACE_FIX)
+    return Check("ptrace-scope", "pass",
+                 f"kernel.yama.ptrace_scope={scope}: only ancestors (1), CAP_SYS_PTRACE (2) or "
+                 "no one (3) may take another process's fds or memory")
+
+
 def check_memlock(ctx: Ctx) -> Check:
     import resource
 
@@ -309,7 +338,7 @@ def synthetic_deny_proof() -> Check:
 def run_doctor() -> DoctorReport:
     ctx = Ctx()
     checks = [f(ctx) for f in (check_kernel, check_config, check_btf, check_lsm, check_bpffs, check_cgroup2,
-                              check_caps, check_lockdown, check_memlock)]
+                              check_caps, check_lockdown, check_ptrace_scope, check_memlock)]
     if not default_object_path().exists():
         checks.append(Check("object", "fail", f"{default_object_path()} missing", "make -C bpf"))
     else:
@@ -333,6 +362,6 @@ def render(report: DoctorReport) -> str:
         if c.fix and c.status != "pass":
             lines.append(f"         fix: {c.fix}")
     lines.append(f"verdict: {report.verdict} (exit {report.exit_code})")
-    return "\n".join(lines)
+    return textsafe.join(lines)
 
 

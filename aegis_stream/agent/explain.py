@@ -21,6 +21,7 @@ from typing import IO
 
 import msgspec
 
+from aegis_stream import textsafe
 from aegis_stream.errors import AegisError, StateError
 from aegis_stream.pipeline.schema import DecisionEvent, ExplanationEvent
 from aegis_stream.policy.store import PolicyStore
@@ -76,15 +77,25 @@ def explain_event(event: DecisionEvent, store: PolicyStore | None = None) -> Exp
     # imported here: the normaliser pulls in numpy, which every other CLI command (and
     # each CLI start under the QEMU lab) would otherwise pay for
     from aegis_stream.pipeline.normalise import GenerationIndex
+    from aegis_stream.policy.provenance import checked_store
 
-    index = GenerationIndex(store or PolicyStore())
+    store = checked_store(store)
+    try:
+        data: bytes | None = (store.gen_dir / f"{event.generation}.json").read_bytes()
+    except FileNotFoundError:
+        data = None  # the explanation says there is no record (exit 1)
+    except OSError as exc:
+        raise StateError(f"generation {event.generation}: cannot read its record: {exc.strerror}") from None
+    if data is not None and store.check is not None:
+        store.check(event.generation, data)  # an edited record is refused, not explained
+    index = GenerationIndex(store)
     return explain(event, index.get(event.generation))
 
 
 def render(x: ExplanationEvent) -> str:
     lines = [
         f"{x.decision} {x.event_id} at {x.time} on {x.host}: {x.outcome}",
-        f"  task     pid {x.task.pid} tid {x.task.tid} uid {x.task.uid} comm {x.task.comm!r}"
+        f"  task     pid {x.task.pid} tid {x.task.tid} uid {x.task.uid} comm '{x.task.comm}'"
         + (f" exe {x.task.exe}" if x.task.exe else "")
         + f" in {x.task.cgroup_path or x.task.cgroup_id}",
         f"  hook     {x.hook} (action {x.action}, mode {x.mode})",
@@ -103,7 +114,9 @@ def render(x: ExplanationEvent) -> str:
     if not x.consistent:
         lines.append("  INCONSISTENT with the generation record:")
         lines += [f"    - {p}" for p in x.inconsistencies]
-    return "\n".join(lines)
+    # every line escaped on its own: a newline or an escape sequence in a process name,
+    # path, cgroup or rule id stays inside its line and is shown, not obeyed
+    return textsafe.join(lines)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

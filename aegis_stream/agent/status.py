@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 
+from aegis_stream import textsafe
 from aegis_stream.agent import reasons
 from aegis_stream.agent.health import Enforcement, Reason, ReasonCode, State, hooks_reason
 from aegis_stream.kernel import abi
@@ -361,7 +362,7 @@ def render(r: StatusReport, codes: Sequence[str] | None = None) -> str:
         codes = [reasons.code_of(why) for why in r.reasons]
     for code, why in zip(codes, r.reasons, strict=True):
         lines.append(f"  reason [{code}]: {why}")
-    return "\n".join(lines)
+    return textsafe.join(lines)  # each line escaped: paths and errors are attacker-named
 
 
 def collect(pin_root: str | None = None, status_file: str | None = None) -> StatusReport:

@@ -21,7 +21,9 @@ from typing import Any
 
 import msgspec
 
+from aegis_stream import textsafe
 from aegis_stream.errors import AegisError, NoAgentError, PolicyError, StateError
+from aegis_stream.textsafe import echo  # every human line escaped (attacker-named paths, comms)
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -104,18 +106,18 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
             res = lc.apply(data, args.file, mode_override=args.mode)
             out = None
     cp = res.policy
-    print(
+    echo(
         f"applied {cp.name} v{cp.version}: generation {res.generation} "
         f"(was {res.previous_generation}), slot {res.slot}, mode {res.mode}, "
         f"signed by {res.signer or 'nobody (unsigned)'}, {len(cp.rules)} rules, "
         f"{'host-wide' if cp.host_scope else f'{len(cp.scopes)} scopes'}"
     )
     if not res.signer:
-        print("note: unsigned policy accepted because it runs in audit mode; "
+        echo("note: unsigned policy accepted because it runs in audit mode; "
               "enforce mode requires a signed envelope")
     if out is not None:
         if out.passed:
-            print(f"canary passed: {out.deny_rate:.2f} denies/s over {canary:g}s")
+            echo(f"canary passed: {out.deny_rate:.2f} denies/s over {canary:g}s")
         else:
             rb = out.rollback
             assert rb is not None
@@ -130,6 +132,7 @@ def _dry_run(args: argparse.Namespace, data: bytes) -> int:
     from aegis_stream.kernel import abi, slots
     from aegis_stream.policy import compiler, dryrun, model, signing
     from aegis_stream.policy.lifecycle import Lifecycle
+    from aegis_stream.policy.provenance import checked_store
     from aegis_stream.policy.store import PolicyStore
 
     lines: list[str] = []
@@ -156,7 +159,7 @@ def _dry_run(args: argparse.Namespace, data: bytes) -> int:
         refused = True
         lines.append(f"WOULD BE REFUSED: {exc}")
     new = compiler.compile_policy(policy)
-    store = PolicyStore()
+    store = checked_store(PolicyStore())  # the diff's base must be the record as applied
     old = None
     old_mode = ""
     try:
@@ -182,7 +185,7 @@ def _dry_run(args: argparse.Namespace, data: bytes) -> int:
         rep = dryrun.replay_events(ev, new, old, new_mode=mode)
         lines += dryrun.render_replay(rep, args.events)
     lines.append("dry run: nothing was changed")
-    print("\n".join(lines))
+    print(textsafe.join(lines))
     return EXIT_ERROR if refused else EXIT_OK
 
 
@@ -202,7 +205,7 @@ def cmd_policy_sign(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise PolicyError(f"{out}: cannot write: {exc.strerror}") from None
     meta = signing.parse_envelope(env).signature
-    print(f"signed {meta.policy_name} v{meta.policy_version} ({meta.policy_digest}) with key "
+    echo(f"signed {meta.policy_name} v{meta.policy_version} ({meta.policy_digest}) with key "
           f"{key_id}, expires {_iso(meta.expires_at)}: {out}")
     return EXIT_OK
 
@@ -213,12 +216,12 @@ def cmd_policy_verify(args: argparse.Namespace) -> int:
     from aegis_stream.policy.trust import TrustStore
 
     vp = signing.verify_envelope(_read(args.file), TrustStore(), source=args.file)
-    print(f"valid: {vp.policy.name} v{vp.policy.version} ({vp.digest}) signed by {vp.key_id} "
+    echo(f"valid: {vp.policy.name} v{vp.policy.version} ({vp.digest}) signed by {vp.key_id} "
           f"at {_iso(vp.issued_at)}, expires {_iso(vp.expires_at)}")
     try:
         VersionCounter().check(vp.policy.name, vp.policy.version, vp.digest)
     except PolicyError as exc:
-        print(f"note: apply would refuse it: {exc}")
+        echo(f"note: apply would refuse it: {exc}")
     return EXIT_OK
 
 
@@ -243,19 +246,19 @@ def cmd_policy_lint(args: argparse.Namespace) -> int:
     if args.fix:
         new, changes = lint.fix_text(text)
         for c in changes:
-            print(f"fix: {c}")
+            echo(f"fix: {c}")
         if new != text:
             p = Path(args.file)
             mode = p.stat().st_mode & 0o7777
             atomic_write(p, new.encode())
             os.chmod(p, mode)
-            print(f"fix: rewrote {args.file} (rule order kept: it is the kernel rule index); "
+            echo(f"fix: rewrote {args.file} (rule order kept: it is the kernel rule index); "
                   "re-sign it before applying in enforce mode")
             text = new
         elif not changes:
-            print("fix: nothing to fix")
+            echo("fix: nothing to fix")
     rep = lint.lint_text(text, source, check_fs=check_fs)
-    print("\n".join(rep.render()))
+    print(textsafe.join(rep.render()))
     return EXIT_ERROR if rep.errors else EXIT_OK
 
 
@@ -265,7 +268,10 @@ def cmd_policy_log(args: argparse.Namespace) -> int:
 
     log = ProvenanceLog()
     if args.verify:
-        res = log.verify()
+        kernel_gen, note = _kernel_generation()
+        if note:
+            echo(note)
+        res = log.verify(kernel_generation=kernel_gen)
         if not res.ok:
             raise StateError(f"{log.path}:{res.bad_line}: {res.reason} "
                              f"({res.records} records verified before it)")
@@ -279,7 +285,7 @@ def cmd_policy_log(args: argparse.Namespace) -> int:
         try:
             r = msgspec.json.decode(raw)
         except msgspec.DecodeError:
-            print(f"(unreadable line) {raw[:80]!r}")
+            echo(f"(unreadable line) {raw[:80].decode(errors='replace')}")
             continue
         pol = f" {r['policy']} v{r.get('version', '?')}" if "policy" in r else ""
         gen = ""
@@ -291,12 +297,27 @@ def cmd_policy_log(args: argparse.Namespace) -> int:
         extra += f" key={r['key_id']}" if "key_id" in r else ""
         extra += f" method={r['method']}" if "method" in r else ""
         why = f": {r['reason']}" if r.get("reason") else ""
-        print(f"{r.get('seq', '?'):>5} {r.get('time', '?')} {r.get('user', '?')}@"
+        echo(f"{r.get('seq', '?'):>5} {r.get('time', '?')} {r.get('user', '?')}@"
               f"{r.get('host', '?')} {r.get('action', '?')} {r.get('result', '?')}"
               f"{pol}{gen}{extra}{why}")
     if args.verify:
-        print(f"verified: {res.records} records, hash chain intact")
+        echo(f"verified: {res.records} records, hash chain intact")
     return EXIT_OK
+
+
+def _kernel_generation() -> tuple[int, str]:
+    """(the generation the pinned kernel state enforces, 0 for none; a note when it could
+    not be read): the log must account for it."""
+    from aegis_stream.kernel import slots
+
+    try:
+        with _kernel() as (maps, _):
+            st = slots.read_state(maps)
+    except NoAgentError:
+        return 0, ""
+    except (AegisError, OSError) as exc:
+        return 0, f"note: the kernel's active generation was not checked against the log ({exc})"
+    return (st.active.generation if st.active.valid else 0), ""
 
 
 # ------------------------------------------------------------------------ rollback
@@ -307,7 +328,7 @@ def cmd_policy_rollback(args: argparse.Namespace) -> int:
         rb = Lifecycle(maps).rollback(to_version=args.to, reason=args.reason or "")
     how = {"flip": "instant slot flip", "reapply": "re-applied from the store",
            "deactivate": "no policy"}[rb.method]
-    print(f"rolled back to {rb.policy_name} v{rb.version}: generation {rb.generation} "
+    echo(f"rolled back to {rb.policy_name} v{rb.version}: generation {rb.generation} "
           f"(was {rb.previous_generation}), {how}, mode {rb.mode}")
     return EXIT_OK
 
@@ -317,9 +338,10 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     from aegis_stream.policy import signing
 
     k = signing.generate_keypair(args.id, args.out)
-    print(f"generated key {k.key_id} ({k.fingerprint})\n  private: {k.private_path} (0600; keep "
-          f"it off the hosts that enforce)\n  public:  {k.public_path}\n"
-          f"trust it on each host with: aegis keys add {k.public_path} --id {k.key_id}")
+    echo(f"generated key {k.key_id} ({k.fingerprint})",
+         f"  private: {k.private_path} (0600; keep it off the hosts that enforce)",
+         f"  public:  {k.public_path}",
+         f"trust it on each host with: aegis keys add {k.public_path} --id {k.key_id}")
     return EXIT_OK
 
 
@@ -328,7 +350,7 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
 
     st = TrustStore().add(_read(args.pubfile), args.id or "", source=args.pubfile,
                           expires_in_days=args.expires_in or 0)
-    print(f"trusted key {st.key_id} ({st.fingerprint}), expires {_iso(st.expires_at)}")
+    echo(f"trusted key {st.key_id} ({st.fingerprint}), expires {_iso(st.expires_at)}")
     return EXIT_OK
 
 
@@ -340,10 +362,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         print(msgspec.json.encode([k.__dict__ for k in keys]).decode())
         return EXIT_OK
     if not keys:
-        print("no trusted keys (enforce mode will refuse every policy)")
+        echo("no trusted keys (enforce mode will refuse every policy)")
     for k in keys:
         extra = f" revoked {_iso(k.revoked_at)}: {k.revoke_reason}" if k.revoked_at else ""
-        print(f"{k.key_id:<24} {k.status:<8} {k.fingerprint} added {_iso(k.added_at)} "
+        echo(f"{k.key_id:<24} {k.status:<8} {k.fingerprint} added {_iso(k.added_at)} "
               f"expires {_iso(k.expires_at)}{extra}")
     return EXIT_OK
 
@@ -353,11 +375,11 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from aegis_stream.policy.trust import TrustStore
 
     st = TrustStore().revoke(args.id, args.reason)
-    print(f"revoked key {st.key_id} ({st.fingerprint}): {args.reason}")
+    echo(f"revoked key {st.key_id} ({st.fingerprint}): {args.reason}")
     store = PolicyStore()
     signed = [g for g in store.generations()[-5:] if _signer(store, g) == args.id]
     if signed:
-        print(f"warning: recent generations {signed} were signed by {args.id}; what the kernel "
+        echo(f"warning: recent generations {signed} were signed by {args.id}; what the kernel "
               "runs now is unchanged, but applying or rolling back to them is refused. Re-sign "
               "with a valid key and apply a new version.")
     return EXIT_OK
@@ -378,14 +400,14 @@ def cmd_break_glass(args: argparse.Namespace) -> int:
     if args.clear:
         with _kernel() as (maps, _):
             Lifecycle(maps).clear_break_glass(args.reason)
-        print("break-glass cleared; enforcement stays off until a policy is applied or "
+        echo("break-glass cleared; enforcement stays off until a policy is applied or "
               "rolled back in enforce mode")
         return EXIT_OK
     with _kernel() as (maps, _):
         out = Lifecycle(maps).break_glass(args.reason, deactivate=args.deactivate)
     what = ("every hook allows (policy deactivated)" if out.method == "deactivate"
             else "both slots switched to audit (nothing is denied; events still flow)")
-    print(f"BREAK-GLASS: enforcement is OFF, generation {out.generation}: {what}")
+    echo(f"BREAK-GLASS: enforcement is OFF, generation {out.generation}: {what}")
     if out.problems:
         raise StateError("enforcement is off, but: " + "; ".join(out.problems))
     return EXIT_OK

@@ -16,7 +16,6 @@ prints the record's value byte for byte (JSON escapes control characters itself)
 from __future__ import annotations
 
 import os
-import re
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +26,7 @@ import msgspec
 
 from aegis_stream.errors import AegisError
 from aegis_stream.fleet.topics import DECISION_TOPIC
+from aegis_stream.textsafe import escape as escape  # the one rule for every human output
 
 _dec = msgspec.json.Decoder()
 
@@ -36,28 +36,6 @@ class TailError(AegisError):
 
 
 # ------------------------------------------------------------------ formatting
-# C0 controls, DEL, C1 controls, and the Unicode format characters that reorder or hide
-# text on a terminal (bidi embeddings/overrides/isolates, zero-width joiners, BOM)
-_UNSAFE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2069\ufeff\\\\]"
-)
-
-
-def _esc(m: re.Match[str]) -> str:
-    c = m.group(0)
-    if c == "\\":
-        return "\\\\"
-    n = ord(c)
-    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
-
-
-def escape(text: object) -> str:
-    """``text`` safe to write to a terminal: control and invisible-reordering characters
-    become ``\\xNN`` / ``\\uNNNN``, a backslash becomes ``\\\\`` (so the escaped form is
-    unambiguous); printable text, including non-ASCII letters, is unchanged."""
-    return _UNSAFE.sub(_esc, str(text))
-
-
 def _where(ev: Mapping[str, Any]) -> str:
     """The object denied: the path the rule was compiled from, else ``dev:ino``."""
     src = ev.get("rule_source") or ""

@@ -9,7 +9,8 @@ apply, step by step (``STEPS``; a test hook can stop the process after any of th
                anti-rollback counter allows the version, the policy compiled
     pending    a journal (lifecycle.pending.json) names old and new generation
     recorded   generations/N.{json,toml,signed} written and fsync'd
-    counter    the anti-rollback counter persisted (failure = refusal)
+    counter    the anti-rollback counter persisted (failure = refusal); enforce-mode
+               applies only: an audit apply is checked against it but never moves it
     staged     the inactive slot written and verified by read-back digest
     activated  the single control-word write: the new generation is enforcing
     logged     the provenance record appended; then the journal is removed
@@ -38,14 +39,15 @@ from aegis_stream.errors import AegisError, PolicyError, SignatureError, StateEr
 from aegis_stream.kernel import abi, slots
 from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy import compiler, model, signing
-from aegis_stream.policy.antirollback import VersionCounter
-from aegis_stream.policy.provenance import ProvenanceLog
+from aegis_stream.policy.antirollback import RESTORE_ACTION, VersionCounter
+from aegis_stream.policy.provenance import ProvenanceLog, RecordMismatchError
 from aegis_stream.policy.store import (
     PRIVATE_DIR_MODE,
     GenerationRecord,
     PolicyStore,
     atomic_write,
     private_dir,
+    record_digest,
     state_dir,
 )
 from aegis_stream.policy.trust import TrustStore
@@ -203,8 +205,9 @@ class Lifecycle:
     ) -> None:
         self.maps = maps
         self.root = Path(root) if root else state_dir()
-        self.store = PolicyStore(self.root)
         self.log = ProvenanceLog(self.root)
+        # every record rollback reads is checked against the sha256 its apply logged
+        self.store = PolicyStore(self.root, check=self.log.check_record)
         self.trust = TrustStore(self.root, log=self.log)
         self.counter = VersionCounter(self.root)
         self.clock = clock
@@ -363,6 +366,7 @@ class Lifecycle:
             info.update(policy=adm.policy.name, version=adm.policy.version, digest=adm.digest,
                         signer=adm.signer_label, mode=adm.mode)
             self.counter.check(adm.policy.name, adm.policy.version, adm.digest)
+            self._persist_rebuilt_counter()
             compiled = compiler.compile_policy(adm.policy)
             st, old_gen = self._active()
             gen = self._new_generation(st)
@@ -373,14 +377,18 @@ class Lifecycle:
                 policy=adm.policy.name, version=adm.policy.version, digest=adm.digest))
             self._step("pending")
             recorded_gen = gen
-            self.store.record(
+            info["record_sha256"] = self.store.record(
                 GenerationRecord(gen, self.clock(), compiled, adm.signer, adm.mode),
                 adm.source, envelope=adm.envelope,
             )
             self._step("recorded")
-            counter_before = self.counter.get(adm.policy.name)
-            self.counter.commit(adm.policy.name, adm.policy.version, adm.digest, now=self.clock())
-            counter_committed = True
+            if adm.mode == ENFORCE:
+                # only an enforced (hence signed) version moves the counter: an audit apply,
+                # which root may make unsigned, cannot block later signed versions
+                counter_before = self.counter.get(adm.policy.name)
+                self.counter.commit(adm.policy.name, adm.policy.version, adm.digest,
+                                    now=self.clock())
+                counter_committed = True
             self._step("counter")
             slots.wait_grace(self._last_switch)
             staged = slots.stage(self.maps, compiled, gen, _mode_val(adm.mode))
@@ -411,6 +419,17 @@ class Lifecycle:
         self._step("logged")
         self._clear_pending()
         return ApplyOutcome(gen, old_gen, staged.slot, compiled, adm.mode, adm.signer)
+
+    def _persist_rebuilt_counter(self) -> None:
+        """versions.json was missing or corrupt and the counter was rebuilt from the
+        provenance chain (antirollback.py): write it back now, and say so in the log."""
+        rb = self.counter.persist_rebuilt()
+        if rb is not None:
+            self.log.append(
+                RESTORE_ACTION,
+                reason=f"versions.json {rb.why}: rebuilt from {rb.records} apply records of "
+                       "the verified provenance chain",
+                versions={n: e.high_water for n, e in sorted(rb.entries.items())})
 
     # ---------------------------------------------------------------- rollback
     def rollback(
@@ -449,6 +468,8 @@ class Lifecycle:
         for g in sorted(hits, reverse=True):
             try:
                 rec = self.store.load(g)
+            except RecordMismatchError:
+                raise  # an edited record is refused, not skipped for an older one
             except StateError:
                 continue  # unreadable record: the next newest of that version, if any
             if rec.policy.name == cur.name and rec.policy.version == candidates[g].version:
@@ -542,7 +563,7 @@ class Lifecycle:
                                                    new_generation=gen))
                 self._step("pending")
                 new_rec = gen
-                self.store.record(
+                info["record_sha256"] = self.store.record(
                     GenerationRecord(gen, self.clock(), compiled, adm.signer, mode),
                     adm.source, envelope=adm.envelope,
                 )
@@ -674,9 +695,13 @@ class Lifecycle:
         ):
             self._clear_pending()  # crashed after logging: nothing left to do
             return ReconcileOutcome("clean", "new", new)
+        digest: str | None = None
         if active == new and new != old:
             effective, status = "new", "recovered"
             detail = f"interrupted {op} had completed: new generation {new} is effective"
+            if pending.new_record:  # its apply record was never written: vouch for it here
+                with contextlib.suppress(OSError):
+                    digest = record_digest((self.store.gen_dir / f"{new}.json").read_bytes())
         elif active == old:
             effective, status = "old", "recovered"
             detail = f"interrupted {op} did not complete: old generation {old} is effective"
@@ -688,7 +713,7 @@ class Lifecycle:
         self.log.append(
             "reconcile", result="ok" if status == "recovered" else "refused", reason=detail,
             interrupted=op, effective=effective, generation=active, previous_generation=old,
-            new_generation=new,
+            new_generation=new, record_sha256=digest,
         )
         self._clear_pending()
         return ReconcileOutcome(status, effective, active, detail)

@@ -18,6 +18,11 @@ from aegis_stream.errors import PolicyError
 
 API_VERSION = "aegis/v1"
 
+#: versions are 1 .. 2**53 - 1: every JSON reader (a float64 in JavaScript, jq, ...) holds
+#: them exactly, they fit the signature's u64, and no one counts past them
+#: (docs/POLICY_LIFECYCLE.md "Versions").  Checked at decode, so at sign and apply too.
+MAX_VERSION = 2**53 - 1
+
 RuleId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
 Action = Literal["open", "exec"]
 ModeName = Literal["audit", "enforce"]
@@ -46,7 +51,7 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     Its digest (:func:`policy_digest`) is what signatures and anti-rollback bind to."""
     api_version: Literal["aegis/v1"] = msgspec.field(name="apiVersion")
     name: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9\-.]{0,62}$")]
-    version: Annotated[int, msgspec.Meta(ge=1)]
+    version: Annotated[int, msgspec.Meta(ge=1, le=MAX_VERSION)]
     rules: list[Rule]
     mode: ModeName = "audit"  # audit-first: enforcing is always an explicit choice
     scope: list[Scope] = msgspec.field(default_factory=list)

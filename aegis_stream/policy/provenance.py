@@ -11,6 +11,18 @@ rewrite the whole chain and the head, so ship the log off-host if that matters.
 A record torn by a crash mid-append (no trailing newline) is not silently skipped: the
 next append terminates it and writes a ``log-repair`` record naming the torn line and its
 sha256, chained to the last intact record; :func:`verify` accepts exactly that pattern.
+
+The log also notices its own loss and vouches for the generation records:
+
+- an intact but *empty* chain (log and head deleted) fails :func:`verify` when the state
+  directory shows history (generation records, anti-rollback entries, trusted keys, a
+  break-glass marker, or a generation the kernel enforces);
+- the apply or rollback that wrote ``generations/<N>.json`` records its sha256
+  (``record_sha256``).  :meth:`ProvenanceLog.check_record` (every load of a
+  :func:`checked_store`: ``policy show``, ``explain``, rollback) refuses a record whose bytes
+  differ, or a generation the log has no successful record of; :func:`verify` checks every
+  stored record the same way.  Records from before ``record_sha256`` existed (an ok record
+  without it) are accepted unchecked.
 """
 
 from __future__ import annotations
@@ -29,13 +41,21 @@ from typing import Any
 import msgspec
 
 from aegis_stream.errors import StateError
-from aegis_stream.policy.store import atomic_write, private_dir, state_dir
+from aegis_stream.policy.store import PolicyStore, atomic_write, private_dir, record_digest, state_dir
 
 GENESIS = "0" * 64
 LOG_NAME = "provenance.jsonl"
 HEAD_NAME = "provenance.head"
 
 _enc = msgspec.json.Encoder(order="sorted")
+
+#: the actions whose successful record names the generation the kernel then enforces
+GENERATION_ACTIONS = ("apply", "rollback", "reconcile")
+
+
+class RecordMismatchError(StateError):
+    """A generation record differs from the sha256 its apply recorded in the provenance log,
+    or the log has no record of the generation at all: it is refused, never used."""
 
 
 def record_hash(rec: dict[str, Any]) -> str:
@@ -166,7 +186,103 @@ class ProvenanceLog:
         recs = list(self.records())
         return recs[-1] if recs else None
 
-    def verify(self) -> VerifyResult:
+    def verify(self, *, kernel_generation: int = 0) -> VerifyResult:
+        """The chain (hashes, seq, prev_hash, head), then what the chain must account for:
+        the state directory's history and every stored generation record (see the module).
+        ``kernel_generation``: the generation the kernel enforces now (0: none or unknown)."""
+        res = self._verify_chain()
+        if not res.ok:
+            return res
+        end = len(self.lines()) + 1
+        if res.records == 0:
+            evidence = self.history(kernel_generation)
+            if evidence:
+                what = "missing" if not self.path.exists() else "empty"
+                return VerifyResult(False, 0, end, f"the log is {what}, but the state directory "
+                                    f"shows history: {'; '.join(evidence)}")
+        recorded = self.recorded_generations()
+        if kernel_generation and kernel_generation not in recorded:
+            return VerifyResult(False, res.records, end,
+                                f"the kernel enforces generation {kernel_generation}, but the "
+                                "log has no successful record of it")
+        store = PolicyStore(self.root)
+        pending = self._pending_generation()
+        for gen in store.generations():
+            if gen == pending:
+                continue  # an interrupted apply's record: the next lifecycle call reconciles it
+            try:
+                data = (store.gen_dir / f"{gen}.json").read_bytes()
+                self._check(gen, data, recorded)
+            except OSError as exc:
+                return VerifyResult(False, res.records, end, f"generation {gen}: {exc.strerror}")
+            except RecordMismatchError as exc:
+                return VerifyResult(False, res.records, end, str(exc))
+        return res
+
+    def history(self, kernel_generation: int = 0) -> list[str]:
+        """What in the state directory (and the kernel) says policy changes happened: each
+        item should have left records in this log."""
+        out = []
+        gens = PolicyStore(self.root).generations()
+        if gens:
+            out.append(f"{len(gens)} generation records (generations/{gens[0]}.json .. "
+                       f"{gens[-1]}.json)")
+        for name, what in (("versions.json", "anti-rollback counter"),
+                           ("keys/trust.json", "trust store"),
+                           ("break-glass.json", "break-glass marker")):
+            p = self.root / name
+            try:
+                if p.stat().st_size > 2:  # more than "{}"
+                    out.append(f"{what} {name}")
+            except OSError:
+                continue
+        if kernel_generation:
+            out.append(f"the kernel enforces generation {kernel_generation}")
+        return out
+
+    def recorded_generations(self) -> dict[int, str]:
+        """generation -> the ``record_sha256`` of its last successful apply, rollback or
+        reconcile record ("" when that record predates record digests)."""
+        out: dict[int, str] = {}
+        for rec in self.records():
+            gen = rec.get("generation")
+            if (rec.get("result") != "ok" or rec.get("action") not in GENERATION_ACTIONS
+                    or not isinstance(gen, int) or isinstance(gen, bool) or gen <= 0):
+                continue
+            digest = rec.get("record_sha256")
+            if isinstance(digest, str) and digest:
+                out[gen] = digest  # the newest record that wrote it wins
+            else:
+                out.setdefault(gen, "")
+        return out
+
+    def check_record(self, generation: int, data: bytes) -> None:
+        """Refuse (:class:`RecordMismatchError`) generation record bytes that differ from the
+        sha256 the log recorded for them, or a generation it has no successful record of."""
+        self._check(generation, data, self.recorded_generations())
+
+    def _check(self, gen: int, data: bytes, recorded: dict[int, str]) -> None:
+        rel = f"generations/{gen}.json"
+        if gen not in recorded:
+            raise RecordMismatchError(
+                f"{rel}: the provenance log has no record of applying generation {gen} (log "
+                "lost or rewritten, or a record made outside aegis); refusing to use it")
+        want = recorded[gen]
+        got = record_digest(data)
+        if want and got != want:
+            raise RecordMismatchError(
+                f"{rel} was changed after it was applied: {got} is not the {want} recorded in "
+                "the provenance log; refusing to use it")
+
+    def _pending_generation(self) -> int:
+        try:
+            doc = msgspec.json.decode((self.root / "lifecycle.pending.json").read_bytes())
+        except (OSError, msgspec.DecodeError):
+            return 0
+        gen = doc.get("new_generation", 0) if isinstance(doc, dict) else 0
+        return gen if isinstance(gen, int) else 0
+
+    def _verify_chain(self) -> VerifyResult:
         lines = self.lines()
         prev_hash, prev_seq = GENESIS, 0
         pending_torn: tuple[int, bytes] | None = None
@@ -274,3 +390,10 @@ def _last_intact(lines: list[bytes]) -> dict | None:
         if isinstance(rec, dict) and "hash" in rec and "seq" in rec:
             return rec
     return None
+
+
+def checked_store(store: PolicyStore | None = None) -> PolicyStore:
+    """``store`` (default: the state dir's) with every load checked against the digest the
+    provenance log recorded for it (:meth:`ProvenanceLog.check_record`)."""
+    root = store.root if store is not None else state_dir()
+    return PolicyStore(root, check=ProvenanceLog(root).check_record)

@@ -36,12 +36,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import os
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -55,6 +56,7 @@ DOMAIN = b"aegis-policy-signature-v1"
 ENVELOPE_FORMAT: Final = "aegis.signed-policy.v1"
 KEY_ID_PREFIX = "aegis-key-id:"
 DEFAULT_EXPIRES_DAYS = 90
+MAX_EXPIRES_DAYS = 36_500  # a century: issued_at + lifetime always fits the u64 it is signed as
 CLOCK_SKEW_S = 300  # a signature "issued" this far in the future is still accepted
 _U64_MAX = (1 << 64) - 1
 _KEY_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
@@ -245,7 +247,7 @@ class SignatureMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     algorithm: Literal["ed25519"]
     key_id: str
     policy_name: str
-    policy_version: int
+    policy_version: Annotated[int, msgspec.Meta(ge=1, le=model.MAX_VERSION)]
     policy_digest: str
     issued_at: int
     expires_at: int
@@ -294,15 +296,19 @@ def sign_policy(
         text = source.decode()
     except UnicodeDecodeError:
         raise PolicyError(f"{source_name}: policy is not UTF-8") from None
-    policy = model.loads(source, source_name)
-    if expires_in_days <= 0:
-        raise PolicyError("--expires-in must be a positive number of days")
+    policy = model.loads(source, source_name)  # refuses a version outside 1..MAX_VERSION
+    if not (math.isfinite(expires_in_days) and 0 < expires_in_days <= MAX_EXPIRES_DAYS):
+        raise PolicyError(f"--expires-in must be a number of days in (0, {MAX_EXPIRES_DAYS}]")
     issued = int(now if now is not None else time.time())
     expires = issued + int(expires_in_days * 86400)
     fields = SignedFields(
         policy_sha256(policy), policy.name, policy.version, issued, expires, key_id
     )
-    sig = key.sign(signed_bytes(fields, domain=domain))
+    try:
+        msg = signed_bytes(fields, domain=domain)
+    except ValueError as exc:  # a field that does not fit its encoding: one line, no traceback
+        raise PolicyError(f"{source_name}: cannot sign: {exc}") from None
+    sig = key.sign(msg)
     env = Envelope(
         ENVELOPE_FORMAT,
         text,

@@ -7,11 +7,18 @@ Layout under the state dir (``$AEGIS_STATE_DIR``, default /var/lib/aegis)::
 
 A generation record is fsync'd before its slot is activated, so whatever generation
 the kernel holds after a crash, its record exists (startup reconciliation relies on it).
+
+The sha256 of each ``<N>.json`` as written (:func:`record_digest`) goes into the provenance
+record of the apply or rollback that made it (``record_sha256``); a store built with a
+``check`` (``provenance.checked_store``) compares every record it loads against it, so an
+edited record is refused, not explained or rolled back to.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -30,6 +37,11 @@ class GenerationRecord(msgspec.Struct, frozen=True):
     policy: CompiledPolicy
     signer: str = ""  # key id when the policy was signed; "" = unsigned
     mode: str = ""  # effective mode it was applied in ("" = policy.mode)
+
+
+def record_digest(data: bytes) -> str:
+    """``sha256:<hex>`` of a generation record's bytes, as the provenance log records it."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def state_dir() -> Path:
@@ -101,11 +113,14 @@ class PolicyStore:
     """The generation records under ``<state dir>/generations``: compiled policy, source TOML and signed
     envelope per generation.  Records are written atomically before activation and only a generation that
     never became active is :meth:`discard`-ed, so every event's generation can be explained and rolled
-    back to; ``index.json`` is only a cache of the heads."""
+    back to; ``index.json`` is only a cache of the heads.  With ``check`` (generation, record
+    bytes; raises StateError), every :meth:`load` is checked before it is decoded."""
 
-    def __init__(self, root: Path | str | None = None) -> None:
+    def __init__(self, root: Path | str | None = None, *,
+                 check: Callable[[int, bytes], None] | None = None) -> None:
         self.root = Path(root) if root else state_dir()
         self.gen_dir = self.root / "generations"
+        self.check = check
 
     def generations(self) -> list[int]:
         try:
@@ -118,19 +133,28 @@ class PolicyStore:
         gens = self.generations()
         return (gens[-1] + 1) if gens else 1
 
-    def record(self, rec: GenerationRecord, source: bytes = b"", *, envelope: bytes = b"") -> None:
+    def record(self, rec: GenerationRecord, source: bytes = b"", *, envelope: bytes = b"") -> str:
+        """Write generation ``rec`` (record last); returns the record's :func:`record_digest`."""
         if envelope:  # the signed envelope, kept so rollback can re-verify it
             atomic_write(self.gen_dir / f"{rec.generation}.signed", envelope)
         if source:
             atomic_write(self.gen_dir / f"{rec.generation}.toml", source)
-        atomic_write(self.gen_dir / f"{rec.generation}.json", _enc.encode(rec))
+        data = _enc.encode(rec)
+        atomic_write(self.gen_dir / f"{rec.generation}.json", data)
+        return record_digest(data)
 
     def load(self, generation: int) -> GenerationRecord:
         p = self.gen_dir / f"{generation}.json"
         try:
-            return _dec.decode(p.read_bytes())
+            data = p.read_bytes()
         except FileNotFoundError:
             raise StateError(f"no record of policy generation {generation} in {self.gen_dir}") from None
+        except OSError as exc:
+            raise StateError(f"{p}: cannot read: {exc.strerror}") from None
+        if self.check is not None:
+            self.check(generation, data)
+        try:
+            return _dec.decode(data)
         except msgspec.DecodeError as exc:
             raise StateError(f"{p}: corrupt generation record: {exc}") from None
 
