@@ -8,7 +8,7 @@ import sys
 
 import msgspec
 
-from aegis_stream import __version__
+from aegis_stream import __version__, textsafe
 from aegis_stream.errors import AegisError
 from aegis_stream.kernel import abi
 
@@ -16,7 +16,7 @@ EXIT_OK, EXIT_ERROR = 0, 1  # argparse exits 2 on a usage error by itself
 
 
 def _fail(msg: str, code: int = EXIT_ERROR) -> int:
-    print(f"aegis: error: {msg}", file=sys.stderr)
+    print(f"aegis: error: {textsafe.escape(msg)}", file=sys.stderr)  # names paths, ids
     return code
 
 
@@ -67,7 +67,9 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
         "hooks_pinned": pinned.links,
     }
     if active.valid:
-        rec = PolicyStore().load(active.generation)
+        from aegis_stream.policy.provenance import checked_store
+
+        rec = checked_store(PolicyStore()).load(active.generation)  # refuses an edited record
         doc["policy"] = msgspec.to_builtins(rec.policy)
     if args.json:
         print(msgspec.json.encode(doc).decode())
@@ -77,17 +79,18 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     pol = doc["policy"]
     assert isinstance(pol, dict)
-    print(f"policy {pol['name']} v{pol['version']} generation {active.generation} "
+    echo = textsafe.echo  # rule ids, paths and cgroups may hold newlines and escapes
+    echo(f"policy {pol['name']} v{pol['version']} generation {active.generation} "
           f"mode {doc['mode']} digest {pol['digest']}")
     for r in pol["rules"]:
         from aegis_stream.kernel.devnum import split_kernel_dev
         from aegis_stream.policy.compiler import actions_names
 
         ma, mi = split_kernel_dev(r["dev"])
-        print(f"  rule {r['id']}: {r['source']} -> {ma}:{mi}:{r['ino']} "
+        echo(f"  rule {r['id']}: {r['source']} -> {ma}:{mi}:{r['ino']} "
               f"[{','.join(actions_names(r['actions']))}]")
     for s in pol["scopes"] or [{"cgroup": "(host-wide)", "cgroup_id": 0}]:
-        print(f"  scope {s['cgroup']} (cgroup id {s['cgroup_id']})")
+        echo(f"  scope {s['cgroup']} (cgroup id {s['cgroup_id']})")
     return EXIT_OK
 
 
@@ -114,15 +117,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(msgspec.json.encode(doc).decode())
     else:
+        echo = textsafe.echo
         for hook, ctrs in doc["hooks"].items():
-            print(f"{hook}: " + " ".join(f"{k}={v}" for k, v in ctrs.items()))
+            echo(f"{hook}: " + " ".join(f"{k}={v}" for k, v in ctrs.items()))
         for r in doc["rules"]:
-            print(f"rule gen={r['generation']} id={r['rule_id']} hook={r['hook']} "
+            echo(f"rule gen={r['generation']} id={r['rule_id']} hook={r['hook']} "
                   f"denied={r['denied']} audited={r['audited']}")
         # per-rule rows of retired generations are folded into one total per hook
         for hook, tot in doc.get("retired", {}).items():
             if any(tot.values()):
-                print(f"retired generations {hook}: "
+                echo(f"retired generations {hook}: "
                       + " ".join(f"{k}={v}" for k, v in tot.items()))
     return EXIT_OK
 
@@ -139,10 +143,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    from aegis_stream.kernel.loader import remove_pins
+    from aegis_stream.kernel.loader import pin_root, remove_pins
+    from aegis_stream.policy.provenance import ProvenanceLog
 
     removed = remove_pins()
     print(f"removed {len(removed)} pins; enforcement stops when no agent holds the programs")
+    if removed:  # a state change like any other: recorded (after it, like break-glass)
+        ProvenanceLog().append("unload", pin_root=pin_root(), pins_removed=len(removed))
     return EXIT_OK
 
 
