@@ -104,6 +104,10 @@ def render(x: ExplanationEvent) -> str:
         f"  policy   {x.policy.name} v{x.policy.version} generation {x.generation} "
         f"digest {x.policy.digest} signed by {x.policy.signer or 'nobody (unsigned)'}",
     ]
+    if x.task.workload is not None:
+        from aegis_stream.pipeline.enrich import describe
+
+        lines.insert(2, f"  workload {describe(x.task.workload)}")
     if x.policy.source or x.policy.record:
         lines.append(f"           applied from {x.policy.source or '?'}; record {x.policy.record or '?'}")
     scope = {"host": "host-wide", "self": "the task's own cgroup", "ancestor": "an ancestor cgroup",

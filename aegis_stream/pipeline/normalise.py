@@ -35,6 +35,7 @@ from aegis_stream.errors import StateError
 from aegis_stream.kernel import abi
 from aegis_stream.kernel.devnum import split_kernel_dev
 from aegis_stream.kernel.events import ACTION_NAMES, DECISION_NAMES, MODE_NAMES, RawDecision, comm_str
+from aegis_stream.pipeline.enrich import WorkloadResolver
 from aegis_stream.pipeline.schema import DecisionEvent
 from aegis_stream.policy.store import GenerationRecord, PolicyStore
 
@@ -368,6 +369,7 @@ class Normaliser:
         self.store = store
         self.retry_missing_s = retry_missing_s
         self.cgroups = cgroups or CgroupResolver(clock=clock)
+        self.workloads = WorkloadResolver(clock=clock)  # systemd unit, container, pod from the path
         self.host = host or socket.gethostname()
         self.boot8 = (boot_id_hex or boot_id())[:8]
         self.boot_ns = boot_time_ns() if boot_ns is None else boot_ns
@@ -437,6 +439,7 @@ class Normaliser:
             slot=slot,
             policy_signer=rec.signer if rec else "",
             policy_source=info.source if info else "",
+            workload=self.workloads.lookup(cgroup_id, cg_path),
         )
         return fields, tuple(missing)
 
@@ -604,7 +607,7 @@ class Normaliser:
 
     def cache_statistics(self) -> list[CacheStatistics]:
         caches: list[BoundedCache] = [self.contexts, self._ref_contexts, self.generations.cache,
-                                      self.cgroups.cache]
+                                      self.cgroups.cache, self.workloads.cache]
         if isinstance(self.processes, ProcessResolver):
             caches.append(self.processes.cache)
         return [c.statistics() for c in caches]

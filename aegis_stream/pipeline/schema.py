@@ -31,6 +31,17 @@ SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 __all__ = ["State"]  # re-exported: the state enum of these documents (aegis_stream.agent.health)
 
 
+class Workload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What the task's cgroup path shows about its workload (aegis_stream/pipeline/enrich.py); a field
+    the path does not show is left out."""
+
+    systemd_unit: str = ""  # the deepest .service/.scope unit: "nginx.service", "session-3.scope"
+    container_id: str = ""  # 64 hex digits
+    container_runtime: str = ""  # containerd | cri-o | docker | podman ("" when the path does not say)
+    pod_uid: str = ""  # Kubernetes pod UID, with dashes
+    pod_qos: str = ""  # guaranteed | burstable | besteffort
+
+
 class DecisionEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.decision.v1", tag_field="schema"):
     """One kernel decision (deny or audit), enriched for humans and consumers."""
 
@@ -67,6 +78,7 @@ class DecisionEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.decisi
     cmdline: list[str] = msgspec.field(default_factory=list)  # best effort, like exe
     policy_signer: str = ""  # key id that signed the generation ("" = unsigned)
     policy_source: str = ""  # the file the generation was applied from (provenance log)
+    workload: Workload | None = None  # from cgroup_path; None when the path shows no workload
 
 
 class StateEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.state.v1", tag_field="schema"):
@@ -160,6 +172,7 @@ class ExplainedTask(msgspec.Struct, frozen=True, kw_only=True):
     exe: str
     cgroup_id: int
     cgroup_path: str
+    workload: Workload | None = None  # the decision event's (systemd unit, container, pod)
 
 
 class ExplanationEvent(

@@ -124,6 +124,7 @@ def explain(event: DecisionEvent, info: GenerationInfo | None) -> ExplanationEve
         task=ExplainedTask(
             pid=event.pid, tid=event.tid, uid=event.uid, gid=event.gid, comm=event.comm,
             exe=event.exe, cgroup_id=event.cgroup_id, cgroup_path=event.cgroup_path,
+            workload=event.workload,
         ),
         decision_path=path,
         consistent=not problems,

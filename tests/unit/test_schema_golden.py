@@ -36,6 +36,10 @@ def _raw(**kw) -> RawDecision:
     return RawDecision(**base)  # type: ignore[arg-type]
 
 
+CG_POD = 3000
+POD_PATH = ("/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/"
+            "kubepods-burstable-pod0b6f6c1e_2f5a_4d0c_9f3e_7a1b2c3d4e5f.slice/"
+            "cri-containerd-" + "4f2a" * 16 + ".scope")
 CASES = {
     "deny-open-via-ancestor-scope": _raw(),
     "audit-exec-own-cgroup": _raw(ktime_ns=5_123_457_789, hook=1, decision=2, rule_id=1, ino=5678, action=abi.ACTION_EXEC,
@@ -43,6 +47,7 @@ CASES = {
     "odd-path-and-comm-process-gone": _raw(ktime_ns=6_000_000_001, rule_id=2, ino=9012, comm='a"b%\\c', pid=9, tgid=9),
     "unknown-generation-and-cgroup": _raw(ktime_ns=7_000_000_000, generation=99, cgroup_id=555, scope_cgroup_id=CG_OTHER),
     "host-scope-mmap-rule-out-of-range": _raw(ktime_ns=8_999_999_999, hook=2, rule_id=9, scope_cgroup_id=0, slot=0),
+    "kubernetes-pod-workload": _raw(ktime_ns=9_000_000_000, cgroup_id=CG_POD, scope_cgroup_id=0, pid=31, tgid=31),
 }
 
 
@@ -55,7 +60,9 @@ def _bytes(raw: RawDecision) -> bytes:
 
 @pytest.fixture
 def norm():
-    return fixed_normaliser(PolicyStore(GOLDEN / "state"))
+    n = fixed_normaliser(PolicyStore(GOLDEN / "state"))
+    n.cgroups.static[CG_POD] = POD_PATH  # a containerd container of a burstable pod: the workload field
+    return n
 
 
 def _current(norm) -> list[dict]:
