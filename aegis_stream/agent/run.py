@@ -32,6 +32,7 @@ import trio
 
 from aegis_stream.agent import reasons
 from aegis_stream.agent.health import Reason, ReasonCode, State, hooks_reason, unique_codes
+from aegis_stream.agent.sdnotify import Notifier
 from aegis_stream.agent.status import HookPhase, ReconcileInfo, StatusFile
 from aegis_stream.errors import AegisError, LoadError
 from aegis_stream.kernel import abi, libbpf
@@ -85,6 +86,8 @@ class AgentConfig:
     spool_max_bytes: int = 64 << 20
     events_max_bytes: int = 256 << 20  # rotate the events file at this size
     events_backups: int = 5
+    events_compress: bool = False  # gzip rotated files (path.N.gz)
+    events_file_mode: int = 0o640  # mode of a newly created events file
     slo_objective: float = 0.001
     slo_burn: float = 14.4
     tick_s: float = 1.0
@@ -166,9 +169,15 @@ async def serve_pipeline(
     metrics_listeners: list[trio.SocketListener] | None = None,
     heartbeat: Callable[[], None] | None = None,
     heartbeat_s: float = HEARTBEAT_S,
+    started: Callable[[], object] | None = None,
+    reopen: Callable[[], None] | None = None,
+    stopping: Callable[[], object] | None = None,
 ) -> None:
     """Run the pipeline (and the metrics endpoint) until a signal or ``exit_after``;
-    either way what the kernel already produced is drained first."""
+    either way what the kernel already produced is drained first.  ``started`` is
+    called once the pipeline and the metrics endpoint run (systemd's READY=1),
+    ``reopen`` on SIGHUP (the events file, for logrotate), ``stopping`` when a stop
+    begins."""
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
         if metrics_addr:
@@ -182,7 +191,12 @@ async def serve_pipeline(
             if metrics_started is not None:
                 metrics_started(bound)
 
+        if started is not None:
+            started()
+
         async def finish() -> None:
+            if stopping is not None:
+                stopping()
             await pipeline.drain_and_stop(drain_timeout)
             nursery.cancel_scope.cancel()
 
@@ -202,8 +216,12 @@ async def serve_pipeline(
 
         if signals:
             async def stop_on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
-                    async for _ in sigs:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+                    async for signum in sigs:
+                        if signum == signal.SIGHUP:  # logrotate: reopen, keep running
+                            if reopen is not None:
+                                reopen()
+                            continue
                         nursery.start_soon(finish)
                         return
 
@@ -325,7 +343,10 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
         _log(f"status file {status_path} not written: {exc}")
     _log(f"state: {state}")
 
+    notify = Notifier.from_env()  # systemd Type=notify (a no-op outside systemd)
+
     def on_state(ev: StateEvent) -> None:
+        notify.status(f"{ev.state}" + (f": {'; '.join(ev.reasons)}" if ev.reasons else ""))
         judged = list(pipeline.monitor.judged)
         if [r.text for r in judged] == ev.reasons:  # the monitor's reasons, with their codes
             write_status(status_path, report, ev.state,
@@ -346,7 +367,8 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
         lambda: {p.hook: p.phase == "attached" for p in report.programs.values()},
         libbpf.num_possible_cpus(),
     )
-    sinks: list[Sink] = [open_sink(cfg.events, max_bytes=cfg.events_max_bytes, backups=cfg.events_backups)]
+    sinks: list[Sink] = [open_sink(cfg.events, max_bytes=cfg.events_max_bytes, backups=cfg.events_backups,
+                                   compress=cfg.events_compress, file_mode=cfg.events_file_mode)]
     kafka = None
     if cfg.kafka:  # denies acked or spooled, audit best effort (docs/FLEET.md)
         from aegis_stream.fleet.sink import open_kafka_sink
@@ -362,6 +384,30 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
     if kafka is not None:
         kafka.bind_monitor(pipeline.monitor)  # broker away: degraded, sink_failing
 
+    def status_line() -> str:
+        m = pipeline.monitor
+        now = m.state or state
+        return f"{now}" + (f": {'; '.join(m.reasons)}" if m.reasons else "")
+
+    def on_tick() -> None:
+        # a stalled consumer (records waiting, none read) stops the petting as a stalled
+        # ticker does: systemd restarts the agent, the pinned links enforce meanwhile
+        if ReasonCode.CONSUMER_STALLED not in pipeline.monitor.codes:
+            notify.watchdog()
+
+    pipeline.ticker.on_tick = on_tick
+
+    def reopen() -> None:
+        for s in sinks:
+            fn = getattr(s, "reopen", None)
+            if fn is None:
+                continue
+            try:
+                fn()
+            except OSError as exc:  # the next write opens it again (and counts a failure)
+                _log(f"{s.name}: reopen failed: {exc}")
+        _log("SIGHUP: events file reopened")
+
     def heartbeat() -> None:
         st = pipeline.statistics()
         write_status(status_path, report, st.state or state,
@@ -370,7 +416,9 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
 
     try:
         await serve_pipeline(pipeline, metrics_addr=cfg.metrics_addr, exit_after=cfg.exit_after,
-                             metrics_listeners=listeners, heartbeat=heartbeat)
+                             metrics_listeners=listeners, heartbeat=heartbeat,
+                             started=lambda: notify.ready(status_line()), reopen=reopen,
+                             stopping=lambda: notify.stopping(f"stopping: draining; {status_line()}"))
     finally:
         with trio.CancelScope(shield=True):
             for s in sinks:
@@ -385,5 +433,6 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
                      {**base, "running": False, "stopped_at": time.time()},
                      list(pipeline.monitor.judged))
         _log(f"stopped; {summary}; pinned links keep enforcing")
+        notify.close()
     return 0
 

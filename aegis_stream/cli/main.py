@@ -23,27 +23,33 @@ def _fail(msg: str, code: int = EXIT_ERROR) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from aegis_stream.agent.run import AgentConfig, run_agent
+    from aegis_stream.agent import config as agent_file
+    from aegis_stream.agent import logjson
+    from aegis_stream.agent.run import run_agent
 
+    if args.log_format:  # before the file is read: its refusal is in the asked format too
+        logjson.install(args.log_format)
+    # the config file, then every flag given over it (flags default to None: "not given")
+    try:
+        doc = agent_file.merge(
+            agent_file.load(args.config if args.config is not None else agent_file.default_path()),
+            {"policy": args.policy, "mode": args.mode, "metrics_addr": args.metrics_addr,
+             "status_file": args.status_file, "state_dir": args.state_dir, "pin_root": args.pin_root,
+             "log_format": args.log_format, "events.path": args.events,
+             "fleet.kafka": args.kafka, "fleet.host_key": args.kafka_host_key})
+    except agent_file.ConfigError as exc:
+        return _fail(str(exc), 2)
+    logjson.install(doc.log_format)
+    agent_file.apply_environment(doc)
     kafka = None
-    if args.kafka is not None:  # refused here, before anything is loaded: a bad address, missing topics
+    if doc.fleet.kafka is not None:  # refused here, before anything is loaded: a bad address, missing topics
         from aegis_stream.fleet.sink import KafkaSinkError, preflight
 
         try:
-            kafka = preflight(args.kafka, args.kafka_host_key)
+            kafka = preflight(doc.fleet.kafka, doc.fleet.host_key)
         except KafkaSinkError as exc:
             return _fail(str(exc), 2)
-    cfg = AgentConfig(
-        policy=args.policy,
-        events=args.events,
-        metrics_addr=args.metrics_addr,
-        mode=args.mode,
-        status_file=args.status_file,
-        exit_after=args.exit_after,
-        kafka=kafka,
-        kafka_host_key=args.kafka_host_key,
-    )
-    return trio.run(run_agent, cfg)
+    return trio.run(run_agent, agent_file.agent_config(doc, kafka=kafka, exit_after=args.exit_after))
 
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
@@ -164,9 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"aegis {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="foreground agent: load, attach, apply, stream events")
+    r = sub.add_parser("run", help="foreground agent: load, attach, apply, stream events",
+                       description="Settings come from the config file (--config, default "
+                                   "$AEGIS_CONFIG or /etc/aegis/aegis.toml when present); a flag "
+                                   "overrides its key.  docs/OPERATIONS.md lists the keys.")
+    r.add_argument("--config", metavar="FILE",
+                   help="agent config TOML (default /etc/aegis/aegis.toml when it exists)")
     r.add_argument("--policy", help="policy TOML to apply at start")
-    r.add_argument("--events", default="-", help="JSON lines output file ('-' = stdout)")
+    r.add_argument("--events", help="JSON lines output file ('-' = stdout, the default)")
     r.add_argument("--metrics-addr", help="HOST:PORT for Prometheus metrics")
     r.add_argument("--mode", choices=["audit", "enforce"], help="override the policy's mode")
     r.add_argument("--status-file",
@@ -176,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also send events to Kafka at HOST:PORT[,HOST:PORT...] (docs/FLEET.md)")
     r.add_argument("--kafka-host-key", metavar="NAME",
                    help="record key of this host's events (default: the host name)")
+    r.add_argument("--state-dir", help="state directory (default $AEGIS_STATE_DIR or /var/lib/aegis)")
+    r.add_argument("--pin-root", help="bpffs pin root (default $AEGIS_PIN_ROOT or /sys/fs/bpf/aegis)")
+    r.add_argument("--log-format", choices=["text", "json"],
+                   help="the agent's own log on stderr: text lines (default) or JSON lines")
     r.set_defaults(func=cmd_run)
 
     pol = sub.add_parser("policy", help="policy lifecycle").add_subparsers(

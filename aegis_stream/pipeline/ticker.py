@@ -63,6 +63,9 @@ class Ticker:
         self._state_seq = 0
         self.last_sample: HealthSample | None = None
         self._last_state_write = 0.0  # clock() of the last state record written
+        #: called once per completed tick (the agent pets systemd's watchdog here: a ticker
+        #: that stops ticking stops petting); must not raise
+        self.on_tick: Callable[[], None] | None = None
 
     def baseline(self) -> None:
         """Where the kernel side stands as the pipeline starts."""
@@ -245,4 +248,6 @@ class Ticker:
             if changes:
                 evs = [self.slo_event(c) for c in changes]
                 await self.writer.write_derived(SinkBatch("slo", _enc.encode_lines(evs), len(evs)))
+            if self.on_tick is not None:
+                self.on_tick()
             await trio.sleep(self.ctx.config.tick_s)
