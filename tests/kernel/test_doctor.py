@@ -5,6 +5,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _ptrace_scope_1() -> Iterator[None]:
+    """Debian's kernels boot with kernel.yama.ptrace_scope=0, which doctor warns about
+    (BYP-PTRACE-FD, TRUST-005): the ready verdict is measured at scope 1."""
+    p = Path("/proc/sys/kernel/yama/ptrace_scope")
+    old = p.read_text().strip()
+    p.write_text("1")
+    yield
+    p.write_text(old)
 
 
 def test_doctor_001_ready_with_deny_proof():
