@@ -109,6 +109,8 @@ class ReasonCode(enum.StrEnum):
     RULE_MAP_FULL = "rule_map_full"
     METRICS_UNAVAILABLE = "metrics_unavailable"
     LOAD_FAILED = "load_failed"
+    POLICY_TAMPERED = "policy_tampered"
+    BREAK_GLASS = "break_glass"
 
 
 class Reason(msgspec.Struct, frozen=True):

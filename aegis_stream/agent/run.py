@@ -32,6 +32,7 @@ import trio
 
 from aegis_stream.agent import reasons
 from aegis_stream.agent.health import Reason, ReasonCode, State, hooks_reason, unique_codes
+from aegis_stream.agent.integrity import IntegrityChecker
 from aegis_stream.agent.sdnotify import Notifier
 from aegis_stream.agent.status import HookPhase, ReconcileInfo, StatusFile
 from aegis_stream.errors import AegisError, LoadError
@@ -381,6 +382,9 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
                         on_state=on_state)
     for code, why in conditions.items():
         pipeline.monitor.set_condition(code, why)
+    # every tick: the kernel's active slot, mode and rule map against the signed generation
+    # record and the provenance log (a bpftool write is reported, never silent)
+    pipeline.ticker.checks.append(IntegrityChecker(obj.policy_maps()).conditions)
     if kafka is not None:
         kafka.bind_monitor(pipeline.monitor)  # broker away: degraded, sink_failing
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 import msgspec
 import trio
 
+from aegis_stream.agent.health import ReasonCode
 from aegis_stream.kernel import abi
 from aegis_stream.kernel.counters import CounterSnapshot
 from aegis_stream.kernel.events import RECORD_STRIDE
@@ -63,6 +64,11 @@ class Ticker:
         self._state_seq = 0
         self.last_sample: HealthSample | None = None
         self._last_state_write = 0.0  # clock() of the last state record written
+        # conditions judged outside the sample, every tick, before the monitor observes it
+        # (the agent's policy integrity check, aegis_stream/agent/integrity.py): each
+        # returns the codes it owns with a text (set) or None (clear)
+        self.checks: list[Callable[[], Mapping[ReasonCode, str | None]]] = []
+        self.check_failures = 0
         #: called once per completed tick (the agent pets systemd's watchdog here: a ticker
         #: that stops ticking stops petting); must not raise
         self.on_tick: Callable[[], None] | None = None
@@ -147,11 +153,27 @@ class Ticker:
             spooled_denies=spool.pending_events if spool else 0,
         )
         self.last_sample = sample
+        self._run_checks()
         transition = self.monitor.observe(sample)
         if transition is not None:
             self.last_transition = transition
         self.alert_changes.extend(changes)
         return transition, changes
+
+    def _run_checks(self) -> None:
+        for check in self.checks:
+            try:
+                conds = check()
+            except Exception as exc:  # a broken check must not stop the ticker; counted
+                self.check_failures += 1
+                if self.check_failures == 1 or self.check_failures % 60 == 0:
+                    log(f"tick check failed ({self.check_failures} times): {exc!r}")
+                continue
+            for code, why in conds.items():
+                if why:
+                    self.monitor.set_condition(code, why)
+                else:
+                    self.monitor.clear_condition(code)
 
     def _stamp(self) -> tuple[str, str]:
         ns = int(self.wall_clock() * 1e9)

@@ -365,8 +365,8 @@ class Lifecycle:
             adm = self.admit(data, origin, mode_override=mode_override)
             info.update(policy=adm.policy.name, version=adm.policy.version, digest=adm.digest,
                         signer=adm.signer_label, mode=adm.mode)
-            self.counter.check(adm.policy.name, adm.policy.version, adm.digest)
             self._persist_rebuilt_counter()
+            self.counter.check(adm.policy.name, adm.policy.version, adm.digest)
             compiled = compiler.compile_policy(adm.policy)
             st, old_gen = self._active()
             gen = self._new_generation(st)
@@ -423,6 +423,7 @@ class Lifecycle:
     def _persist_rebuilt_counter(self) -> None:
         """versions.json was missing or corrupt and the counter was rebuilt from the
         provenance chain (antirollback.py): write it back now, and say so in the log."""
+        self.counter.load()
         rb = self.counter.persist_rebuilt()
         if rb is not None:
             self.log.append(

@@ -530,9 +530,35 @@ def _trigger_state(code: str) -> list[str]:
         m.set_condition(code, agent.reconcile_conditions(
             ReconcileOutcome("inconsistent", "unknown", 4, "kernel runs 4"))[code])
         samples[code] = [sample()]
+    if code in ("policy_tampered", "break_glass"):  # the agent's per-tick integrity check
+        samples[code] = [sample()]
+        for c, why in _integrity_conditions(code).items():
+            if why:
+                m.set_condition(c, why)
     for s in samples[code]:
         m.observe(s)
     return m.codes
+
+
+def _integrity_conditions(code: str) -> dict:
+    """A signed enforce generation on fake maps, then a map write outside aegis (a deleted
+    rule) or break-glass, as the agent's tick check sees it."""
+    import tempfile
+
+    from aegis_stream.agent.integrity import IntegrityChecker
+
+    with tempfile.TemporaryDirectory() as d:
+        env = Signed(Path(d))
+        lc = env.lc()
+        lc.apply(env.signed(1, "a"), "x")
+        if code == "policy_tampered":
+            st = slots.read_state(env.maps)
+            key = next(k for k in env.maps.rules.keys()
+                       if abi.INODE_KEY.unpack(k)[2] == st.active_slot)
+            env.maps.rules.delete(key)
+        else:
+            lc.break_glass("INC-1")
+        return dict(IntegrityChecker(env.maps, env.state).conditions())
 
 
 def _trigger_status(code: str) -> list[str]:
