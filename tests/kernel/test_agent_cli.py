@@ -110,8 +110,9 @@ def test_cli_004_bad_policy_changes_nothing(lab: Lab, agent_env, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(src.read_text().replace(str(target), "/nonexistent/file").replace(
         "version = 1", "version = 2"))
-    out = subprocess.run([*AEGIS, "policy", "apply", str(bad), "--mode", "audit"], env=agent_env,
-                         capture_output=True, text=True)
+    # signed (an unsigned or --mode audit apply over enforce is refused before it compiles)
+    out = subprocess.run([*AEGIS, "policy", "apply", str(signed(agent_env, tmp_path, bad))],
+                         env=agent_env, capture_output=True, text=True)
     assert out.returncode == 1 and "No such file" in out.stderr and out.stderr.count("\n") == 1
     show = json.loads(subprocess.run([*AEGIS, "policy", "show", "--json"], env=agent_env,
                                      capture_output=True, text=True, check=True).stdout)
