@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aegis_stream.agent.run import serve_pipeline
 from aegis_stream.kernel import abi
+from aegis_stream.pipeline.metrics import DEPRECATED
 from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.testing import make_events
 from tests.unit._prometheus import http_get, need_module, signed_policy_world, tool
@@ -172,6 +173,7 @@ async def test_real_prometheus_fires_the_alert_and_evaluates_the_dashboard(make_
                 assert r["status"] == "success", (expr, r.get("error"))
                 names = set(re.findall(r"\b(?:aegis|process|python)_[a-z0-9_]+", expr))
                 assert names and names <= scraped, (expr, names - scraped)
+                assert not names & set(DEPRECATED), (expr, "queries a deprecated name")
                 if not expr.endswith("> 0"):
                     assert r["data"]["result"], f"no data: {expr}"
             r = await api.query("aegis_state{")  # and a broken expression is refused, so the check can fail

@@ -50,3 +50,10 @@ def test_promtool_test_rules():
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("SUCCESS") == len(TESTS) >= 9
+
+
+def test_rules_use_no_deprecated_name():
+    from aegis_stream.pipeline.metrics import DEPRECATED
+
+    text = RULES.read_text()
+    assert [n for n in DEPRECATED if n in text] == []
