@@ -157,8 +157,8 @@ def test_policy_log_and_dry_run_escape(newline_rule, tmp_path, capsys) -> None:
     assert last["reason"].startswith("drill\n")
     p2 = tmp_path / "p2.toml"
     p2.write_text(f'apiVersion = "aegis/v1"\nname = "web"\nversion = 2\nmode = "audit"\n'
-                  f'[[rules]]\nid = "r2"\npath = "{tmp_path}"\n')
-    cli_main.main(["policy", "apply", str(p2), "--dry-run"])
+                  f'[[rules]]\nid = "r2"\npath = "{p2}"\n')
+    assert cli_main.main(["policy", "apply", str(p2), "--dry-run"]) == 0
     out = capsys.readouterr().out
     _terminal_safe(out)
     assert "\\x0a  rule forged" in out
