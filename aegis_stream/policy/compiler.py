@@ -8,6 +8,7 @@ and it is stored per generation so every event can be explained exactly.
 from __future__ import annotations
 
 import os
+import stat
 
 import msgspec
 
@@ -16,6 +17,7 @@ from aegis_stream.kernel import abi
 from aegis_stream.kernel.devnum import (
     InodeId,
     inode_generation,
+    kernel_dev,
     parse_inode,
     read_mountinfo,
     resolve_inode,
@@ -24,6 +26,51 @@ from aegis_stream.policy.model import Policy, policy_digest
 
 # filesystems where (dev, ino) is not a stable identity for a file
 UNSTABLE_INODE_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "9p", "fuse", "fuse.sshfs", "ceph"})
+# pseudo filesystems: their inodes are made by the kernel on demand (procfs makes a new inode
+# for /proc/self/status in every process; sysfs and debugfs recreate theirs when the object
+# comes back), so a rule keyed by (dev, ino) at apply denies nothing stable.  tmpfs, devtmpfs
+# and ramfs hold real files and are not here.
+PSEUDO_FS = frozenset({
+    "proc", "sysfs", "debugfs", "tracefs", "securityfs", "cgroup", "cgroup2", "bpf", "devpts",
+    "configfs", "pstore", "efivarfs", "binfmt_misc", "fusectl", "mqueue", "hugetlbfs", "autofs",
+    "nsfs", "pipefs", "sockfs", "anon_inodefs", "selinuxfs", "smackfs", "apparmorfs",
+    "rpc_pipefs", "nfsd",
+})
+
+
+def target_problem(fstype: str, is_dir: bool) -> tuple[str, str] | None:
+    """(kind, why) when a rule's target cannot carry a stable identity or would not mean what
+    it says, None when it can.  ``kind`` is what the rule's ``accept_target`` names to opt in
+    (model.TargetKind); lint reports the same kinds with the same words."""
+    if is_dir:
+        return ("directory", "is a directory: the rule would deny opening the directory itself "
+                "(listing it), not the files in it")
+    if fstype in PSEUDO_FS:
+        return ("pseudo-fs", f"is on {fstype}, a pseudo filesystem whose inodes the kernel makes "
+                "on demand (per process for /proc/self), so the inode resolved now may never be "
+                "the one opened later")
+    if fstype in UNSTABLE_INODE_FS or fstype.startswith("fuse."):
+        return ("unstable-inode", f"is on {fstype}, where (dev, ino) is not a stable identity: "
+                "the rule may miss the file or deny another one")
+    return None
+
+
+def accept_hint(kind: str) -> str:
+    return f'if this is intended, opt in with accept_target = ["{kind}"] on the rule'
+
+
+def _fstype_by_dev() -> dict[int, str]:
+    out: dict[int, str] = {}
+    try:
+        mounts = read_mountinfo()
+    except OSError:
+        return out
+    for m in mounts.values():
+        try:
+            out.setdefault(kernel_dev(m.major, m.minor), m.fstype)
+        except ValueError:  # not a 12:20 device number: no rule can name it
+            continue
+    return out
 
 
 class CompiledRule(msgspec.Struct, frozen=True):
@@ -107,23 +154,39 @@ def resolve_cgroup(path: str) -> int:
 
 
 def compile_policy(policy: Policy) -> CompiledPolicy:
+    """Resolve every rule and scope now (inode-first).  Refused, naming the rule: a path that
+    does not resolve, two rules on one inode, and a target that cannot carry a stable identity
+    (:func:`target_problem`) unless the rule accepts its kind."""
     if len(policy.rules) > abi.MAX_RULES:
         raise PolicyError(f"rules: {len(policy.rules)} rules exceed the limit of {abi.MAX_RULES}")
     if len(policy.scope) > abi.MAX_SCOPES:
         raise PolicyError(f"scope: {len(policy.scope)} scopes exceed the limit {abi.MAX_SCOPES}")
     rules: list[CompiledRule] = []
     by_inode: dict[tuple[int, int], str] = {}
+    fs_of_dev: dict[int, str] | None = None
     for i, rule in enumerate(policy.rules):
+        is_dir = False
         try:
             if rule.path is not None:
                 ident: InodeId = resolve_inode(rule.path)
                 source = rule.path
+                try:
+                    is_dir = stat.S_ISDIR(os.stat(rule.path).st_mode)
+                except OSError:  # gone since it resolved: stale_rules reports it later
+                    is_dir = False
             else:
                 assert rule.inode is not None
                 ident = parse_inode(rule.inode)
                 source = f"inode:{rule.inode}"
+                if fs_of_dev is None:
+                    fs_of_dev = _fstype_by_dev()
+                ident = InodeId(ident.dev, ident.ino, fs_of_dev.get(ident.dev, ""))
         except PolicyError as exc:
             raise PolicyError(f"rules[{i}] ({rule.id}): {exc}") from None
+        problem = target_problem(ident.fstype, is_dir)
+        if problem is not None and problem[0] not in rule.accept_target:
+            raise PolicyError(f"rules[{i}] ({rule.id}): {source} {problem[1]}; refused "
+                              f"({accept_hint(problem[0])})")
         key = (ident.dev, ident.ino)
         if key in by_inode:
             raise PolicyError(

@@ -1,9 +1,10 @@
 """``aegis policy lint``: every problem in a policy file at once, each with its line.
 
-Errors are what ``aegis policy apply`` would refuse (schema, unknown keys, duplicate ids,
-missing paths, two rules on one inode); warnings are what it accepts but probably should
-not (inode identity unstable on the filesystem, rules on binaries the host needs to boot or
-be recovered, rules on directories).  A rule on a boot-critical binary is reported and
+Errors are what ``aegis policy apply`` would refuse (input limits, schema, unknown keys,
+duplicate ids, missing paths, two rules on one inode, a target that cannot carry a stable
+identity: a directory, a pseudo filesystem, 9p/FUSE/NFS, unless the rule accepts it with
+``accept_target``); warnings are what it accepts but probably should not (rules on binaries
+the host needs to boot or be recovered).  A rule on a boot-critical binary is reported and
 kept: aegis never silently drops a rule.
 
 ``--fix`` only makes changes that cannot alter what is enforced: repeated actions within a
@@ -35,7 +36,7 @@ from aegis_stream.kernel.devnum import (
     resolve_inode,
 )
 from aegis_stream.policy import model
-from aegis_stream.policy.compiler import UNSTABLE_INODE_FS
+from aegis_stream.policy.compiler import accept_hint, target_problem
 
 BOOT_CRITICAL_PATHS = (
     "/bin/sh", "/usr/bin/sh", "/bin/bash", "/usr/bin/bash", "/sbin/init", "/usr/sbin/init",
@@ -50,7 +51,7 @@ BOOT_CRITICAL_GLOBS = (
 )
 
 POLICY_KEYS = ("apiVersion", "name", "version", "rules", "mode", "scope", "description")
-RULE_KEYS = ("id", "path", "inode", "actions", "description")
+RULE_KEYS = ("id", "path", "inode", "actions", "description", "accept_target")
 SCOPE_KEYS = ("cgroup",)
 
 
@@ -234,13 +235,16 @@ def lint_text(
 ) -> LintReport:
     rep = LintReport(source)
     issues = rep.issues
-    idx = LineIndex(text)
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"\(at line (\d+)", str(exc))
-        issues.append(Issue("error", int(m.group(1)) if m else 0, "toml", str(exc)))
+    try:  # the input limits, then TOML, exactly as apply reads it
+        doc = model.parse_toml(text, source)
+    except PolicyError as exc:
+        msg = str(exc)
+        m = re.search(r"\(at line (\d+)", msg)
+        code = "toml" if m else "limit"
+        issues.append(Issue("error", int(m.group(1)) if m else 0, code,
+                            msg.removeprefix(f"{source}: ") if m else msg))
         return rep
+    idx = LineIndex(text)
     top = _check_keys(doc, POLICY_KEYS, (), idx, issues)
     probe = dict(top)
     if isinstance(top.get("rules"), list):
@@ -346,10 +350,7 @@ def _check_rules(
                 issues.append(Issue("info", pline, "symlink",
                                     f"{where}: {r.path} is a symlink; the rule denies its target "
                                     f"{real}"))
-            if os.path.isdir(real):
-                issues.append(Issue("warning", pline, "directory",
-                                    f"{where}: {r.path} is a directory; the rule denies opening "
-                                    "the directory itself, not the files in it"))
+            is_dir = os.path.isdir(real)
         else:
             assert r.inode is not None
             pline = idx.line_of(("rules", i, "inode")) or line
@@ -359,6 +360,7 @@ def _check_rules(
                 issues.append(Issue("error", pline, "inode", f"{where}: {exc}"))
                 continue
             ident = InodeId(ident.dev, ident.ino, _fstype_of_dev(ident.dev, mounts))
+            is_dir = False
         key = (ident.dev, ident.ino)
         if key in inodes:
             j, jid = inodes[key]
@@ -368,11 +370,17 @@ def _check_rules(
                                 "merge them"))
         else:
             inodes[key] = (i, r.id)
-        fs = ident.fstype
-        if fs and (fs in UNSTABLE_INODE_FS or fs.startswith("fuse.")):
-            issues.append(Issue("warning", pline, "unstable-inode",
-                                f"{where}: on {fs}, where (dev, ino) is not a stable identity; "
-                                "the rule may miss the file or hit another one"))
+        problem = target_problem(ident.fstype, is_dir)
+        if problem is not None:
+            kind, why = problem
+            target = r.path if r.path is not None else f"inode {r.inode}"
+            if kind in r.accept_target:
+                issues.append(Issue("info", pline, kind,
+                                    f"{where}: {target} {why}; accepted (accept_target)"))
+            else:
+                issues.append(Issue("error", pline, kind,
+                                    f"{where}: {target} {why}; apply refuses it: "
+                                    f"{accept_hint(kind)}, or name a regular file"))
         if key in crit:
             scope = "host-wide" if host_wide else "in its scopes"
             sev = " in enforce mode" if mode == abi.Mode.ENFORCE.label else ""
@@ -409,8 +417,8 @@ _ACTIONS_LINE = re.compile(r"^(\s*actions\s*=\s*)(\[[^\]]*\])(\s*(?:#.*)?)$")
 def fix_text(text: str) -> tuple[str, list[str]]:
     """Safe rewrites; returns (new text, what changed).  Raises PolicyError if unsafe."""
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        doc = model.parse_toml(text, "policy")
+    except PolicyError as exc:
         raise PolicyError(f"cannot fix a file that is not valid TOML: {exc}") from None
     rules = doc.get("rules")
     if not isinstance(rules, list):

@@ -99,12 +99,16 @@ def test_duplicate_ids_missing_paths_and_shadowing(files) -> None:
     assert "rules[0] (a)" in shadow.message
 
 
-def test_unstable_inode_filesystem_warns(files, monkeypatch) -> None:
+def test_unstable_inode_filesystem_is_an_error_unless_accepted(files, monkeypatch) -> None:
+    # apply refuses it (compiler.target_problem); lint says so, with the opt-in as its fix
     monkeypatch.setattr(lint, "resolve_inode", lambda p: InodeId(99, 7, "nfs4"))
     text = _doc(files, '[[rules]]\nid = "a"\npath = "TMP/a"\n')
     rep = lint.lint_text(text, critical={})
     assert _codes(rep) == [("unstable-inode", 7)]
-    assert rep.issues[0].level == "warning" and "nfs4" in rep.issues[0].message
+    assert rep.issues[0].level == "error" and "nfs4" in rep.issues[0].message
+    assert 'accept_target = ["unstable-inode"]' in rep.issues[0].message
+    ok = lint.lint_text(text + 'accept_target = ["unstable-inode"]\n', critical={})
+    assert not ok.errors and [i.level for i in ok.issues] == ["info"]
 
 
 def test_boot_critical_binary_warns_and_the_rule_is_kept(files) -> None:
