@@ -61,6 +61,8 @@ TOO_LARGE = "sink/too_large"
 DELIVERY_FAILED = "sink/delivery_failed"
 SHUTDOWN = "sink/shutdown"
 PRODUCER_LOST = "sink/producer_lost"  # the producer process died before reporting them
+#: the producer process's exit status after a fatal librdkafka error (the sink replaces it)
+FATAL_EXIT = 3
 REASONS = (BROKER_UNAVAILABLE, QUEUE_FULL, UNKNOWN_TOPIC, TOO_LARGE, DELIVERY_FAILED, SHUTDOWN,
            PRODUCER_LOST)
 
@@ -185,6 +187,21 @@ def _topics_state(producer: Producer, all_topics: bool, timeout: float) -> tuple
     return TOPICS_OK, "", ""
 
 
+def _kafka_error(exc: BaseException) -> Any:
+    """The KafkaError inside a KafkaException (None for any other exception)."""
+    err = exc.args[0] if exc.args else None
+    return err if callable(getattr(err, "fatal", None)) and callable(getattr(err, "code", None)) else None
+
+
+def _is_fatal_code(err: Any) -> bool:
+    """librdkafka's ``_FATAL``: refused because the producer is in a fatal state."""
+    try:
+        from confluent_kafka import KafkaError
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(err.code() == cast(Any, KafkaError)._FATAL)
+
+
 def _health_of_error(err: Any) -> str | None:
     """librdkafka's error_cb -> a 'broker away' reason, or None when it is not one."""
     from confluent_kafka import KafkaError
@@ -260,6 +277,7 @@ class _ProducerChild:
         self.lock = threading.Lock()  # the out list and the socket's send side
         self.out: list[bytes] = []
         self.stop = threading.Event()
+        self.fatal: str | None = None  # librdkafka's words once it raised a fatal error
         # per class code: (topic, headers), built once
         self.routes = {_KLASS_CODE[k]: (t, schema_headers(s, v)) for k, (t, s, v) in ROUTES.items()}
         self.producer = factory({**config, "error_cb": self.error_cb})
@@ -288,12 +306,34 @@ class _ProducerChild:
 
     def error_cb(self, err: Any) -> None:
         try:
+            if err.fatal():
+                self.fatal_error(err.str())
+                return
             why = _health_of_error(err)
         except Exception:
             return
         if why:
             body = why.encode()
             self.send(_HDR.pack(HEALTH, 0, 0, len(body), 0) + body)
+
+    def fatal_error(self, words: str) -> None:
+        """librdkafka raised a fatal error (e.g. the idempotent producer's sequence
+        state is broken): this producer will not produce again.  Say so (HEALTH down)
+        and end the process (EOF on the request side wakes the main thread; it exits
+        with FATAL_EXIT without a flush).  The sink sees the EOF, fails what this process
+        had not reported (a deny batch's writer spools it; the spool keeps a replay) and
+        starts a fresh process, whose producer gets a new producer id."""
+        with self.lock:
+            if self.fatal is not None:
+                return
+            self.fatal = words
+        _log.warning("kafka producer process: fatal librdkafka error: %s", words)
+        body = f"{PRODUCER_LOST}: fatal librdkafka error: {words}".encode()
+        self.send(_HDR.pack(HEALTH, 0, 0, len(body), 0) + body)
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def produce(self, seq: int, code: int, lines: bytes) -> None:
         b = _ChildBatch(self, seq)
@@ -304,7 +344,16 @@ class _ProducerChild:
         try:
             for line in lines.splitlines():
                 if line:
-                    produce(topic, line, key, headers=headers, on_delivery=b)
+                    try:
+                        produce(topic, line, key, headers=headers, on_delivery=b)
+                    except BufferError:
+                        raise
+                    except Exception as exc:  # refused at once (too large; fatal state)
+                        err = _kafka_error(exc)
+                        if err is None or err.fatal() or _is_fatal_code(err):
+                            self.fatal_error(_words(exc))
+                            return  # no DONE: the sink fails it with the process
+                        tally(b, err)  # counted failed under its reason, like a report
                     n += 1
             b.whole = True
         except BufferError:
@@ -324,7 +373,13 @@ class _ProducerChild:
             try:
                 self.producer.poll(0.05)
                 self.send()
-            except Exception:
+            except Exception as exc:
+                # confluent-kafka raises a fatal error from poll() (error_cb may not see it)
+                err = _kafka_error(exc)
+                if err is not None and (err.fatal() or _is_fatal_code(err)):
+                    self.fatal_error(_words(exc))
+                    self.send()
+                    continue
                 _log.exception("kafka producer process: poll")
                 time.sleep(0.1)
 
@@ -350,8 +405,12 @@ class _ProducerChild:
                     self.eof_flush_s = 0.0  # the agent's bound is spent: EOF exits at once
                     self.reply(seq, 0, str(left))
         finally:
-            # deliver what is queued (bounded) before the process exits
-            self.producer.flush(self.eof_flush_s)
+            # deliver what is queued (bounded) before the process exits; a producer in a
+            # fatal state delivers nothing more (its queue was purged)
+            try:
+                self.producer.flush(0.0 if self.fatal is not None else self.eof_flush_s)
+            except Exception as exc:
+                _log.warning("kafka producer process: final flush: %s", _words(exc))
             self.send()
             self.stop.set()
             poller.join(1.0)
@@ -412,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = spec.get("factory_kwargs") or {}
     make = load_factory(spec["factory"]) if spec.get("factory") else _confluent_producer
     config = {**spec["config"], "logger": _rdkafka_log}
-    _ProducerChild(sock, lambda cfg: make(cfg, **kwargs), config, spec["key"].encode()).run()
-    return 0
+    child = _ProducerChild(sock, lambda cfg: make(cfg, **kwargs), config, spec["key"].encode())
+    child.run()
+    return FATAL_EXIT if child.fatal is not None else 0
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ from aegis_stream.fleet.producer import (  # noqa: F401  (re-exported: ship, tes
     DELIVERY_FAILED,
     DONE,
     DURABLE,
+    FATAL_EXIT,
     FLUSH,
     HEALTH,
     PROBE,
@@ -392,6 +393,8 @@ class _ProducerProcess:
             return "stopped answering"
         if rc < 0:
             return f"killed by {signal.Signals(-rc).name}"
+        if rc == FATAL_EXIT:
+            return "ended after a fatal librdkafka error"
         return f"exited with status {rc}"
 
 

@@ -368,6 +368,57 @@ def test_producer_process_frames(tmp_path: Path) -> None:
     theirs.close()
 
 
+def test_producer_process_ends_on_a_fatal_error(tmp_path: Path) -> None:
+    """A fatal librdkafka error (produce() refuses with _FATAL) ends the producer process:
+    the batch it broke is not reported (the sink fails it with the process), a HEALTH
+    frame says why, the request side is shut so run() returns (the process then exits
+    with FATAL_EXIT)."""
+    import socket
+
+    from aegis_stream.fleet import producer as kp
+    from aegis_stream.fleet import sink as ks
+    from aegis_stream.framing import recv_exact as _recv_exact
+
+    class Fatal(FakeProducer):
+        produced = 0
+
+        def produce(self, topic: str, value: bytes, key: bytes, *, headers: Any, on_delivery: Any) -> None:
+            self.produced += 1
+            if self.produced > 4:
+                raise ck.KafkaException(ck.KafkaError(ck.KafkaError._FATAL, "Local: Fatal error"))
+            super().produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+
+    prod = Fatal()
+    ours, theirs = socket.socketpair()
+    child = ks._ProducerChild(theirs, lambda cfg: prod, {}, b"host-a")
+    t = threading.Thread(target=child.run, daemon=True)
+    t.start()
+    ours.settimeout(5.0)
+
+    def recv() -> tuple[int, int, int, bytes]:
+        kind, arg, _, n, seq = ks._HDR.unpack(_recv_exact(ours, ks._HDR.size))
+        return kind, arg, seq, _recv_exact(ours, n) if n else b""
+
+    assert recv()[0] == ks.READY
+    for seq in (1, 2):  # 3 records fit, the second batch breaks on its 2nd record
+        body = batch("deny", 3 * seq, 3).lines
+        ours.sendall(ks._HDR.pack(ks.BATCH, ks._KLASS_CODE["deny"], 0, len(body), seq) + body)
+    t.join(5.0)  # run() returns by itself (the request side was shut)
+    assert not t.is_alive() and child.fatal is not None
+    theirs.close()  # what the process's exit does
+    frames = []
+    with pytest.raises(EOFError):
+        while True:
+            frames.append(recv())
+    kinds = [(k, s) for k, _, s, _ in frames]
+    # a HEALTH frame, and no DONE for the broken batch (batch 1's reports may not have
+    # come before the end: the sink fails both with the process, and spools the denies)
+    assert (ks.HEALTH, 0) in kinds and (ks.DONE, 2) not in kinds, kinds
+    health = next(b for k, _, _, b in frames if k == ks.HEALTH)
+    assert health.decode().startswith(f"{kp.PRODUCER_LOST}: fatal librdkafka error")
+    ours.close()
+
+
 async def test_queue_full_in_the_producer_process(tmp_path: Path) -> None:
     prod = FakeProducer(queue_max=30, timeout_s=60, shared=tmp_path / "broker")
     prod.up = False
