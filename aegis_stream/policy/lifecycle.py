@@ -224,7 +224,8 @@ class Lifecycle:
         and tightened when an older aegis (or a umask) left them readable by others."""
         private_dir(self.root)
         for d in (self.root, self.store.gen_dir, self.trust.dir):
-            with contextlib.suppress(FileNotFoundError):
+            # best effort: break-glass must not fail here (a read-only state dir)
+            with contextlib.suppress(OSError):
                 st = os.stat(d)
                 if st.st_mode & 0o077 and st.st_uid == os.geteuid():
                     os.chmod(d, PRIVATE_DIR_MODE)
