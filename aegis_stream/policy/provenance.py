@@ -53,6 +53,17 @@ _enc = msgspec.json.Encoder(order="sorted")
 GENERATION_ACTIONS = ("apply", "rollback", "reconcile")
 
 
+class _GenerationFact(msgspec.Struct):
+    """The fields of a record :meth:`ProvenanceLog.recorded_generations` reads (others skipped)."""
+    action: str = ""
+    result: str = ""
+    generation: int | None = None
+    record_sha256: str | None = None
+
+
+_fact_dec = msgspec.json.Decoder(_GenerationFact)
+
+
 class RecordMismatchError(StateError):
     """A generation record differs from the sha256 its apply recorded in the provenance log,
     or the log has no record of the generation at all: it is refused, never used."""
@@ -100,6 +111,9 @@ class ProvenanceLog:
         self.path = self.root / LOG_NAME
         self.head_path = self.root / HEAD_NAME
         self.host = host or socket.gethostname()
+        # recorded_generations() parsed so far: (file identity, bytes parsed, result); the
+        # log is append-only, so each call reads only what was appended since
+        self._facts: tuple[tuple[int, int], int, dict[int, str]] | None = None
 
     # ------------------------------------------------------------------ writing
     def append(self, action: str, *, result: str = "ok", reason: str = "", **fields: Any) -> dict:
@@ -243,18 +257,40 @@ class ProvenanceLog:
     def recorded_generations(self) -> dict[int, str]:
         """generation -> the ``record_sha256`` of its last successful apply, rollback or
         reconcile record ("" when that record predates record digests)."""
-        out: dict[int, str] = {}
-        for rec in self.records():
-            gen = rec.get("generation")
-            if (rec.get("result") != "ok" or rec.get("action") not in GENERATION_ACTIONS
-                    or not isinstance(gen, int) or isinstance(gen, bool) or gen <= 0):
-                continue
-            digest = rec.get("record_sha256")
-            if isinstance(digest, str) and digest:
-                out[gen] = digest  # the newest record that wrote it wins
-            else:
-                out.setdefault(gen, "")
-        return out
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._facts = None
+            return {}
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot read: {exc.strerror}") from None
+        ident = (st.st_dev, st.st_ino)
+        if self._facts is None or self._facts[0] != ident or st.st_size < self._facts[1]:
+            self._facts = (ident, 0, {})  # new, replaced or truncated file: from the start
+        _, done, out = self._facts
+        if st.st_size > done:
+            try:
+                with open(self.path, "rb") as fh:
+                    fh.seek(done)
+                    data = fh.read(st.st_size - done)
+            except OSError as exc:
+                raise StateError(f"{self.path}: cannot read: {exc.strerror}") from None
+            whole = data.rfind(b"\n") + 1  # a torn last line is read when it is complete
+            for line in data[:whole].splitlines():
+                try:
+                    rec = _fact_dec.decode(line)
+                except msgspec.DecodeError:
+                    continue
+                gen = rec.generation
+                if (rec.result != "ok" or rec.action not in GENERATION_ACTIONS
+                        or gen is None or gen <= 0):
+                    continue
+                if rec.record_sha256:
+                    out[gen] = rec.record_sha256  # the newest record that wrote it wins
+                else:
+                    out.setdefault(gen, "")
+            self._facts = (ident, done + whole, out)
+        return dict(out)
 
     def check_record(self, generation: int, data: bytes) -> None:
         """Refuse (:class:`RecordMismatchError`) generation record bytes that differ from the

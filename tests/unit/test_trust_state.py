@@ -272,10 +272,13 @@ def test_sign_cli_2_64_is_one_line(env, tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "version" in err
     src.write_bytes(env.toml(1))
-    for days in ("inf", "nan", "1e30", "-1"):
+    for days in ("inf", "nan", "1e30", "-1"):  # 1 (sign refuses) or 2 (the CLI's number guard)
         assert cli_main.main(["policy", "sign", str(src), "--key", str(env.tmp / "keys/k1.key"),
-                              "--expires-in", days]) == 1
+                              "--expires-in", days]) in (1, 2)
         assert capsys.readouterr().err.count("\n") == 1
+    for days in (float("inf"), float("nan"), 1e30, -1.0, 0.0):  # and sign_policy itself
+        with pytest.raises(PolicyError, match="--expires-in"):
+            signing.sign_policy(env.toml(1), env.key, "k1", expires_in_days=days)
 
 
 def test_envelope_claiming_a_huge_version_is_refused(env) -> None:
@@ -319,3 +322,14 @@ def test_rollback_does_not_lower_the_counter(env) -> None:
 def test_version_range_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "POLICY_LIFECYCLE.md").read_text()
     assert "9007199254740991" in doc and "only an enforce-mode apply" in doc.lower()
+
+
+def test_recorded_generations_reads_only_what_was_appended(env) -> None:
+    env.lc.apply(env.signed(1), "v1")
+    assert set(env.log.recorded_generations()) == {1}
+    env.lc.apply(env.signed(2, "ab"), "v2")  # another instance appended: seen
+    assert set(env.log.recorded_generations()) == {1, 2}
+    env.log.path.write_bytes(env.log.path.read_bytes().splitlines(keepends=True)[0])
+    assert set(env.log.recorded_generations()) == {1}  # truncated: parsed again
+    env.log.path.unlink()
+    assert env.log.recorded_generations() == {}
