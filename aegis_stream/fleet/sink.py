@@ -35,9 +35,9 @@ Delivery per class::
                         (``sink/queue_full``), or when a delivery report fails (by reason).
                         Every shed or failed record is counted in ``dropped``.
 
-The spool is not the pipeline's :class:`~aegis_stream.pipeline.spool.DiskSpool`: that one
-holds raw 104-byte kernel records and its recovery checks frames against that stride;
-this one holds encoded JSON lines (a frame per batch, with its class and a CRC).
+The spool is the pipeline's spool file (:class:`~aegis_stream.pipeline.spool.FrameSpool`,
+shared with its raw deny spool) with its own frames: encoded JSON lines, a frame per
+batch, with its class and a CRC.
 
 Errors::
 
@@ -61,10 +61,8 @@ import subprocess
 import threading
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import trio
@@ -115,7 +113,7 @@ from aegis_stream.fleet.producer import (  # noqa: F401  (re-exported: ship, tes
 )
 from aegis_stream.fleet.topics import schema_headers
 from aegis_stream.pipeline.sinks import SinkBatch, SinkError, SinkStatistics
-from aegis_stream.pipeline.spool import SpoolStatistics
+from aegis_stream.pipeline.spool import Frame, FrameSpool, SpoolStatistics
 
 _log = logging.getLogger("aegis.fleet.kafka")
 
@@ -160,123 +158,42 @@ def check_host_key(value: str) -> str:
 _FRAME = struct.Struct("<IIII")  # class code, event count, byte length, crc32 of the bytes
 
 
-class LineSpool:
-    """A bounded FIFO of encoded batches (JSON lines) in one append-only file.
+class LineSpool(FrameSpool):
+    """A bounded FIFO of encoded batches (JSON lines) in one append-only file: the
+    pipeline's spool file (:class:`~aegis_stream.pipeline.spool.FrameSpool`: recovery,
+    pending counts, pop, compaction at close) with frames of
+    ``<u32 class code><u32 count><u32 length><u32 crc32> lines``.
 
-    Thread-safe: the trio side appends, the sink's poll thread peeks and pops (every
-    method takes the lock; reads use ``pread``, appends ``O_APPEND``).  The file is
-    truncated whenever it has been fully replayed; a file left by a previous run is
+    Thread-safe: the trio side appends, the sink's poll thread peeks and pops.  The file
+    is truncated whenever it has been fully replayed; a file left by a previous run is
     replayed first (a torn or corrupt tail is cut off)."""
 
+    HEADER = _FRAME
+
     def __init__(self, directory: str | os.PathLike[str], max_bytes: int, name: str = "kafka") -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / f"{name}.spool"
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._frames: deque[tuple[int, str, int, int]] = deque()  # (offset, klass, count, length)
-        self._end = 0
-        self.spooled = self.replayed = self.recovered = self.full = 0
-        self._recover()
+        super().__init__(directory, max_bytes, name)
 
-    def _recover(self) -> None:
-        size = os.fstat(self._fd).st_size
-        data = os.pread(self._fd, size, 0) if size else b""
-        off = 0
-        while off + _FRAME.size <= len(data):
-            code, count, length, crc = _FRAME.unpack_from(data, off)
-            body = data[off + _FRAME.size: off + _FRAME.size + length]
-            if code not in _CODE_KLASS or len(body) != length or zlib.crc32(body) != crc:
-                break
-            self._frames.append((off + _FRAME.size, _CODE_KLASS[code], count, length))
-            self.recovered += count
-            off += _FRAME.size + length
-        if off != len(data):
-            os.ftruncate(self._fd, off)
-        self._end = off
+    def _pack(self, frame: Frame) -> bytes:
+        return _FRAME.pack(frame.tag, frame.count, len(frame.body), zlib.crc32(frame.body))
 
-    @property
-    def pending_batches(self) -> int:
-        return len(self._frames)
-
-    @property
-    def pending_events(self) -> int:
-        with self._lock:
-            return sum(f[2] for f in self._frames)
+    def _unpack(self, header: bytes, data: bytes, body_at: int) -> tuple[int, int, int] | None:
+        code, count, length, crc = _FRAME.unpack(header)
+        body = data[body_at: body_at + length]
+        if code not in _CODE_KLASS or len(body) != length or zlib.crc32(body) != crc:
+            return None
+        return code, count, length
 
     def append(self, batch: SinkBatch) -> bool:
         """False (and ``full`` counted) when the batch does not fit."""
-        size = _FRAME.size + len(batch.lines)
-        with self._lock:
-            if self._end + size > self.max_bytes:
-                self.full += 1
-                return False
-            frame = _FRAME.pack(_KLASS_CODE[batch.klass], batch.count, len(batch.lines),
-                                zlib.crc32(batch.lines)) + batch.lines
-            view = memoryview(frame)
-            while view:
-                view = view[os.write(self._fd, view):]
-            self._frames.append((self._end + _FRAME.size, batch.klass, batch.count, len(batch.lines)))
-            self._end += size
-            self.spooled += batch.count
-            return True
+        return self._append(Frame(_KLASS_CODE[batch.klass], batch.count, batch.lines))
 
     def peek(self) -> SinkBatch | None:
-        with self._lock:
-            if not self._frames:
-                return None
-            off, klass, count, length = self._frames[0]
-            return SinkBatch(klass, os.pread(self._fd, length, off), count)
+        frames = self._peek()
+        return SinkBatch(_CODE_KLASS[frames[0].tag], frames[0].body, frames[0].count) if frames else None
 
     def peek_many(self, max_batches: int, max_bytes: int) -> list[SinkBatch]:
         """The oldest batches (at least one if any), up to either limit, not removed."""
-        out: list[SinkBatch] = []
-        size = 0
-        with self._lock:
-            for off, klass, count, length in self._frames:
-                if out and (len(out) >= max_batches or size + length > max_bytes):
-                    break
-                out.append(SinkBatch(klass, os.pread(self._fd, length, off), count))
-                size += length
-        return out
-
-    def pop(self) -> None:
-        with self._lock:
-            _, _, count, _ = self._frames.popleft()
-            self.replayed += count
-            if not self._frames:
-                os.ftruncate(self._fd, 0)
-                self._end = 0
-
-    def statistics(self) -> SpoolStatistics:
-        """The same record as the pipeline's deny spool (``enabled`` always True)."""
-        with self._lock:
-            pending = sum(f[2] for f in self._frames)
-            return SpoolStatistics(True, str(self.path), len(self._frames), pending, self._end,
-                                       self.max_bytes, self.spooled, self.replayed,
-                                       self.recovered, self.full)
-
-    def close(self) -> None:
-        """Close; frames already replayed are cut off first (the next run's recovery reads
-        the file from its start and would send them again)."""
-        with self._lock:
-            if self._fd < 0:
-                return
-            if self._frames and self._frames[0][0] != _FRAME.size:
-                first = self._frames[0][0] - _FRAME.size
-                rest = os.pread(self._fd, self._end - first, first)
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                try:
-                    with open(tmp, "wb") as fh:
-                        fh.write(rest)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                    os.replace(tmp, self.path)
-                except OSError as exc:
-                    _log.warning("kafka spool not compacted (%s): the next run resends some records", exc)
-            os.close(self._fd)
-            self._fd = -1
+        return [SinkBatch(_CODE_KLASS[f.tag], f.body, f.count) for f in self._peek(max_batches, max_bytes)]
 
 
 # =========================================================================== producer
