@@ -287,8 +287,10 @@ class IntegrityChecker:
         a, slot = st.active, st.active_slot
         out: list[str] = []
         if not a.valid:
-            if exp.found and exp.generation and exp.break_glass != "deactivate" \
-                    and bg_method != "deactivate":
+            # a slot config of all zeros is freshly loaded maps (a reboot, `aegis unload`
+            # then `aegis run`), not an invalidation: no_policy already reports it
+            if a.generation and exp.found and exp.generation \
+                    and exp.break_glass != "deactivate" and bg_method != "deactivate":
                 out.append(f"slot {slot} was invalidated outside aegis (generation "
                            f"{exp.generation} is the last one activated; every hook allows)")
             return out

@@ -386,6 +386,15 @@ def test_mismatch_while_the_lock_is_held_waits_out_the_grace(env) -> None:
         os.close(fd)
 
 
+def test_fresh_maps_after_a_reboot_are_not_tampering(env, tmp_path) -> None:
+    """Pins gone (reboot, unload), the agent loads fresh maps: nothing is active, which
+    no_policy reports; the provenance log's last apply is no tamper finding."""
+    env.lc.apply(env.signed(1, "a"), "v1")
+    fresh = PolicyMaps.fake(64)
+    slots.activate(fresh, 0)
+    assert _codes(IntegrityChecker(fresh, env.state)) == {}
+
+
 def test_generation_without_a_record_is_reported(env) -> None:
     env.lc.apply(env.signed(1, "a"), "v1")
     s = slots.read_state(env.maps).active_slot
