@@ -71,12 +71,13 @@ EVENTS_LOG_BYTES: Final = Limit("events-log-bytes", 1024 * MiB, "bytes",
                                 "one event log file given to explain or --dry-run --events")
 EVENT_LINE_BYTES: Final = Limit("event-line-bytes", 64 * KiB, "bytes",
                                 "one JSON event line (a decision is ~1 KiB)")
+CONFIG_BYTES: Final = Limit("config-bytes", 1 * MiB, "bytes", "agent config file (aegis run --config)")
 ARG_BYTES: Final = Limit("arg-bytes", 4096, "bytes", "one command-line argument")
 
 LIMITS: Final = (
     POLICY_BYTES, ENVELOPE_BYTES, POLICY_DEPTH, POLICY_RULES, POLICY_SCOPES, PATH_BYTES,
     NAME_BYTES, KEY_FILE_BYTES, TRUST_STORE_BYTES, STATUS_FILE_BYTES, GENERATION_RECORD_BYTES,
-    EVENTS_LOG_BYTES, EVENT_LINE_BYTES, ARG_BYTES,
+    EVENTS_LOG_BYTES, EVENT_LINE_BYTES, CONFIG_BYTES, ARG_BYTES,
 )
 
 

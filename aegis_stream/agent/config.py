@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
+from aegis_stream import inputs
 from aegis_stream.errors import AegisError
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ def decode(data: bytes | str, source: str = "<config>") -> AgentFile:
         raise ConfigError(f"config {source}: {exc}") from None
     except msgspec.DecodeError as exc:  # not TOML at all
         raise ConfigError(f"config {source}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level
+        raise ConfigError(f"config {source}: nested too deeply to be an aegis config") from None
 
 
 def default_path() -> str | None:
@@ -99,10 +102,8 @@ def load(path: str | None) -> AgentFile:
     error: an operator who names a file means it."""
     if path is None:
         return AgentFile()
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"config {path}: {exc.strerror or exc}") from None
+    # bounded: a FIFO, /dev/zero or an over-size file is one line (docs/INPUT_LIMITS.md)
+    data = inputs.read_bounded(path, inputs.CONFIG_BYTES, "config", ConfigError)
     return decode(data, path)
 
 

@@ -21,7 +21,7 @@ from typing import IO
 
 import msgspec
 
-from aegis_stream import textsafe
+from aegis_stream import inputs, textsafe
 from aegis_stream.errors import AegisError, StateError
 from aegis_stream.pipeline.schema import DecisionEvent, ExplanationEvent
 from aegis_stream.policy.store import PolicyStore
@@ -41,9 +41,10 @@ def log_files(path: Path, backups: int = 32) -> list[Path]:
 
 
 def _lines(files: list[Path]) -> Iterator[bytes]:
+    # bounded (docs/INPUT_LIMITS.md): regular files only, each up to events-log-bytes and
+    # read up to its size at open; a line over event-line-bytes is skipped, never held
     for p in files:
-        with open(p, "rb") as fh:
-            yield from fh
+        yield from inputs.bounded_lines(p, inputs.EVENTS_LOG_BYTES, "event log", ExplainError)
 
 
 def find_event(event_id: str, log: Path) -> DecisionEvent:
@@ -64,7 +65,9 @@ def find_event(event_id: str, log: Path) -> DecisionEvent:
 
 
 def read_event(stream: IO[bytes]) -> DecisionEvent:
-    data = stream.read().strip()
+    data = stream.read(inputs.EVENT_LINE_BYTES.value + 1)
+    inputs.check_bytes(data, inputs.EVENT_LINE_BYTES, "stdin", ExplainError)
+    data = data.strip()
     try:
         return _dec.decode(data)
     except msgspec.ValidationError as exc:

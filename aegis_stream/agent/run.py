@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 import trio
 
+from aegis_stream import inputs
 from aegis_stream.agent import reasons
 from aegis_stream.agent.health import Reason, ReasonCode, State, hooks_reason, unique_codes
 from aegis_stream.agent.integrity import IntegrityChecker
@@ -264,11 +265,17 @@ async def run_agent(cfg: AgentConfig) -> int:
             return _refuse(status_path, "metrics_unavailable", str(exc))
     data: bytes | None = None
     if cfg.policy:
-        try:
-            data = Path(cfg.policy).read_bytes()
-        except OSError as exc:
+        try:  # bounded: a FIFO, /dev/zero, an over-size file is one line (docs/INPUT_LIMITS.md)
+            data = inputs.read_bounded(cfg.policy, inputs.ENVELOPE_BYTES, "policy")
+        except AegisError as exc:
             await _close_listeners(listeners)
-            return _refuse(status_path, "policy_unreadable", f"{cfg.policy}: {exc.strerror or exc}")
+            return _refuse(status_path, "policy_unreadable", str(exc))
+        try:  # its shape checked before the kernel is touched (an envelope's on apply)
+            if data.lstrip()[:1] != b"{":
+                inputs.check_policy_shape(inputs.decode_policy_text(data, cfg.policy), cfg.policy)
+        except AegisError as exc:
+            await _close_listeners(listeners)
+            return _refuse(status_path, reasons.refusal_code(exc), str(exc))
     try:
         return await _run_loaded(cfg, status_path, listeners, data)
     finally:

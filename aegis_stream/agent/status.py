@@ -30,9 +30,10 @@ from typing import Any
 
 import msgspec
 
-from aegis_stream import textsafe
+from aegis_stream import inputs, textsafe
 from aegis_stream.agent import reasons
 from aegis_stream.agent.health import Enforcement, Reason, ReasonCode, State, hooks_reason
+from aegis_stream.errors import StateError
 from aegis_stream.kernel import abi
 from aegis_stream.pipeline.schema import StatusAgent, StatusHook, StatusKernel, StatusReport
 
@@ -204,8 +205,9 @@ def read_agent(path: str | None = None, *, now_monotonic: float | None = None) -
 
     p = Path(path) if path else default_status_path()
     try:
-        doc: StatusFile | None = status_file_decoder.decode(p.read_bytes())
-    except (OSError, msgspec.DecodeError):
+        doc: StatusFile | None = status_file_decoder.decode(
+            inputs.read_bounded(p, inputs.STATUS_FILE_BYTES, "status file", StateError))
+    except (StateError, msgspec.DecodeError):  # bounded: a FIFO or /dev/zero never hangs it
         # missing, unreadable, corrupt or not a status file: no agent reports (documented
         # in docs/DEGRADED_MODE.md: judged from the kernel alone)
         doc = None

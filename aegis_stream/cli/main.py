@@ -1,10 +1,20 @@
-"""The `aegis` command line.  Every error is one line on stderr and a non-zero exit."""
+"""The `aegis` command line.  Every error is one line on stderr and a non-zero exit.
+
+:func:`main` is the top-level guard: the command line is screened before it is parsed
+(inputs.check_argv: NUL bytes, text that is not UTF-8, over-long arguments), usage errors are
+one line (not argparse's usage block), numbers must be finite and not negative, and whatever a
+command raises ends as one line: an AegisError as its own message, anything else as an
+internal error with a bug-report hint (``AEGIS_DEBUG=1`` re-raises it for the traceback).
+Never a Python traceback for any input.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -12,12 +22,39 @@ from aegis_stream import __version__, textsafe
 from aegis_stream.errors import AegisError
 from aegis_stream.kernel import abi
 
-EXIT_OK, EXIT_ERROR = 0, 1  # argparse exits 2 on a usage error by itself
+# argparse exits 2 on a usage error; 70 is sysexits' EX_SOFTWARE (a bug in aegis), 130 SIGINT
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+BUG_HINT = ("this is a bug in aegis: please report it with the command line "
+            "(AEGIS_DEBUG=1 prints the traceback)")
 
 
 def _fail(msg: str, code: int = EXIT_ERROR) -> int:
     print(f"aegis: error: {textsafe.escape(msg)}", file=sys.stderr)  # names paths, ids
     return code
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error reported in one line (the usage block is what ``--help``
+    is for); subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"aegis: error: {textsafe.escape(message)} (see: {textsafe.escape(self.prog)} "
+              "--help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def check_numbers(args: argparse.Namespace) -> str | None:
+    """Why a parsed number is refused: NaN and infinity pass ``float()`` (``--canary-seconds
+    inf`` would wait forever), and no count, time or rate of aegis is negative."""
+    for name, v in sorted(vars(args).items()):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{flag}: {v} is not a finite number"
+        if v < 0:
+            return f"{flag}: {v} is negative"
+    return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -166,9 +203,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aegis", description=__doc__)
+    p = OneLineParser(prog="aegis", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"aegis {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub: Any = p.add_subparsers(dest="command", required=True)  # add_*_commands take the base type
 
     r = sub.add_parser("run", help="foreground agent: load, attach, apply, stream events",
                        description="Settings come from the config file (--config, default "
@@ -254,16 +292,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """The ``aegis`` entry point: the top-level guard (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    why = _screen(argv)
+    if why is not None:
+        return _fail(why, EXIT_USAGE)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        why = check_numbers(args)
+        if why is not None:
+            return _fail(why, EXIT_USAGE)
         return int(args.func(args))
     except AegisError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
-        return 130
+        print("aegis: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
+        # the reader went away (`aegis policy log | head`): stop quietly, and keep Python's
+        # exit-time flush of stdout from reporting the same broken pipe
+        _silence_stdout()
         os._exit(0)
+    except SystemExit:
+        raise  # argparse's own exits (--help, --version, a usage error) and sys.exit
+    except BaseException as exc:
+        if os.environ.get("AEGIS_DEBUG") == "1":
+            raise
+        return _fail(_unexpected(exc), EXIT_BUG)
+
+
+def _screen(argv: list[str]) -> str | None:
+    from aegis_stream.inputs import check_argv
+
+    return check_argv(argv)
+
+
+def _unexpected(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({BUG_HINT}: an input limit should have refused this first)"
+    if isinstance(exc, RecursionError):
+        return f"input nested too deeply ({BUG_HINT}: an input limit should have refused it)"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{exc.strerror} ({type(exc).__name__}; {BUG_HINT})"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"internal error: {type(exc).__name__}{': ' + text if text else ''} ({BUG_HINT})"
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from aegis_stream import textsafe
+from aegis_stream import inputs, textsafe
 from aegis_stream.errors import AegisError, NoAgentError, PolicyError, StateError
 from aegis_stream.textsafe import echo  # every human line escaped (attacker-named paths, comms)
 
@@ -53,11 +53,10 @@ def _kernel() -> Iterator[tuple[Any, DenyReader]]:
         pinned.close()
 
 
-def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read: {exc.strerror}") from None
+def _read(path: str, limit: inputs.Limit | None = None, what: str = "policy") -> bytes:
+    """A regular file within its input limit (docs/INPUT_LIMITS.md): a FIFO, /dev/zero or an
+    over-size file is one line, never a hang or an out-of-memory."""
+    return inputs.read_bounded(path, limit or inputs.ENVELOPE_BYTES, what, PolicyError)
 
 
 def _iso(ts: float) -> str:
@@ -181,7 +180,7 @@ def _dry_run(args: argparse.Namespace, data: bytes) -> int:
             lines.append("no agent loaded and no stored generation")
     lines += dryrun.render_diff(dryrun.diff_policies(old, new, old_mode=old_mode, new_mode=mode))
     if args.events:
-        ev = _read(args.events).splitlines()
+        ev = _read(args.events, inputs.EVENTS_LOG_BYTES, "event log").splitlines()
         rep = dryrun.replay_events(ev, new, old, new_mode=mode)
         lines += dryrun.render_replay(rep, args.events)
     lines.append("dry run: nothing was changed")
@@ -348,7 +347,8 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 def cmd_keys_add(args: argparse.Namespace) -> int:
     from aegis_stream.policy.trust import TrustStore
 
-    st = TrustStore().add(_read(args.pubfile), args.id or "", source=args.pubfile,
+    pub = _read(args.pubfile, inputs.KEY_FILE_BYTES, "public key")
+    st = TrustStore().add(pub, args.id or "", source=args.pubfile,
                           expires_in_days=args.expires_in or 0)
     echo(f"trusted key {st.key_id} ({st.fingerprint}), expires {_iso(st.expires_at)}")
     return EXIT_OK

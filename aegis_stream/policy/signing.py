@@ -49,6 +49,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from aegis_stream import inputs
 from aegis_stream.errors import PolicyError, SignatureError, SignatureExpiredError
 from aegis_stream.policy import model
 
@@ -213,10 +214,7 @@ def generate_keypair(key_id: str, out_dir: Path | str) -> GeneratedKey:
 def load_private_key(path: Path | str) -> tuple[Ed25519PrivateKey, str]:
     """(key, key id from the file's ``aegis-key-id:`` line, or "")."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{p}: cannot read key: {exc.strerror}") from None
+    data = inputs.read_bounded(p, inputs.KEY_FILE_BYTES, "private key", PolicyError)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -227,6 +225,7 @@ def load_private_key(path: Path | str) -> tuple[Ed25519PrivateKey, str]:
 
 
 def load_public_key_bytes(data: bytes, source: str) -> tuple[Ed25519PublicKey, str]:
+    inputs.check_bytes(data, inputs.KEY_FILE_BYTES, source)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
@@ -270,6 +269,7 @@ def is_envelope(data: bytes) -> bool:
 
 
 def parse_envelope(data: bytes, source: str = "envelope") -> Envelope:
+    inputs.check_bytes(data, inputs.ENVELOPE_BYTES, source, SignatureError)
     try:
         return _env_dec.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import msgspec
 
+from aegis_stream import inputs
 from aegis_stream.errors import StateError
 from aegis_stream.policy.compiler import CompiledPolicy
 
@@ -145,12 +146,9 @@ class PolicyStore:
 
     def load(self, generation: int) -> GenerationRecord:
         p = self.gen_dir / f"{generation}.json"
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            raise StateError(f"no record of policy generation {generation} in {self.gen_dir}") from None
-        except OSError as exc:
-            raise StateError(f"{p}: cannot read: {exc.strerror}") from None
+        if not os.path.lexists(p):
+            raise StateError(f"no record of policy generation {generation} in {self.gen_dir}")
+        data = inputs.read_bounded(p, inputs.GENERATION_RECORD_BYTES, "generation record", StateError)
         if self.check is not None:
             self.check(generation, data)
         try:

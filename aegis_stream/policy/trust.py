@@ -24,6 +24,7 @@ from pathlib import Path
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from aegis_stream import inputs
 from aegis_stream.errors import PolicyError, SignatureError, SignatureExpiredError, StateError
 from aegis_stream.policy import signing
 from aegis_stream.policy.provenance import ProvenanceLog
@@ -86,7 +87,8 @@ class TrustStore(signing.KeyLookup):
         if st.st_uid not in (0, os.geteuid()):
             raise StateError(f"{self.path}: owned by uid {st.st_uid}; refusing to trust it")
         try:
-            return _dec.decode(self.path.read_bytes())
+            return _dec.decode(inputs.read_bounded(self.path, inputs.TRUST_STORE_BYTES,
+                                                   "trust store", StateError))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise StateError(f"{self.path}: corrupt trust store: {exc}") from None
 
