@@ -28,15 +28,18 @@ COALESCE_MAX_EVENTS = 8192
 COALESCE_MAX_BYTES = 4 << 20
 
 
-def coalesce(batches: list[SinkBatch]) -> list[SinkBatch]:
-    """One batch per class, in the order each class first appears; the lines keep their
-    order within a class.  ``raw`` is not carried (the writer parks the originals)."""
-    by_class: dict[str, list[SinkBatch]] = {}
+def coalesce(batches: list[SinkBatch], first: str) -> list[SinkBatch]:
+    """One batch per class, class ``first`` (the channel's own: deny) first, then the
+    others in the order they appear; the lines keep their order within a class.  Denies
+    first keeps every explanation after its deny, also when the previous write's limit
+    left an explanation at the head.  ``raw`` is not carried (the writer parks the
+    originals)."""
+    by_class: dict[str, list[SinkBatch]] = {first: []}
     for b in batches:
         by_class.setdefault(b.klass, []).append(b)
     return [bs[0] if len(bs) == 1 else
             SinkBatch(k, b"".join(b.lines for b in bs), sum(b.count for b in bs))
-            for k, bs in by_class.items()]
+            for k, bs in by_class.items() if bs]
 
 
 class SinkWriter:
@@ -117,9 +120,10 @@ class SinkWriter:
                     return
             n = self._take(recv, current) if klass == "deny" else 1
             taken = current[:n]
-            self.coalesced_writes += klass == "deny"
-            self.coalesced_batches += n if klass == "deny" else 0
-            for batch in coalesce(taken):
+            if klass == "deny":
+                self.coalesced_writes += 1
+                self.coalesced_batches += n
+            for batch in coalesce(taken, klass):
                 members = [b for b in taken if b.klass == batch.klass]
                 await self._write_all(klass, batch)
                 # accounted: no longer the writer's to park if it is stopped now

@@ -102,3 +102,12 @@ async def test_a_stop_mid_write_parks_each_deny_batch_it_held(store, tmp_path, a
     assert sink.writes == [("deny", 3)] and ctx.acct["deny"].delivered == 3
     # the nine batches of the coalesced write are parked one by one, with their raw records
     assert parked == [("raw", i) for i in range(1, 10)]
+
+
+def test_coalesce_puts_denies_first() -> None:
+    # a limit can leave an explanation at the head of the next write: its deny was
+    # written already, and the next deny must still come before its own explanation
+    out = writers.coalesce([expl(5), deny(6), expl(6)], "deny")
+    assert [(b.klass, b.count) for b in out] == [("deny", 3), ("explanation", 2)]
+    assert out[1].lines == b'{"e":5}\n{"e":6}\n'
+    assert writers.coalesce([deny(1)], "deny") == [deny(1)]
