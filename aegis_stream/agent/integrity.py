@@ -9,14 +9,15 @@ signed generation record says the lifecycle wrote:
 
 * **content**: the active slot's rule and scope entries must be exactly the entries
   :func:`aegis_stream.kernel.slots.stage` writes for the record's compiled policy (the
-  record is what was verified and compiled at apply).  The expected entries are derived
-  from the record once per generation and kept as a dict; a tick then walks the map's
-  keys once, comparing each of the slot's values with the expected one and counting
-  them (:func:`slot_matches`): no hashing, no copy of the map, and nothing sorted.  With
-  10,000 rules on the fake kernel's maps that measured 30 ms a tick where a sorted
-  sha256 digest of the slot (``slots.slot_digest``) took 347 ms, on a 2-core host at load
-  average 15 (``tests/unit/test_control_plane.py::test_check_cost_on_10000_rules`` prints
-  both).  Only a mismatch builds the full diff, to name the rules;
+  record is what was verified and compiled at apply).  The expected entries are built
+  from the record once per generation as sorted numpy records (:class:`SlotTable`); a tick
+  reads each map in a few ``BPF_MAP_LOOKUP_BATCH`` calls (:func:`map_columns`), keeps the
+  slot's rows, sorts them by key and compares the two tables column by column: no per-entry
+  Python, no hashing.  Measured with 10,000 rules in each slot on a 2-core host at load
+  average ~11: 13 ms a tick on the fake kernel's maps (a sorted sha256 of the slot,
+  ``slots.slot_digest``: 152 ms) and 44 ms on real BPF hash maps (``slot_digest``, with a
+  ``get_next_key`` and a lookup syscall per entry: 1,189 ms).  Only a mismatch builds the
+  full diff, to name the rules;
 * **slot config**: its generation, rule and scope counts and host-scope flag;
 * **mode**: the mode the last activation record in the provenance log gave this
   generation (audit after a ``break-glass`` record);
@@ -36,19 +37,23 @@ Findings are :class:`~aegis_stream.agent.health.Reason` s with the code
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
+import numpy as np
 
 from aegis_stream.agent.health import Reason, ReasonCode
-from aegis_stream.errors import AegisError, StateError
-from aegis_stream.kernel import abi, slots
-from aegis_stream.kernel.maps import MapHandle, PolicyMaps
+from aegis_stream.errors import AegisError, KernelError, StateError
+from aegis_stream.kernel import abi, libbpf, slots
+from aegis_stream.kernel.maps import FakeMap, FdMap, MapHandle, PolicyMaps
 from aegis_stream.policy.compiler import CompiledPolicy
 from aegis_stream.policy.provenance import LOG_NAME
 from aegis_stream.policy.store import GenerationRecord, PolicyStore, state_dir
@@ -64,32 +69,139 @@ _RULE_SLOT = abi.INODE_KEY.offsets()["slot"]
 _SCOPE_SLOT = abi.SCOPE_KEY.offsets()["slot"]
 
 
-def slot_matches(handle: MapHandle, slot_offset: int, slot: int,
-                 want: Mapping[bytes, bytes]) -> bool:
-    """Whether the map's entries of ``slot`` are exactly ``want``: one pass over the keys,
-    each of the slot's values compared with the expected one, and the count."""
-    tag = slot.to_bytes(4, "little")
-    end = slot_offset + 4
-    lookup = handle.lookup
-    get = want.get
-    n = 0
+BATCH = 4096  # entries per BPF_MAP_LOOKUP_BATCH call
+_NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, 524)  # 524: ENOTSUPP (kernel)
+_batch_fn: Any = None
+
+
+def _lookup_batch() -> Any:
+    global _batch_fn
+    if _batch_fn is None:
+        fn = libbpf.lib().bpf_map_lookup_batch
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+        _batch_fn = fn
+    return _batch_fn
+
+
+def map_items(handle: MapHandle) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a map: batched on a real BPF map (one entry at a time on a
+    kernel without batch lookups, and on the fake kernel's maps)."""
+    if isinstance(handle, FdMap) and handle.fd >= 0:
+        try:
+            kb, vb = _batch_columns(handle.fd, handle.key_size, handle.value_size)
+        except KernelError as exc:
+            if exc.errno not in _NO_BATCH:
+                raise
+        else:
+            ks, vs = handle.key_size, handle.value_size
+            return [(kb[i * ks:(i + 1) * ks], vb[i * vs:(i + 1) * vs])
+                    for i in range(len(kb) // ks)]
+    out = []
     for k in handle.keys():
-        if k[slot_offset:end] != tag:
-            continue
-        n += 1
-        if get(k) != lookup(k):
-            return False
-    return n == len(want)
+        v = handle.lookup(k)
+        if v is not None:  # deleted between the two calls
+            out.append((k, v))
+    return out
+
+
+_NP = {"Q": "<u8", "q": "<i8", "I": "<u4", "i": "<i4", "H": "<u2", "h": "<i2", "B": "u1"}
+
+
+def np_dtype(layout: abi.Layout) -> np.dtype:
+    """The packed numpy record of an ABI layout (the same bytes as ``layout.pack``)."""
+    return np.dtype([(n, _NP[f]) for n, f in layout.fields])
+
+
+def _batch_columns(fd: int, ks: int, vs: int) -> tuple[bytes, bytes]:
+    """All keys and all values of a BPF hash map, concatenated in the same order,
+    BATCH entries per BPF_MAP_LOOKUP_BATCH call."""
+    fn = _lookup_batch()
+    keys = ctypes.create_string_buffer(ks * BATCH)
+    vals = ctypes.create_string_buffer(vs * BATCH)
+    token = max(ks, 8)
+    in_batch: Any = None
+    kout: list[bytes] = []
+    vout: list[bytes] = []
+    while True:
+        out_batch = ctypes.create_string_buffer(token)
+        count = ctypes.c_uint32(BATCH)
+        ret = fn(fd, in_batch, out_batch, keys, vals, ctypes.byref(count), None)
+        err = libbpf.errno_of(ret) if ret < 0 else 0
+        kout.append(keys.raw[:count.value * ks])
+        vout.append(vals.raw[:count.value * vs])
+        if err == errno.ENOENT:
+            return b"".join(kout), b"".join(vout)
+        if err:
+            raise KernelError("bpf_map_lookup_batch", err=err)
+        in_batch = out_batch
+
+
+def map_columns(handle: MapHandle) -> tuple[bytes, bytes]:
+    """Every key and every value of a map, each concatenated, in the same order: batched
+    on a real BPF map, the dict itself on the fake kernel's, one entry at a time else."""
+    if isinstance(handle, FdMap) and handle.fd >= 0:
+        try:
+            return _batch_columns(handle.fd, handle.key_size, handle.value_size)
+        except KernelError as exc:
+            if exc.errno not in _NO_BATCH:
+                raise
+    if isinstance(handle, FakeMap):
+        return b"".join(handle.data.keys()), b"".join(handle.data.values())
+    items = map_items(handle)
+    return b"".join(k for k, _ in items), b"".join(v for _, v in items)
+
+
+@dataclass(frozen=True)
+class SlotTable:
+    """One slot's entries of one map as sorted numpy records: what a tick compares."""
+    keys: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, kbytes: bytes, vbytes: bytes, kd: np.dtype, vd: np.dtype,
+           slot: int) -> SlotTable:
+        k = np.frombuffer(kbytes, dtype=kd)
+        v = np.frombuffer(vbytes, dtype=vd)
+        mask = k["slot"] == slot
+        k, v = k[mask], v[mask]
+        # keys are unique in a hash map: sorting by them orders both columns; lexsort
+        # (one pass per field, last = primary) is ~10x faster than a structured argsort
+        order = np.lexsort([k[n] for n in reversed(kd.names or ())])
+        return cls(k[order], v[order])
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, SlotTable) and len(self.keys) == len(other.keys)
+                and bool((self.keys == other.keys).all())
+                and bool((self.values == other.values).all()))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_RULE_DT = (np_dtype(abi.INODE_KEY), np_dtype(abi.RULE))
+_SCOPE_DT = (np_dtype(abi.SCOPE_KEY), np_dtype(abi.SCOPE))
+
+
+def slot_table(handle: MapHandle, dts: tuple[np.dtype, np.dtype], slot: int) -> SlotTable:
+    """The kernel's entries of ``slot`` in one map, as a :class:`SlotTable`."""
+    kb, vb = map_columns(handle)
+    return SlotTable.of(kb, vb, dts[0], dts[1], slot)
+
+
+def expected_table(entries: Mapping[bytes, bytes], dts: tuple[np.dtype, np.dtype],
+                   slot: int) -> SlotTable:
+    """The :class:`SlotTable` of entries ``slots.stage`` writes."""
+    return SlotTable.of(b"".join(entries.keys()), b"".join(entries.values()),
+                        dts[0], dts[1], slot)
 
 
 def slot_entries(maps: PolicyMaps, slot: int) -> tuple[frozenset[bytes], frozenset[bytes]]:
     """The rule and scope entries (key + value bytes) the kernel holds for ``slot``."""
     tag = slot.to_bytes(4, "little")
-    rules = maps.rules
-    scopes = maps.scopes
-    r = frozenset(k + (rules.lookup(k) or b"") for k in rules.keys()
+    r = frozenset(k + v for k, v in map_items(maps.rules)
                   if k[_RULE_SLOT:_RULE_SLOT + 4] == tag)
-    s = frozenset(k + (scopes.lookup(k) or b"") for k in scopes.keys()
+    s = frozenset(k + v for k, v in map_items(maps.scopes)
                   if k[_SCOPE_SLOT:_SCOPE_SLOT + 4] == tag)
     return r, s
 
@@ -160,7 +272,7 @@ class IntegrityChecker:
         self.clock = clock
         self.grace_s = grace_s
         self._records: dict[int, GenerationRecord] = {}
-        self._expected: dict[tuple[int, int], tuple[dict[bytes, bytes], dict[bytes, bytes]]] = {}
+        self._expected: dict[tuple[int, int], tuple[SlotTable, SlotTable]] = {}
         self._verified: tuple[int, int, int, bool] | None = None  # (gen, slot, mode, valid)
         self._verified_bg = ""
         self._expectation: Expectation | None = None
@@ -181,14 +293,14 @@ class IntegrityChecker:
             self._records[gen] = rec
         return rec
 
-    def _entries(self, rec: GenerationRecord,
-                 slot: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    def _entries(self, rec: GenerationRecord, slot: int) -> tuple[SlotTable, SlotTable]:
         key = (rec.generation, slot)
         if key not in self._expected:
             if len(self._expected) >= 4:
                 self._expected.pop(next(iter(self._expected)))
-            self._expected[key] = (slots._rule_entries(rec.policy, slot),
-                                   slots._scope_entries(rec.policy, slot))
+            self._expected[key] = (
+                expected_table(slots._rule_entries(rec.policy, slot), _RULE_DT, slot),
+                expected_table(slots._scope_entries(rec.policy, slot), _SCOPE_DT, slot))
         return self._expected[key]
 
     def break_glass(self) -> dict | None:
@@ -318,8 +430,8 @@ class IntegrityChecker:
                        f"{', host-wide' if host else ''}; generation {gen} has {len(cp.rules)}, "
                        f"{len(cp.scopes)}{', host-wide' if cp.host_scope else ''}")
         want_r, want_s = self._entries(rec, slot)
-        rules_ok = slot_matches(self.maps.rules, _RULE_SLOT, slot, want_r)
-        scopes_ok = slot_matches(self.maps.scopes, _SCOPE_SLOT, slot, want_s)
+        rules_ok = slot_table(self.maps.rules, _RULE_DT, slot) == want_r
+        scopes_ok = slot_table(self.maps.scopes, _SCOPE_DT, slot) == want_s
         if rules_ok and scopes_ok:
             return out
         exp_r, exp_s = expected_entries(cp, slot)  # a mismatch: the full diff, to name it
