@@ -34,15 +34,14 @@ latency
     The worker is caught up (the spool section's records absorbed) before the agent
     starts; the first ``--warmup`` seconds of decisions are left out of the percentiles.
 
-    Measured (shared 2-core machine with a QEMU guest busy on one core; docs/PERFORMANCE.md):
-    at 10,000/s every decision reached the table, none lost, but the deny path does not
-    keep up with a steady deny stream, at 50% or at 10% denies alike: the pipeline's
-    SinkWriter holds one write per sink at a time, a deny batch's write (and the
-    explanation batch riding behind it) waits for its acks (linger 5 ms + the round
-    trip), and a ring read every 5 ms makes small batches (~5-25 denies) that are not
-    coalesced, so the sink took ~270 denies/s; the backlog went through the pipeline's
-    deny spool and deny ring -> ack grew to 15-27 s.  With audit only (``--audit-share
-    1``) ring -> table was p50 0.35 s, p99 2.4 s.
+    Measured (shared 2-core machine; docs/PERFORMANCE.md): at 10,000/s every decision
+    reached the table, none lost.  Before the deny writer coalesced (``--coalesce-max-events
+    1`` reproduces it) the deny path did not keep up with a steady deny stream: one write
+    per sink at a time, each waiting for its acks, one small batch (~5-25 denies) per
+    5 ms ring read, so the sink took ~270 denies/s and deny ring -> ack grew to 15-27 s.
+    Coalesced (the default), deny ring -> ack at 10% denies was p99 1.6 s under a load
+    average of 12.  With audit only (``--audit-share 1``) ring -> table was p50 0.35 s,
+    p99 2.4 s.
 """
 
 from __future__ import annotations
@@ -423,8 +422,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds emitted before the window")
     p.add_argument("--audit-share", type=float, default=0.9, help="fraction of audit decisions")
     p.add_argument("--spool-batches", type=int, default=500, help=f"deny batches of {SPOOL_BATCH} to spool")
+    p.add_argument("--coalesce-max-events", type=int, default=None, metavar="N",
+                   help="the deny writer's coalescing limit (pipeline/writers.py; 1 = one "
+                        "channel batch per write, the behaviour before coalescing)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.coalesce_max_events is not None:
+        from aegis_stream.pipeline import writers
+
+        writers.COALESCE_MAX_EVENTS = max(1, a.coalesce_max_events)
     if a.rate < 1 or a.seconds <= 0 or a.warmup < 0 or not 0 <= a.audit_share <= 1 or a.spool_batches < 1:
         print("fleet_latency_bench: --rate, --seconds, --spool-batches > 0, --warmup >= 0, "
               "0 <= --audit-share <= 1", file=sys.stderr)

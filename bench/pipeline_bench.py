@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -245,16 +246,20 @@ def producer_process(kernel: FakeKernel, blob: bytes, per_ms: int, seconds: floa
 
 
 async def offered_load(rate: int, seconds: float, tmpdir: str, producer: str = "process",
-                       workers: int = 0) -> dict[str, float]:
+                       workers: int = 0, kafka: str | None = None) -> dict[str, float]:
     """Real-time run of the agent's Pipeline at a fixed offered audit load.
 
     ``producer="process"``: the records come from a forked process on the other CPU
-    (the kernel's place); ``"inline"``: from a trio task on the agent's own core."""
+    (the kernel's place); ``"inline"``: from a trio task on the agent's own core.
+    ``kafka``: a bootstrap address; the Kafka sink (producer process, the agent's
+    default) is attached next to the file sink, as ``aegis run --kafka`` does."""
     kernel = FakeKernel()  # the object's ring sizes (abi.DENY_RING_BYTES, abi.AUDIT_RING_BYTES)
     store = PolicyStore(Path(tmpdir) / f"state-{rate}-{producer}-{workers}")
     store.record(sample_record(7))
     norm = fixed_normaliser(store, processes={1000 + i: ("/usr/bin/cat", ["cat"]) for i in range(64)})
-    sink = JsonLinesFileSink(os.devnull)
+    sink: Any = JsonLinesFileSink(os.devnull)
+    if kafka:
+        sink = await _with_kafka(sink, kafka, Path(tmpdir) / f"kspool-{rate}-{producer}-{workers}")
     per_ms = max(1, rate // 1000)
     blob = make_events(per_ms * 1000, generation=7, rule_ids=3, pids=64)
     # workers (if any) may run on every CPU: the agent's main process stays pinned
@@ -263,7 +268,7 @@ async def offered_load(rate: int, seconds: float, tmpdir: str, producer: str = "
                          audit_worker_cpus=frozenset(range(os.cpu_count() or 1)) if workers else None)
     if producer == "process":
         return await _offered_load_forked(kernel, norm, sink, blob, rate, per_ms, seconds, cfg)
-    p = Pipeline(kernel.consumers(), norm, [sink], kernel.view(), config=cfg)
+    p = Pipeline(kernel.consumers(), norm, _sinks(sink), kernel.view(), config=cfg)
     emitted = 0
     lag_max = 0.0
     cpu0 = time.process_time()
@@ -305,7 +310,7 @@ async def _offered_load_forked(kernel: FakeKernel, norm, sink, blob: bytes, rate
             os._exit(1)
     os.close(start_r)
     os.close(done_w)
-    p = Pipeline(kernel.consumers(), norm, [sink], kernel.view(), config=cfg)
+    p = Pipeline(kernel.consumers(), norm, _sinks(sink), kernel.view(), config=cfg)
     cpu0 = time.process_time()
     try:
         async with trio.open_nursery() as n:
@@ -323,11 +328,48 @@ async def _offered_load_forked(kernel: FakeKernel, norm, sink, blob: bytes, rate
                          time.process_time() - cpu0)
 
 
+class _Both:
+    """The file sink and the Kafka sink as the pipeline's one sink list entry would be
+    two: the bench's helpers take one ``sink``; the pipeline gets ``sinks``."""
+
+    def __init__(self, file: Any, kafka: Any) -> None:
+        self.file = file
+        self.kafka = kafka
+        self.sinks = [file, kafka]
+
+    async def aclose(self) -> None:
+        await self.file.aclose()
+        await self.kafka.aclose()
+
+
+async def _with_kafka(file: Any, bootstrap: str, spool: Path) -> _Both:
+    from aegis_stream.fleet.sink import open_kafka_sink
+
+    kafka = await open_kafka_sink(bootstrap, host_key="bench-pipeline", spool_dir=spool)
+    # the agent's process is pinned to CPU 0; its producer process (a child) inherited
+    # that: let it run anywhere, as it would beside an unpinned agent
+    if kafka.producer_pid:
+        os.sched_setaffinity(kafka.producer_pid, range(os.cpu_count() or 1))
+    return _Both(file, kafka)
+
+
+def _sinks(sink: Any) -> list[Any]:
+    return list(sink.sinks) if isinstance(sink, _Both) else [sink]
+
+
 async def _result(p: Pipeline, sink, kernel: FakeKernel, producer: str, rate: int, emitted: int,  # type: ignore[no-untyped-def]
                   elapsed: float, lag_max: float, cpu_s: float) -> dict[str, float]:
     st = p.statistics()
     a = st.classes["audit"]
-    await sink.aclose()
+    kafka: dict[str, Any] = {}
+    if isinstance(sink, _Both):
+        t = time.monotonic()
+        await sink.aclose()  # flushes what librdkafka holds (bounded): acked counts settle
+        ks = sink.kafka.statistics()
+        kafka = {"kafka_sent": ks.sent, "kafka_acked": ks.acked, "kafka_close_s": time.monotonic() - t,
+                 "kafka_dropped": {r: n for r, n in ks.dropped.items() if n}}
+    else:
+        await sink.aclose()
     kernel.close()
     dropped = a.kernel_dropped + a.dropped_userspace
     # the pipeline's own accounting must add up against what the producer reports
@@ -338,7 +380,7 @@ async def _result(p: Pipeline, sink, kernel: FakeKernel, producer: str, rate: in
             "emitted": emitted, "delivered": a.delivered, "kernel_dropped": a.kernel_dropped,
             "userspace_dropped": a.dropped_userspace, "drop_ratio": dropped / emitted if emitted else 0.0,
             "max_ring_fill": lag_max, "agent_cpu_s": cpu_s, "elapsed_s": elapsed,
-            "loadavg_1m": os.getloadavg()[0]}
+            "loadavg_1m": os.getloadavg()[0], **kafka}
 
 
 def main() -> int:
@@ -355,6 +397,9 @@ def main() -> int:
     ap.add_argument("--workers", default="0",
                     help="audit worker processes to run the offered loads with, e.g. 0,2")
     ap.add_argument("--loads-only", action="store_true", help="skip the throughput tables")
+    ap.add_argument("--kafka", metavar="BOOTSTRAP",
+                    help="attach the Kafka sink (producer process) next to the file sink, "
+                         "e.g. a broker from 'scripts/kafka start'")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     if args.quick:
@@ -384,7 +429,8 @@ def main() -> int:
         for producer in args.producer.split(","):
             for workers in (int(w) for w in args.workers.split(",")):
                 for rate in (int(r) for r in args.rates.split(",") if r):
-                    loads.append(trio.run(offered_load, rate, args.seconds, tmp, producer, workers))
+                    loads.append(trio.run(offered_load, rate, args.seconds, tmp, producer, workers,
+                                          args.kafka))
     title = f"offered load (audit, real time, {args.seconds} s)"
     print(f"\n{title:30s} {'producer':>8s} {'wk':>2s} "
           f"{'achieved':>10s} {'delivered':>10s} {'kernel drop':>11s} {'user drop':>10s} "
@@ -395,6 +441,10 @@ def main() -> int:
               f"{r['delivered']:>10,} {r['kernel_dropped']:>11,} {r['userspace_dropped']:>10,} "
               f"{r['drop_ratio']:>10.4%} {r['max_ring_fill']:>8.1%} "
               f"{r['agent_cpu_s'] / r['elapsed_s']:>9.0%} {r['loadavg_1m']:>7.2f}")
+        if "kafka_sent" in r:
+            print(f"{'':30s} kafka: sent {r['kafka_sent']:,}, acked {r['kafka_acked']:,} "
+                  f"({r['kafka_acked'] / max(1, r['emitted']):.1%} of emitted), dropped "
+                  f"{r['kafka_dropped'] or 0} (close/flush {r['kafka_close_s']:.1f} s)")
     if args.json:
         Path(args.json).write_bytes(msgspec.json.encode(
             {"events": args.events, "repeat": args.repeat, "batch": args.batch, "pinned": pinned,
