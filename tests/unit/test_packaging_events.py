@@ -6,10 +6,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -20,6 +23,8 @@ from aegis_stream.pipeline.sinks import JsonLinesFileSink, SinkBatch
 from aegis_stream.testing import FakeKernel, FakeTask
 from aegis_stream.testing._world import CG_APP, CG_ROOT, CG_WORKLOADS
 from tests.unit._agent_fake import use_fake_kernel
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def batch(i: int, n: int = 10) -> SinkBatch:
@@ -177,11 +182,39 @@ def test_cli_log_format_json_refusal_is_one_json_line(tmp_path):
     assert rec["level"] == "error" and "policy unreadable" in rec["message"]
 
 
-@pytest.mark.parametrize("fmt", ["text"])
-def test_cli_log_format_text_is_the_default(tmp_path, fmt):
+def test_cli_log_format_text_is_the_default(tmp_path):
     env = dict(os.environ, AEGIS_STATE_DIR=str(tmp_path / "s"), AEGIS_PIN_ROOT=str(tmp_path / "pins"),
                AEGIS_CONFIG="")
     out = subprocess.run([sys.executable, "-m", "aegis_stream.cli", "run",
                           "--policy", str(tmp_path / "missing.toml"), "--events", os.devnull],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.startswith("aegis: error: policy unreadable"), out.stderr
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate not installed (scripts/setup)")
+def test_packaged_logrotate_config_rotates_by_date_without_creating(tmp_path):
+    """packaging/logrotate run by a real logrotate (forced) on a copy aimed at tmp_path:
+    the file moves to a date-stamped name, the agent's SIGHUP (postrotate: a no-op where
+    systemd does not run) creates the next one; twice: the older one is gzipped."""
+    conf = (ROOT / "packaging" / "logrotate").read_text()
+    assert "/var/log/aegis/events.jsonl {" in conf and "copytruncate" not in conf.split("{", 1)[1]
+    log = tmp_path / "events.jsonl"
+    (tmp_path / "lr.conf").write_text(conf.replace("/var/log/aegis/events.jsonl", str(log)))
+    state = tmp_path / "lr.state"
+
+    def rotate() -> None:
+        p = subprocess.run([shutil.which("logrotate") or "", "--force", "--state", str(state),
+                            "--verbose", str(tmp_path / "lr.conf")], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "error" not in p.stderr.lower(), p.stderr
+
+    log.write_text('{"n": 1}\n')
+    rotate()
+    rotated = sorted(tmp_path.glob("events.jsonl-*"))
+    assert len(rotated) == 1 and re.fullmatch(r"events\.jsonl-\d{8}", rotated[0].name), rotated
+    assert not log.exists()  # nocreate: the agent opens the next file itself, with its mode
+    log.write_text('{"n": 2}\n')
+    rotated[0].rename(tmp_path / "events.jsonl-20000101")  # dateext names by day: yesterday's
+    rotate()
+    names = sorted(p.name for p in tmp_path.glob("events.jsonl-*"))
+    assert names[0] == "events.jsonl-20000101.gz" and re.fullmatch(r"events\.jsonl-\d{8}", names[1]), names
+    assert numbers(tmp_path / "events.jsonl-20000101.gz") == [1]
