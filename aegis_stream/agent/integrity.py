@@ -13,10 +13,11 @@ signed generation record says the lifecycle wrote:
   from the record once per generation as sorted numpy records (:class:`SlotTable`); a tick
   reads each map in a few ``BPF_MAP_LOOKUP_BATCH`` calls (:func:`map_columns`), keeps the
   slot's rows, sorts them by key and compares the two tables column by column: no per-entry
-  Python, no hashing.  Measured with 10,000 rules in each slot on a 2-core host at load
-  average ~11: 13 ms a tick on the fake kernel's maps (a sorted sha256 of the slot,
-  ``slots.slot_digest``: 152 ms) and 44 ms on real BPF hash maps (``slot_digest``, with a
-  ``get_next_key`` and a lookup syscall per entry: 1,189 ms).  Only a mismatch builds the
+  Python, no hashing.  ``python -m bench.integrity_bench``, 10,000 rules in each slot, on
+  a 2-core host at load average 9-10: 17-19 ms a tick on the fake kernel's maps and 22-32 ms
+  on real BPF hash maps of the product's size, where a sorted sha256 of the slot
+  (``slots.slot_digest``, a ``get_next_key`` and a lookup syscall per entry on real maps)
+  takes 158-292 ms and 461-617 ms.  Only a mismatch builds the
   full diff, to name the rules;
 * **slot config**: its generation, rule and scope counts and host-scope flag;
 * **mode**: the mode the last activation record in the provenance log gave this
