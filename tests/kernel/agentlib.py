@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from . import aegisproc
 from .conftest import Lab
 
+# the console entry, for the scenario that proves `python -m aegis_stream.cli` itself (CLI-003)
 AEGIS = [sys.executable, "-m", "aegis_stream.cli"]
+# every other `aegis` command: a child of the preloaded forkserver (aegisproc's docstring says why)
+aegis = aegisproc.run
+spawn_aegis = aegisproc.AegisProcess
 
 
 def policy_toml(tmp_path: Path, lab: Lab, target: Path, mode: str, version: int = 1) -> Path:
@@ -29,13 +33,11 @@ def signed(env: dict, tmp_path: Path, policy: Path) -> Path:
     """Enforce mode needs a signed envelope: make a key, trust it, sign."""
     keys = tmp_path / "keys"
     if not (keys / "kt.key").exists():
-        subprocess.run([*AEGIS, "keys", "generate", "--id", "kt", "--out", str(keys)],
-                       env=env, check=True, capture_output=True)
-        subprocess.run([*AEGIS, "keys", "add", str(keys / "kt.pub"), "--id", "kt"],
-                       env=env, check=True, capture_output=True)
+        aegis(["keys", "generate", "--id", "kt", "--out", str(keys)], env, check=True)
+        aegis(["keys", "add", str(keys / "kt.pub"), "--id", "kt"], env, check=True)
     out = policy.with_suffix(".signed")
-    subprocess.run([*AEGIS, "policy", "sign", str(policy), "--key", str(keys / "kt.key"),
-                    "--out", str(out)], env=env, check=True, capture_output=True)
+    aegis(["policy", "sign", str(policy), "--key", str(keys / "kt.key"), "--out", str(out)], env,
+          check=True)
     return out
 
 

@@ -341,11 +341,11 @@ def lab(lab_env: Lab) -> Iterator[Lab]:
 def agent_env(lab: Lab, tmp_path) -> Iterator[dict]:
     """Environment for `aegis` subprocesses: their own pin root and state directory (no
     fault injection); whatever they left pinned is unloaded afterwards."""
-    from .agentlib import AEGIS
+    from .agentlib import aegis
 
     env = dict(os.environ)
     env["AEGIS_PIN_ROOT"] = f"/sys/fs/bpf/aegis-agent-{os.getpid()}"
     env["AEGIS_STATE_DIR"] = str(tmp_path / "state")
     env.pop("AEGIS_FAULT_INJECT", None)
     yield env
-    subprocess.run([*AEGIS, "unload"], env=env, capture_output=True)
+    aegis(["unload"], env)

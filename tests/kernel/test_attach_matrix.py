@@ -13,8 +13,6 @@ import json
 import os
 import platform
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import pytest
 from aegis_stream.kernel import abi
 from aegis_stream.kernel.loader import BpfObject, fault_injection
 
+from .agentlib import aegis
 from .conftest import IN_LAB
 
 BUILD = Path(__file__).parent / ".build"
@@ -94,9 +93,8 @@ def test_attach_matrix_agent_refuses_to_claim_enforcing(tmp_path):
     env = dict(os.environ, AEGIS_BPF_OBJECT=str(BUILD / "verifier-file_open.bpf.o"),
                AEGIS_PIN_ROOT="/sys/fs/bpf/aegis-matrix-agent", AEGIS_STATE_DIR=str(tmp_path / "s"))
     try:
-        out = subprocess.run([sys.executable, "-m", "aegis_stream.cli", "run", "--policy", str(pol),
-                              "--events", os.devnull, "--status-file", str(status),
-                              "--exit-after", "0.2"], env=env, capture_output=True, text=True)
+        out = aegis(["run", "--policy", str(pol), "--events", os.devnull, "--status-file",
+                     str(status), "--exit-after", "0.2"], env)
         assert out.returncode == 0, out.stderr
         st = json.loads(status.read_text())
         assert st["state"] == "degraded"
@@ -105,8 +103,7 @@ def test_attach_matrix_agent_refuses_to_claim_enforcing(tmp_path):
         assert "DEGRADED" in out.stderr and "file_open" in out.stderr
         assert "state: enforcing" not in out.stderr
     finally:
-        subprocess.run([sys.executable, "-m", "aegis_stream.cli", "unload"], env=env,
-                       capture_output=True)
+        aegis(["unload"], env)
 
 
 def test_verifier_budget(record_testsuite_property):

@@ -7,17 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
-from .agentlib import AEGIS, policy_toml, signed, wait_for_json
+from .agentlib import aegis, policy_toml, signed, spawn_aegis, wait_for_json
 from .conftest import EPERM, Lab
 
 
 def _status(env: dict) -> tuple[int, dict]:
-    out = subprocess.run([*AEGIS, "status", "--json"], env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = aegis(["status", "--json"], env, timeout=60)
     assert out.stderr == "", out.stderr
     return out.returncode, json.loads(out.stdout)
 
@@ -26,8 +24,7 @@ def test_dm_001_sigkill_pins_keep_enforcing_status_from_kernel(lab: Lab, agent_e
     target = lab.file("dm-killed")
     pol = signed(agent_env, tmp_path, policy_toml(tmp_path, lab, target, "enforce"))
     status_file = Path(agent_env["AEGIS_STATE_DIR"]) / "status.json"
-    agent = subprocess.Popen([*AEGIS, "run", "--policy", str(pol), "--events", os.devnull],
-                             env=agent_env, stderr=subprocess.DEVNULL)
+    agent = spawn_aegis(["run", "--policy", str(pol), "--events", os.devnull], agent_env)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -49,7 +46,7 @@ def test_dm_001_sigkill_pins_keep_enforcing_status_from_kernel(lab: Lab, agent_e
     assert st["reason_codes"] == ["agent_not_running"]
     assert st["kernel"]["enforcement"] == "enforcing" and not st["agent"]["running"]
     assert st["kernel"]["counters"]["file_open"]["denied"] >= 2
-    txt = subprocess.run([*AEGIS, "status"], env=agent_env, capture_output=True, text=True)
+    txt = aegis(["status"], agent_env)
     assert txt.returncode == 1
     assert "agent not running; pinned programs still enforcing generation 1" in txt.stdout
 
@@ -57,8 +54,7 @@ def test_dm_001_sigkill_pins_keep_enforcing_status_from_kernel(lab: Lab, agent_e
 def test_dm_002_restart_reconciles_with_pinned_state(lab: Lab, agent_env, tmp_path):
     target = lab.file("dm-restart")
     pol = signed(agent_env, tmp_path, policy_toml(tmp_path, lab, target, "enforce"))
-    agent = subprocess.Popen([*AEGIS, "run", "--policy", str(pol), "--events", os.devnull],
-                             env=agent_env, stderr=subprocess.DEVNULL)
+    agent = spawn_aegis(["run", "--policy", str(pol), "--events", os.devnull], agent_env)
     status_file = Path(agent_env["AEGIS_STATE_DIR"]) / "status.json"
     try:
         wait_for_json(status_file)
@@ -69,8 +65,7 @@ def test_dm_002_restart_reconciles_with_pinned_state(lab: Lab, agent_env, tmp_pa
     # a crash mid-apply left a journal: the restart reconciles (old generation effective)
     journal = Path(agent_env["AEGIS_STATE_DIR"]) / "lifecycle.pending.json"
     journal.write_text(json.dumps({"op": "apply", "old_generation": 1, "new_generation": 2}))
-    second = subprocess.run([*AEGIS, "run", "--events", os.devnull, "--exit-after", "1"],
-                            env=agent_env, capture_output=True, text=True, timeout=120)
+    second = aegis(["run", "--events", os.devnull, "--exit-after", "1"], agent_env, timeout=120)
     assert second.returncode == 0, second.stderr
     assert "reusing pinned maps" in second.stderr
     assert "reconciled pinned state: recovered, effective old (generation 1)" in second.stderr
@@ -88,8 +83,7 @@ def test_dm_003_hook_attach_failure_status_degraded_with_hook(lab: Lab, agent_en
     target = lab.file("dm-attach")
     env = dict(agent_env, AEGIS_FAULT_INJECT="attach:aegis_mmap_file")
     pol = policy_toml(tmp_path, lab, target, "audit")
-    agent = subprocess.Popen([*AEGIS, "run", "--policy", str(pol), "--events", os.devnull],
-                             env=env, stderr=subprocess.PIPE, text=True)
+    agent = spawn_aegis(["run", "--policy", str(pol), "--events", os.devnull], env)
     status_file = Path(agent_env["AEGIS_STATE_DIR"]) / "status.json"
     try:
         doc = wait_for_json(status_file)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .agentlib import aegis
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +23,7 @@ def _ptrace_scope_1() -> Iterator[None]:
 
 
 def test_doctor_001_ready_with_deny_proof():
-    out = subprocess.run([sys.executable, "-m", "aegis_stream.cli", "doctor", "--json"],
-                         capture_output=True, text=True)
+    out = aegis(["doctor", "--json"])
     doc = json.loads(out.stdout)
     assert doc["schema"] == "aegis.doctor.v1"
     checks = {c["name"]: c for c in doc["checks"]}

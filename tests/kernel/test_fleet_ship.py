@@ -18,11 +18,10 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
-from .agentlib import AEGIS, policy_toml, signed, wait_for_json
+from .agentlib import policy_toml, signed, spawn_aegis, wait_for_json
 from .conftest import EPERM, Lab
 
 DENIES = 3
@@ -44,10 +43,9 @@ def test_fleet_ship_guest_agent_spools_denies_for_the_host(lab: Lab, agent_env, 
     pol = signed(env, tmp_path, policy_toml(tmp_path, lab, target, "enforce"))
     events = out / "events.jsonl"
     status = tmp_path / "status.json"
-    agent = subprocess.Popen(
-        [*AEGIS, "run", "--policy", str(pol), "--events", str(events), "--status-file", str(status),
-         "--kafka", f"127.0.0.1:{_closed_port()}"],
-        env=env, stderr=subprocess.PIPE, text=True)
+    agent = spawn_aegis(
+        ["run", "--policy", str(pol), "--events", str(events), "--status-file", str(status),
+         "--kafka", f"127.0.0.1:{_closed_port()}"], env)
     try:
         # the Kafka sink's start (a broker probe that times out, a producer process: a
         # fresh interpreter) is slow under TCG: 146 s for this test alone on a quiet 6.1
