@@ -42,6 +42,28 @@ def deb(tmp_path_factory) -> Path:
     return path
 
 
+MDWE_SCRIPT = """
+import ctypes, json, os, runpy, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    print(f"PR_SET_MDWE not supported here (errno {ctypes.get_errno()}): not checked")
+    sys.exit(0)
+import mmap
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    sys.exit("W+X mapping allowed: MDWE not in force")
+except OSError:
+    pass
+import numpy, cryptography.hazmat.primitives.asymmetric.ed25519, confluent_kafka, trio, msgspec, orjson
+import aegis_stream.agent.run, aegis_stream.pipeline.pipeline, aegis_stream.fleet.sink
+from aegis_stream.kernel import libbpf
+lib = libbpf._Lib.get()  # installs the ctypes print callback (a libffi closure)
+print("in force: imports, the libbpf callback and doctor ran")
+sys.argv = ["aegis", "doctor", "--json"]
+runpy.run_module("aegis_stream.cli", run_name="__main__")
+"""
+
+
 class Throwaway:
     """An overlay of / on a tmpfs upper layer, chroot-able; every write lands in ``upper``."""
 
@@ -151,6 +173,12 @@ def test_install_doctor_upgrade_remove_purge(deb, throwaway):
     loads = [c for n, c in checks.items() if n.startswith("load:")]
     assert loads and all("not found" not in c["reason"] for c in loads), loads
     print(f"doctor from the package: exit {d.returncode} ({report['verdict']})")
+    # the unit's MemoryDenyWriteExecute=yes: the packaged agent's native parts (the ctypes
+    # callback libbpf logs through, numpy, cryptography, confluent-kafka) and doctor's BPF
+    # load under the kernel's own W^X (PR_SET_MDWE), where this kernel has it (>= 6.3)
+    m = t.run("/opt/aegis/bin/python", "-I", "-c", MDWE_SCRIPT, check=False, timeout=120)
+    assert m.returncode in (0, 2) and "Traceback" not in m.stderr, m.stdout + m.stderr
+    print(f"under PR_SET_MDWE: {m.stdout.splitlines()[0]}")
     # the unit as installed verifies against the installed /usr/bin/aegis
     if shutil.which("systemd-analyze"):
         v = t.run("systemd-analyze", "verify", "/lib/systemd/system/aegis.service", check=False)
