@@ -88,3 +88,52 @@ def test_unit_contract_with_the_agent():
     cfg = (ROOT / "packaging" / "aegis.toml").read_text()
     assert 'state_dir = "/var/lib/aegis"' in cfg and 'path = "/var/log/aegis/events.jsonl"' in cfg
     assert 'pin_root = "/sys/fs/bpf/aegis"' in cfg
+
+
+def expand_syscalls(items: list[str], seen: set[str] | None = None) -> set[str]:
+    """Syscall names of filter items (``@group`` expanded by systemd-analyze, recursively)."""
+    seen = set() if seen is None else seen
+    names: set[str] = set()
+    for item in items:
+        if not item.startswith("@"):
+            names.add(item)
+            continue
+        if item in seen:
+            continue
+        seen.add(item)
+        out = subprocess.run([str(ANALYZE), "syscall-filter", item], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        sub = [t.strip() for t in out.splitlines()[1:] if t.strip() and not t.strip().startswith("#")]
+        names |= expand_syscalls(sub, seen)
+    return names
+
+
+@pytest.mark.package
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed (scripts/setup)")
+def test_syscall_filter_allows_every_call_the_agent_makes(tmp_path):
+    """Every system call of a traced agent run (the fake-kernel agent tests: start, READY,
+    watchdog, SIGHUP reopen, stop; forked children included) and of ``aegis doctor`` (libbpf
+    opening the CO-RE object and loading programs) is allowed by the unit's
+    SystemCallFilter: a new call outside it fails here, not as EPERM in production."""
+    allow: list[str] = []
+    deny: list[str] = []
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("SystemCallFilter="):
+            v = line.split("=", 1)[1]
+            (deny if v.startswith("~") else allow).extend(v.lstrip("~").split())
+    allowed = expand_syscalls(allow) - expand_syscalls(deny)
+    assert "bpf" in allowed and "mount" not in allowed and "ptrace" not in allowed
+    traces = []
+    for name, argv in (("agent", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                  str(ROOT / "tests/unit/test_sdnotify.py"),
+                                  str(ROOT / "tests/unit/test_packaging_events.py"), "-k", "agent"]),
+                       ("doctor", [str(Path(sys.executable).parent / "aegis"), "doctor", "--json"])):
+        out = tmp_path / f"strace.{name}"
+        p = subprocess.run(["strace", "-f", "-qq", "-o", str(out), *argv], capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+        assert p.returncode in (0, 2), p.stdout[-2000:] + p.stderr[-2000:]
+        traces.append(out.read_text())
+    used = {m.group(1) for t in traces
+            for m in re.finditer(r"^(?:\d+\s+)?([a-z0-9_]+)\(", t, re.M)}
+    assert {"bpf", "sendto", "mmap"} <= used, sorted(used)
+    assert sorted(used - allowed) == []
