@@ -2,7 +2,8 @@
 
 Fast tests build small packs with the release script's own signer and manifest writer and
 a real minisign, then break them one way each; ``test_release_of_head_verifies_and_a_flipped_byte_fails``
-(marker ``release``, ~1-2 min: a wheel build and a pip install of the runtime dependencies)
+(marker ``release``, ~1-2 min: a wheel build, the .deb once scripts/build-deb is in the commit,
+and a pip install of the runtime dependencies)
 releases HEAD for real.  minisign missing: skipped on a developer machine, a failure under
 CI=true.
 """
@@ -72,6 +73,8 @@ Provides-Extra: test
 Requires-Dist: pytest>=8; extra == "test"
 Provides-Extra: release
 Requires-Dist: cyclonedx-bom>=7; extra == "release"
+Provides-Extra: soak
+Requires-Dist: matplotlib>=3.8; extra == "soak"
 """
 
 
@@ -91,8 +94,10 @@ def _sbom(components: dict[str, list[str]], root_deps: list[str]) -> dict[str, o
 GOOD_SBOM = _sbom({"trio": ["attrs"], "attrs": [], "msgspec": []}, ["trio", "msgspec"])
 
 
-def _pack(tmp_path: Path, key: Path, sbom: dict[str, object] = GOOD_SBOM) -> Path:
-    """A small release directory written by the release script's signer and manifest writer."""
+def _pack(tmp_path: Path, key: Path, sbom: dict[str, object] = GOOD_SBOM,
+          deb: tuple[dict[str, object], list[str]] | None = None) -> Path:
+    """A small release directory written by the release script's signer and manifest writer;
+    ``deb``: (the .deb's SBOM, the manifest's deb_adds)."""
     out = tmp_path / "pack"
     (out / "artifacts").mkdir(parents=True)
     with zipfile.ZipFile(out / "artifacts" / "aegis_stream-0.1.0-py3-none-any.whl", "w") as zf:
@@ -105,10 +110,14 @@ def _pack(tmp_path: Path, key: Path, sbom: dict[str, object] = GOOD_SBOM) -> Pat
     # two files with the same bytes: only the signed trusted comment tells their signatures apart
     (out / "evidence" / "soak" / "soak.md").write_text("same\n")
     (out / "evidence" / "soak" / "notes.md").write_text("same\n")
+    meta: dict[str, object] = {"deb": "skipped (--no-deb)", "deb_sbom": None, "deb_adds": []}
+    if deb is not None:
+        (out / "artifacts" / "aegis_0.1.0_amd64.deb").write_bytes(b"!<arch>\ndebian-binary\n")
+        (out / "sbom" / "aegis_0.1.0_amd64.cdx.json").write_text(json.dumps(deb[0]))
+        meta = {"deb": "built", "deb_sbom": "sbom/aegis_0.1.0_amd64.cdx.json", "deb_adds": deb[1]}
     release.sign_and_list(out, release.Signer(key, None), {
         "package": "aegis-stream", "version": "0.1.0", "commit": "0" * 40, "commit_time": 0,
-        "deb": "skipped (--no-deb)", "sbom": "sbom/aegis-stream-0.1.0.cdx.json",
-        "evidence": [], "evidence_missing": [],
+        "sbom": "sbom/aegis-stream-0.1.0.cdx.json", "evidence": [], "evidence_missing": [], **meta,
     })
     return out
 
@@ -181,12 +190,15 @@ def test_extra_and_missing_files_fail(tmp_path: Path, keys: tuple[Path, Path]) -
 
 
 @pytest.mark.parametrize(("sbom", "expected"), [
-    # a test tool the wheel names only under an extra, wired in as if it were runtime
-    (_sbom({"trio": ["attrs"], "attrs": [], "msgspec": [], "pytest": []}, ["trio", "msgspec", "pytest"]),
-     "component pytest is required only by an extra"),
-    # a package nothing at run time depends on (pip, left in the scanned venv)
-    (_sbom({"trio": ["attrs"], "attrs": [], "msgspec": [], "pip": []}, ["trio", "msgspec"]),
-     "component pip 1.0 is not a dependency of aegis-stream"),
+    # a package the wheel names only under an extra, wired in as if it were runtime
+    (_sbom({"trio": ["attrs"], "attrs": [], "msgspec": [], "matplotlib": []}, ["trio", "msgspec", "matplotlib"]),
+     "component matplotlib is required only by an extra"),
+    # a package nothing at run time depends on (left in the scanned venv)
+    (_sbom({"trio": ["attrs"], "attrs": [], "msgspec": [], "requests": []}, ["trio", "msgspec"]),
+     "component requests 1.0 is not a dependency of aegis-stream"),
+    # a packaging tool, even when something claims to need it
+    (_sbom({"trio": ["attrs", "setuptools"], "attrs": [], "msgspec": [], "setuptools": []}, ["trio", "msgspec"]),
+     "component setuptools is a build/test tool"),
     # a runtime dependency left out
     (_sbom({"trio": ["attrs"], "attrs": []}, ["trio"]),
      "runtime dependency msgspec (Requires-Dist of"),
@@ -199,6 +211,32 @@ def test_sbom_must_list_the_runtime_dependencies_only(
     assert res.returncode == 1
     assert expected in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 2  # that one problem and the FAILED line
+
+
+# the .deb's environment: the wheel's closure plus a package of one of its extras (as the Kafka client)
+DEB_SBOM = _sbom({"trio": ["attrs"], "attrs": [], "msgspec": [], "matplotlib": []},
+                 ["trio", "msgspec", "matplotlib"])
+
+
+@pytest.mark.parametrize(("deb", "expected"), [
+    ((DEB_SBOM, ["matplotlib"]), None),  # named in deb_adds: accepted and shown
+    ((DEB_SBOM, []), "component matplotlib is required only by an extra"),
+    ((_sbom({"trio": ["attrs"], "attrs": [], "msgspec": [], "pip": []}, ["trio", "msgspec", "pip"]), ["pip"]),
+     "the .deb adds build/test tools: pip"),
+    ((_sbom({"trio": ["attrs"], "attrs": [], "msgspec": [], "numpy": []}, ["trio", "msgspec", "numpy"]), []),
+     "component numpy is neither in the wheel's runtime closure nor in the manifest's deb_adds"),
+])
+def test_deb_sbom_is_the_wheel_closure_plus_the_named_additions(
+    tmp_path: Path, keys: tuple[Path, Path], deb: tuple[dict[str, object], list[str]], expected: str | None,
+) -> None:
+    pack = _pack(tmp_path, keys[0], deb=deb)
+    res = _verify(pack, keys[1])
+    if expected is None:
+        assert res.returncode == 0, res.stderr
+        assert "the .deb ships beyond the wheel's runtime closure: matplotlib" in res.stdout
+    else:
+        assert res.returncode == 1
+        assert expected in res.stderr, res.stderr
 
 
 def test_manifest_path_outside_the_pack_is_refused(tmp_path: Path, keys: tuple[Path, Path]) -> None:
@@ -272,6 +310,7 @@ def test_release_of_head_verifies_and_a_flipped_byte_fails(tmp_path: Path, keys:
     assert manifest["evidence_missing"] == []
     assert (manifest["deb"] == "built") == has_deb
     assert len([p for p in listed if p.endswith(".deb")]) == (1 if has_deb else 0)
+    assert (manifest["deb_sbom"] in listed) if has_deb else manifest["deb_sbom"] is None
     # the SBOM: the runtime closure, without pip, setuptools or any test tool
     bom = json.loads((out / manifest["sbom"]).read_text())
     names = {c["name"].lower().replace("_", "-") for c in bom["components"]}
