@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import msgspec
 
 from aegis_stream import __version__, textsafe
-from aegis_stream.errors import AegisError
+from aegis_stream.errors import AegisError, StateError
 from aegis_stream.kernel import abi
 
 # argparse exits 2 on a usage error; 70 is sysexits' EX_SOFTWARE (a bug in aegis), 130 SIGINT
@@ -192,7 +192,10 @@ def cmd_unload(args: argparse.Namespace) -> int:
     removed = remove_pins()
     print(f"removed {len(removed)} pins; enforcement stops when no agent holds the programs")
     if removed:  # a state change like any other: recorded (after it, like break-glass)
-        ProvenanceLog().append("unload", pin_root=pin_root(), pins_removed=len(removed))
+        try:
+            ProvenanceLog().append("unload", pin_root=pin_root(), pins_removed=len(removed))
+        except StateError as exc:
+            raise StateError(f"the pins were removed, but the unload is not recorded: {exc}") from None
     return EXIT_OK
 
 
