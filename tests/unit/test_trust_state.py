@@ -335,3 +335,16 @@ def test_recorded_generations_reads_only_what_was_appended(env) -> None:
     assert set(env.log.recorded_generations()) == {1}  # truncated: parsed again
     env.log.path.unlink()
     assert env.log.recorded_generations() == {}
+
+
+def test_unload_that_cannot_be_recorded_says_so(cli, capsys, monkeypatch) -> None:
+    env = cli
+    (env.tmp / "pins" / "links").mkdir(parents=True)
+    (env.tmp / "pins" / "links" / "x").write_text("")
+    blocker = env.tmp / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("AEGIS_STATE_DIR", str(blocker / "state"))  # cannot be created
+    assert cli_main.main(["unload"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pins were removed, but the unload is not recorded" in err
+    assert not (env.tmp / "pins").exists()
