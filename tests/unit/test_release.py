@@ -48,11 +48,10 @@ def _need(tool: str) -> None:
     pytest.skip(f"{tool} not installed")
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     _need("minisign")
-    d = tmp_path / "keys"
-    d.mkdir()
+    d = tmp_path_factory.mktemp("keys")
     subprocess.run(["minisign", "-G", "-W", "-p", str(d / "k.pub"), "-s", str(d / "k.key")],
                    check=True, capture_output=True, input=b"")
     return d / "k.key", d / "k.pub"
