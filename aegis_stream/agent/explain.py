@@ -70,10 +70,10 @@ def read_event(stream: IO[bytes]) -> DecisionEvent:
     data = data.strip()
     try:
         return _dec.decode(data)
-    except msgspec.ValidationError as exc:
-        raise ExplainError(f"stdin is not an aegis.decision.v1 record: {exc}") from None
+    except msgspec.ValidationError as exc:  # quotes the bad value: escaped to one line
+        raise ExplainError(f"stdin is not an aegis.decision.v1 record: {textsafe.escape(exc)}") from None
     except msgspec.DecodeError as exc:
-        raise ExplainError(f"stdin is not one JSON record: {exc}") from None
+        raise ExplainError(f"stdin is not one JSON record: {textsafe.escape(exc)}") from None
 
 
 def explain_event(event: DecisionEvent, store: PolicyStore | None = None) -> ExplanationEvent:

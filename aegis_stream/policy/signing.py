@@ -49,7 +49,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from aegis_stream import inputs
+from aegis_stream import inputs, textsafe
 from aegis_stream.errors import PolicyError, SignatureError, SignatureExpiredError
 from aegis_stream.policy import model
 
@@ -271,9 +271,16 @@ def is_envelope(data: bytes) -> bool:
 def parse_envelope(data: bytes, source: str = "envelope") -> Envelope:
     inputs.check_bytes(data, inputs.ENVELOPE_BYTES, source, SignatureError)
     try:
-        return _env_dec.decode(data)
+        env = _env_dec.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise SignatureError(f"{source}: not a signed policy envelope: {exc}") from None
+        # the message quotes the envelope's own text (an unknown key): one line, escaped
+        raise SignatureError(f"{source}: not a signed policy envelope: "
+                             f"{textsafe.escape(exc)}") from None
+    meta = env.signature  # quoted in refusals below: printable text only (fuzz/envelope.py)
+    for name in ("key_id", "policy_name", "policy_digest", "value"):
+        if not getattr(meta, name).isprintable():
+            raise SignatureError(f"{source}: signature.{name}: not printable text")
+    return env
 
 
 def encode_envelope(env: Envelope) -> bytes:
