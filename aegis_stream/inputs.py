@@ -218,13 +218,18 @@ _OPEN_CLOSE = str.maketrans("{}", "[]")
 
 
 class PolicyShape(msgspec.Struct, frozen=True):
-    """What :func:`check_policy_shape` counted: deepest nesting, ``[[rules]]`` and ``[[scope]]``
-    headers, and inline tables (``{...}``)."""
+    """What :func:`check_policy_shape` counted: deepest nesting, ``[[`` headers and inline
+    tables (``{...}``)."""
 
     depth: int
-    rule_tables: int
-    scope_tables: int
+    array_tables: int  # "[[" outside strings: an upper bound of [[rules]] + [[scope]]
     inline_tables: int
+
+
+def _refuse_tables(source: str, key: str, n: int, limit: Limit) -> None:
+    if n > limit.value:
+        raise PolicyError(f"{source}: {key}: {n} [[{key}]] tables, over the limit "
+                          f"{limit.name}={limit.value} (counted before parsing)")
 
 
 def check_policy_shape(text: str, source: str = "policy") -> PolicyShape:
@@ -236,17 +241,17 @@ def check_policy_shape(text: str, source: str = "policy") -> PolicyShape:
     count as brackets), one nesting level per pass, at most :data:`POLICY_DEPTH` + 1 passes.
     A table in an inline array (``rules = [{...}, ...]``) counts as well: every rule and scope
     is a table, so more tables than the rules and scopes limits allow together is refused."""
+    if text.count("[[") > POLICY_RULES.value and '"""' not in text and "'''" not in text:
+        # without multi-line strings a line that starts with [[rules]] can only be a header:
+        # the common over-limit case is counted before the (slower) removal of the strings
+        _refuse_tables(source, "rules", len(_RULES_HEADER.findall(text)), POLICY_RULES)
     code = _SKIP.sub("", text)
     # str.count is an upper bound of the headers; the exact (slower) count only when it matters
     headers = code.count("[[")
-    rules = len(_RULES_HEADER.findall(code)) if headers > POLICY_RULES.value else 0
-    scopes = len(_SCOPE_HEADER.findall(code)) if headers > POLICY_SCOPES.value else 0
-    if rules > POLICY_RULES.value:
-        raise PolicyError(f"{source}: rules: {rules} [[rules]] tables, over the limit "
-                          f"{POLICY_RULES.name}={POLICY_RULES.value} (counted before parsing)")
-    if scopes > POLICY_SCOPES.value:
-        raise PolicyError(f"{source}: scope: {scopes} [[scope]] tables, over the limit "
-                          f"{POLICY_SCOPES.name}={POLICY_SCOPES.value} (counted before parsing)")
+    if headers > POLICY_RULES.value:
+        _refuse_tables(source, "rules", len(_RULES_HEADER.findall(code)), POLICY_RULES)
+    if headers > POLICY_SCOPES.value:
+        _refuse_tables(source, "scope", len(_SCOPE_HEADER.findall(code)), POLICY_SCOPES)
     inline = code.count("{")
     tables = headers + inline
     if tables > POLICY_RULES.value + POLICY_SCOPES.value:
@@ -267,7 +272,7 @@ def check_policy_shape(text: str, source: str = "policy") -> PolicyShape:
     if depth > POLICY_DEPTH.value:
         raise PolicyError(f"{source}: nesting deeper than the limit {POLICY_DEPTH.name}="
                           f"{POLICY_DEPTH.value} (arrays and inline tables, counted before parsing)")
-    return PolicyShape(depth, rules, scopes, inline)
+    return PolicyShape(depth, headers, inline)
 
 
 def decode_policy_text(data: bytes | str, source: str = "policy") -> str:

@@ -130,8 +130,9 @@ def test_every_subcommand_refuses_hostile_arguments_in_one_line(env: Path, kind:
         r = run_cli(argv, env)
         assert_refused(r, argv)
         assert r.rc == 2, f"aegis {argv!r}: a usage refusal exits 2, got {r.rc}"
-        slow += [(argv[:2], round(r.seconds, 2))] if r.seconds > 1.0 else []
-    assert not slow, f"refusals slower than 1 s: {slow}"
+        # wall clock on a shared host: milliseconds normally, 1 s seen under a load of 15
+        slow += [(argv[:2], round(r.seconds, 2))] if r.seconds > 3.0 else []
+    assert not slow, f"refusals slower than 3 s: {slow}"
 
 
 @pytest.mark.parametrize("argv", [
