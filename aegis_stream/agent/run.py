@@ -152,6 +152,9 @@ def _refuse(path: str | None, code: str, detail: str, extra: dict | None = None)
     line on stderr, the reason recorded in the status file for `aegis status`, exit 2."""
     why = reasons.text(code, detail)
     _log(f"error: {why}; not started")
+    notify = Notifier.from_env(unset=False)  # `systemctl status` shows why (a no-op elsewhere)
+    notify.status(f"refused: {why}")
+    notify.close()
     try:
         write_status(path, {}, "", {"running": False, "last_error": why, "last_error_code": code,
                                     **(extra or {})})

@@ -148,3 +148,19 @@ async def test_agent_stops_with_stopping_1_on_sigterm_path(fake_agent, tmp_path)
     kinds = [lines[0] for _, lines in systemd.messages]
     assert kinds.count("READY=1") == 1 and "STOPPING=1" in kinds[kinds.index("READY=1"):]
     assert "WATCHDOG=1" not in kinds[kinds.index("STOPPING=1"):]
+
+
+async def test_a_refused_start_says_why_in_status_and_never_ready(monkeypatch, tmp_path):
+    monkeypatch.setenv("AEGIS_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    systemd = FakeSystemd(tmp_path / "notify")
+    await systemd.bind()
+    async with trio.open_nursery() as n:
+        n.start_soon(systemd.serve)
+        cfg = agent.AgentConfig(policy=str(tmp_path / "missing.toml"), events=os.devnull)
+        assert await agent.run_agent(cfg) == agent.EXIT_REFUSED
+        await trio.sleep(0.1)
+        n.cancel_scope.cancel()
+    systemd.close()
+    [(_, lines)] = systemd.messages  # one message, no READY=1
+    assert len(lines) == 1 and lines[0].startswith(f"STATUS=refused: policy unreadable: {tmp_path}/missing.toml")
