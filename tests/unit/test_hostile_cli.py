@@ -243,3 +243,18 @@ def test_the_real_entry_point_has_no_traceback(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "aegis_stream.cli", "policy", "lint", "/dev/zero"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_pinned_state_that_is_not_bpf_is_one_line(env: Path) -> None:
+    # regular files where the pins should be (a pin root that is not bpffs): show and stats
+    # refuse in one line, status reports "nothing loaded"
+    pins = env / "pins"
+    pins.mkdir()
+    from aegis_stream.kernel import abi
+
+    for name in (*abi.MAP_MAX_ENTRIES, "aegis_policy_slots"):
+        (pins / name).write_bytes(b"\x00" * 64)
+    for argv in (["policy", "show"], ["stats"], ["stats", "--json"]):
+        assert_refused(run_cli(argv, env), argv)
+    r = run_cli(["status", "--json"], env)
+    assert "Traceback" not in r.err and r.rc in (2, 3) and not r.err
