@@ -4,8 +4,8 @@ NoNewPrivileges; here the agent runs under exactly that bound (setpriv, the same
 mechanism systemd uses: the bounding set, then exec as root) in a real kernel:
 
 * SVC-001 the unit's set (no CAP_SYS_ADMIN): load, attach, apply a signed policy, enforce
-  (EPERM for the selected cgroup), the deny event with its exe, clean stop; the agent's
-  effective set is exactly the unit's.
+  (EPERM for the selected cgroup), the deny event of another uid's process with its exe
+  (CAP_SYS_PTRACE), clean stop; the agent's effective set is exactly the unit's.
 * SVC-002 without CAP_PERFMON the LSM programs do not load: a refused start (exit 2,
   load_failed), nothing claimed.  So the set is not larger than it must be.
 """
@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,13 +64,28 @@ def test_svc_001_unit_capability_set_enforces(lab: Lab, agent_env, tmp_path):
         assert all(h["phase"] == "attached" for h in st["hooks"].values()), st["hooks"]
         assert cap_eff(agent.pid) == sum(1 << CAP_BITS[c] for c in caps)
         assert lab.probe("read", target).errno == EPERM
-        deadline = time.monotonic() + 30
-        denies: list[dict] = []
-        while time.monotonic() < deadline and not denies:
-            recs = [json.loads(x) for x in events.read_text().splitlines()] if events.exists() else []
-            denies = [r for r in recs if r.get("schema") == "aegis.decision.v1" and r["decision"] == "deny"]
-            time.sleep(0.2)
-        assert denies and denies[0]["exe"].endswith("probe"), denies[:1]
+        # a denied process of another uid that stays alive: its exe is read from
+        # /proc/<pid>/exe, which needs CAP_SYS_PTRACE across uids (why the unit has it)
+        other = lab.spawn(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           sys.executable, "-c",
+                           f"import time\ntry:\n    open({str(target)!r})\n"
+                           "except PermissionError:\n    print('EPERM', flush=True)\n"
+                           "time.sleep(30)\n"])
+        try:
+            assert other.stdout is not None and other.stdout.readline().strip() == "EPERM"
+            deadline = time.monotonic() + 30
+            theirs: list[dict] = []
+            while time.monotonic() < deadline and not theirs:
+                recs = [json.loads(x) for x in events.read_text().splitlines()] if events.exists() else []
+                theirs = [r for r in recs if r.get("schema") == "aegis.decision.v1"
+                          and r["decision"] == "deny" and r["uid"] == 65534]
+                time.sleep(0.2)
+        finally:
+            other.kill()
+            other.wait(timeout=10)
+        assert theirs, "no deny event for the uid 65534 process"
+        assert theirs[0]["exe"] == os.path.realpath(sys.executable), theirs[0]
+        assert "exe" not in theirs[0]["enrichment_missing"], theirs[0]
     finally:
         agent.send_signal(signal.SIGTERM)
         _, err = agent.communicate(timeout=60)
