@@ -20,6 +20,7 @@ import glob
 import gzip
 import os
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,11 @@ class JsonLinesFileSink(_Counting):
                 break
             except FileNotFoundError:  # removed between the two opens: create it
                 continue
-        self._size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        self._size = st.st_size
+        # only a regular file is rotated: renaming `--events /dev/null` (or a FIFO, or a
+        # tty) away would replace the device node with a growing regular file
+        self._rotatable = stat.S_ISREG(st.st_mode)
 
     def reopen(self) -> None:
         """Close the file and open ``path`` again (logrotate's ``postrotate`` SIGHUP).
@@ -230,7 +235,7 @@ class JsonLinesFileSink(_Counting):
         try:
             if self._fd < 0:
                 self._open()
-            if self._size and self._size + len(batch.lines) > self.max_bytes:
+            if self._rotatable and self._size and self._size + len(batch.lines) > self.max_bytes:
                 self._rotate()
             _write_all(self._fd, batch.lines)
             if self.fsync:
