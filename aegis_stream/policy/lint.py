@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from aegis_stream import inputs
 from aegis_stream.errors import PolicyError
 from aegis_stream.kernel import abi
 from aegis_stream.kernel.devnum import (
@@ -330,6 +331,11 @@ def _check_rules(
         ident: InodeId | None = None
         if r.path is not None:
             pline = idx.line_of(("rules", i, "path")) or line
+            try:  # NUL byte, PATH_MAX, NAME_MAX: what apply refuses before resolving
+                inputs.check_path(r.path, f"{where}: path", PolicyError)
+            except PolicyError as exc:
+                issues.append(Issue("error", pline, "bad-path", str(exc)))
+                continue
             if not r.path.startswith("/"):
                 issues.append(Issue("error", pline, "relative-path",
                                     f"{where}: path {r.path!r} must be absolute"))
@@ -397,6 +403,11 @@ def _check_scopes(scopes: list[tuple[int, model.Scope]], idx: LineIndex, issues:
     seen: dict[str, int] = {}
     for i, s in scopes:
         line = idx.line_of(("scope", i, "cgroup")) or idx.line_of(("scope", i))
+        try:
+            inputs.check_path(s.cgroup, f"scope[{i}].cgroup", PolicyError)
+        except PolicyError as exc:
+            issues.append(Issue("error", line, "bad-path", str(exc)))
+            continue
         if not s.cgroup.startswith("/"):
             issues.append(Issue("error", line, "relative-path",
                                 f"scope[{i}].cgroup {s.cgroup!r} must be absolute"))

@@ -329,3 +329,11 @@ def test_errors_are_aegis_errors() -> None:
     # what the CLI guard turns into its own one line, never "internal error"
     for exc in (PolicyError, SignatureError, StateError, explain_cli.ExplainError):
         assert issubclass(exc, AegisError)
+
+
+def test_lint_names_the_bad_path_like_apply() -> None:
+    text = (HEAD + _rule(0, "/etc/pass\\u0000wd") + _rule(1, "/" + "n" * 300)
+            + '[[scope]]\ncgroup = "/a\\u0000"\n')
+    rep = lint.lint_text(text, "p.toml", critical={})
+    assert [(i.code, i.line) for i in rep.errors] == [("bad-path", 6), ("bad-path", 9), ("bad-path", 11)]
+    assert "NUL byte" in rep.errors[0].message and "name-bytes=255" in rep.errors[1].message
