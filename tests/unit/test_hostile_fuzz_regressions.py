@@ -20,7 +20,7 @@ from aegis_stream.policy import compiler, lint, model, signing
 from aegis_stream.processors.explain import explain
 
 HEAD = 'apiVersion = "aegis/v1"\nname = "h"\nversion = 1\n'
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _one_line_or_ok(fn, *args) -> object:
