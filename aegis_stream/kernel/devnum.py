@@ -94,6 +94,24 @@ def _mount_id_of_fd(fd: int) -> int:
     raise OSError("no mnt_id in fdinfo")
 
 
+_mounts: dict[int, MountInfo] = {}
+
+
+def _mount_of(mount_id: int, st_kdev: int) -> MountInfo | None:
+    """The mount ``mount_id`` from the last mountinfo read, read again unless it confirms itself.
+
+    A compile resolves up to 65,536 paths: one mountinfo read per path was most of its time.
+    Mount ids are reused after an unmount, so a cached entry is trusted only when its device
+    equals the file's ``st_dev``, which holds on every filesystem but the few (btrfs) where
+    ``st_dev`` is not ``s_dev``; those, a miss and a mismatch read the table again."""
+    global _mounts
+    mnt = _mounts.get(mount_id)
+    if mnt is None or kernel_dev(mnt.major, mnt.minor) != st_kdev:
+        _mounts = read_mountinfo()
+        mnt = _mounts.get(mount_id)
+    return mnt
+
+
 def resolve_inode(path: str, *, follow_symlinks: bool = True) -> InodeId:
     """Resolve a path to the inode the kernel hooks will see.
 
@@ -109,7 +127,7 @@ def resolve_inode(path: str, *, follow_symlinks: bool = True) -> InodeId:
     try:
         st = os.fstat(fd)
         try:
-            mnt = read_mountinfo().get(_mount_id_of_fd(fd))
+            mnt = _mount_of(_mount_id_of_fd(fd), kernel_dev_from_st_dev(st.st_dev))
         except OSError:
             mnt = None
     finally:
