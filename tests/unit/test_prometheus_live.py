@@ -143,7 +143,11 @@ async def test_real_prometheus_fires_the_alert_and_evaluates_the_dashboard(make_
                 r = await api.query('aegis_state{job="aegis", state="enforcing"} == 1')
                 return bool(r["data"]["result"])
             await _until("the agent scraped as enforcing", enforcing)
-            assert not [a for a in await api.alerts() if a["labels"]["alertname"].startswith("Aegis")]
+            # the fixture's state dir holds a canary that failed a moment ago: that alert may
+            # fire (for an hour after a failure); nothing else may
+            early = {a["labels"]["alertname"] for a in await api.alerts()
+                     if a["labels"]["alertname"].startswith("Aegis")}
+            assert early <= {"AegisPolicyCanaryFailed"}, early
 
             kernel.attached.discard("mmap_file")  # the hook is lost: partial attach, degraded
 
