@@ -349,7 +349,9 @@ async def _with_kafka(file: Any, bootstrap: str, spool: Path) -> _Both:
     # the agent's process is pinned to CPU 0; its producer process (a child) inherited
     # that: let it run anywhere, as it would beside an unpinned agent
     if kafka.producer_pid:
-        os.sched_setaffinity(kafka.producer_pid, range(os.cpu_count() or 1))
+        cpus = os.environ.get("AEGIS_BENCH_KAFKA_CPUS")
+        os.sched_setaffinity(kafka.producer_pid, [int(c) for c in cpus.split(",")] if cpus
+                             else range(os.cpu_count() or 1))
     return _Both(file, kafka)
 
 
