@@ -58,6 +58,30 @@ def consume(bootstrap: str, topic: str, keys: set[bytes], done: Any, timeout: fl
     return out
 
 
+async def read_back_after_producer_loss(bootstrap: str, host: str, written: dict[str, int],
+                                        dropped: int) -> list[int]:
+    """Read the host's decisions back after producer processes were lost and check what a
+    lost producer may and may not do: every deny there, in order of first copies (a re-send
+    from the spool may repeat records acked late), audit records never duplicated and every
+    missing one counted (a record the dead process delivered without reporting it is counted
+    too: <=, not ==).  Returns the audit sequence numbers read."""
+    want_audit = written["audit"] - dropped
+
+    def complete(recs: list[tuple[bytes, dict[str, Any], dict[str, bytes], int]]) -> bool:
+        seen = {(v["decision"], v["seq"]) for _, v, _, _ in recs}
+        return (sum(d == "deny" for d, _ in seen) >= written["deny"]
+                and sum(d == "audit" for d, _ in seen) >= want_audit)
+
+    recs = await trio.to_thread.run_sync(consume, bootstrap, DECISION_TOPIC, {host.encode()},
+                                         complete, 40.0)
+    deny = [v["seq"] for _, v, _, _ in recs if v["decision"] == "deny"]
+    audit = [v["seq"] for _, v, _, _ in recs if v["decision"] == "audit"]
+    assert list(dict.fromkeys(deny)) == list(range(written["deny"]))
+    assert len(audit) == len(set(audit))
+    assert written["audit"] - len(audit) <= dropped
+    return audit
+
+
 async def test_records_land_with_keys_and_headers(kafka_broker: LocalBroker, tmp_path: Path) -> None:
     host = f"host-{uuid.uuid4().hex[:8]}"
     sink = await open_kafka_sink(kafka_broker.bootstrap, host_key=host, spool_dir=tmp_path)

@@ -9,15 +9,13 @@ import signal
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from aegis_stream.fleet.broker import LocalBroker
 from aegis_stream.fleet.sink import PRODUCER_LOST, open_kafka_sink
-from aegis_stream.fleet.topics import DECISION_TOPIC
 
-from .test_sink import consume, lines
+from .test_sink import lines, read_back_after_producer_loss
 
 
 async def test_producer_process_killed_mid_stream(kafka_broker: LocalBroker, tmp_path: Path) -> None:
@@ -59,22 +57,7 @@ async def test_producer_process_killed_mid_stream(kafka_broker: LocalBroker, tmp
     st = sink.statistics()
     print(f"{time.monotonic() - t0:.1f}s; written {written}; killed {killed}; {st}")
     assert st.producer_lost == 3 and len(set(killed)) == 3
-    want_audit = written["audit"] - sum(st.dropped.values())
-
-    def complete(recs: list[tuple[bytes, dict[str, Any], dict[str, bytes], int]]) -> bool:
-        seen = {(v["decision"], v["seq"]) for _, v, _, _ in recs}
-        return (sum(d == "deny" for d, _ in seen) >= written["deny"]
-                and sum(d == "audit" for d, _ in seen) >= want_audit)
-
-    recs = await trio.to_thread.run_sync(consume, kafka_broker.bootstrap, DECISION_TOPIC,
-                                         {host.encode()}, complete, 40.0)
-    deny = [v["seq"] for _, v, _, _ in recs if v["decision"] == "deny"]
-    audit = [v["seq"] for _, v, _, _ in recs if v["decision"] == "audit"]
-    # 0 denies lost, in order (a re-send from the spool may repeat records acked late)
-    assert list(dict.fromkeys(deny)) == list(range(written["deny"]))
-    # audit: no duplicates; every missing record counted.  A record the dead process
-    # delivered without reporting it is counted sink/producer_lost too, so <=, not ==
-    assert len(audit) == len(set(audit))
-    assert written["audit"] - len(audit) <= sum(st.dropped.values())
+    await read_back_after_producer_loss(kafka_broker.bootstrap, host, written,
+                                        sum(st.dropped.values()))
     assert set(st.dropped) >= {PRODUCER_LOST}
     assert st.spool is not None and st.spool.replayed_events == st.spooled
