@@ -25,37 +25,16 @@ from aegis_stream.pipeline import Pipeline, PipelineConfig
 from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.policy import signing
 from aegis_stream.policy.antirollback import RESTORE_ACTION
-from aegis_stream.policy.lifecycle import Lifecycle
 from aegis_stream.processors.degraded import DegradedConfig
 from aegis_stream.testing import FakeKernel, fixed_normaliser
+
+from ._policy_env import PolicyEnv
 
 TAMPERED, BREAK_GLASS = ReasonCode.POLICY_TAMPERED, ReasonCode.BREAK_GLASS
 
 
-class Env:
+class Env(PolicyEnv):
     """A trusted key and a state dir over fake policy maps (as tests/unit/test_lifecycle.py)."""
-
-    def __init__(self, tmp_path, maps: PolicyMaps | None = None) -> None:
-        self.tmp = tmp_path
-        self.state = tmp_path / "state"
-        self.maps = maps or PolicyMaps.fake(64)
-        for n in "abcdef":
-            (tmp_path / n).write_text(n)
-        k = signing.generate_keypair("k1", tmp_path / "keys")
-        self.key, _ = signing.load_private_key(k.private_path)
-        self.lc = self.new()
-        self.lc.trust.add(k.public_path.read_bytes())
-
-    def new(self, **kw) -> Lifecycle:
-        return Lifecycle(self.maps, self.state, **kw)
-
-    def toml(self, version, files="a", mode="enforce", name="web") -> bytes:
-        rules = "".join(f'[[rules]]\nid = "r-{f}"\npath = "{self.tmp / f}"\n\n' for f in files)
-        return (f'apiVersion = "aegis/v1"\nname = "{name}"\nversion = {version}\n'
-                f'mode = "{mode}"\n\n{rules}').encode()
-
-    def signed(self, version, files="a", mode="enforce", name="web") -> bytes:
-        return signing.sign_policy(self.toml(version, files, mode, name), self.key, "k1")
 
     def kernel(self) -> tuple[int, int, bool]:
         a = slots.read_state(self.maps).active

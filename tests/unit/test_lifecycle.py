@@ -15,7 +15,6 @@ import pytest
 from aegis_stream.cli import policy as cli_policy
 from aegis_stream.errors import KernelError, PolicyError, SignatureError, StateError
 from aegis_stream.kernel import abi, slots
-from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy import antirollback, signing
 from aegis_stream.policy.lifecycle import (
     STEPS,
@@ -26,29 +25,11 @@ from aegis_stream.policy.lifecycle import (
 )
 from aegis_stream.policy.store import PolicyStore
 
+from ._policy_env import PolicyEnv
 
-class Env:
-    def __init__(self, tmp_path):
-        self.tmp = tmp_path
-        self.state = tmp_path / "state"
-        self.maps = PolicyMaps.fake(64)
-        for n in "abcdef":
-            (tmp_path / n).write_text(n)
-        k = signing.generate_keypair("k1", tmp_path / "keys")
-        self.key, _ = signing.load_private_key(k.private_path)
-        self.lc = self.new()
-        self.lc.trust.add(k.public_path.read_bytes())
 
-    def new(self, **kw) -> Lifecycle:
-        return Lifecycle(self.maps, self.state, **kw)
-
-    def toml(self, version, files="a", mode="enforce", name="web") -> bytes:
-        rules = "".join(f'[[rules]]\nid = "r-{f}"\npath = "{self.tmp / f}"\n\n' for f in files)
-        return (f'apiVersion = "aegis/v1"\nname = "{name}"\nversion = {version}\n'
-                f'mode = "{mode}"\n\n{rules}').encode()
-
-    def signed(self, version, files="a", mode="enforce", **kw) -> bytes:
-        return signing.sign_policy(self.toml(version, files, mode), self.key, "k1", **kw)
+class Env(PolicyEnv):
+    """The lifecycle tests' world, with the kernel's slot state at hand."""
 
     def state_now(self):
         return slots.read_state(self.maps)
