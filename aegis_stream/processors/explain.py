@@ -41,7 +41,7 @@ def explain(event: DecisionEvent, info: GenerationInfo | None) -> ExplanationEve
         problems.append(f"no record of generation {event.generation} in the store")
         path.append(f"inode {inode} matched rule index {event.rule_index} "
                     f"(generation {event.generation} has no record: rule unknown)")
-    elif event.rule_index >= len(rec.policy.rules):
+    elif not 0 <= event.rule_index < len(rec.policy.rules):  # a negative index is no rule either
         problems.append(f"generation {event.generation} has {len(rec.policy.rules)} rules; "
                         f"the event names index {event.rule_index}")
         path.append(f"inode {inode} matched rule index {event.rule_index} (not in the record)")

@@ -60,6 +60,25 @@ def test_fuzz_explain_stdin_with_a_newline_in_a_value_is_one_line() -> None:
     assert "\n" not in str(ei.value)
 
 
+@pytest.mark.parametrize("index", [-7, -1, 1])
+def test_fuzz_explain_rule_index_outside_the_record_is_a_finding_not_a_crash(index: int) -> None:
+    # fuzz/explain.py (in a CI run): rule_index -7 raised IndexError; -1 silently explained
+    # the record's last rule as the match
+    from aegis_stream.pipeline.normalise import GenerationInfo
+    from aegis_stream.policy.store import GenerationRecord
+
+    pol = model.loads(HEAD + '[[rules]]\nid = "a"\ninode = "8:1:12"\n')
+    info = GenerationInfo(GenerationRecord(1, 1.0, compiler.compile_policy(pol)), "p.toml", "/r/1.json")
+    ev = DecisionEvent(event_id="e1", time="t", ktime_ns=1, host="h", hook="file_open",
+                       action="open", decision="deny", mode="enforce", rule_id="a",
+                       rule_index=index, generation=1, policy_name="h", policy_version=1,
+                       policy_digest="", rule_source="", dev="8:1", ino=12, cgroup_id=0,
+                       cgroup_path="", scope_cgroup_id=0, scope_cgroup_path="", pid=1, tid=1,
+                       uid=0, gid=0, comm="x")
+    x = explain(ev, info)
+    assert any(f"the event names index {index}" in p for p in x.inconsistencies), x.inconsistencies
+
+
 # ------------------------------------------------------------------ hypothesis properties
 _toml_chars = st.sampled_from(list('[]{}="\'\\#.,\n abcr01:/') + ["rules", "scope", "id", "path",
                                                                     "[[rules]]", '"""', "'''"])
@@ -147,7 +166,7 @@ _event = st.builds(
     host=st.text(max_size=8), hook=st.sampled_from(["file_open", "bprm_check_security", "mmap_file"]),
     action=st.sampled_from(["open", "exec"]), decision=st.sampled_from(["deny", "audit", "allow"]),
     mode=st.sampled_from(["audit", "enforce"]), rule_id=st.text(max_size=8),
-    rule_index=st.integers(-1, 70_000), generation=st.integers(0, 3), policy_name=st.text(max_size=8),
+    rule_index=st.integers(-70_000, 70_000), generation=st.integers(0, 3), policy_name=st.text(max_size=8),
     policy_version=st.integers(0, 9), policy_digest=st.text(max_size=8), rule_source=st.text(max_size=8),
     dev=st.text(max_size=8), ino=st.integers(0, 2**64 - 1), cgroup_id=st.integers(0, 2**64 - 1),
     cgroup_path=st.text(max_size=8), scope_cgroup_id=st.integers(0, 2**64 - 1),
