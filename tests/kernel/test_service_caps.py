@@ -83,6 +83,9 @@ def test_svc_001_unit_capability_set_enforces(lab: Lab, agent_env, tmp_path):
         finally:
             other.kill()
             other.wait(timeout=10)
+            for f in (other.stdin, other.stdout, other.stderr):  # unclosed: pytest's
+                if f is not None:                                  # ResourceWarning failed
+                    f.close()                                      # the test in a CI run
         assert theirs, "no deny event for the uid 65534 process"
         assert theirs[0]["exe"] == os.path.realpath(sys.executable), theirs[0]
         assert "exe" not in theirs[0]["enrichment_missing"], theirs[0]
