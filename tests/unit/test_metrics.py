@@ -16,6 +16,8 @@ from aegis_stream.pipeline.metrics import AegisCollector, AegisMetrics, parse_ad
 from aegis_stream.pipeline.sinks import MemorySink
 from aegis_stream.testing import install, make_events, sample_record
 
+from ._prometheus import http_get
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "METRICS.md"
 ROW = re.compile(r"^\| `(aegis_\w+)` \| (\w+) \| ([^|]*) \| (.+) \|$")
 
@@ -70,17 +72,6 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
-async def _get(host: str, port: int, path: str) -> tuple[bytes, bytes]:
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return head, body
-
-
 @pytest.fixture
 def ring_sizes():
     return 1 << 16, 1 << 14
@@ -101,9 +92,9 @@ async def test_scrape_the_real_endpoint(make_pipeline, kernel, store, tmp_path):
         kernel.emit_bulk("deny", make_events(3, decision=abi.Decision.DENY), 3)
         await p.drain(timeout=5)
         await trio.sleep(0.2)  # a tick
-        head, body = await _get(*bound[0], "/metrics")
+        head, body = await http_get(*bound[0], "/metrics")
         assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Type: text/plain; version=" in head
-        h2, b2 = await _get(*bound[0], "/nope")
+        h2, b2 = await http_get(*bound[0], "/nope")
         assert h2.startswith(b"HTTP/1.1 404")
         n.cancel_scope.cancel()
     s = _samples(body.decode())
@@ -128,7 +119,7 @@ async def test_serve_metrics_task_status_and_cancel():
     m = AegisMetrics(lambda: None)
     async with trio.open_nursery() as n:
         host, port = await n.start(serve_metrics, m, "127.0.0.1:0")
-        head, body = await _get(host, port, "/healthz")
+        head, body = await http_get(host, port, "/healthz")
         assert body == b"ok\n"
         n.cancel_scope.cancel()
 
