@@ -51,6 +51,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from aegis_stream.agent import reasons
 from aegis_stream.agent.health import Reason, ReasonCode
 from aegis_stream.errors import AegisError, KernelError, StateError
 from aegis_stream.kernel import abi, libbpf, slots
@@ -63,7 +64,6 @@ GRACE_S = 5.0  # a lifecycle operation holding the lock may be mid-way for this 
 TAIL_BYTES = 256 << 10  # provenance tail read when the kernel state changed
 ACTIVATIONS = ("apply", "rollback")
 LOCK_NAME = "lifecycle.lock"
-BREAK_GLASS_NAME = "break-glass.json"
 CODES = (ReasonCode.POLICY_TAMPERED, ReasonCode.BREAK_GLASS)
 
 _RULE_SLOT = abi.INODE_KEY.offsets()["slot"]
@@ -305,13 +305,7 @@ class IntegrityChecker:
         return self._expected[key]
 
     def break_glass(self) -> dict | None:
-        try:
-            doc = msgspec.json.decode((self.root / BREAK_GLASS_NAME).read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, msgspec.DecodeError):
-            return {"reason": "(unreadable break-glass marker)"}
-        return doc if isinstance(doc, dict) else {"reason": "(unreadable break-glass marker)"}
+        return reasons.break_glass_marker(self.root)
 
     def expectation(self) -> Expectation:
         """The last activation in the provenance log (tail first, the whole log if the
@@ -366,14 +360,7 @@ class IntegrityChecker:
         bg = self.break_glass()
         bg_method = str(bg.get("method", "audit")) if bg is not None else ""
         if bg is not None:
-            since = bg.get("since")
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) \
-                if isinstance(since, int | float) else "?"
-            rep.findings.append(Reason(ReasonCode.BREAK_GLASS, (
-                f"break-glass in effect since {when} ({bg.get('reason', '')}): "
-                + ("no policy active, nothing is decided" if bg_method == "deactivate"
-                   else "every slot in audit, nothing is denied")
-                + "; `aegis break-glass --clear` and apply to enforce again")))
+            rep.findings.append(reasons.break_glass_reason(bg))
         key = (a.generation, slot, a.mode, a.valid)
         if key != self._verified or bg_method != self._verified_bg:
             self._expectation = self.expectation()

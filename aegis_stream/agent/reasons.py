@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import errno
 import re
+import time
 from collections.abc import Iterable
 from importlib import resources
+from pathlib import Path
 
 import msgspec
 
@@ -122,3 +124,36 @@ def refusal_code(exc: BaseException) -> ReasonCode:
     if isinstance(exc, SignatureExpiredError):
         return ReasonCode.POLICY_EXPIRED
     return ReasonCode.POLICY_REJECTED
+
+
+BREAK_GLASS_NAME = "break-glass.json"  # policy/lifecycle.py writes it, --clear removes it
+
+
+def break_glass_marker(root: Path) -> dict | None:
+    """The break-glass marker in the state directory ``root``: its document, a stand-in for
+    an unreadable one (a marker that exists is break-glass whatever its bytes), or None."""
+    unreadable = {"reason": "(unreadable break-glass marker)"}
+    try:
+        with open(root / BREAK_GLASS_NAME, "rb") as fh:
+            data = fh.read(1 << 16)  # a few hundred bytes when the lifecycle wrote it
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return unreadable
+    try:
+        doc = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return unreadable
+    return doc if isinstance(doc, dict) else unreadable
+
+
+def break_glass_reason(doc: dict) -> Reason:
+    """The ``break_glass`` reason for a marker document (:func:`break_glass_marker`)."""
+    since = doc.get("since")
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) \
+        if isinstance(since, int | float) else "?"
+    what = ("no policy active, nothing is decided" if doc.get("method") == "deactivate"
+            else "every slot in audit, nothing is denied")
+    return Reason(ReasonCode.BREAK_GLASS,
+                  f"break-glass in effect since {when} ({doc.get('reason', '')}): {what}; "
+                  "`aegis break-glass --clear` and apply to enforce again")

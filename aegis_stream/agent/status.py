@@ -232,10 +232,12 @@ def judge(kernel: KernelFacts, agent: AgentFacts, *, stale_s: float = STALE_S) -
     return judge_coded(kernel, agent, stale_s=stale_s)[0]
 
 
-def judge_coded(kernel: KernelFacts, agent: AgentFacts, *,
-                stale_s: float = STALE_S) -> tuple[StatusReport, list[str]]:
+def judge_coded(kernel: KernelFacts, agent: AgentFacts, *, stale_s: float = STALE_S,
+                break_glass: dict | None = None) -> tuple[StatusReport, list[str]]:
     """:func:`judge`, and the code of each of the report's ``reasons`` (for :func:`render`;
-    ``unknown`` for a text of an older agent that no code recognises)."""
+    ``unknown`` for a text of an older agent that no code recognises).  ``break_glass``: the
+    state directory's marker (:func:`reasons.break_glass_marker`), judged here when no agent
+    reports it (a running agent's tick check does)."""
     doc = agent.doc or StatusFile()
     why: list[Reason | str] = []
     state = State.ENFORCING
@@ -284,6 +286,10 @@ def judge_coded(kernel: KernelFacts, agent: AgentFacts, *,
         else:
             tail = "; no pinned hook links (nothing decides)"
         why.insert(0, reasons.reason(ReasonCode.AGENT_NOT_RUNNING, tail))
+    if break_glass is not None and not agent.alive:
+        bg = reasons.break_glass_reason(break_glass)
+        state = State.worst(state, State.DEGRADED)
+        why.append(bg)
     last_error = doc.last_error if not agent.alive else ""
     if last_error and not kernel.loaded:
         why.append(f"last start refused: {last_error}")  # its code: last_error_code below
@@ -378,8 +384,10 @@ def collect_coded(pin_root: str | None = None,
     """:func:`collect` and the code of each reason (:func:`judge_coded`)."""
     from aegis_stream.errors import AegisError
     from aegis_stream.kernel.loader import pin_root as default_root
+    from aegis_stream.policy.store import state_dir
 
     agent = read_agent(status_file)
+    marker = reasons.break_glass_marker(state_dir())
     try:
         kernel = read_kernel(pin_root)
     except (AegisError, OSError) as exc:
@@ -389,4 +397,4 @@ def collect_coded(pin_root: str | None = None,
             r, state=State.BLIND, exit_code=EXIT_UNKNOWN,
             summary=f"cannot read the pinned state: {exc}",
             kernel=msgspec.structs.replace(r.kernel, error=str(exc))), codes
-    return judge_coded(kernel, agent)
+    return judge_coded(kernel, agent, break_glass=marker)

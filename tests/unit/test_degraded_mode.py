@@ -716,3 +716,22 @@ async def test_heartbeat_io_errors_are_logged_and_counted_bugs_surface(
         seen.extend(eg.exceptions)
     assert [type(e) for e in seen] == [KeyError]
 
+
+
+def test_status_without_an_agent_reports_break_glass_from_the_state_dir(tmp_path) -> None:
+    """`aegis status` with the agent gone: the break-glass marker is judged from the state
+    dir (a running agent reports it from its tick check instead)."""
+    from aegis_stream.agent import reasons
+
+    assert reasons.break_glass_marker(tmp_path) is None
+    (tmp_path / reasons.BREAK_GLASS_NAME).write_text(
+        '{"reason": "INC-7", "since": 1764576000, "method": "audit"}')
+    marker = reasons.break_glass_marker(tmp_path)
+    r = status.judge_coded(kernel_facts(), agent_facts(False), break_glass=marker)[0]
+    assert r.state == "degraded" and r.exit_code == 1
+    assert r.reason_codes == ["agent_not_running", "break_glass"]
+    assert any("break-glass in effect since 2025-12-01T08:00:00Z (INC-7)" in t for t in r.reasons)
+    (tmp_path / reasons.BREAK_GLASS_NAME).write_bytes(b"\xff not json")
+    assert reasons.break_glass_marker(tmp_path) == {"reason": "(unreadable break-glass marker)"}
+    alive = status.judge_coded(kernel_facts(), agent_facts(True), break_glass=marker)[0]
+    assert "break_glass" not in alive.reason_codes  # the agent's own report decides
