@@ -136,8 +136,8 @@ def break_glass_marker(root: Path) -> dict | None:
     try:
         with open(root / BREAK_GLASS_NAME, "rb") as fh:
             data = fh.read(1 << 16)  # a few hundred bytes when the lifecycle wrote it
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return None  # none, or a state dir this user may not read (0700): nothing to judge
     except OSError:
         return unreadable
     try:
