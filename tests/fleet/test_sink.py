@@ -58,6 +58,16 @@ def consume(bootstrap: str, topic: str, keys: set[bytes], done: Any, timeout: fl
     return out
 
 
+async def stream_mixed(sink: Any, host: str, written: dict[str, int], stop: trio.Event) -> None:
+    """Write 5 denies and 20 audits per round until ``stop``, counting them in ``written``."""
+    while not stop.is_set():
+        await sink.write(lines(host, "deny", written["deny"], 5))
+        written["deny"] += 5
+        await sink.write(lines(host, "audit", written["audit"], 20))
+        written["audit"] += 20
+        await trio.sleep(0.01)
+
+
 async def read_back_after_producer_loss(bootstrap: str, host: str, written: dict[str, int],
                                         dropped: int) -> list[int]:
     """Read the host's decisions back after producer processes were lost and check what a

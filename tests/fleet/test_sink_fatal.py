@@ -15,7 +15,7 @@ import trio
 from aegis_stream.fleet.broker import LocalBroker
 from aegis_stream.fleet.sink import PRODUCER_LOST, open_kafka_sink
 
-from .test_sink import lines, read_back_after_producer_loss
+from .test_sink import read_back_after_producer_loss, stream_mixed
 
 
 async def test_fatal_librdkafka_error_restarts_the_producer(kafka_broker: LocalBroker,
@@ -32,18 +32,10 @@ async def test_fatal_librdkafka_error_restarts_the_producer(kafka_broker: LocalB
     first_pid = sink.producer_pid
     stop = trio.Event()
 
-    async def stream() -> None:
-        while not stop.is_set():
-            await sink.write(lines(host, "deny", written["deny"], 5))
-            written["deny"] += 5
-            await sink.write(lines(host, "audit", written["audit"], 20))
-            written["audit"] += 20
-            await trio.sleep(0.01)
-
     t0 = time.monotonic()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream)
+            nursery.start_soon(stream_mixed, sink, host, written, stop)
             with trio.fail_after(30):  # fired, noticed, replaced
                 while not (flag.exists() and sink.producer_pid not in (0, first_pid)):
                     await trio.sleep(0.01)

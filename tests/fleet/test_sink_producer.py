@@ -15,7 +15,7 @@ import trio
 from aegis_stream.fleet.broker import LocalBroker
 from aegis_stream.fleet.sink import PRODUCER_LOST, open_kafka_sink
 
-from .test_sink import lines, read_back_after_producer_loss
+from .test_sink import read_back_after_producer_loss, stream_mixed
 
 
 async def test_producer_process_killed_mid_stream(kafka_broker: LocalBroker, tmp_path: Path) -> None:
@@ -26,18 +26,10 @@ async def test_producer_process_killed_mid_stream(kafka_broker: LocalBroker, tmp
     killed: list[int] = []
     stop = trio.Event()
 
-    async def stream() -> None:
-        while not stop.is_set():
-            await sink.write(lines(host, "deny", written["deny"], 5))
-            written["deny"] += 5
-            await sink.write(lines(host, "audit", written["audit"], 20))
-            written["audit"] += 20
-            await trio.sleep(0.01)
-
     t0 = time.monotonic()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream)
+            nursery.start_soon(stream_mixed, sink, host, written, stop)
             for _ in range(3):
                 await trio.sleep(1.0)
                 pid = sink.producer_pid
