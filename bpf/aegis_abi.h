@@ -60,7 +60,9 @@ enum aegis_counter {
 	AEGIS_CTR_AUDITED = 4,
 	AEGIS_CTR_RINGBUF_FAIL = 5, /* event reserve failed (decision still made) */
 	AEGIS_CTR_NO_POLICY = 6,    /* no valid active slot: allowed */
-	AEGIS_CTR_COUNT = 7,
+	AEGIS_CTR_STALE = 7,        /* (dev, ino) matched but i_generation differs: a miss */
+	AEGIS_CTR_SUPPRESSED = 8,   /* event folded into a deny-storm summary (decision made) */
+	AEGIS_CTR_COUNT = 9,
 };
 
 struct aegis_inode_key {
@@ -69,11 +71,15 @@ struct aegis_inode_key {
 	__u32 slot;
 };
 
+/* rule flags */
+#define AEGIS_RULE_CHECK_GEN (1U << 0) /* i_generation must match (GAP-INO-REUSE) */
+#define AEGIS_RULE_INHERITED (1U << 1) /* inherited by rename onto a path rule's path */
+
 struct aegis_rule {
 	__u32 rule_id;  /* index into the compiled policy's rule table */
 	__u32 actions;  /* AEGIS_ACTION_* */
-	__u32 flags;
-	__u32 _pad;
+	__u32 flags;    /* AEGIS_RULE_* */
+	__u32 i_generation; /* checked when AEGIS_RULE_CHECK_GEN */
 };
 
 struct aegis_scope_key {

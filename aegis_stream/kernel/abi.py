@@ -93,6 +93,8 @@ class Counter(enum.IntEnum):
     AUDITED = 4
     RINGBUF_FAIL = 5
     NO_POLICY = 6
+    STALE = 7  # (dev, ino) matched, i_generation differs: a miss (GAP-INO-REUSE)
+    SUPPRESSED = 8  # event folded into a deny-storm summary; the decision was made
 
 
 COUNTERS_PER_HOOK: Final = len(Counter)
@@ -129,7 +131,9 @@ class Layout:
 
 
 INODE_KEY = Layout("aegis_inode_key", (("ino", "Q"), ("dev", "I"), ("slot", "I")))
-RULE = Layout("aegis_rule", (("rule_id", "I"), ("actions", "I"), ("flags", "I"), ("_pad", "I")))
+RULE = Layout("aegis_rule", (("rule_id", "I"), ("actions", "I"), ("flags", "I"), ("i_generation", "I")))
+RULE_CHECK_GEN: Final = 1 << 0  # i_generation must match (GAP-INO-REUSE)
+RULE_INHERITED: Final = 1 << 1  # inherited by a rename onto a path rule's path
 SCOPE_KEY = Layout("aegis_scope_key", (("cgroup_id", "Q"), ("slot", "I"), ("_pad", "I")))
 SCOPE = Layout("aegis_scope", (("scope_id", "I"), ("_pad", "I")))
 CONTROL = Layout("aegis_control", (("active_slot", "I"), ("_pad", "I"), ("_reserved", "Q")))
