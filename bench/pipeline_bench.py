@@ -126,7 +126,7 @@ def throughput(rig: Rig, repeat: int, batch: int) -> dict[str, float]:
     contiguous = cons.drain_batch(1 << 30).data
 
     def iter_unpack(blob: bytes) -> list[RawDecision]:
-        return [RawDecision(*v[2:-1], comm_str(v[-1]))  # type: ignore[call-arg]
+        return [RawDecision(*v[2:-2], comm_str(v[-1]), v[-2])  # type: ignore[call-arg]
                 for v in RECORD_STRUCT.iter_unpack(blob)]
 
     out["decode: struct.iter_unpack (contiguous) -> RawDecision"] = best_of(

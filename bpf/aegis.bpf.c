@@ -245,6 +245,7 @@ static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
 		e->gid = uid_gid >> 32;
 		e->mode = sc->mode;
 		e->slot = key.slot;
+		e->rule_flags = rule->flags;
 		bpf_get_current_comm(e->comm, sizeof(e->comm));
 		bpf_ringbuf_submit(e, 0);
 	}

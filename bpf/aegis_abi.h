@@ -10,7 +10,7 @@
 #ifndef AEGIS_ABI_H
 #define AEGIS_ABI_H
 
-#define AEGIS_ABI_VERSION 1
+#define AEGIS_ABI_VERSION 2 /* 2: event slot is __u16 + rule_flags */
 
 /* Two rule generations ("slots") live in the kernel at once; a decision reads
  * the active slot once and then only that slot's rules, scopes and config. */
@@ -74,6 +74,7 @@ struct aegis_inode_key {
 /* rule flags */
 #define AEGIS_RULE_CHECK_GEN (1U << 0) /* i_generation must match (GAP-INO-REUSE) */
 #define AEGIS_RULE_INHERITED (1U << 1) /* inherited by rename onto a path rule's path */
+#define AEGIS_RULE_PATH (1U << 2)      /* compiled from a path: a rename onto it passes it on */
 
 struct aegis_rule {
 	__u32 rule_id;  /* index into the compiled policy's rule table */
@@ -138,7 +139,8 @@ struct aegis_event {
 	__u32 uid;
 	__u32 gid;
 	__u32 mode;     /* enum aegis_mode of the deciding slot */
-	__u32 slot;
+	__u16 slot;
+	__u16 rule_flags; /* the deciding rule's AEGIS_RULE_* (INHERITED: by rename) */
 	char comm[16];
 };
 

@@ -49,8 +49,8 @@ def main() -> None:
     env = signing.sign_policy(pol[0], _KEY, "fz", now=1_700_000_000)
     tampered = env.replace(b"/etc/hostname", b"/etc/hostnamf")
     write("envelope", [env, tampered, env[: len(env) // 2]])
-    raw = events.RawDecision(*([abi.ABI_VERSION] + [0] * (len(events.RawDecision.__struct_fields__) - 2)),
-                             "cat")  # type: ignore[arg-type]
+    # abi_version, 16 zero fields (hook .. slot), comm; rule_flags defaults to 0
+    raw = events.RawDecision(abi.ABI_VERSION, *[0] * 16, "cat")  # type: ignore[arg-type]
     ev = DecisionEvent(event_id="e1", time="t", ktime_ns=1, host="h", hook="file_open", action="open",
                        decision="deny", mode="enforce", rule_id="a", rule_index=0, generation=1,
                        policy_name="fz", policy_version=1, policy_digest="", rule_source="inode:8:1:12",

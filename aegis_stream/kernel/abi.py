@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-ABI_VERSION: Final = 1
+ABI_VERSION: Final = 2  # 2: the event's slot is a u16 followed by rule_flags
 SLOTS: Final = 2
 MAX_RULES: Final = 65536
 MAX_SCOPES: Final = 1024
@@ -134,6 +134,7 @@ INODE_KEY = Layout("aegis_inode_key", (("ino", "Q"), ("dev", "I"), ("slot", "I")
 RULE = Layout("aegis_rule", (("rule_id", "I"), ("actions", "I"), ("flags", "I"), ("i_generation", "I")))
 RULE_CHECK_GEN: Final = 1 << 0  # i_generation must match (GAP-INO-REUSE)
 RULE_INHERITED: Final = 1 << 1  # inherited by a rename onto a path rule's path
+RULE_PATH: Final = 1 << 2  # compiled from a path: a rename onto the path passes the rule on
 SCOPE_KEY = Layout("aegis_scope_key", (("cgroup_id", "Q"), ("slot", "I"), ("_pad", "I")))
 SCOPE = Layout("aegis_scope", (("scope_id", "I"), ("_pad", "I")))
 CONTROL = Layout("aegis_control", (("active_slot", "I"), ("_pad", "I"), ("_reserved", "Q")))
@@ -164,7 +165,8 @@ EVENT = Layout(
         ("uid", "I"),
         ("gid", "I"),
         ("mode", "I"),
-        ("slot", "I"),
+        ("slot", "H"),
+        ("rule_flags", "H"),  # the deciding rule's RULE_* flags (RULE_INHERITED: by rename)
         ("comm", "16s"),
     ),
 )

@@ -62,7 +62,10 @@ class DecodeError(AegisError):
 
 
 class RawDecision(msgspec.Struct, frozen=True):
-    """One kernel decision record, field for field."""
+    """One kernel decision record, field for field, except that ``rule_flags`` (ABI 2: the
+    u16 after ``slot`` in the record) comes last here so it can default to 0 (no flags):
+    :data:`abi.EVENT` has the record's order.  ``rule_flags & abi.RULE_INHERITED``: the
+    deciding rule was inherited by a rename onto a path rule's path (bpf/continuity.bpf.h)."""
 
     abi_version: int
     hook: int
@@ -82,6 +85,12 @@ class RawDecision(msgspec.Struct, frozen=True):
     mode: int
     slot: int
     comm: str
+    rule_flags: int = 0
+
+    @property
+    def inherited(self) -> bool:
+        """The deciding rule was inherited by a rename onto a path rule's path."""
+        return bool(self.rule_flags & abi.RULE_INHERITED)
 
 
 def comm_str(raw: bytes) -> str:
@@ -94,13 +103,13 @@ def decode_raw(data: bytes | memoryview) -> RawDecision:
     vals = EVENT_STRUCT.unpack_from(data, 0)
     if vals[0] != abi.ABI_VERSION:
         raise DecodeError(f"decision record ABI {vals[0]}, agent speaks {abi.ABI_VERSION}")
-    return RawDecision(*vals[:-1], comm_str(vals[-1]))  # type: ignore[call-arg]
+    return RawDecision(*vals[:-2], comm_str(vals[-1]), vals[-2])  # type: ignore[call-arg]
 
 
 def encode_raw(ev: RawDecision) -> bytes:
     """The inverse of :func:`decode_raw` (the fake kernel and golden vectors use it)."""
     vals = msgspec.structs.astuple(ev)
-    return EVENT_STRUCT.pack(*vals[:-1], ev.comm.encode()[:16])
+    return EVENT_STRUCT.pack(*vals[:-2], ev.rule_flags, ev.comm.encode()[:16])
 
 
 def decode_batch(blob: bytes | bytearray | memoryview, stride: int = RECORD_STRIDE) -> np.ndarray:
@@ -137,6 +146,8 @@ def split_valid(
 
 def rows(arr: np.ndarray) -> list[RawDecision]:
     """Structured array -> RawDecision per record (for the per-event paths)."""
-    cols = [arr[n].tolist() for n in _EV_NAMES[:-1]]
+    cols = [arr[n].tolist() for n in _EV_NAMES[:-2]]
     comms = [comm_str(c) for c in arr["comm"].tolist()]
-    return [RawDecision(*vals, c) for *vals, c in zip(*cols, comms, strict=True)]  # type: ignore[call-arg]
+    flags = arr["rule_flags"].tolist()
+    return [RawDecision(*vals, c, f)  # type: ignore[call-arg]
+            for *vals, c, f in zip(*cols, comms, flags, strict=True)]

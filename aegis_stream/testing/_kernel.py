@@ -164,7 +164,7 @@ class FakeKernel:
         rule = self.policy_maps.rules.lookup(abi.INODE_KEY.pack(ino, dev, slot))
         if rule is None:
             return 0
-        rule_id, actions, _f, _p = abi.RULE.unpack(rule)
+        rule_id, actions, rule_flags, _p = abi.RULE.unpack(rule)
         if not actions & action:
             return 0
         self._count(hook, abi.Counter.RULE_MATCHED)
@@ -177,6 +177,7 @@ class FakeKernel:
             abi.ABI_VERSION, int(hook), int(abi.Decision.DENY if enforce else abi.Decision.AUDIT),
             rule_id, generation, self.ktime_ns(), task.cgroup_id, scope, ino, dev, action,
             task.pid, task.tgid, task.uid, task.gid, mode, slot, task.comm,
+            rule_flags=rule_flags & 0xFFFF,  # the record's rule_flags is a u16
         )
         if self.rings[klass].output(encode_raw(ev)):
             self.truth.written[klass] += 1

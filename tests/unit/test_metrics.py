@@ -55,7 +55,7 @@ def test_fresh_registry_per_instance():
     assert a.registry is not b.registry
     assert set(a.metric_names()) == set(registered())
     text = a.exposition().decode()
-    assert 'aegis_build_info{abi_version="1"' in text
+    assert f'aegis_build_info{{abi_version="{abi.ABI_VERSION}"' in text
 
 
 def test_parse_addr():

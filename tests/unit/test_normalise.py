@@ -51,7 +51,7 @@ def _store(tmp_path) -> PolicyStore:
 
 raw_strategy = st.builds(
     RawDecision,
-    abi_version=st.just(1),
+    abi_version=st.just(abi.ABI_VERSION),
     hook=st.integers(0, 4),
     decision=st.integers(0, 3),
     rule_id=st.integers(0, 5),
@@ -89,7 +89,7 @@ def test_sentinel_collision_falls_back_to_the_reference(tmp_path):
     store = _store(tmp_path)
     norm = fixed_normaliser(store)
     # an inode equal to the ktime sentinel cannot be templated: per-event path
-    raw = RawDecision(1, 0, 1, 0, 7, 5, CG_APP, CG_WORKLOADS, 18446744073709551557, DEV_SDA1, 1,
+    raw = RawDecision(abi.ABI_VERSION, 0, 1, 0, 7, 5, CG_APP, CG_WORKLOADS, 18446744073709551557, DEV_SDA1, 1,
                       4242, 4242, 0, 0, 1, 1, "cat")
     data = encode_raw(raw)
     assert norm.encode_batch(decode_batch(data, EVENT_SIZE)) == _enc.encode(norm.normalise(raw)) + b"\n"
@@ -98,7 +98,7 @@ def test_sentinel_collision_falls_back_to_the_reference(tmp_path):
 def test_enrichment_from_store_and_provenance(tmp_path):
     store = _store(tmp_path)
     norm = fixed_normaliser(store)
-    ev = norm.normalise(RawDecision(1, 1, 1, 1, 7, 10, CG_APP, CG_WORKLOADS, 5678, DEV_SDA1,
+    ev = norm.normalise(RawDecision(abi.ABI_VERSION, 1, 1, 1, 7, 10, CG_APP, CG_WORKLOADS, 5678, DEV_SDA1,
                                     abi.ACTION_EXEC, 4242, 4242, 0, 0, 1, 0, "nc"))
     assert (ev.rule_id, ev.rule_source, ev.policy_name, ev.policy_version) == (
         "deny-nc", "/usr/bin/nc", "prod-baseline", 3)
@@ -197,7 +197,7 @@ def test_context_with_gaps_is_rendered_again_later(tmp_path):
     norm = Normaliser(store, cgroups=CgroupResolver(static={}), host="h",
                       processes=StaticProcesses({4242: ProcessInfo("/x", (), ())}),
                       boot_id_hex="00" * 16, boot_ns=0, clock=clock, retry_missing_s=5)
-    data = encode_raw(RawDecision(1, 0, 1, 0, 7, 1, 5, 0, 1234, DEV_SDA1, 1, 4242, 4242, 0, 0, 1, 0, "c"))
+    data = encode_raw(RawDecision(abi.ABI_VERSION, 0, 1, 0, 7, 1, 5, 0, 1234, DEV_SDA1, 1, 4242, 4242, 0, 0, 1, 0, "c"))
     arr = decode_batch(data, EVENT_SIZE)
     first = msgspec.json.decode(norm.encode_batch(arr))
     assert first["enrichment_missing"] == ["generation", "cgroup_path"]
@@ -211,9 +211,9 @@ def test_every_context_field_separates_contexts(tmp_path):
     """Records that differ in any field but ktime/pid/tgid never share a rendered context."""
     store = _store(tmp_path)
     norm = fixed_normaliser(store)
-    base = RawDecision(1, 0, 1, 0, 7, 5, CG_APP, CG_WORKLOADS, 1234, DEV_SDA1, 1, 4242, 4242, 10, 20, 1, 1, "cat")
+    base = RawDecision(abi.ABI_VERSION, 0, 1, 0, 7, 5, CG_APP, CG_WORKLOADS, 1234, DEV_SDA1, 1, 4242, 4242, 10, 20, 1, 1, "cat")
     variants = [base]
-    for field, val in [("abi_version", 1), ("hook", 1), ("decision", 2), ("rule_id", 1), ("generation", 8),
+    for field, val in [("hook", 1), ("decision", 2), ("rule_id", 1), ("generation", 8),
                        ("cgroup_id", CG_WORKLOADS), ("scope_cgroup_id", 0), ("ino", 99), ("dev", 7),
                        ("action", 2), ("uid", 11), ("gid", 21), ("mode", 0), ("slot", 0), ("comm", "dog")]:
         variants.append(msgspec.structs.replace(base, **{field: val}))
@@ -232,7 +232,7 @@ def test_retired_generations_leave_the_caches_and_late_events_stay_exact(tmp_pat
     store = _store(tmp_path)
     store.record(sample_record(8))
     norm = fixed_normaliser(store)
-    raws = {g: RawDecision(1, 0, 1, 0, g, 5, CG_APP, CG_WORKLOADS, 1234, DEV_SDA1, 1, 4242, 4242,
+    raws = {g: RawDecision(abi.ABI_VERSION, 0, 1, 0, g, 5, CG_APP, CG_WORKLOADS, 1234, DEV_SDA1, 1, 4242, 4242,
                            0, 0, 1, 1, "cat") for g in (7, 8)}
     blob = {g: encode_raw(r) for g, r in raws.items()}
     before = {g: (norm.encode_batch(decode_batch(blob[g], EVENT_SIZE)),

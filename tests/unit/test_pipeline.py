@@ -181,7 +181,7 @@ async def test_audit_sampling_is_counted(make_pipeline, kernel, store, tmp_path,
 async def test_undecodable_records_are_counted(make_pipeline, kernel, store, tmp_path, autojump_clock):
     sink = MemorySink()
     p = make_pipeline(kernel, store, [sink], tmp_path)
-    bad = RawDecision(2, 0, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, "x")
+    bad = RawDecision(1, 0, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, "x")  # ABI 1: foreign
     async with trio.open_nursery() as n:
         await n.start(p.run)
         kernel.rings["audit"].output(encode_raw(make_decision(3)))
@@ -216,7 +216,7 @@ async def test_records_that_are_not_events_are_counted_drops(make_pipeline, kern
 
 
 def make_decision(kt: int) -> RawDecision:
-    return RawDecision(1, 0, 2, 0, 7, kt, CG_APP, CG_WORKLOADS, 1234, DEV_SDA1, 1, 4242, 4242, 0, 0, 0, 1,
+    return RawDecision(abi.ABI_VERSION, 0, 2, 0, 7, kt, CG_APP, CG_WORKLOADS, 1234, DEV_SDA1, 1, 4242, 4242, 0, 0, 0, 1,
                        "cat")
 
 

@@ -39,7 +39,7 @@ def _submodules() -> list[str]:
 
 
 def _foreign() -> bytes:
-    return encode_raw(RawDecision(2, 0, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, "x"))
+    return encode_raw(RawDecision(1, 0, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, "x"))  # ABI 1
 
 
 def test_decode_valid_keeps_the_valid_records_and_counts_the_others():

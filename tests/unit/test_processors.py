@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from aegis_stream.kernel import abi
 from aegis_stream.pipeline.normalise import GenerationInfo
 from aegis_stream.pipeline.schema import DecisionEvent
 from aegis_stream.policy.store import PolicyStore
@@ -193,7 +194,7 @@ def _event(norm, **kw) -> DecisionEvent:
     from aegis_stream.kernel.events import RawDecision
     from aegis_stream.testing import DEV_SDA1
 
-    base = dict(abi_version=1, hook=0, decision=1, rule_id=0, generation=7, ktime_ns=1, cgroup_id=CG_APP,
+    base = dict(abi_version=abi.ABI_VERSION, hook=0, decision=1, rule_id=0, generation=7, ktime_ns=1, cgroup_id=CG_APP,
                 scope_cgroup_id=CG_WORKLOADS, ino=1234, dev=DEV_SDA1, action=1, pid=4242, tgid=4242,
                 uid=0, gid=0, mode=1, slot=1, comm="cat")
     base.update(kw)

@@ -31,7 +31,7 @@ SIZE = 4 * PAGE
 
 
 def _ev(i: int, **kw: int) -> bytes:
-    vals = dict(abi_version=1, hook=0, decision=1, rule_id=i % 3, generation=7, ktime_ns=1000 + i,
+    vals = dict(abi_version=abi.ABI_VERSION, hook=0, decision=1, rule_id=i % 3, generation=7, ktime_ns=1000 + i,
                 cgroup_id=1001, scope_cgroup_id=1000, ino=1234, dev=(8 << 20) | 1, action=1,
                 pid=4242, tgid=4242, uid=0, gid=0, mode=1, slot=1)
     vals.update(kw)
@@ -211,7 +211,7 @@ def test_batch_decode_equals_per_record_decode():
 
 def test_abi_mismatch_is_detected_and_split():
     blob = bytearray(make_events(5))
-    struct.pack_into("<H", blob, 2 * 96, 2)  # record 2 speaks ABI 2
+    struct.pack_into("<H", blob, 2 * 96, abi.ABI_VERSION + 1)  # record 2 speaks another ABI
     with pytest.raises(DecodeError, match="record 2"):
         decode_batch(bytes(blob), EVENT_SIZE)
     arr, bad = split_valid(bytes(blob), EVENT_SIZE)

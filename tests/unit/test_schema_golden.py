@@ -28,7 +28,7 @@ _enc = msgspec.json.Encoder()
 
 
 def _raw(**kw) -> RawDecision:
-    base = dict(abi_version=1, hook=0, decision=1, rule_id=0, generation=7, ktime_ns=5_123_456_789,
+    base = dict(abi_version=abi.ABI_VERSION, hook=0, decision=1, rule_id=0, generation=7, ktime_ns=5_123_456_789,
                 cgroup_id=CG_APP, scope_cgroup_id=CG_WORKLOADS, ino=1234, dev=DEV_SDA1,
                 action=abi.ACTION_OPEN, pid=4243, tgid=4242, uid=1000, gid=1000, mode=1, slot=1,
                 comm="cat")
