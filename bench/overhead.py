@@ -9,6 +9,9 @@ of the (shared, emulated) machine lands on every configuration alike:
 
     a      no programs attached (baseline)
     a2     the baseline again: its ratio to (a) is the noise floor of this run
+    floor  the floor object (bench/floor.bpf.c) attached instead: programs on the same
+           hooks that only `return ret`, i.e. what attaching any BPF LSM program costs;
+           every other config is also stated in instructions and points above it
     b      programs attached, no valid policy slot
     c      N rules + S scopes, process outside every selected cgroup, unrelated file
     c_hit  same, but the file IS in the rules (rule hit, scope miss: the worst outside case)
@@ -58,16 +61,18 @@ from bench.hostinfo import cpu_model
 HERE = Path(__file__).resolve().parent
 OPBENCH = HERE / ".build" / "opbench"
 TINY = HERE / ".build" / "tiny"
+FLOOR = HERE / ".build" / "floor.bpf.o"
 ROOT = Path("/tmp/aegis-bench")
 CG = Path("/sys/fs/cgroup/aegis-bench")
 PIN_ROOT = "/sys/fs/bpf/aegis-bench"
 EPERM = 1
 
-CONFIGS = ("a", "a2", "b", "c", "c_hit", "d", "e", "f")
+CONFIGS = ("a", "a2", "floor", "b", "c", "c_hit", "d", "e", "f")
 OPS = ("open", "stat", "mmap", "exec")
 CONFIG_DOC = {
     "a": "no programs attached",
     "a2": "no programs attached (repeat: noise floor)",
+    "floor": "floor object attached (same hooks, programs that only return ret)",
     "b": "attached, no valid policy",
     "c": "rules loaded, outside selected cgroups, unrelated file",
     "c_hit": "rules loaded, outside selected cgroups, file in the rules",
@@ -256,6 +261,73 @@ class Kernel:
         self.obj.close(keep_pins=False)
 
 
+def lsm_sections(obj: int) -> dict[str, str]:
+    """section -> program name of every LSM program in an opened libbpf object."""
+    lib = libbpf.lib()
+    out: dict[str, str] = {}
+    prog = lib.bpf_object__next_program(obj, None)
+    while prog:
+        sec = lib.bpf_program__section_name(prog).decode()
+        if sec.startswith("lsm/"):
+            out[sec] = lib.bpf_program__name(prog).decode()
+        prog = lib.bpf_object__next_program(obj, prog)
+    return out
+
+
+def floor_plan(main: dict[str, str], floor: dict[str, str]) -> list[str]:
+    """The floor programs to load: exactly one per hook of the measured object.  A hook the
+    floor object lacks would make "above the floor" silently cover a different hook set,
+    so it is refused."""
+    missing = sorted(set(main) - set(floor))
+    if missing:
+        raise SystemExit(f"floor object lacks {', '.join(missing)} (hooked by the measured "
+                         "object): add a `return ret` program for it to bench/floor.bpf.c")
+    return [floor[sec] for sec in sorted(main)]
+
+
+class Floor:
+    """bench/floor.bpf.c loaded with the programs for the measured object's hooks; attached
+    only in config "floor" (never together with the real programs)."""
+
+    def __init__(self, path: Path, main_sections: dict[str, str]) -> None:
+        lib = libbpf.lib()
+        self.path = path
+        self.obj = lib.bpf_object__open_file(str(path).encode(), None)
+        if not self.obj:
+            raise SystemExit(f"cannot open {path}: errno {libbpf.errno_of()}")
+        self.sections = lsm_sections(self.obj)
+        self.programs = floor_plan(main_sections, self.sections)
+        for name in self.sections.values():
+            if name not in self.programs:
+                prog = lib.bpf_object__find_program_by_name(self.obj, name.encode())
+                lib.bpf_program__set_autoload(prog, False)
+        if lib.bpf_object__load(self.obj) < 0:
+            raise SystemExit(f"cannot load {path}: {libbpf.log_tail(20)}")
+        self.links: list[int] = []
+
+    def attach(self) -> None:
+        if self.links:
+            return
+        lib = libbpf.lib()
+        for name in self.programs:
+            prog = lib.bpf_object__find_program_by_name(self.obj, name.encode())
+            link = lib.bpf_program__attach(prog)
+            if not link:
+                self.detach()
+                raise SystemExit(f"cannot attach floor program {name}: errno {libbpf.errno_of()}")
+            self.links.append(link)
+
+    def detach(self) -> None:
+        lib = libbpf.lib()
+        for link in self.links:
+            lib.bpf_link__destroy(link)
+        self.links.clear()
+
+    def close(self) -> None:
+        self.detach()
+        libbpf.lib().bpf_object__close(self.obj)
+
+
 class Drainer(threading.Thread):
     """Drain both rings while the benchmark runs (the agent's role, minus normalising)."""
 
@@ -303,11 +375,19 @@ def run_op(op: str, path: Path, iters: int, *, batch: int, cgroup: Path, cpu: in
     return res
 
 
-def apply_config(k: Kernel, fx: Fixture, cfg: str) -> tuple[Path, dict[str, Path], int]:
+def apply_config(k: Kernel, fl: Floor | None, fx: Fixture, cfg: str) -> tuple[Path, dict[str, Path], int]:
     """Turn the knobs for ``cfg``; return (cgroup, targets, expected errno)."""
-    if cfg in ("a", "a2"):
+    if cfg in ("a", "a2", "floor"):
         k.detach()
+        if cfg == "floor":
+            assert fl is not None
+            fl.attach()
+        elif fl is not None:
+            fl.detach()
+        # the floor runs the in-scope task and file of (d): its programs never look at either
         return fx.cg_in, fx.allowed, 0
+    if fl is not None:
+        fl.detach()
     k.attach()
     if cfg == "b":
         k.set_slot(valid=False)
@@ -328,6 +408,21 @@ def pct_keys() -> tuple[str, ...]:
     return ("p50", "p90", "p95", "p99", "p999", "mean")
 
 
+def above_floor(runs: list[dict], floor: list[dict], base: list[dict]) -> dict[str, dict]:
+    """Per percentile: instructions (icount) above the floor config of the same round, and
+    the same in points of (a): (cfg - floor) / a * 100; median, min and max over rounds."""
+    out: dict[str, dict] = {}
+    for k in ("p50", "p95", "p99", "mean"):
+        d = [(r[k] - f[k], (r[k] - f[k]) / b[k] * 100)
+             for r, f, b in zip(runs, floor, base, strict=True) if b[k] > 0]
+        if not d:
+            continue
+        ins, pts = [x[0] for x in d], [x[1] for x in d]
+        out[k] = {"insns": statistics.median(ins), "insns_min": min(ins), "insns_max": max(ins),
+                  "points": statistics.median(pts), "points_min": min(pts), "points_max": max(pts)}
+    return out
+
+
 def summarise(raw: dict[str, dict[str, list[dict]]], null: list[dict]) -> dict:
     """Per op and config: median over rounds of each percentile, and the per-round ratio to
     (a) of the same round (paired), its median, min and max."""
@@ -335,6 +430,7 @@ def summarise(raw: dict[str, dict[str, list[dict]]], null: list[dict]) -> dict:
     timer = statistics.median(r["p50"] for r in null) if null else 0.0
     for op, by_cfg in raw.items():
         base = by_cfg.get("a", [])
+        floor = by_cfg.get("floor", [])
         out[op] = {}
         for cfg, runs in by_cfg.items():
             s: dict[str, object] = {k: statistics.median(r[k] for r in runs) for k in pct_keys()}
@@ -350,12 +446,15 @@ def summarise(raw: dict[str, dict[str, list[dict]]], null: list[dict]) -> dict:
                 ratios["p50_net_of_timer"] = {"median": statistics.median(net), "min": min(net),
                                               "max": max(net)}
             s["ratio_vs_a"] = ratios
+            if floor and cfg not in ("a", "a2", "floor"):
+                s["above_floor"] = above_floor(runs, floor, base)
             s["rounds"] = len(runs)
             out[op][cfg] = s
     return out
 
 
-def bpf_run_stats(k: Kernel, fx: Fixture, iters: int, cpu: int, configs: list[str]) -> dict:
+def bpf_run_stats(k: Kernel, fl: Floor | None, fx: Fixture, iters: int, cpu: int,
+                  configs: list[str]) -> dict:
     """Average in-program time per invocation (kernel.bpf_stats_enabled), per config.
     Separate from the timed rounds: the stats themselves cost two clock reads a run."""
     path = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -366,9 +465,9 @@ def bpf_run_stats(k: Kernel, fx: Fixture, iters: int, cpu: int, configs: list[st
     out: dict[str, dict] = {}
     try:
         for cfg in configs:
-            if cfg in ("a", "a2"):
+            if cfg in ("a", "a2", "floor"):
                 continue
-            cg, targets, expect = apply_config(k, fx, cfg)
+            cg, targets, expect = apply_config(k, fl, fx, cfg)
             out[cfg] = {}
             for op, n in (("open", iters), ("mmap", iters), ("exec", max(50, iters // 100))):
                 before = k.prog_stats()
@@ -419,6 +518,7 @@ def main() -> int:
                     help="how the guest was booted (recorded in the output; run-overhead sets it)")
     ap.add_argument("--object", default=None, help="BPF object (default: the shipped one)")
     ap.add_argument("--tag", default="", help="names a variant object in the output")
+    ap.add_argument("--floor", default=str(FLOOR), help="the floor object (make -C bench)")
     ap.add_argument("--out", required=True, help="JSON output file")
     args = ap.parse_args()
     configs = args.configs.split(",")
@@ -426,7 +526,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench.overhead runs as root inside a lab guest (bench/run-overhead)", file=sys.stderr)
         return 2
-    if not OPBENCH.exists() or not TINY.exists():
+    if not OPBENCH.exists() or not TINY.exists() or ("floor" in configs and not Path(args.floor).exists()):
         print(f"{OPBENCH} missing: run `make -C bench`", file=sys.stderr)
         return 2
     ncpu = os.cpu_count() or 1
@@ -444,6 +544,13 @@ def main() -> int:
     k = Kernel(obj_path)
     mc1 = memcg_stat(loader_cg)
     vstats = {n: dataclasses.asdict(s) for n, s in k.obj.verifier_stats.items()}
+    assert k.obj._obj is not None
+    # the hooks the loader attaches (a program it does not know is not measured either)
+    main_sections = {sec: n for sec, n in lsm_sections(k.obj._obj).items()
+                     if n in k.obj.report.programs}
+    fl = Floor(Path(args.floor), main_sections) if "floor" in configs else None
+    if fl is not None:
+        log(f"floor {args.floor}: {', '.join(fl.programs)}")
     mem_empty = k.memlock()
     k.attach()
     stage_s = k.stage(fx.policy)
@@ -467,7 +574,7 @@ def main() -> int:
             for op in ops:
                 n = args.exec_iters if op == "exec" else args.iters
                 for cfg in order:
-                    cg, targets, expect = apply_config(k, fx, cfg)
+                    cg, targets, expect = apply_config(k, fl, fx, cfg)
                     before_c = k.counters() if k.attached else None
                     before_r = drainer.records
                     res = run_op(op, targets[op], n, batch=args.batch, cgroup=cg, cpu=cpu,
@@ -487,10 +594,12 @@ def main() -> int:
                     raw[op][cfg].append(res)
                     log(f"round {rnd + 1}/{args.rounds} {op:<4} {cfg:<5} p50={res['p50']:.0f}ns "
                         f"p99={res['p99']:.0f}ns")
-        prog_runtime = (bpf_run_stats(k, fx, args.bpf_stats_iters, cpu, configs)
+        prog_runtime = (bpf_run_stats(k, fl, fx, args.bpf_stats_iters, cpu, configs)
                         if args.bpf_stats_iters else {})
     finally:
         drainer.close()
+        if fl is not None:
+            fl.close()
         k.close()
         umount(ROOT)
         if loader_cg is not None:
@@ -511,6 +620,9 @@ def main() -> int:
             "timer_p50_ns": statistics.median(r["p50"] for r in null) if null else None,
         },
         "verifier": vstats,
+        "hooks": main_sections,
+        "floor": {"object": str(fl.path), "programs": fl.programs,
+                  "object_sha256": hashlib.sha256(fl.path.read_bytes()).hexdigest()} if fl else None,
         "maps_memlock_empty": mem_empty,
         "maps_memlock_loaded": mem_loaded,
         "memcg": memcg,

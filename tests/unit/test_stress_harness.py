@@ -39,3 +39,55 @@ def test_table_says_fail_when_a_gate_fails() -> None:
            "pass": False}
     out = table(res)
     assert "gate mixed_decisions_zero" in out and out.endswith("RESULT: FAIL")
+
+
+# ---------------------------------------------------------------- the rollback loop (issue 15)
+def _loop(tmp_path, mode: str, n: int, **kw):
+    from stress.rollback_loop import LoopConfig, run_loop
+
+    maps = PolicyMaps.fake(8)
+    return maps, run_loop(maps, tmp_path, None, LoopConfig(n, mode, **kw), log=lambda m: None)
+
+
+def test_rollback_loop_flips_between_the_two_generations_every_iteration(tmp_path) -> None:
+    maps, res = _loop(tmp_path, "flip", 7)
+    assert res["pass"] and res["rollbacks_ok"] == 7 and res["success_rate"] == 1.0
+    assert res["latency"]["rollback"]["n"] == 7 and res["latency"]["rollback"]["p99_ms"] > 0
+    # 7 alternating rollbacks starting at A: the last one left A active; nothing new stored
+    st = slots.read_state(maps)
+    assert st.active.generation == res["generations"]["A"]
+    assert st.slots[st.inactive_slot].generation == res["generations"]["B"]
+    assert res["provenance_records"] >= 2 + 7 and res["gates"]["provenance_chain_verifies"]
+
+
+def test_rollback_loop_apply_mode_stages_a_generation_per_iteration(tmp_path) -> None:
+    _, res = _loop(tmp_path, "apply", 3)
+    assert res["pass"] and res["rollbacks_ok"] == 3 and res["latency"]["apply"]["n"] == 3
+
+
+def test_rollback_loop_counts_a_wrong_kernel_decision_and_a_failed_rollback(tmp_path) -> None:
+    from stress.rollback_loop import LoopConfig, run_loop
+
+    maps = PolicyMaps.fake(8)
+    # a "kernel" that never denies: every probe is wrong
+    res = run_loop(maps, tmp_path / "a", None, LoopConfig(4, "flip", probe_every=2),
+                   log=lambda m: None, probe=lambda p: 0)
+    assert res["probes"] == 2 and res["wrong_probes"] == 2 and not res["pass"]
+    assert res["gates"]["rollbacks_all_succeed"] and not res["gates"]["probes_all_right"]
+
+    # the kept slot lost its generation behind the lifecycle's back: the flip is refused
+    # (rollback re-stages it instead), and that is a failed iteration, not a success
+    calls = {"n": 0}
+
+    def probe(_p):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after iteration 0's probes: invalidate the kept slot
+            st = slots.read_state(maps)
+            s = st.inactive_slot
+            maps.config.update(slots.slot_key(s), abi.SLOT_CONFIG.pack(0, 0, 0, 0, 0))
+        return 0
+
+    res = run_loop(maps, tmp_path / "b", None, LoopConfig(3, "flip", probe_every=1),
+                   log=lambda m: None, probe=probe)
+    assert res["failure_count"] >= 1 and not res["gates"]["rollbacks_all_succeed"]
+    assert "wanted a flip" in res["failures"][0]
