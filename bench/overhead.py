@@ -182,7 +182,8 @@ def remove_cgroups(paths: list[Path]) -> None:
 class Kernel:
     """The loaded object plus the knobs the configurations turn."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, storm_window_s: float = 0.0) -> None:
+        self.storm_window_s = storm_window_s
         self.obj = BpfObject(path, pin_root_dir=PIN_ROOT, log_level=4)
         self.obj.open()
         self.obj.load()
@@ -216,6 +217,8 @@ class Kernel:
         t0 = time.monotonic()
         staged = slots.swap(self.pm, cp, 1, int(abi.Mode.ENFORCE))
         self.slot, self.generation = staged.slot, staged.generation
+        if self.storm_window_s:  # deny storms (bpf/storm.bpf.h): (e)/(f) repeat one key
+            slots.set_storm_window(self.pm, int(self.storm_window_s * 1e9))
         return time.monotonic() - t0
 
     def set_slot(self, *, valid: bool, mode: int = int(abi.Mode.ENFORCE)) -> None:
@@ -518,6 +521,8 @@ def main() -> int:
                     help="how the guest was booted (recorded in the output; run-overhead sets it)")
     ap.add_argument("--object", default=None, help="BPF object (default: the shipped one)")
     ap.add_argument("--tag", default="", help="names a variant object in the output")
+    ap.add_argument("--storm-window-s", type=float, default=0.0,
+                    help="deny-storm window (0: off): (e)/(f) then measure the aggregated path")
     ap.add_argument("--floor", default=str(FLOOR), help="the floor object (make -C bench)")
     ap.add_argument("--out", required=True, help="JSON output file")
     args = ap.parse_args()
@@ -541,7 +546,7 @@ def main() -> int:
     fx = make_fixture(args.rules, args.scopes)
     mc0 = memcg_stat(loader_cg)
     obj_path = Path(args.object).resolve() if args.object else default_object_path()
-    k = Kernel(obj_path)
+    k = Kernel(obj_path, args.storm_window_s)
     mc1 = memcg_stat(loader_cg)
     vstats = {n: dataclasses.asdict(s) for n, s in k.obj.verifier_stats.items()}
     assert k.obj._obj is not None
@@ -609,7 +614,7 @@ def main() -> int:
     doc = {
         "schema": "aegis.bench.overhead.v1",
         "meta": {
-            **host_facts(obj_path), "tag": args.tag,
+            **host_facts(obj_path), "tag": args.tag, "storm_window_s": args.storm_window_s,
             "iters": args.iters, "exec_iters": args.exec_iters, "rounds": args.rounds,
             "batch": args.batch, "timing": args.timing,
             "rules": len(fx.policy.rules), "scopes": len(fx.policy.scopes),

@@ -188,6 +188,8 @@ static __always_inline struct aegis_slot_config *active(__u32 hook, __u32 *slot)
 	return sc;
 }
 
+#include "storm.bpf.h" /* after aegis_config and count(): it uses both */
+
 static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
 				  const struct aegis_slot_config *sc, __u32 slot)
 {
@@ -217,6 +219,9 @@ static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
 	enforce = sc->mode == AEGIS_MODE_ENFORCE;
 	count(hook, enforce ? AEGIS_CTR_DENIED : AEGIS_CTR_AUDITED);
 	count_rule(sc->generation, rule->rule_id, hook, enforce);
+	/* a repeat within its key's storm window: counted, no event (bpf/storm.bpf.h) */
+	if (storm_suppress(sc->generation, rule->rule_id, hook, enforce))
+		return enforce ? -EPERM : 0;
 
 	if (enforce)
 		e = bpf_ringbuf_reserve(&aegis_deny_events, sizeof(*e), 0);

@@ -24,6 +24,7 @@
 #define AEGIS_MAX_RULE_COUNTERS 16384         /* (generation, rule, hook) exact counters */
 #define AEGIS_DENY_RING_BYTES (1 << 20)       /* deny ring: small, drained first */
 #define AEGIS_AUDIT_RING_BYTES (4 << 20)      /* audit ring: telemetry, may overflow */
+#define AEGIS_MAX_STORM_KEYS 16384            /* deny-storm keys (bpf/storm.bpf.h) */
 
 enum aegis_hook {
 	AEGIS_HOOK_FILE_OPEN = 0,
@@ -98,7 +99,7 @@ struct aegis_scope {
 struct aegis_control {
 	__u32 active_slot; /* the single word whose write activates a generation */
 	__u32 _pad;
-	__u64 _reserved;
+	__u64 storm_window_ns; /* deny-storm aggregation window (bpf/storm.bpf.h); 0 = off */
 };
 
 struct aegis_slot_config {
@@ -142,6 +143,41 @@ struct aegis_event {
 	__u16 slot;
 	__u16 rule_flags; /* the deciding rule's AEGIS_RULE_* (INHERITED: by rename) */
 	char comm[16];
+};
+
+/*
+ * Deny storms (bpf/storm.bpf.h): the first deny/audit of a key is an event; repeats
+ * within storm_window_ns are counted in the key's value instead (the agent reports them
+ * in aegis.storm.v1 summaries).  The kernel only adds to `suppressed`; the agent keeps
+ * what it reported in aegis_storm_reported (pinned: survives agent restarts).
+ */
+struct aegis_storm_key {
+	__u64 generation;
+	__u64 cgroup_id; /* the task's own cgroup */
+	__u32 rule_id;
+	__u32 hook;
+	__u32 tgid;
+	__u32 decision;  /* enum aegis_decision: a generation's mode can be changed in place */
+};
+
+struct aegis_storm {
+	__u64 first_ns;   /* when the kernel inserted the key (its identity across deletes) */
+	__u64 window_ns;  /* start of the current window (its first decision was an event) */
+	__u64 suppressed; /* decisions folded into summaries, cumulative (atomic add) */
+};
+
+struct aegis_storm_reported {
+	__u64 first_ns;   /* the aegis_storm it belongs to (first_ns differs: a new key) */
+	__u64 reported;   /* suppressed count already reported */
+};
+
+/* aegis_storm_stats (per-CPU array): suppressed and untracked decisions per class */
+enum aegis_storm_stat {
+	AEGIS_STORM_SUPPRESSED_DENY = 0,
+	AEGIS_STORM_SUPPRESSED_AUDIT = 1,
+	AEGIS_STORM_UNTRACKED_DENY = 2,  /* storm map full: an event, not aggregated */
+	AEGIS_STORM_UNTRACKED_AUDIT = 3,
+	AEGIS_STORM_STAT_COUNT = 4,
 };
 
 #endif /* AEGIS_ABI_H */

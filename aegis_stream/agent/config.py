@@ -33,6 +33,9 @@ CONFIG_ENV = "AEGIS_CONFIG"  # another default path; empty: no config file at al
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 FileMode = Annotated[int, msgspec.Meta(ge=0, le=0o777)]
+#: the deny-storm window in seconds (bpf/storm.bpf.h); 0 = off, at most an hour
+StormWindow = Annotated[float, msgspec.Meta(ge=0, le=3600)]
+DEFAULT_STORM_WINDOW_S = 10.0
 
 
 class ConfigError(AegisError):
@@ -72,6 +75,9 @@ class AgentFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     status_file: str | None = None  # default <state_dir>/status.json
     metrics_addr: str | None = None  # HOST:PORT of the Prometheus endpoint; absent: none
     log_format: Literal["text", "json"] = "text"
+    # repeats of one (rule, hook, cgroup, process) deny within this many seconds are counted in
+    # the kernel and summarised (aegis.storm.v1) instead of one event each; 0 = off
+    storm_window_s: StormWindow = DEFAULT_STORM_WINDOW_S
     events: EventsConfig = EventsConfig()
     fleet: FleetConfig = FleetConfig()
 
@@ -144,5 +150,5 @@ def agent_config(doc: AgentFile, *, kafka: str | None = None,
         status_file=doc.status_file, exit_after=exit_after,
         events_max_bytes=ev.max_bytes, events_backups=ev.backups,
         events_compress=ev.compress, events_file_mode=ev.file_mode,
-        kafka=kafka, kafka_host_key=doc.fleet.host_key,
+        kafka=kafka, kafka_host_key=doc.fleet.host_key, storm_window_s=doc.storm_window_s,
     )

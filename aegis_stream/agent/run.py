@@ -44,6 +44,7 @@ from aegis_stream.pipeline import MapsKernelView, Pipeline, PipelineConfig, Pipe
 from aegis_stream.pipeline.normalise import Normaliser
 from aegis_stream.pipeline.schema import StateEvent
 from aegis_stream.pipeline.sinks import Sink, open_sink
+from aegis_stream.pipeline.storms import reporter_for
 from aegis_stream.policy.lifecycle import Lifecycle, ReconcileOutcome
 from aegis_stream.policy.store import PolicyStore, atomic_write, state_dir
 from aegis_stream.processors.degraded import DegradedConfig
@@ -96,6 +97,7 @@ class AgentConfig:
     explain_denies: bool = True
     kafka: str | None = None  # bootstrap of the Kafka sink (docs/FLEET.md); None: no Kafka
     kafka_host_key: str | None = None  # its record key (default: the host name)
+    storm_window_s: float = 10.0  # deny-storm window (bpf/storm.bpf.h); 0 = off
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pipeline_config(self) -> PipelineConfig:
@@ -313,6 +315,9 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
     state = State.AUDITING
     lifecycle = Lifecycle(obj.policy_maps())
     rec = lifecycle.reconcile()  # after a crash mid-apply: exactly old or new, recorded
+    lifecycle.set_storm_window(int(cfg.storm_window_s * 1e9))  # 0: off
+    _log(f"deny-storm window: {cfg.storm_window_s:g} s" if cfg.storm_window_s
+         else "deny-storm aggregation off")
     conditions = reconcile_conditions(rec)
     if rec.status != "clean":
         _log(f"reconciled pinned state: {rec.status}, effective {rec.effective} "
@@ -388,8 +393,9 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
                                       spool_dir=cfg.pipeline_config().spool_dir or ".",
                                       spool_max_bytes=cfg.spool_max_bytes)
         sinks.append(kafka)
-    pipeline = Pipeline(rings, Normaliser(store), sinks, view, config=cfg.pipeline_config(),
-                        on_state=on_state)
+    norm = Normaliser(store)
+    pipeline = Pipeline(rings, norm, sinks, view, config=cfg.pipeline_config(), on_state=on_state,
+                        storms=reporter_for(maps, obj.policy_maps(), norm, libbpf.num_possible_cpus()))
     for code, why in conditions.items():
         pipeline.monitor.set_condition(code, why)
     # every tick: the kernel's active slot, mode and rule map against the signed generation

@@ -73,6 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             {"policy": args.policy, "mode": args.mode, "metrics_addr": args.metrics_addr,
              "status_file": args.status_file, "state_dir": args.state_dir, "pin_root": args.pin_root,
              "log_format": args.log_format, "events.path": args.events,
+             "storm_window_s": args.storm_window,
              "fleet.kafka": args.kafka, "fleet.host_key": args.kafka_host_key})
     except agent_file.ConfigError as exc:
         return _fail(str(exc), 2)
@@ -232,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pin-root", help="bpffs pin root (default $AEGIS_PIN_ROOT or /sys/fs/bpf/aegis)")
     r.add_argument("--log-format", choices=["text", "json"],
                    help="the agent's own log on stderr: text lines (default) or JSON lines")
+    r.add_argument("--storm-window", type=float, metavar="SECONDS",
+                   help="deny-storm window: repeats of one (rule, hook, cgroup, process) decision "
+                        "within it are counted and summarised, not one event each (default 10; "
+                        "0 = off; docs/OPERATIONS.md)")
     r.set_defaults(func=cmd_run)
 
     pol = sub.add_parser("policy", help="policy lifecycle").add_subparsers(

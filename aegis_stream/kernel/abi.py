@@ -19,6 +19,7 @@ MAX_CGROUP_DEPTH: Final = 16
 MAX_RULE_COUNTERS: Final = 16384  # (generation, rule, hook) exact counters
 DENY_RING_BYTES: Final = 1 << 20
 AUDIT_RING_BYTES: Final = 4 << 20
+MAX_STORM_KEYS: Final = 16384  # deny-storm keys (bpf/storm.bpf.h)
 
 
 class Hook(enum.IntEnum):
@@ -137,7 +138,7 @@ RULE_INHERITED: Final = 1 << 1  # inherited by a rename onto a path rule's path
 RULE_PATH: Final = 1 << 2  # compiled from a path: a rename onto the path passes the rule on
 SCOPE_KEY = Layout("aegis_scope_key", (("cgroup_id", "Q"), ("slot", "I"), ("_pad", "I")))
 SCOPE = Layout("aegis_scope", (("scope_id", "I"), ("_pad", "I")))
-CONTROL = Layout("aegis_control", (("active_slot", "I"), ("_pad", "I"), ("_reserved", "Q")))
+CONTROL = Layout("aegis_control", (("active_slot", "I"), ("_pad", "I"), ("storm_window_ns", "Q")))
 SLOT_CONFIG = Layout(
     "aegis_slot_config",
     (("generation", "Q"), ("mode", "I"), ("flags", "I"), ("rule_count", "I"), ("scope_count", "I")),
@@ -171,6 +172,24 @@ EVENT = Layout(
     ),
 )
 
+STORM_KEY = Layout(
+    "aegis_storm_key",
+    (("generation", "Q"), ("cgroup_id", "Q"), ("rule_id", "I"), ("hook", "I"), ("tgid", "I"),
+     ("decision", "I")),
+)
+STORM = Layout("aegis_storm", (("first_ns", "Q"), ("window_ns", "Q"), ("suppressed", "Q")))
+STORM_REPORTED = Layout("aegis_storm_reported", (("first_ns", "Q"), ("reported", "Q")))
+
+
+class StormStat(enum.IntEnum):
+    """Indexes of ``aegis_storm_stats`` (per-CPU u64, ``enum aegis_storm_stat``): decisions folded into
+    storm summaries, and decisions not aggregated because the storm map was full (an event each)."""
+    SUPPRESSED_DENY = 0
+    SUPPRESSED_AUDIT = 1
+    UNTRACKED_DENY = 2
+    UNTRACKED_AUDIT = 3
+
+
 ALL_LAYOUTS: Final = (
     INODE_KEY,
     RULE,
@@ -181,6 +200,9 @@ ALL_LAYOUTS: Final = (
     RULE_COUNTER_KEY,
     RULE_COUNTER,
     EVENT,
+    STORM_KEY,
+    STORM,
+    STORM_REPORTED,
 )
 
 #: map names in aegis.bpf.c
@@ -191,6 +213,9 @@ MAP_COUNTERS: Final = "aegis_counters"
 MAP_RULE_COUNTERS: Final = "aegis_rule_counters"
 MAP_DENY_EVENTS: Final = "aegis_deny_events"
 MAP_AUDIT_EVENTS: Final = "aegis_audit_events"
+MAP_STORMS: Final = "aegis_storms"
+MAP_STORM_REPORTED: Final = "aegis_storm_reported"
+MAP_STORM_STATS: Final = "aegis_storm_stats"
 ALL_MAPS: Final = (
     MAP_RULES,
     MAP_SCOPES,
@@ -199,6 +224,9 @@ ALL_MAPS: Final = (
     MAP_RULE_COUNTERS,
     MAP_DENY_EVENTS,
     MAP_AUDIT_EVENTS,
+    MAP_STORMS,
+    MAP_STORM_REPORTED,
+    MAP_STORM_STATS,
 )
 #: every map's max_entries as aegis.bpf.c declares it (ring buffers: bytes); compared
 #: with the object's BTF map definitions by tests/unit/test_abi_btf.py
@@ -210,4 +238,7 @@ MAP_MAX_ENTRIES: Final = {
     MAP_RULE_COUNTERS: MAX_RULE_COUNTERS,
     MAP_DENY_EVENTS: DENY_RING_BYTES,
     MAP_AUDIT_EVENTS: AUDIT_RING_BYTES,
+    MAP_STORMS: MAX_STORM_KEYS,
+    MAP_STORM_REPORTED: MAX_STORM_KEYS,
+    MAP_STORM_STATS: len(StormStat),
 }

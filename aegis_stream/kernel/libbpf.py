@@ -94,6 +94,8 @@ class _Lib:
             "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
             "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
             "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
+            "bpf_map_lookup_batch": (c_int, [c_int, c_void_p, c_void_p, c_void_p, c_void_p,
+                                             ctypes.POINTER(c_uint32), c_void_p]),
             "bpf_obj_get": (c_int, [c_char_p]),
             "bpf_obj_pin": (c_int, [c_int, c_char_p]),
             "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
@@ -183,6 +185,35 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
             raise KernelError("bpf_map_get_next_key", err=err)
         cur = nxt.raw
         keys.append(cur)
+
+
+def map_lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map in as few BPF_MAP_LOOKUP_BATCH calls as its size
+    allows (one, when the buffers hold ``max_entries``), instead of one get_next_key and
+    one lookup syscall per key.  A key deleted or added meanwhile may be missed or seen:
+    the same as a get_next_key walk.  Raises KernelError (EINVAL on kernels or map types
+    without batch ops: the caller falls back to :func:`map_keys` + :func:`map_lookup`)."""
+    count = max(1, max_entries)
+    keys = ctypes.create_string_buffer(key_size * count)
+    vals = ctypes.create_string_buffer(value_size * count)
+    token_in = ctypes.create_string_buffer(max(8, key_size))
+    token_out = ctypes.create_string_buffer(max(8, key_size))
+    out: list[tuple[bytes, bytes]] = []
+    first = True
+    while True:
+        n = c_uint32(count)
+        ret = lib().bpf_map_lookup_batch(fd, None if first else token_in, token_out, keys, vals,
+                                         ctypes.byref(n), None)
+        err = errno_of(ret) if ret < 0 else 0
+        if err and err != 2:  # ENOENT: this was the last batch
+            raise KernelError("bpf_map_lookup_batch", err=err)
+        kr, vr = keys.raw, vals.raw
+        out.extend((kr[i * key_size:(i + 1) * key_size], vr[i * value_size:(i + 1) * value_size])
+                   for i in range(n.value))
+        if err == 2:
+            return out
+        ctypes.memmove(token_in, token_out, len(token_out))
+        first = False
 
 
 class BpfMapInfo(ctypes.Structure):

@@ -62,6 +62,19 @@ class FdMap:
     def keys(self) -> list[bytes]:
         return libbpf.map_keys(self.fd, self.key_size)
 
+    def items(self) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of a hash map: batched lookups (one syscall for the whole map on
+        6.1+), else a get_next_key walk with one lookup per key."""
+        try:
+            return libbpf.map_lookup_batch(self.fd, self.key_size, self.value_size, self.max_entries)
+        except KernelError:
+            out = []
+            for k in self.keys():
+                v = self.lookup(k)
+                if v is not None:
+                    out.append((k, v))
+            return out
+
     def close(self) -> None:
         if self._owns and self.fd >= 0:
             os.close(self.fd)
@@ -111,6 +124,9 @@ class FakeMap:
 
     def keys(self) -> list[bytes]:
         return list(self.data)
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return list(self.data.items())
 
 
 @dataclass

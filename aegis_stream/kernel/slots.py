@@ -190,9 +190,35 @@ def stage(maps: PolicyMaps, cp: CompiledPolicy, generation: int, mode: int) -> S
     return StagedSlot(slot, generation, got, pruned)
 
 
+def _control(maps: PolicyMaps) -> tuple[int, int]:
+    """(active slot, deny-storm window ns) of the control entry."""
+    raw = maps.config.lookup(CONTROL_KEY)
+    if raw is None:
+        return 0, 0
+    active, _pad, window = abi.CONTROL.unpack(raw[: abi.CONTROL.size])
+    return active, window
+
+
+def _write_control(maps: PolicyMaps, slot: int, window_ns: int) -> None:
+    maps.config.update(CONTROL_KEY, abi.CONTROL.pack(slot, 0, window_ns).ljust(maps.config.value_size, b"\0"))
+
+
 def activate(maps: PolicyMaps, slot: int) -> None:
-    """The single write that switches every hook to ``slot``."""
-    maps.config.update(CONTROL_KEY, abi.CONTROL.pack(slot, 0, 0).ljust(maps.config.value_size, b"\0"))
+    """The single write that switches every hook to ``slot`` (the storm window is kept)."""
+    _write_control(maps, slot, _control(maps)[1])
+
+
+def storm_window_ns(maps: PolicyMaps) -> int:
+    """The deny-storm aggregation window the programs use (bpf/storm.bpf.h); 0 = off."""
+    return _control(maps)[1]
+
+
+def set_storm_window(maps: PolicyMaps, window_ns: int) -> None:
+    """Set the deny-storm window (0: off) in the control entry, keeping the active slot.
+    The caller holds the lifecycle lock (an activation rewrites the same entry)."""
+    if not 0 <= window_ns < 1 << 63:
+        raise ValueError(f"storm window {window_ns} ns out of range")
+    _write_control(maps, _control(maps)[0] & 1, window_ns)
 
 
 def set_slot_mode(maps: PolicyMaps, slot: int, mode: int) -> None:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aegis_stream.kernel.counters import CounterSnapshot
 from aegis_stream.kernel.ringbuf import RingStatistics
 from aegis_stream.pipeline.sinks import SinkStatistics
 from aegis_stream.pipeline.spool import SpoolStatistics
+
+if TYPE_CHECKING:
+    from aegis_stream.pipeline.storms import StormStatistics
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class PipelineStatistics:
     memory_trims: int = 0  # heap trims after a drained burst (aegis_stream.memtrim)
     state_callback_failures: int = 0  # on_state calls that raised (logged each time)
     reason_codes: tuple[str, ...] = ()  # the stable codes of ``reasons``, in order
+    storms: StormStatistics | None = None  # deny-storm summaries (None: not reported)
 
 
 def window_label(seconds: float) -> str:

@@ -186,6 +186,39 @@ class ClassesCollector(StatsCollector):
         yield from (emitted, read, delivered, dropped, inflight)
 
 
+class StormCollector(StatsCollector):
+    """Deny-storm aggregation (bpf/storm.bpf.h): decisions folded into summaries, the keys the kernel
+    tracks against its capacity, and what was not aggregated because the map was full."""
+
+    def families(self, st: PipelineStatistics | None) -> Iterator[Metric]:
+        supp = _c("aegis_deny_storm_suppressed",
+                  "Decisions the kernel folded into deny-storm summaries instead of an event each "
+                  "(since the maps were created)", ["class"])
+        untracked = _c("aegis_deny_storm_untracked",
+                       "Decisions not aggregated because the storm map was full (each was an event)",
+                       ["class"])
+        reported = _c("aegis_deny_storm_reported", "Suppressed decisions in the summaries this agent wrote")
+        summaries = _c("aegis_deny_storm_summaries", "aegis.storm.v1 summary records written")
+        pruned = _c("aegis_deny_storm_pruned_keys", "Storm keys deleted (retired generation, process gone)")
+        errors = _c("aegis_deny_storm_errors", "Storm map reads, commits and deletes that failed")
+        keys = _g("aegis_deny_storm_keys", "Keys in the kernel's storm map at the last tick")
+        cap = _g("aegis_deny_storm_keys_capacity", "The storm map's capacity (keys)")
+        window = _g("aegis_deny_storm_window_seconds", "The aggregation window in force (0: off)")
+        s = st.storms if st is not None else None
+        if s is not None:
+            for k in CLASSES:
+                supp.add_metric([k], s.suppressed.get(k, 0))
+                untracked.add_metric([k], s.untracked.get(k, 0))
+            reported.add_metric([], s.reported)
+            summaries.add_metric([], s.summaries)
+            pruned.add_metric([], s.pruned)
+            errors.add_metric([], s.errors)
+            keys.add_metric([], s.keys)
+            cap.add_metric([], s.capacity)
+            window.add_metric([], s.window_s)
+        yield from (supp, untracked, reported, summaries, pruned, errors, keys, cap, window)
+
+
 class RingsCollector(StatsCollector):
     """Per ring: fill ratio, consumer lag and producer discards, the early warning before a ring overflows."""
 
@@ -378,6 +411,7 @@ COLLECTORS: tuple[Callable[[Sources], Collector], ...] = (
     KernelCountersCollector,
     ClassesCollector,
     RingsCollector,
+    StormCollector,
     SpoolCollector,
     SloCollector,
     SinksCollector,

@@ -25,6 +25,7 @@ from aegis_stream.pipeline.readers import RingReader, spool_feeder
 from aegis_stream.pipeline.schema import StateEvent
 from aegis_stream.pipeline.sinks import Sink, SinkBatch
 from aegis_stream.pipeline.spool import DiskSpool, SpoolStatistics
+from aegis_stream.pipeline.storms import StormReporter
 from aegis_stream.pipeline.ticker import Ticker
 from aegis_stream.pipeline.workers import AuditWorker
 from aegis_stream.pipeline.writers import SinkWriter
@@ -88,6 +89,7 @@ class Pipeline:
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
         on_state: Callable[[StateEvent], None] | None = None,
+        storms: StormReporter | None = None,
     ) -> None:
         self.rings = dict(rings)
         self.norm = normaliser
@@ -100,6 +102,7 @@ class Pipeline:
         self.writer = SinkWriter(self.ctx, self.sinks)
         self.ticker = Ticker(self.ctx, self.rings, kernel, self.writer, clock=clock,
                              wall_clock=wall_clock, on_state=on_state)
+        self.ticker.storms = storms  # deny-storm summaries (None: not reported)
         self._workers: list[AuditWorker] = []
         self._reader_scope: trio.CancelScope | None = None
         self._started = trio.Event()
@@ -289,4 +292,5 @@ class Pipeline:
             derived_failed=self.writer.derived_failed,
             slo_objective=slo.config.objective,
             state_callback_failures=tk.state_callback_failures,
+            storms=tk.storms.statistics() if tk.storms is not None else None,
         )

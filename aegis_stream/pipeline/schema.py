@@ -2,7 +2,7 @@
 
 Every record the agent writes carries its schema name and version in the ``schema``
 field (the msgspec tag): ``aegis.decision.v1``, ``aegis.state.v1``,
-``aegis.explanation.v1``, ``aegis.slo.v1``.  :data:`Event` is the tagged union; decode
+``aegis.explanation.v1``, ``aegis.slo.v1``, ``aegis.storm.v1``.  :data:`Event` is the tagged union; decode
 any line of the event log with :data:`event_decoder`.
 
 Evolution rules (msgspec's, enforced by :func:`compat_problems` against the checked-in
@@ -79,6 +79,38 @@ class DecisionEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.decisi
     policy_signer: str = ""  # key id that signed the generation ("" = unsigned)
     policy_source: str = ""  # the file the generation was applied from (provenance log)
     workload: Workload | None = None  # from cgroup_path; None when the path shows no workload
+
+
+class StormEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.storm.v1", tag_field="schema"):
+    """A deny storm's summary (bpf/storm.bpf.h, docs/OPERATIONS.md "Deny storms"): how many decisions
+    of one key -- (generation, rule, hook, cgroup, process, deny|audit) -- the kernel counted without
+    sending an event each, since the key's previous summary.  The key's first decision, and the first
+    after each window, are ``aegis.decision.v1`` events; decision events + ``suppressed`` of every
+    summary = the kernel's decisions."""
+
+    # "<boot_id8>-storm-<generation>-<rule_index>-<hook>-<cgroup_id>-<pid>-<decision>-<first
+    # ktime>-<suppressed_total>": a summary repeated after an agent crash has the same id
+    event_id: str
+    time: str  # RFC 3339: when the agent read the count
+    host: str
+    hook: str
+    decision: str  # deny | audit
+    rule_id: str  # the policy's rule id ("" when the generation record is missing)
+    rule_index: int
+    generation: int
+    policy_name: str
+    policy_digest: str
+    rule_source: str
+    cgroup_id: int
+    cgroup_path: str
+    pid: int  # process id (tgid)
+    suppressed: int  # decisions folded into this summary
+    suppressed_total: int  # of this key since first_time (this summary included)
+    first_time: str  # RFC 3339 of the key's first decision (an event)
+    window_start: str  # RFC 3339 of the current window's first decision (an event)
+    window_s: float  # the aggregation window in force
+    exe: str = ""  # best effort: empty when the process was gone
+    workload: Workload | None = None  # from cgroup_path
 
 
 class StateEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.state.v1", tag_field="schema"):
@@ -299,8 +331,9 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.status.
     hooks: list[StatusHook]
 
 
-Event = DecisionEvent | StateEvent | ExplanationEvent | SloEvent
-EVENT_TYPES: tuple[type[msgspec.Struct], ...] = (DecisionEvent, StateEvent, ExplanationEvent, SloEvent)
+Event = DecisionEvent | StateEvent | ExplanationEvent | SloEvent | StormEvent
+EVENT_TYPES: tuple[type[msgspec.Struct], ...] = (DecisionEvent, StateEvent, ExplanationEvent, SloEvent,
+                                                 StormEvent)
 event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
 # versioned documents that are not events (CLI output): a schema file each, not in the union
 DOCUMENT_TYPES: tuple[type[msgspec.Struct], ...] = (StatusReport,)

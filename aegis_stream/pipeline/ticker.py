@@ -28,6 +28,7 @@ from aegis_stream.pipeline.kernel_view import KernelView
 from aegis_stream.pipeline.memtrim import release_freed_memory
 from aegis_stream.pipeline.schema import SloEvent, StateEvent
 from aegis_stream.pipeline.sinks import SinkBatch
+from aegis_stream.pipeline.storms import StormReporter
 from aegis_stream.pipeline.writers import SinkWriter
 from aegis_stream.processors.degraded import DegradedMonitor, HealthSample, Transition
 from aegis_stream.processors.slo import AlertChange, DropRateSlo
@@ -72,6 +73,11 @@ class Ticker:
         #: called once per completed tick (the agent pets systemd's watchdog here: a ticker
         #: that stops ticking stops petting); must not raise
         self.on_tick: Callable[[], None] | None = None
+        #: deny-storm summaries (aegis_stream/pipeline/storms.py); None: not reported.  A
+        #: suppressed decision is no event: emitted() subtracts the kernel's per-class count
+        self.storms: StormReporter | None = None
+        self.suppressed: dict[str, int] = dict.fromkeys(CLASSES, 0)
+        self.base_suppressed: dict[str, int] = dict.fromkeys(CLASSES, 0)
 
     def baseline(self) -> None:
         """Where the kernel side stands as the pipeline starts."""
@@ -86,6 +92,11 @@ class Ticker:
             ring = self.rings.get(k)
             a.base_backlog = ring.available_bytes() // RECORD_STRIDE if ring else 0
             a.base_ring_records = (ring.records + ring.discarded + ring.foreign) if ring else 0
+        if self.storms is not None:
+            # suppressed before the decisions: a decision counted in between must not make
+            # the base too small (a phantom drop for ever after, as above)
+            self.base_suppressed = dict(self.storms.counts().suppressed)
+            self.suppressed = dict(self.base_suppressed)
         try:
             snap = self.kernel.counters()
         except Exception as exc:  # counters unreadable: start from zero, say so
@@ -98,7 +109,8 @@ class Ticker:
     def emitted(self, klass: str, snap: CounterSnapshot) -> int:
         """Decisions of ``klass`` since the start (what was in the ring then included)."""
         a = self.ctx.acct[klass]
-        return snap.decisions(klass) - a.base_decisions + a.base_backlog
+        folded = self.suppressed.get(klass, 0) - self.base_suppressed.get(klass, 0)
+        return snap.decisions(klass) - a.base_decisions + a.base_backlog - folded
 
     def tick(self) -> tuple[Transition | None, list[AlertChange]]:
         """One reading: kernel drops per class, SLO windows, health sample."""
@@ -121,6 +133,10 @@ class Ticker:
         lag = {k: r.available_bytes() for k, r in self.rings.items()}
         ring_fill = {k: lag[k] / r.size for k, r in self.rings.items()}
         self.backlog = {k: v // RECORD_STRIDE for k, v in lag.items()}
+        if self.storms is not None:
+            # after the decisions and the ring: a decision counted before and folded since
+            # is then subtracted (never an overstated drop)
+            self.suppressed = dict(self.storms.counts().suppressed)
         acct = self.ctx.acct
         for k in CLASSES:
             a = acct[k]
@@ -270,6 +286,8 @@ class Ticker:
             if changes:
                 evs = [self.slo_event(c) for c in changes]
                 await self.writer.write_derived(SinkBatch("slo", _enc.encode_lines(evs), len(evs)))
+            if self.storms is not None:
+                await self.storms.report(self.writer)
             if self.on_tick is not None:
                 self.on_tick()
             await trio.sleep(self.ctx.config.tick_s)

@@ -254,6 +254,12 @@ class Lifecycle:
         finally:
             os.close(fd)
 
+    def set_storm_window(self, window_ns: int) -> None:
+        """Write the deny-storm aggregation window (0: off) into the kernel's control entry,
+        under the lifecycle lock: an activation rewrites the same entry."""
+        with self._locked():
+            slots.set_storm_window(self.maps, window_ns)
+
     @property
     def pending_path(self) -> Path:
         return self.root / PENDING_NAME

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aegis_stream.kernel import abi, devnum, slots
+from aegis_stream.errors import KernelError
+from aegis_stream.kernel import abi, devnum, libbpf, slots
 from aegis_stream.kernel.events import RawDecision, encode_raw
-from aegis_stream.kernel.maps import PolicyMaps
+from aegis_stream.kernel.maps import FakeMap, PolicyMaps
 from aegis_stream.kernel.ringbuf import RingBuffer
+from aegis_stream.kernel.storms import StormTable
 from aegis_stream.testing._maps import FakePercpuArray, FakePercpuHash
 from aegis_stream.testing._ring import FakeRing
 
@@ -59,6 +61,7 @@ class Truth:
     decisions: dict[str, int] = field(default_factory=lambda: {"deny": 0, "audit": 0})
     written: dict[str, int] = field(default_factory=lambda: {"deny": 0, "audit": 0})
     ring_failed: dict[str, int] = field(default_factory=lambda: {"deny": 0, "audit": 0})
+    suppressed: dict[str, int] = field(default_factory=lambda: {"deny": 0, "audit": 0})  # storms
 
 
 class FakeKernel:
@@ -86,6 +89,11 @@ class FakeKernel:
             abi.MAP_MAX_ENTRIES[abi.MAP_RULE_COUNTERS], ncpu,
         )
         self.policy_maps.rule_counters = self.rule_counters  # slots.stage prunes it
+        # deny storms (bpf/storm.bpf.h)
+        self.storms = FakeMap(abi.MAP_STORMS, abi.STORM_KEY.size, abi.STORM.size, abi.MAX_STORM_KEYS)
+        self.storm_reported = FakeMap(abi.MAP_STORM_REPORTED, abi.STORM_KEY.size, abi.STORM_REPORTED.size,
+                                      abi.MAX_STORM_KEYS)
+        self.storm_stats = FakePercpuArray(abi.MAP_STORM_STATS, len(abi.StormStat), ncpu)
         self.rings = {
             "deny": FakeRing(abi.MAP_DENY_EVENTS, deny_ring_size),
             "audit": FakeRing(abi.MAP_AUDIT_EVENTS, audit_ring_size),
@@ -103,7 +111,15 @@ class FakeKernel:
             abi.MAP_CONFIG: self.policy_maps.config,
             abi.MAP_COUNTERS: self.counters,
             abi.MAP_RULE_COUNTERS: self.rule_counters,
+            abi.MAP_STORMS: self.storms,
+            abi.MAP_STORM_REPORTED: self.storm_reported,
+            abi.MAP_STORM_STATS: self.storm_stats,
         }
+
+    def storm_table(self, **kw: object) -> StormTable:
+        """The agent's reader of this kernel's storm maps (aegis_stream/kernel/storms.py)."""
+        return StormTable(self.storms, self.storm_reported, self.storm_stats, ncpu=self.ncpu,
+                          clock_ns=self.ktime_ns, **kw)  # type: ignore[arg-type]
 
     def consumers(self) -> dict[str, RingBuffer]:
         return {klass: ring.consumer() for klass, ring in self.rings.items()}
@@ -121,6 +137,33 @@ class FakeKernel:
         if not self.rule_counters.insert(key):
             return
         self.rule_counters.data[key][self.cpu % self.ncpu][0 if denied else 1] += n
+
+    def _storm_suppress(self, gen: int, rule_id: int, hook: int, enforce: bool, task: FakeTask) -> bool:
+        """Model of storm_suppress() in bpf/storm.bpf.h: True = folded into the key's count."""
+        window = slots.storm_window_ns(self.policy_maps)
+        if not window:
+            return False
+        dec = abi.Decision.DENY if enforce else abi.Decision.AUDIT
+        key = abi.STORM_KEY.pack(gen, task.cgroup_id, rule_id, hook, task.tgid, dec)
+        now = self.ktime_ns()
+        v = self.storms.lookup(key)
+        if v is None:
+            try:
+                self.storms.update(key, abi.STORM.pack(now, now, 0), libbpf.BPF_NOEXIST)
+            except KernelError:  # full: an event, counted
+                st = abi.StormStat.UNTRACKED_DENY if enforce else abi.StormStat.UNTRACKED_AUDIT
+                self.storm_stats.add(st, self.cpu)
+            return False
+        first, win, n = abi.STORM.unpack(v)
+        if now - win >= window:
+            self.storms.data[key] = abi.STORM.pack(first, now, n)  # a new window, opened by an event
+            return False
+        self.storms.data[key] = abi.STORM.pack(first, win, n + 1)
+        self._count(hook, abi.Counter.SUPPRESSED)
+        self.storm_stats.add(abi.StormStat.SUPPRESSED_DENY if enforce else abi.StormStat.SUPPRESSED_AUDIT,
+                             self.cpu)
+        self.truth.suppressed["deny" if enforce else "audit"] += 1
+        return True
 
     def _slot_config(self) -> tuple[int, tuple[int, ...] | None]:
         ctl = self.policy_maps.config.lookup(_u32.pack(0))
@@ -173,6 +216,9 @@ class FakeKernel:
         self._count(hook, abi.Counter.DENIED if enforce else abi.Counter.AUDITED)
         self._count_rule(generation, rule_id, hook, enforce)
         self.truth.decisions[klass] += 1
+        if self._storm_suppress(generation, rule_id, hook, enforce, task):
+            self.cpu = (self.cpu + 1) % self.ncpu
+            return -EPERM if enforce else 0
         ev = RawDecision(
             abi.ABI_VERSION, int(hook), int(abi.Decision.DENY if enforce else abi.Decision.AUDIT),
             rule_id, generation, self.ktime_ns(), task.cgroup_id, scope, ino, dev, action,

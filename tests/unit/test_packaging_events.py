@@ -104,7 +104,9 @@ async def test_agent_on_fake_kernel_reopens_on_sighup(monkeypatch, tmp_path):
     k = FakeKernel(deny_ring_size=1 << 14, audit_ring_size=1 << 14)
     use_fake_kernel(monkeypatch, k, str(tmp_path / "state"))
     path = tmp_path / "events.jsonl"
-    cfg = agent.AgentConfig(events=str(path), tick_s=0.2, spool_dir=str(tmp_path / "spool"))
+    # storm window 0: each repeat of the one task's deny is an event (aggregation: test_deny_storm)
+    cfg = agent.AgentConfig(events=str(path), tick_s=0.2, spool_dir=str(tmp_path / "spool"),
+                            storm_window_s=0)
     from aegis_stream.testing._world import DEV_SDA1, sample_record
 
     rule = sample_record(7).policy.rules[0]

@@ -31,7 +31,8 @@ def test_checked_in_schema_files_are_current():
 
 def test_every_event_type_has_a_file_and_a_versioned_tag():
     names = {schema.schema_name(t) for t in EVENT_TYPES}
-    assert names == {"aegis.decision.v1", "aegis.state.v1", "aegis.explanation.v1", "aegis.slo.v1"}
+    assert names == {"aegis.decision.v1", "aegis.state.v1", "aegis.explanation.v1", "aegis.slo.v1",
+                     "aegis.storm.v1"}
     for n in names:
         assert (schema.SCHEMA_DIR / f"{n}.json").exists()
         doc = msgspec.json.decode((schema.SCHEMA_DIR / f"{n}.json").read_bytes())
