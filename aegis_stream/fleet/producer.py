@@ -47,6 +47,9 @@ ROUTES: Mapping[str, tuple[str, str, int]] = {
     "explanation": (EXPLANATION_TOPIC, "aegis.explanation.v1", 1),
     "state": (STATE_TOPIC, "aegis.state.v1", 1),
     "slo": (STATE_TOPIC, "aegis.slo.v1", 1),
+    # deny-storm summaries (counts, not decision records: the decision topic's consumers
+    # read aegis.decision.v1 only); appended, so the spool's class codes stay as they were
+    "storm": (STATE_TOPIC, "aegis.storm.v1", 1),
 }
 #: classes that are spooled, never shed (explanations ride with their denies)
 DURABLE = frozenset({"deny", "explanation"})

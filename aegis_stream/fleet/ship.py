@@ -56,7 +56,7 @@ class _Head(msgspec.Struct, frozen=True):
 
 _head = msgspec.json.Decoder(_Head)
 _KLASS_OF_SCHEMA = {"aegis.explanation.v1": "explanation", "aegis.state.v1": "state",
-                    "aegis.slo.v1": "slo"}
+                    "aegis.slo.v1": "slo", "aegis.storm.v1": "storm"}
 
 
 @dataclass
@@ -75,7 +75,7 @@ class ShipResult:
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {self.shipped.get(k, 0)}"
-                          for k in ("deny", "audit", "explanation", "state", "slo"))
+                          for k in ("deny", "audit", "explanation", "state", "slo", "storm"))
         total = sum(self.shipped.values())
         line = (f"shipped {total} records to {self.bootstrap} (cluster {self.cluster_id}): "
                 f"{parts}; skipped {self.already} already shipped, {self.duplicates} duplicate(s); "
