@@ -27,6 +27,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define EPERM 1
 #define PROT_EXEC 0x4
+#define VM_EXEC 0x4 /* include/linux/mm.h, the same on every kernel */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -190,8 +191,10 @@ static __always_inline struct aegis_slot_config *active(__u32 hook, __u32 *slot)
 
 #include "storm.bpf.h" /* after aegis_config and count(): it uses both */
 
-static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
-				  const struct aegis_slot_config *sc, __u32 slot)
+/* the decision on the inode (ino, dev, i_generation): dev is the key's device (the
+ * superblock's s_dev; a btrfs inode's subvolume device: inode_dev()) */
+static __always_inline int decide_id(__u64 ino, __u32 dev, __u32 igen, __u32 hook, __u32 action,
+				     const struct aegis_slot_config *sc, __u32 slot)
 {
 	struct aegis_inode_key key = {};
 	struct aegis_rule *rule;
@@ -199,8 +202,6 @@ static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
 	__s64 scope;
 	bool enforce;
 
-	if (!inode)
-		return 0;
 	count(hook, AEGIS_CTR_EVALUATED);
 	/* scope first: most tasks on a host are outside every selected cgroup */
 	scope = cached_scope(sc, slot);
@@ -209,10 +210,17 @@ static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
 	count(hook, AEGIS_CTR_SCOPE_MATCHED);
 
 	key.slot = slot;
-	key.ino = inode->i_ino;
-	key.dev = inode->i_sb->s_dev;
+	key.ino = ino;
+	key.dev = dev;
 	rule = bpf_map_lookup_elem(&aegis_rules, &key);
-	if (!rule || !(rule->actions & action))
+	if (!rule)
+		return 0;
+	/* (dev, ino) reused by a new file since apply (GAP-INO-REUSE): not the rule's inode */
+	if ((rule->flags & AEGIS_RULE_CHECK_GEN) && rule->i_generation != igen) {
+		count(hook, AEGIS_CTR_STALE);
+		return 0;
+	}
+	if (!(rule->actions & action))
 		return 0;
 	count(hook, AEGIS_CTR_RULE_MATCHED);
 
@@ -257,6 +265,31 @@ static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
 	return enforce ? -EPERM : 0;
 }
 
+static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
+				  const struct aegis_slot_config *sc, __u32 slot)
+{
+	if (!inode)
+		return 0;
+	return decide_id(inode->i_ino, inode_dev(inode), inode->i_generation, hook, action, sc,
+			 slot);
+}
+
+/* the same for an inode reached through a plain (untrusted) pointer: probe reads */
+static __always_inline int decide_untrusted(struct inode *inode, __u32 hook, __u32 action,
+					    const struct aegis_slot_config *sc, __u32 slot)
+{
+	__u32 dev = 0;
+
+	if (!inode)
+		return 0;
+	if (BPF_CORE_READ(inode, i_sb, s_magic) == BTRFS_SUPER_MAGIC)
+		dev = btrfs_subvol_dev(inode);
+	if (!dev)
+		dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	return decide_id(BPF_CORE_READ(inode, i_ino), dev, BPF_CORE_READ(inode, i_generation), hook,
+			 action, sc, slot);
+}
+
 /*
  * Test fixtures (tests/kernel/Makefile builds them; the shipped object has none):
  *   -DAEGIS_SEC_<PROG>='"lsm/no_such_hook"'  hook missing in the kernel: load fails
@@ -271,6 +304,9 @@ static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
 #endif
 #ifndef AEGIS_SEC_MMAP_FILE
 #define AEGIS_SEC_MMAP_FILE "lsm/mmap_file"
+#endif
+#ifndef AEGIS_SEC_FILE_MPROTECT
+#define AEGIS_SEC_FILE_MPROTECT "lsm/file_mprotect"
 #endif
 #if defined(AEGIS_BREAK_VERIFIER) || defined(AEGIS_BREAK_CORE)
 struct inode___aegis_fixture {
@@ -302,7 +338,7 @@ SEC(AEGIS_SEC_FILE_OPEN)
 int BPF_PROG(aegis_file_open, struct file *file, int ret)
 {
 	struct aegis_slot_config *sc;
-	__u32 slot;
+	__u32 slot, action;
 
 	FIXTURE(AEGIS_HOOK_FILE_OPEN, file->f_inode);
 	if (ret)
@@ -313,9 +349,17 @@ int BPF_PROG(aegis_file_open, struct file *file, int ret)
 	/* opens made by execve/uselib (FMODE_EXEC) are exec decisions, taken in
 	 * bprm_check_security (and, in audit mode, also in mmap_file for the loader's
 	 * mapping: docs/POLICY_SEMANTICS.md), not open decisions */
-	if (exec_open(file))
-		return 0;
-	return decide(file->f_inode, AEGIS_HOOK_FILE_OPEN, AEGIS_ACTION_OPEN, sc, slot);
+	action = AEGIS_ACTION_OPEN;
+	if (exec_open(file)) {
+		/* ... except a stacking filesystem's open of the backing file behind the exec'd
+		 * one: the only decision on the real inode of an exec through an overlay
+		 * (GAP-OVL-EXEC; bpf/core_fixes.bpf.h backing_open) */
+		if (!backing_open(file))
+			return 0;
+		action = AEGIS_ACTION_EXEC;
+	}
+	/* one decide() call site: the verifier walks it once */
+	return decide(file->f_inode, AEGIS_HOOK_FILE_OPEN, action, sc, slot);
 }
 
 SEC(AEGIS_SEC_BPRM_CHECK)
@@ -339,7 +383,9 @@ int BPF_PROG(aegis_mmap_file, struct file *file, unsigned long reqprot, unsigned
 	     unsigned long flags, int ret)
 {
 	struct aegis_slot_config *sc;
+	struct file *real;
 	__u32 slot;
+	int err;
 
 	FIXTURE(AEGIS_HOOK_MMAP_FILE, file ? file->f_inode : 0);
 	if (ret)
@@ -350,5 +396,36 @@ int BPF_PROG(aegis_mmap_file, struct file *file, unsigned long reqprot, unsigned
 	sc = active(AEGIS_HOOK_MMAP_FILE, &slot);
 	if (!sc)
 		return 0;
+	/* an overlayfs file maps its real file, which no hook sees (GAP-OVL-EXEC: ld.so
+	 * /merged/bin): decide on the real inode too; a rule on either denies */
+	real = overlay_real_file(file);
+	if (real) {
+		err = decide_untrusted(BPF_CORE_READ(real, f_inode), AEGIS_HOOK_MMAP_FILE,
+				       AEGIS_ACTION_EXEC, sc, slot);
+		if (err)
+			return err;
+	}
 	return decide(file->f_inode, AEGIS_HOOK_MMAP_FILE, AEGIS_ACTION_EXEC, sc, slot);
+}
+
+SEC(AEGIS_SEC_FILE_MPROTECT)
+int BPF_PROG(aegis_file_mprotect, struct vm_area_struct *vma, unsigned long reqprot,
+	     unsigned long prot, int ret)
+{
+	struct aegis_slot_config *sc;
+	struct file *file;
+	__u32 slot;
+
+	file = vma->vm_file;
+	FIXTURE(AEGIS_HOOK_FILE_MPROTECT, file ? file->f_inode : 0);
+	if (ret)
+		return ret;
+	/* mmap(PROT_READ) then mprotect(PROT_EXEC) of a file mapping never reaches mmap_file
+	 * (GAP-MPROTECT); a mapping already executable was decided when it became so */
+	if (!file || !(prot & PROT_EXEC) || (vma->vm_flags & VM_EXEC))
+		return 0;
+	sc = active(AEGIS_HOOK_FILE_MPROTECT, &slot);
+	if (!sc)
+		return 0;
+	return decide(file->f_inode, AEGIS_HOOK_FILE_MPROTECT, AEGIS_ACTION_EXEC, sc, slot);
 }

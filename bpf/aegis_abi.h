@@ -30,7 +30,8 @@ enum aegis_hook {
 	AEGIS_HOOK_FILE_OPEN = 0,
 	AEGIS_HOOK_BPRM_CHECK = 1,
 	AEGIS_HOOK_MMAP_FILE = 2,
-	AEGIS_HOOK_COUNT = 3,
+	AEGIS_HOOK_FILE_MPROTECT = 3, /* PROT_EXEC added to a file mapping (GAP-MPROTECT) */
+	AEGIS_HOOK_COUNT = 4,
 };
 
 enum aegis_decision {

@@ -9,6 +9,8 @@
 #define AEGIS_CORE_FIXES_BPF_H
 
 #include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
 
 /* not in vmlinux.h: both are preprocessor defines in include/linux/fs.h and fcntl.h */
 #define FMODE_EXEC 0x20   /* f_mode bit on kernels that set it at open */
@@ -25,6 +27,121 @@
 static __always_inline bool exec_open(struct file *file)
 {
 	return (file->f_flags & __FMODE_EXEC) || (file->f_mode & FMODE_EXEC);
+}
+
+/*
+ * Is this an in-kernel open of a *backing* file on behalf of a stacking filesystem
+ * (overlayfs opening the lower/upper file behind the file the user opened; FUSE
+ * passthrough on kernels that have it)?  GAP-OVL-EXEC: execve of /merged/bin opens the
+ * overlay file (decided in bprm_check on the overlay inode), and the overlay opens the
+ * real file with the same f_flags, so __FMODE_EXEC as well.  That open is the only hook
+ * that sees the real inode during the exec, so aegis_file_open decides it as an exec.
+ *   v6.1:  open_with_fake_path() -> alloc_empty_file_noaccount(): f_mode FMODE_NOACCOUNT;
+ *   v6.6+: backing_file_open() -> alloc_empty_backing_file(): FMODE_BACKING | FMODE_NOACCOUNT
+ *          ("fs: use backing_file container for internal files with fake f_path").
+ * FMODE_BACKING moved (bit 25 until v6.13, bit 24 since v6.14's fsnotify HSM series:
+ * "fsnotify: use accessor to set FMODE_NONOTIFY_*"); FMODE_NOACCOUNT is bit 29 on every
+ * kernel from v4.19 to 7.x, so it is the one marker read here (no CO-RE choice needed).
+ * The only other NOACCOUNT opens (cachefiles) never carry an exec intent.  The kernel
+ * suite proves it per lab kernel: MNT-025, MNT-031..033.
+ */
+#define FMODE_NOACCOUNT 0x20000000
+
+static __always_inline bool backing_open(struct file *file)
+{
+	return file->f_mode & FMODE_NOACCOUNT;
+}
+
+#define S_IFMT 00170000
+#define S_IFREG 0100000
+#define OVERLAYFS_SUPER_MAGIC 0x794c7630
+#define BTRFS_SUPER_MAGIC 0x9123683E
+
+/*
+ * btrfs (GAP-BTRFS-SUBVOL): every subvolume and snapshot of one filesystem shares the
+ * superblock (one s_dev) and numbers its inodes on its own (the first file of each is
+ * 257), so (s_dev, ino) names one file per subvolume.  A btrfs inode is keyed by its
+ * subvolume's anonymous device instead, BTRFS_I(inode)->root->anon_dev: what stat(2)
+ * reports as st_dev (btrfs_getattr) and what the compiler keys btrfs rules by.
+ * struct btrfs_inode / btrfs_root live in the btrfs module's BTF (6.1, 6.12, 7.x: same
+ * member names); libbpf relocates against it when btrfs is loaded at program load.
+ * Without it (btrfs loaded later) the type-exists check is 0, the branch is dead, and
+ * btrfs inodes keep s_dev: the compiler also writes that key for every btrfs rule
+ * (kernel/slots.py), so the rule still matches (the old, fail-closed collision).
+ */
+struct btrfs_root___aegis {
+	dev_t anon_dev;
+} __attribute__((preserve_access_index));
+
+struct btrfs_inode___aegis {
+	struct btrfs_root___aegis *root;
+	struct inode vfs_inode;
+} __attribute__((preserve_access_index));
+
+/* the subvolume's anon_dev of the btrfs inode at address inode; 0 when unknown */
+static __always_inline __u32 btrfs_subvol_dev(const void *inode)
+{
+	struct btrfs_inode___aegis *bi;
+	struct btrfs_root___aegis *root = 0;
+	__u32 dev = 0;
+
+	if (!bpf_core_type_exists(struct btrfs_inode___aegis))
+		return 0;
+	bi = (void *)((unsigned long)inode -
+		      bpf_core_field_offset(struct btrfs_inode___aegis, vfs_inode));
+	if (bpf_probe_read_kernel(&root, sizeof(root),
+				  (void *)bi + bpf_core_field_offset(struct btrfs_inode___aegis, root)))
+		return 0;
+	if (!root)
+		return 0;
+	bpf_probe_read_kernel(&dev, sizeof(dev),
+			      (void *)root + bpf_core_field_offset(struct btrfs_root___aegis, anon_dev));
+	return dev;
+}
+
+/* the rule key's device of an inode a hook was handed (a trusted pointer): s_dev, or a
+ * btrfs inode's subvolume device (every rule-map key is made with it: decide(), the
+ * rename inheritance of bpf/continuity.bpf.h) */
+static __always_inline __u32 inode_dev(struct inode *inode)
+{
+	struct super_block *sb = inode->i_sb;
+	__u32 dev;
+
+	if (sb->s_magic == BTRFS_SUPER_MAGIC) {
+		dev = btrfs_subvol_dev(inode);
+		if (dev)
+			return dev;
+	}
+	return sb->s_dev;
+}
+
+/*
+ * The file an overlayfs regular file maps (GAP-OVL-EXEC, ld.so /merged/bin): ovl_mmap()
+ * swaps vma->vm_file for the real file and calls no LSM hook for it, so mmap_file only
+ * ever sees the overlay file.  ovl_open() keeps the real file in file->private_data:
+ *   v6.1 .. v6.12: private_data is the real struct file * itself;
+ *   v6.13+: a struct ovl_file { struct file *realfile; struct file *upperfile; }
+ *           ("ovl: allocate a container struct ovl_file for ovl private context").
+ * struct ovl_file is in the overlay module's BTF, which need not be loaded when the
+ * programs load (the first overlay mount loads it), so the layout is chosen by kernel
+ * version (libbpf's LINUX_KERNEL_VERSION); MNT-033 checks it on 6.1, 6.12 and 7.x.
+ * NULL: not an overlayfs regular file, or nothing readable.
+ */
+extern __u32 LINUX_KERNEL_VERSION __kconfig;
+
+static __always_inline struct file *overlay_real_file(struct file *file)
+{
+	struct inode *inode = file->f_inode;
+	struct file *real = 0;
+
+	if (inode->i_sb->s_magic != OVERLAYFS_SUPER_MAGIC || (inode->i_mode & S_IFMT) != S_IFREG)
+		return 0;
+	if (LINUX_KERNEL_VERSION < KERNEL_VERSION(6, 13, 0))
+		return (struct file *)file->private_data;
+	if (!file->private_data ||
+	    bpf_probe_read_kernel(&real, sizeof(real), file->private_data))
+		return 0;
+	return real;
 }
 
 #endif /* AEGIS_CORE_FIXES_BPF_H */

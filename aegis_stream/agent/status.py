@@ -365,7 +365,8 @@ def render(r: StatusReport, codes: Sequence[str] | None = None) -> str:
         lines.append(f"  hook {h.hook}: {'attached (pinned)' if h.pinned else 'NOT attached'}{extra}")
     for hook, c in k.counters.items():
         lines.append(f"  counters {hook}: denied={c.get('denied', 0)} audited={c.get('audited', 0)} "
-                     f"ringbuf_fail={c.get('ringbuf_fail', 0)} no_policy={c.get('no_policy', 0)}")
+                     f"ringbuf_fail={c.get('ringbuf_fail', 0)} no_policy={c.get('no_policy', 0)} "
+                     f"stale={c.get('stale', 0)}")
     if codes is None or len(codes) != len(r.reasons):
         codes = [reasons.code_of(why) for why in r.reasons]
     for code, why in zip(codes, r.reasons, strict=True):

@@ -28,18 +28,21 @@ class Hook(enum.IntEnum):
     FILE_OPEN = 0
     BPRM_CHECK = 1
     MMAP_FILE = 2
+    FILE_MPROTECT = 3  # mprotect(PROT_EXEC) of a file mapping made without it
 
 
 HOOK_NAMES: Final = {
     Hook.FILE_OPEN: "file_open",
     Hook.BPRM_CHECK: "bprm_check_security",
     Hook.MMAP_FILE: "mmap_file",
+    Hook.FILE_MPROTECT: "file_mprotect",
 }
 #: the BPF program attached to each hook, as named in aegis.bpf.c
 HOOK_PROGRAMS: Final = {
     Hook.FILE_OPEN: "aegis_file_open",
     Hook.BPRM_CHECK: "aegis_bprm_check",
     Hook.MMAP_FILE: "aegis_mmap_file",
+    Hook.FILE_MPROTECT: "aegis_file_mprotect",
 }
 
 

@@ -13,7 +13,7 @@ the mount, so :func:`resolve_inode` takes the device from the mount the file liv
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aegis_stream.errors import PolicyError
 
@@ -39,11 +39,15 @@ def split_kernel_dev(kdev: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class InodeId:
-    """An inode as the kernel sees it: (s_dev in kernel encoding, i_ino)."""
+    """An inode as the kernel keys it: (device in kernel encoding, i_ino).  The device is the
+    superblock's s_dev, except on btrfs: the subvolume's anonymous device (st_dev), so that
+    subvolumes that number their inodes alike never share a key (GAP-BTRFS-SUBVOL);
+    ``sb_dev`` is then the superblock's s_dev (0 elsewhere)."""
 
     dev: int
     ino: int
     fstype: str = ""
+    sb_dev: int = field(default=0, compare=False)
 
     def __str__(self) -> str:
         major, minor = split_kernel_dev(self.dev)
@@ -71,6 +75,7 @@ class MountInfo:
     minor: int
     mount_point: str
     fstype: str
+    source: str = ""  # the mount source (a device node for block filesystems)
 
 
 def read_mountinfo(path: str = "/proc/self/mountinfo") -> dict[int, MountInfo]:
@@ -81,7 +86,8 @@ def read_mountinfo(path: str = "/proc/self/mountinfo") -> dict[int, MountInfo]:
             sep = fields.index("-")
             major, minor = fields[2].split(":")
             out[int(fields[0])] = MountInfo(
-                int(fields[0]), int(major), int(minor), fields[4], fields[sep + 1]
+                int(fields[0]), int(major), int(minor), fields[4], fields[sep + 1],
+                fields[sep + 2] if len(fields) > sep + 2 else "",
             )
     return out
 
@@ -116,8 +122,10 @@ def resolve_inode(path: str, *, follow_symlinks: bool = True) -> InodeId:
     """Resolve a path to the inode the kernel hooks will see.
 
     Symlinks are followed (a rule names the file, not the link).  The device comes
-    from the superblock of the mount holding the file (mountinfo), so btrfs
-    subvolumes and other filesystems whose st_dev differs from s_dev still match.
+    from the superblock of the mount holding the file (mountinfo), which is not always
+    st_dev.  btrfs is the exception: the kernel keys its inodes by the subvolume's
+    anonymous device (bpf/core_fixes.bpf.h btrfs_subvol_dev), which is st_dev, and
+    ``sb_dev`` carries the superblock's s_dev.
     """
     flags = os.O_PATH | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
@@ -132,6 +140,9 @@ def resolve_inode(path: str, *, follow_symlinks: bool = True) -> InodeId:
             mnt = None
     finally:
         os.close(fd)
+    if mnt is not None and mnt.fstype == "btrfs":
+        return InodeId(kernel_dev_from_st_dev(st.st_dev), st.st_ino, mnt.fstype,
+                       kernel_dev(mnt.major, mnt.minor))
     if mnt is not None:
         return InodeId(kernel_dev(mnt.major, mnt.minor), st.st_ino, mnt.fstype)
     return InodeId(kernel_dev_from_st_dev(st.st_dev), st.st_ino)

@@ -81,10 +81,18 @@ def read_state(maps: PolicyMaps) -> KernelPolicyState:
 
 
 def _rule_entries(cp: CompiledPolicy, slot: int) -> dict[bytes, bytes]:
-    return {
-        abi.INODE_KEY.pack(r.ino, r.dev, slot): abi.RULE.pack(r.index, r.actions, 0, 0)
+    out = {
+        # CHECK_GEN: a reused (dev, ino) with another i_generation is a miss (GAP-INO-REUSE)
+        abi.INODE_KEY.pack(r.ino, r.dev, slot): abi.RULE.pack(
+            r.index, r.actions, abi.RULE_CHECK_GEN if r.check_gen else 0, r.i_generation or 0)
         for r in cp.rules
     }
+    # btrfs: also the superblock key, for a kernel that could not key by subvolume
+    for r in cp.rules:
+        if r.sb_dev and r.sb_dev != r.dev:
+            value = out[abi.INODE_KEY.pack(r.ino, r.dev, slot)]
+            out.setdefault(abi.INODE_KEY.pack(r.ino, r.sb_dev, slot), value)
+    return out
 
 
 def _scope_entries(cp: CompiledPolicy, slot: int) -> dict[bytes, bytes]:

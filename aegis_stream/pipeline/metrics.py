@@ -148,6 +148,9 @@ class KernelCountersCollector(StatsCollector):
                  f"DEPRECATED: renamed {new}, removed in {gone}. Raw per-hook kernel counters",
                  ["hook", "counter"])
         kd = _c("aegis_kernel_decisions", "Kernel decisions by hook and decision", ["hook", "decision"])
+        ks = _c("aegis_kernel_stale_rule_misses",
+                "(dev, ino) matched a rule whose i_generation differs: a reused inode number, "
+                "not the rule's file (allowed; GAP-INO-REUSE)", ["hook"])
         kf = _c("aegis_kernel_ringbuf_reserve_failures",
                 "Ring-buffer reserves that failed in the kernel (event lost, decision kept)", ["hook"])
         if st is not None:
@@ -158,7 +161,8 @@ class KernelCountersCollector(StatsCollector):
                 kd.add_metric([hook, "deny"], ctrs["denied"])
                 kd.add_metric([hook, "audit"], ctrs["audited"])
                 kf.add_metric([hook], ctrs["ringbuf_fail"])
-        yield from (kc, kd, kf)
+                ks.add_metric([hook], ctrs.get("stale", 0))
+        yield from (kc, kd, kf, ks)
         if self.sources.deprecated:
             yield old
 

@@ -49,7 +49,7 @@ class DecisionEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.decisi
     time: str  # RFC 3339 wall-clock time of the decision
     ktime_ns: int
     host: str
-    hook: str  # file_open | bprm_check_security | mmap_file
+    hook: str  # file_open | bprm_check_security | mmap_file | file_mprotect
     action: str  # open | exec
     decision: str  # deny | audit
     mode: str  # enforce | audit (of the deciding generation)
@@ -296,7 +296,7 @@ class StatusAgent(msgspec.Struct, frozen=True, kw_only=True):
 class StatusHook(msgspec.Struct, frozen=True, kw_only=True):
     """One hook in ``aegis status``: whether the kernel runs its program (pinned link) and what the agent
     reported for it."""
-    hook: str  # file_open | bprm_check_security | mmap_file
+    hook: str  # file_open | bprm_check_security | mmap_file | file_mprotect
     program: str
     pinned: bool  # a pinned link under <pin root>/links: the kernel runs it
     agent_phase: str  # loader phase the agent reported (attached, failed, ...; "" = unknown)

@@ -22,6 +22,7 @@ from aegis_stream.kernel.devnum import (
     read_mountinfo,
     resolve_inode,
 )
+from aegis_stream.kernel.gentrust import generation_immutable
 from aegis_stream.policy.model import Policy, policy_digest
 
 # filesystems where (dev, ino) is not a stable identity for a file
@@ -87,6 +88,14 @@ class CompiledRule(msgspec.Struct, frozen=True):
     # handed to a new file once the old one is deleted (ext4, xfs); the generation tells
     # them apart -- see stale_rules() and docs/POLICY_SEMANTICS.md.
     i_generation: int | None = None
+    # the kernel compares i_generation (AEGIS_RULE_CHECK_GEN): only where no user can
+    # rewrite it (kernel/gentrust.py; GAP-INO-REUSE in docs/BYPASS_CATALOG.md)
+    check_gen: bool = False
+    # btrfs: the superblock's s_dev (``dev`` is the subvolume's device).  The rule is also
+    # written under (sb_dev, ino): the kernel's key when it could not key by subvolume
+    # (btrfs loaded after the programs; bpf/core_fixes.bpf.h), so it matches either way.
+    sb_dev: int = 0
+
 
 
 class CompiledScope(msgspec.Struct, frozen=True):
@@ -198,8 +207,10 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
         for a in rule.actions:
             bits |= abi.ACTION_BITS[a]
         igen = inode_generation(rule.path) if rule.path is not None else None
+        check_gen = igen is not None and generation_immutable(ident.fstype, ident.dev)
         rules.append(
-            CompiledRule(i, rule.id, source, ident.dev, ident.ino, bits, ident.fstype, igen)
+            CompiledRule(i, rule.id, source, ident.dev, ident.ino, bits, ident.fstype, igen,
+                         check_gen, ident.sb_dev)
         )
     scopes: list[CompiledScope] = []
     seen_ids: set[int] = set()

@@ -187,9 +187,10 @@ class FakeKernel:
                 return cg
         return -1
 
-    def decide(self, hook: abi.Hook, dev: int, ino: int, action: int, task: FakeTask | None = None) -> int:
+    def decide(self, hook: abi.Hook, dev: int, ino: int, action: int, task: FakeTask | None = None,
+               i_generation: int | None = None) -> int:
         """Model of decide() in aegis.bpf.c: 0 (allow) or -EPERM.  ``dev`` is the kernel
-        encoding (MAJOR << 20 | MINOR)."""
+        encoding (MAJOR << 20 | MINOR); ``i_generation`` the inode's (None: the rule's own)."""
         task = task or FakeTask()
         hook_name = abi.HOOK_NAMES[hook]
         if hook_name not in self.attached:
@@ -207,7 +208,10 @@ class FakeKernel:
         rule = self.policy_maps.rules.lookup(abi.INODE_KEY.pack(ino, dev, slot))
         if rule is None:
             return 0
-        rule_id, actions, rule_flags, _p = abi.RULE.unpack(rule)
+        rule_id, actions, rule_flags, rule_gen = abi.RULE.unpack(rule)
+        if rule_flags & abi.RULE_CHECK_GEN and i_generation is not None and i_generation != rule_gen:
+            self._count(hook, abi.Counter.STALE)  # a reused (dev, ino): not the rule's inode
+            return 0
         if not actions & action:
             return 0
         self._count(hook, abi.Counter.RULE_MATCHED)

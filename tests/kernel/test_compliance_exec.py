@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 import subprocess
 
-import pytest
-
 from aegis_stream.kernel import abi
 
 from .conftest import EPERM, PROBE, ROOT, Lab, assert_deny_event
 
 EXEC = dict(hook=abi.Hook.BPRM_CHECK, action=abi.ACTION_EXEC)
 MMAP = dict(hook=abi.Hook.MMAP_FILE, action=abi.ACTION_EXEC)
+MPROTECT = dict(hook=abi.Hook.FILE_MPROTECT, action=abi.ACTION_EXEC)
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 
 
@@ -141,15 +140,26 @@ def test_exec_021_memfd_copy_blocked_by_open_rule(lab: Lab):
     assert_deny_event(lab, b)
 
 
-@pytest.mark.xfail(strict=True, reason="GAP-MPROTECT: mmap(PROT_READ) then mprotect(PROT_EXEC) "
-                   "of a file mapping never reaches mmap_file; needs lsm/file_mprotect in "
-                   "bpf/aegis.bpf.c (docs/BYPASS_CATALOG.md)")
 def test_exec_022_mprotect_exec_of_read_mapping(lab: Lab):
-    """EXEC-022: making a read-only mapping of a denied file executable must be denied."""
+    """EXEC-022: mmap(PROT_READ) then mprotect(PROT_EXEC) of a file mapping of an exec-denied
+    file is denied at file_mprotect (GAP-MPROTECT, mitigated); the read mapping was allowed."""
     b = lab.binary("bin/lib-like")
     deny(lab, b)
     out = lab.probe("mprotect_exec", b)
     assert out.errno == EPERM and out.result.get("stage") == "mprotect", out
+    assert '"stage": "mapped_read"' in out.stdout, out  # the exec-only rule let the read map
+    assert_deny_event(lab, b, **MPROTECT)
+
+
+def test_exec_029_mprotect_exec_of_allowed_file(lab: Lab):
+    """EXEC-029: with an exec rule on another file, mprotect(PROT_EXEC) of a read mapping of
+    an allowed file still works, with no event (file_mprotect decides only rule inodes)."""
+    denied = lab.binary("bin/lib-like")
+    allowed = lab.binary("bin/allowed-lib-like")
+    deny(lab, denied)
+    out = lab.probe("mprotect_exec", allowed)
+    assert out.returncode == 0 and out.result == {"ok": True}, out
+    assert lab.events_for(allowed) == [] and lab.events_for(denied) == []
 
 
 def test_exec_023_hardlink_made_after_apply(lab: Lab):

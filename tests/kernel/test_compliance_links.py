@@ -11,10 +11,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from aegis_stream.kernel.counters import read_counters
 from aegis_stream.kernel.devnum import inode_generation, resolve_inode
 from aegis_stream.policy import compiler
 
@@ -138,9 +140,13 @@ def test_link_016_symlink_swap_race(lab: Lab):
 
 def test_link_017_rename_race_between_names(lab: Lab):
     """LINK-017: the denied file and a benign one exchange names 'a'/'b' while a process
-    opens 'a' 3000 times: the decision follows the inode, never the name."""
+    opens 'a' 3000 times: the decision follows the inode, never the name.  The rule is given
+    by inode (a path rule would pass itself to the benign file at the first exchange:
+    PATH-008)."""
     a, b = lab.file("rr/a"), lab.file("rr/b", "benign\n")
-    deny(lab, a)
+    ident = resolve_inode(str(a))
+    lab.apply([{"id": "deny", "inode": f"{ident.dev >> 20}:{ident.dev & 0xFFFFF}:{ident.ino}",
+                "actions": ["open"]}])
     secret = a
     ino = os.stat(a).st_ino
     _race(lab, a, b, a, secret)
@@ -193,8 +199,10 @@ def test_link_020_rename_parent_directory(lab: Lab):
 
 def test_link_021_rename_over_the_rule_path(lab: Lab):
     """LINK-021 (defined): `mv benign <rule path>` replaces the inode behind the path.  The
-    rule stays with the old inode (denied through its remaining hardlink); the new file at
-    the path is allowed with no decision until the policy is re-applied."""
+    new file at the path inherits the path rule in the kernel before the rename returns
+    (bpf/continuity.bpf.h; PATH-006); the old inode keeps its rule (denied through its
+    remaining hardlink).  The compiled generation still names the old inode: stale_rules()
+    reports it, and the agent's watcher restages."""
     f = lab.file("ro21/target")
     keep = lab.files / "ro21" / "old-inode"
     keep.unlink(missing_ok=True)
@@ -202,8 +210,8 @@ def test_link_021_rename_over_the_rule_path(lab: Lab):
     res = deny(lab, f)
     repl = lab.file("ro21/replacement", "replacement\n")
     os.rename(repl, f)
-    assert lab.probe("read", f).result == {"ok": True}
-    assert lab.events_for(f) == []
+    assert lab.probe("read", f).errno == EPERM
+    assert_deny_event(lab, f)
     assert lab.probe("read", keep).errno == EPERM
     assert_deny_event(lab, keep)
     stale = compiler.stale_rules(res.policy)
@@ -221,9 +229,12 @@ def test_link_022_rename_denied_file_over_a_benign_name(lab: Lab):
 
 def test_link_023_rename_exchange_follows_the_inode(lab: Lab):
     """LINK-023: renameat2(RENAME_EXCHANGE) of the denied file and a benign one: the
-    decision moves with the inode to the other name."""
+    decision moves with the inode to the other name.  The rule is given by inode (a path
+    rule also passes itself to the file exchanged onto its path: PATH-008)."""
     a, b = lab.file("ex23/a"), lab.file("ex23/b", "benign\n")
-    deny(lab, a)
+    ident = resolve_inode(str(a))
+    lab.apply([{"id": "deny", "inode": f"{ident.dev >> 20}:{ident.dev & 0xFFFFF}:{ident.ino}",
+                "actions": ["open"]}])
     exchange(a, b)
     assert lab.probe("read", a).result == {"ok": True}
     assert lab.probe("read", b).errno == EPERM
@@ -293,16 +304,60 @@ def test_link_026_stale_rule_on_reused_inode_is_detected(lab: Lab, ext4_victim):
     assert [(s.rule_id, s.reason) for s in stale] == [("deny", "reused")]
 
 
-@pytest.mark.xfail(strict=True, reason="GAP-INO-REUSE: the kernel keys rules by (dev, ino) "
-                   "only, so a new file that reuses a deleted file's inode number inherits its "
-                   "deny; needs the rule's i_generation compared in bpf/aegis.bpf.c decide() "
-                   "(docs/POLICY_SEMANTICS.md section 6)")
+def _stale(lab: Lab) -> int:
+    return read_counters(lab.maps)["hooks"]["file_open"]["stale"]
+
+
 def test_link_027_recreated_file_with_reused_inode_not_denied(lab: Lab, ext4_victim):
-    """LINK-027: a file the policy never named must not be denied because it reuses the
-    inode number of a deleted, denied file."""
+    """LINK-027: a file the policy never named is not denied because it reuses the inode
+    number of a deleted, denied file (GAP-INO-REUSE, mitigated): the rule carries the
+    file's i_generation (ext4 with metadata_csum: CHECK_GEN), the kernel counts the
+    match as stale and allows it, with no event."""
     d, victim = ext4_victim
-    deny(lab, victim)
-    old = resolve_inode(str(victim)).ino
+    res = deny(lab, victim)
+    r = res.policy.rules[0]
+    assert r.check_gen and r.i_generation == inode_generation(str(victim))
+    assert lab.probe("read", victim).errno == EPERM  # the named file: denied
+    assert_deny_event(lab, victim)
     victim.unlink()
-    _reuse_ino(d, victim, old)
+    _reuse_ino(d, victim, r.ino)
+    before = _stale(lab)
     assert lab.probe("read", victim).result == {"ok": True}
+    assert _stale(lab) == before + 1
+    assert lab.events_for(victim) == []
+
+
+def test_link_028_chattr_v_refused_on_a_check_gen_ext4_rule(lab: Lab, ext4_victim):
+    """LINK-028: the generation check cannot be turned into a bypass on ext4 with
+    metadata_csum: the owner's `chattr -v` (FS_IOC_SETVERSION) of a denied file fails, its
+    generation is unchanged and it stays denied."""
+    _d, victim = ext4_victim
+    res = deny(lab, victim)
+    assert res.policy.rules[0].check_gen
+    gen = inode_generation(str(victim))
+    out = subprocess.run(["chattr", "-v", str((gen or 0) + 1), str(victim)],
+                         capture_output=True, text=True)
+    assert out.returncode != 0, out
+    assert inode_generation(str(victim)) == gen
+    assert lab.probe("read", victim).errno == EPERM
+    assert_deny_event(lab, victim)
+
+
+def test_link_029_no_generation_check_where_the_owner_can_rewrite_it(lab: Lab, loopfs):
+    """LINK-029: on ext4 without metadata_csum the owner may rewrite i_generation, so the
+    compiler leaves CHECK_GEN off: after `chattr -v` (which succeeds there) the file is
+    still denied (fail-closed, never a stale miss)."""
+    fs = loopfs("ext4-nocsum")
+    victim = fs.mnt / f"nocsum-{os.urandom(3).hex()}"
+    victim.write_text("old\n")
+    res = deny(lab, victim)
+    assert not res.policy.rules[0].check_gen
+    gen = inode_generation(str(victim))
+    out = subprocess.run(["chattr", "-v", str((gen or 0) + 1), str(victim)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out
+    assert inode_generation(str(victim)) == (gen or 0) + 1
+    before = _stale(lab)
+    assert lab.probe("read", victim).errno == EPERM
+    assert _stale(lab) == before
+    assert_deny_event(lab, victim)

@@ -272,15 +272,78 @@ def test_mnt_024_overlay_ldso_rule_on_merged_path(lab: Lab, ovl):
     assert_deny_event(lab, m, hook=abi.Hook.MMAP_FILE, action=abi.ACTION_EXEC)
 
 
-@pytest.mark.xfail(strict=True, reason="GAP-OVL-EXEC: exec through an overlay is decided on the "
-                   "overlay inode only (bprm->file); the backing open carries __FMODE_EXEC and "
-                   "is skipped, so a rule on the lower path never sees the exec; needs "
-                   "bpf/aegis.bpf.c to decide backing-file exec opens (docs/BYPASS_CATALOG.md)")
+OVL_EXEC = dict(hook=abi.Hook.FILE_OPEN, action=abi.ACTION_EXEC)  # the backing open
+
+
 def test_mnt_025_overlay_exec_rule_on_lower_path(lab: Lab, ovl):
-    """MNT-025: exec through the overlay of a binary whose lower-layer path is denied."""
+    """MNT-025: exec through the overlay of a binary whose lower-layer path is denied: the
+    overlay's exec-intent open of the backing (lower) file is decided as an exec on the
+    lower inode (GAP-OVL-EXEC, mitigated); the event names file_open / exec."""
     low = ovl.lower / "tool"
     deny(lab, low, ("exec",))
     assert lab.probe("exec", ovl.merged / "tool").errno == EPERM
+    assert_deny_event(lab, low, **OVL_EXEC)
+    assert lab.probe("read", ovl.merged / "tool").result == {"ok": True}  # exec-only rule
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_mnt_031_unprivileged_userns_overlay_exec_of_lower_denied_binary(lab: Lab):
+    """MNT-031: the unprivileged route of GAP-OVL-EXEC: a non-root user in the selected
+    cgroup creates a user and mount namespace (unshare -Urm), mounts an overlay whose lower
+    layer is the directory of an exec-denied binary and executes it through the merged path:
+    EPERM, event on the real (lower) inode with the user's uid."""
+    base = ROOT / f"uovl-{tok()}"
+    low, empty, merged = base / "low", base / "empty", base / "merged"
+    for d in (low, empty, merged):
+        d.mkdir(parents=True)
+    shutil.copy2("/bin/true", low / "tool")
+    os.chown(merged, 65534, 65534)
+    deny(lab, low / "tool", ("exec",))
+    script = (f'mount -t overlay overlay -o lowerdir={low}:{empty} {merged} || exit 3; '
+              f'{PROBE} exec {merged}/tool')
+    out = lab.run([*NOBODY, "unshare", "-Urm", "/bin/sh", "-c", script])
+    assert out.returncode != 3, out  # the unprivileged overlay mount itself worked
+    assert out.errno == EPERM, out
+    e = assert_deny_event(lab, low / "tool", **OVL_EXEC)
+    assert e.uid == 65534
+
+
+def test_mnt_032_unprivileged_userns_overlay_denied_interpreter(lab: Lab):
+    """MNT-032: the same user namespace overlay; the exec-denied binary is a shell used as
+    an interpreter: run through the merged path, and named by a script's #! line through
+    the merged path: both EPERM, events on the lower inode."""
+    base = ROOT / f"uovl-{tok()}"
+    low, empty, merged = base / "low", base / "empty", base / "merged"
+    for d in (low, empty, merged):
+        d.mkdir(parents=True)
+    shutil.copy2("/bin/sh", low / "denied-sh")
+    script_file = base / "s.sh"
+    script_file.write_text(f"#!{merged}/denied-sh\nexit 0\n")
+    script_file.chmod(0o755)
+    os.chown(merged, 65534, 65534)
+    deny(lab, low / "denied-sh", ("exec",))
+    script = (f'mount -t overlay overlay -o lowerdir={low}:{empty} {merged} || exit 3; '
+              f'{PROBE} exec {merged}/denied-sh; {PROBE} exec {script_file}')
+    out = lab.run([*NOBODY, "unshare", "-Urm", "/bin/sh", "-c", script])
+    assert out.returncode != 3, out
+    results = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+    assert [r.get("errno") for r in results] == [EPERM, EPERM], out
+    ident = resolve_inode(str(low / "denied-sh"))
+    evs = [e for e in lab.drain() if (e.dev, e.ino) == (ident.dev, ident.ino)]
+    assert len(evs) == 2 and all(e.uid == 65534 for e in evs), evs
+    assert_deny_event(lab, low / "denied-sh", **OVL_EXEC, events=evs)
+
+
+def test_mnt_033_overlay_ldso_rule_on_lower_path(lab: Lab, ovl):
+    """MNT-033: ld.so maps an overlay binary whose lower-layer path is exec-denied: the
+    overlay file's mapping is decided on its real (lower) file too (GAP-OVL-EXEC): the
+    mapping fails, the event names mmap_file and the lower inode."""
+    low = ovl.lower / "tool"
+    deny(lab, low, ("exec",))
+    assert lab.run([LDSO, str(ovl.merged / "tool")]).returncode != 0
+    assert_deny_event(lab, low, hook=abi.Hook.MMAP_FILE, action=abi.ACTION_EXEC)
 
 
 # --- loop-device filesystems ----------------------------------------------------------------
@@ -339,11 +402,13 @@ def test_mnt_011_xfs_loop_exec_denied(lab: Lab, loopfs):
 
 def test_mnt_012_btrfs_top_level_denied_st_dev_is_not_s_dev(lab: Lab, loopfs):
     """MNT-012: btrfs: st_dev is the subvolume's anonymous device, never the superblock's
-    s_dev; the rule (device from mountinfo) still matches."""
+    s_dev; the kernel keys btrfs inodes by the subvolume's device (GAP-BTRFS-SUBVOL), so
+    the rule and the event carry st_dev (the compiler also writes the s_dev key)."""
     f = _fs_file(loopfs, "btrfs", "secret")
     ident = resolve_inode(str(f))
-    assert ident.dev != kernel_dev_from_st_dev(os.stat(f).st_dev)
-    deny(lab, f)
+    assert ident.dev == kernel_dev_from_st_dev(os.stat(f).st_dev) != ident.sb_dev
+    res = deny(lab, f)
+    assert res.policy.rules[0].sb_dev == ident.sb_dev
     assert lab.probe("open", f).errno == EPERM
     e = assert_deny_event(lab, f)
     assert e.dev == ident.dev
@@ -358,7 +423,7 @@ def _subvol(loopfs, name: str) -> Path:
 
 def test_mnt_013_btrfs_subvolume_rule_matches(lab: Lab, loopfs):
     """MNT-013: a file in a btrfs subvolume (st_dev differs from the top level and from
-    s_dev): denied, event dev = s_dev."""
+    s_dev): denied, event dev = the subvolume's device (its st_dev)."""
     sv = _subvol(loopfs, "svA")
     f = sv / "secret"
     f.write_text("secret\n")
@@ -367,7 +432,7 @@ def test_mnt_013_btrfs_subvolume_rule_matches(lab: Lab, loopfs):
     deny(lab, f)
     assert lab.probe("open", f).errno == EPERM
     e = assert_deny_event(lab, f)
-    assert e.dev == resolve_inode(str(top)).dev
+    assert e.dev == kernel_dev_from_st_dev(os.stat(f).st_dev) != resolve_inode(str(top)).dev
 
 
 def test_mnt_014_btrfs_subvolume_exec_denied(lab: Lab, loopfs):
@@ -387,23 +452,45 @@ def test_mnt_015_btrfs_inode_numbers_collide_across_subvolumes(lab: Lab, loopfs)
     (a / "secret").write_text("secret\n")
     (b / "other").write_text("other\n")
     ia, ib = resolve_inode(str(a / "secret")), resolve_inode(str(b / "other"))
-    assert (ia.dev, ia.ino) == (ib.dev, ib.ino)
+    assert (ia.sb_dev, ia.ino) == (ib.sb_dev, ib.ino) and ia.dev != ib.dev
     ha, hb = file_handle(str(a / "secret")), file_handle(str(b / "other"))
     assert ha and hb and btrfs_root_of_handle(ha) != btrfs_root_of_handle(hb)
     assert os.stat(a / "secret").st_dev != os.stat(b / "other").st_dev
 
 
-@pytest.mark.xfail(strict=True, reason="GAP-BTRFS-SUBVOL: the kernel key (s_dev, i_ino) is shared "
-                   "by files of different btrfs subvolumes; needs the subvolume (root->anon_dev) "
-                   "in the key for btrfs inodes in bpf/aegis.bpf.c (docs/POLICY_SEMANTICS.md)")
 def test_mnt_016_btrfs_rule_does_not_deny_another_subvolumes_file(lab: Lab, loopfs):
-    """MNT-016: a rule on a file in subvolume A must not deny an unrelated file of
-    subvolume B that happens to have the same inode number."""
+    """MNT-016: a rule on a file in subvolume A does not deny an unrelated file of
+    subvolume B that has the same inode number (GAP-BTRFS-SUBVOL, mitigated: btrfs inodes
+    are keyed by their subvolume's device); A's file stays denied."""
     a, b = _subvol(loopfs, "svA"), _subvol(loopfs, "svB")
     (a / "secret").write_text("secret\n")
     (b / "other").write_text("other\n")
+    assert os.stat(a / "secret").st_ino == os.stat(b / "other").st_ino
     deny(lab, a / "secret")
     assert lab.probe("read", b / "other").result == {"ok": True}
+    assert lab.probe("read", a / "secret").errno == EPERM
+    assert_deny_event(lab, a / "secret")
+
+
+def test_mnt_034_btrfs_snapshot_is_its_own_subvolume(lab: Lab, loopfs):
+    """MNT-034: a snapshot is a subvolume with its own device: a rule on the snapshot's copy
+    denies that copy and not the original (same inode number); a rule on the original
+    denies the original and not a snapshot's copy (a new inode, like a reflink copy; see
+    BYP-BTRFS-SNAPSHOT in docs/BYPASS_CATALOG.md)."""
+    a = _subvol(loopfs, "svS")
+    (a / "secret").write_text("secret\n")
+    snap = a.parent / f"snap-{tok()}"
+    sh("btrfs", "subvolume", "snapshot", str(a), str(snap))
+    assert os.stat(snap / "secret").st_ino == os.stat(a / "secret").st_ino
+    assert os.stat(snap / "secret").st_dev != os.stat(a / "secret").st_dev
+    deny(lab, snap / "secret")
+    assert lab.probe("read", snap / "secret").errno == EPERM
+    assert_deny_event(lab, snap / "secret")
+    assert lab.probe("read", a / "secret").result == {"ok": True}
+    deny(lab, a / "secret")
+    assert lab.probe("read", a / "secret").errno == EPERM
+    assert_deny_event(lab, a / "secret")
+    assert lab.probe("read", snap / "secret").result == {"ok": True}
 
 
 def test_mnt_026_raw_block_device_read_bypasses_inode_rules(lab: Lab, loopfs):
@@ -474,11 +561,12 @@ def test_mnt_030_device_numbers_and_generations_per_filesystem(lab: Lab, loopfs,
     rows = {}
     for name, p in paths.items():
         ident, st = resolve_inode(str(p)), os.stat(p)
+        s_dev = ident.sb_dev or ident.dev  # btrfs: resolve_inode's dev is the subvolume's
         rows[name] = {
             "fstype": ident.fstype,
-            "s_dev": "{}:{}".format(*split_kernel_dev(ident.dev)),
+            "s_dev": "{}:{}".format(*split_kernel_dev(s_dev)),
             "st_dev": f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",
-            "st_dev_is_s_dev": kernel_dev_from_st_dev(st.st_dev) == ident.dev,
+            "st_dev_is_s_dev": kernel_dev_from_st_dev(st.st_dev) == s_dev,
             "i_generation": inode_generation(str(p)) is not None,
         }
     record_testsuite_property("devnums", json.dumps(rows, sort_keys=True))

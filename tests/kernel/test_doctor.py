@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from aegis_stream.kernel import abi
+
 from .agentlib import aegis
 
 
@@ -27,7 +29,7 @@ def test_doctor_001_ready_with_deny_proof():
     doc = json.loads(out.stdout)
     assert doc["schema"] == "aegis.doctor.v1"
     checks = {c["name"]: c for c in doc["checks"]}
-    for name in ("load:aegis_file_open", "load:aegis_bprm_check", "load:aegis_mmap_file"):
+    for name in (f"load:{p}" for p in abi.HOOK_PROGRAMS.values()):
         assert checks[name]["status"] == "pass", checks[name]
     proof = checks["deny-proof"]
     assert proof["status"] == "pass", proof

@@ -16,7 +16,7 @@ PROBE_OPS = {"open", "read", "exec", "execveat", "fexecve", "mmap_exec", "mmap_r
              "reopen_opath", "handle", "uring_open"}
 HOST_OPS = {"rename", "unlink", "write", "link", "symlink"}
 CGROUPS = {"selected", "child", "other"}
-HOOKS = {"file_open", "bprm_check_security", "mmap_file"}
+HOOKS = {"file_open", "bprm_check_security", "mmap_file", "file_mprotect"}
 DECISIONS = {"deny", "audit"}
 ACTIONS = {"open", "exec"}
 EVENT_KEYS = {"hook", "decision", "action", "rule", "inode", "cgroup", "scope", "comm"}

@@ -85,5 +85,5 @@ def test_object_has_every_required_program_and_map(btf_structs):
     )
     if out.returncode != 0:
         pytest.fail("llvm-objdump missing: install llvm")
-    for sec in ("lsm/file_open", "lsm/bprm_check_security", "lsm/mmap_file", ".maps", ".BTF"):
+    for sec in ("lsm/file_open", "lsm/bprm_check_security", "lsm/mmap_file", "lsm/file_mprotect", ".maps", ".BTF"):
         assert sec in out.stdout, sec

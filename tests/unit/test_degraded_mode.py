@@ -35,7 +35,7 @@ from aegis_stream.testing import FakeKernel, install, make_events, sample_record
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "DEGRADED_MODE.md"
-HOOKS = ["file_open", "bprm_check_security", "mmap_file"]
+HOOKS = [abi.HOOK_NAMES[h] for h in abi.Hook]
 PROGS = list(abi.HOOK_PROGRAMS.values())
 
 
@@ -456,7 +456,7 @@ def test_status_running_agent_states_and_exit_codes():
     assert (r.state, r.exit_code) == ("auditing", 0)
     r = status.judge(kernel_facts(links=PROGS[:2]), agent_facts(True))
     assert r.state == "degraded" and r.reason_codes == ["hooks_missing"] and r.exit_code == 1
-    assert [h.pinned for h in r.hooks] == [True, True, False]
+    assert [h.pinned for h in r.hooks] == [True, True] + [False] * (len(PROGS) - 2)
     r = status.judge(kernel_facts(links=[]), agent_facts(True))
     assert r.state == "blind" and r.reason_codes == ["hooks_none"] and r.exit_code == 2
     r = status.judge(kernel_facts(), agent_facts(True, state="blind",
