@@ -108,12 +108,24 @@ static __always_inline __s64 match_scope(const struct aegis_slot_config *sc, __u
 {
 	struct aegis_scope_key k = { .slot = slot };
 	int level;
+#ifdef AEGIS_NO_TASK_STORAGE
+	struct cgroup___v510 *cg;
+	int own;
+#endif
 
 	if (sc->flags & AEGIS_SLOT_SCOPE_HOST)
 		return 0;
+#ifdef AEGIS_NO_TASK_STORAGE
+	cg = current_dfl_cgroup();
+	own = cg ? BPF_CORE_READ(cg, level) : 0;
+#endif
 	/* the task's cgroup or any ancestor; level 0 is the root cgroup */
 	for (level = 1; level <= AEGIS_MAX_CGROUP_DEPTH; level++) {
+#ifdef AEGIS_NO_TASK_STORAGE
+		__u64 id = ancestor_cgroup_id_v510(cg, own, level);
+#else
 		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
+#endif
 
 		if (!id)
 			break;
@@ -124,6 +136,20 @@ static __always_inline __s64 match_scope(const struct aegis_slot_config *sc, __u
 	return -1;
 }
 
+#ifdef AEGIS_NO_TASK_STORAGE
+/*
+ * The no-task-storage build (Linux 5.10, e.g. Debian 11, Amazon Linux 2): task local
+ * storage (BPF_MAP_TYPE_TASK_STORAGE) and bpf_get_current_task_btf() both arrived in
+ * v5.11 ("bpf: Implement task local storage", "bpf: Add bpf_get_current_task_btf
+ * helper"), so the scope is walked on every decision: the same answer, more
+ * instructions for tasks in deep cgroups.  The agent picks this build by a feature probe
+ * at load (aegis_stream/kernel/builds.py); `aegis doctor` says which build runs.
+ */
+static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __u32 slot)
+{
+	return match_scope(sc, slot);
+}
+#else
 /*
  * Per task: the scope answer for (generation, slot, cgroup id), recomputed when any of
  * them changes.  A generation's scope set never changes once it is active (staging only
@@ -168,6 +194,7 @@ static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __
 	}
 	return s;
 }
+#endif /* AEGIS_NO_TASK_STORAGE */
 
 /* the active slot's config, or NULL (no valid slot: counted, allow) */
 static __always_inline struct aegis_slot_config *active(__u32 hook, __u32 *slot)

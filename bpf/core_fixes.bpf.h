@@ -144,4 +144,39 @@ static __always_inline struct file *overlay_real_file(struct file *file)
 	return real;
 }
 
+#ifdef AEGIS_NO_TASK_STORAGE
+/*
+ * The no-task-storage build (Linux 5.10): LSM programs there may not call
+ * bpf_get_current_ancestor_cgroup_id() (tracing and LSM programs got it in 2021 with
+ * "bpf: Allow bpf_get_current_ancestor_cgroup_id for tracing"; the 5.10 verifier says
+ * "unknown func bpf_get_current_ancestor_cgroup_id#123", measured in the lab), nor
+ * bpf_get_current_task_btf() (v5.11).  So read what that helper reads: the task's default
+ * cgroup and its ancestor_ids[level] (cgroup ids, level 0 = root), a flexible array that
+ * v6.0 replaced by ancestors[] ("cgroup: Replace cgroup->ancestor_ids[] with
+ * ->ancestors[]"); this build only runs where the probe found no task storage (< 5.11).
+ */
+struct cgroup___v510 {
+	int level;
+	__u64 ancestor_ids[];
+} __attribute__((preserve_access_index));
+
+static __always_inline struct cgroup___v510 *current_dfl_cgroup(void)
+{
+	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+
+	return (struct cgroup___v510 *)BPF_CORE_READ(t, cgroups, dfl_cgrp);
+}
+
+/* the ancestor's id at `level`, 0 past the cgroup's own level (what the helper returns) */
+static __always_inline __u64 ancestor_cgroup_id_v510(struct cgroup___v510 *cg, int own, int level)
+{
+	__u64 id = 0;
+
+	if (!cg || level > own)
+		return 0;
+	bpf_core_read(&id, sizeof(id), &cg->ancestor_ids[level]);
+	return id;
+}
+#endif /* AEGIS_NO_TASK_STORAGE */
+
 #endif /* AEGIS_CORE_FIXES_BPF_H */

@@ -22,8 +22,8 @@ import msgspec
 
 from aegis_stream import textsafe
 from aegis_stream.errors import AegisError
-from aegis_stream.kernel import abi, libbpf, slots
-from aegis_stream.kernel.loader import REQUIRED_PROGRAMS, BpfObject, default_object_path
+from aegis_stream.kernel import abi, builds, libbpf, slots
+from aegis_stream.kernel.loader import REQUIRED_PROGRAMS, BpfObject
 from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope, cgroup2_mounts
 
 SCHEMA = "aegis.doctor.v1"
@@ -335,13 +335,21 @@ def synthetic_deny_proof() -> Check:
         shutil.rmtree(mnt, ignore_errors=True)
 
 
+def check_build(choice: builds.BuildChoice) -> Check:
+    """Which build of the programs loads here and why (the feature probe's answer)."""
+    name = choice.build.value if choice.build else "custom"
+    return Check("build", "pass", f"{name} build ({choice.path.name}): {choice.reason}")
+
+
 def run_doctor() -> DoctorReport:
     ctx = Ctx()
     checks = [f(ctx) for f in (check_kernel, check_config, check_btf, check_lsm, check_bpffs, check_cgroup2,
                               check_caps, check_lockdown, check_ptrace_scope, check_memlock)]
-    if not default_object_path().exists():
-        checks.append(Check("object", "fail", f"{default_object_path()} missing", "make -C bpf"))
+    choice = builds.choose_build()
+    if not choice.path.exists():
+        checks.append(Check("object", "fail", f"{choice.path} missing", "make -C bpf"))
     else:
+        checks.append(check_build(choice))
         probes = [probe_program(p, ctx.lsm_has_bpf) for p in REQUIRED_PROGRAMS]
         checks += probes
         if all(c.status == "pass" for c in probes):

@@ -100,6 +100,7 @@ class _Lib:
             "bpf_obj_pin": (c_int, [c_int, c_char_p]),
             "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
             "libbpf_num_possible_cpus": (c_int, []),
+            "libbpf_probe_bpf_map_type": (c_int, [c_int, c_void_p]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(self.lib, name)

@@ -15,12 +15,11 @@ import ctypes
 import os
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from aegis_stream.errors import AttachError, KernelError, LoadError, NoAgentError
-from aegis_stream.kernel import abi, libbpf
+from aegis_stream.kernel import abi, builds, libbpf
 from aegis_stream.kernel.maps import FdMap, PolicyMaps
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/aegis"
@@ -35,10 +34,9 @@ def pin_root() -> str:
 
 
 def default_object_path() -> Path:
-    env = os.environ.get("AEGIS_BPF_OBJECT")
-    if env:
-        return Path(env)
-    return Path(str(resources.files("aegis_stream") / "bpf" / "aegis.bpf.o"))
+    """The object to load on this kernel: ``AEGIS_BPF_OBJECT``, else the build the feature
+    probe picks (aegis_stream/kernel/builds.py)."""
+    return builds.choose_build().path
 
 
 @dataclass

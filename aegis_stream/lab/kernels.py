@@ -40,7 +40,7 @@ from aegis_stream.lab.apt import (
 )
 
 # series -> Debian suite that ships it
-KERNELS: dict[str, str] = {"6.1": "bookworm", "6.12": "trixie", "7": "sid"}
+KERNELS: dict[str, str] = {"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie", "7": "sid"}
 
 DEFAULT_SERIES = "6.1"
 DEFAULT_CACHE = "~/.cache/aegis/kernels"

@@ -6,15 +6,20 @@ import subprocess
 
 import pytest
 
-from aegis_stream.kernel import abi
-from aegis_stream.kernel.loader import default_object_path
+from aegis_stream.kernel import abi, builds
+
+
+@pytest.fixture(scope="module", params=list(builds.Build))
+def bpf_object(request):
+    """Both shipped builds (task-storage and no-task-storage) must match the mirror."""
+    return builds.packaged_object(request.param)
 
 
 @pytest.fixture(scope="module")
-def btf_types():
+def btf_types(bpf_object):
     bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
     out = subprocess.run(
-        [bpftool, "-j", "btf", "dump", "file", str(default_object_path())],
+        [bpftool, "-j", "btf", "dump", "file", str(bpf_object)],
         capture_output=True, text=True, check=True,
     )
     return {t["id"]: t for t in json.loads(out.stdout)["types"]}
@@ -79,9 +84,9 @@ def test_abi_version_matches_header():
         assert m and int(m.group(1)) << int(m.group(2)) == getattr(abi, name), name
 
 
-def test_object_has_every_required_program_and_map(btf_structs):
+def test_object_has_every_required_program_and_map(btf_structs, bpf_object):
     out = subprocess.run(
-        ["llvm-objdump", "-h", str(default_object_path())], capture_output=True, text=True
+        ["llvm-objdump", "-h", str(bpf_object)], capture_output=True, text=True
     )
     if out.returncode != 0:
         pytest.fail("llvm-objdump missing: install llvm")

@@ -25,7 +25,7 @@ def test_ptrace_scope_check(tmp_path, scope, status) -> None:
 
 def test_doctor_runs_the_check(tmp_path, monkeypatch) -> None:
     # no BPF object: the load probes and the deny proof are skipped, the host checks run
-    monkeypatch.setattr(doctor, "default_object_path", lambda: tmp_path / "missing.bpf.o")
+    monkeypatch.setenv("AEGIS_BPF_OBJECT", str(tmp_path / "missing.bpf.o"))
     rep = doctor.run_doctor()
     c = next(c for c in rep.checks if c.name == "ptrace-scope")
     assert c == doctor.check_ptrace_scope(doctor.Ctx())
