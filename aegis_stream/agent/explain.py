@@ -103,7 +103,8 @@ def render(x: ExplanationEvent) -> str:
         + f" in {x.task.cgroup_path or x.task.cgroup_id}",
         f"  hook     {x.hook} (action {x.action}, mode {x.mode})",
         f"  rule     {x.rule.id or '?'} (index {x.rule.index}) {x.rule.source} -> inode {x.rule.inode}"
-        + (f" [{','.join(x.rule.actions)}]" if x.rule.actions else ""),
+        + (f" [{','.join(x.rule.actions)}]" if x.rule.actions else "")
+        + (f" ({x.rule.via})" if x.rule.via else ""),
         f"  policy   {x.policy.name} v{x.policy.version} generation {x.generation} "
         f"digest {x.policy.digest} signed by {x.policy.signer or 'nobody (unsigned)'}",
     ]

@@ -30,6 +30,14 @@ the last one verified, so a quiet tick reads no file.  A mismatch while the life
 is held (an apply, rollback or break-glass between its kernel write and its record) is
 given ``grace_s`` to settle; after that it is reported whoever holds the lock.
 
+Entries the kernel adds by itself are not tampering: on a rename onto a path rule's path
+the ``inode_rename`` program (bpf/continuity.bpf.h) gives the renamed inode the rule, flagged
+``RULE_INHERITED``.  Such an entry is tolerated when its rule_id is a path rule of the
+generation and its actions are that rule's (counted in :attr:`IntegrityReport.inherited`;
+:attr:`IntegrityChecker.on_inherited` asks the path watcher to re-resolve, so the next
+generation names the new inode itself); an inherited entry for an inode rule, an unknown
+rule or with other actions is reported like any other write.
+
 Findings are :class:`~aegis_stream.agent.health.Reason` s with the code
 ``policy_tampered`` (degraded); break-glass in effect is reported too, as ``break_glass``
 (degraded: nothing, or nothing more, is denied, by the operator's recorded choice).
@@ -62,7 +70,7 @@ from aegis_stream.policy.store import GenerationRecord, PolicyStore, state_dir
 
 GRACE_S = 5.0  # a lifecycle operation holding the lock may be mid-way for this long
 TAIL_BYTES = 256 << 10  # provenance tail read when the kernel state changed
-ACTIVATIONS = ("apply", "rollback")
+ACTIVATIONS = ("apply", "rollback", "restage")
 LOCK_NAME = "lifecycle.lock"
 CODES = (ReasonCode.POLICY_TAMPERED, ReasonCode.BREAK_GLASS)
 
@@ -254,6 +262,7 @@ class IntegrityReport:
     mode: str
     findings: list[Reason] = field(default_factory=list)
     deferred: bool = False  # a mismatch seen while the lifecycle lock is held, within grace
+    inherited: int = 0  # entries the kernel's rename hook added (tolerated, see the module)
     seconds: float = 0.0  # how long the check took
 
     @property
@@ -280,6 +289,10 @@ class IntegrityChecker:
         self._mismatch_since: float | None = None
         self.checks = 0
         self.last: IntegrityReport | None = None
+        #: called when the set of tolerated kernel-inherited entries changes (non-empty):
+        #: the agent's path watcher re-resolves the path rules
+        self.on_inherited: Callable[[], None] | None = None
+        self._inherited_seen = b""
 
     # ------------------------------------------------------------------ sources
     def _record(self, gen: int) -> GenerationRecord | None:
@@ -366,7 +379,7 @@ class IntegrityChecker:
             self._expectation = self.expectation()
         exp = self._expectation
         assert exp is not None
-        problems = self._compare(st, exp, bg_method)
+        problems = self._compare(st, exp, bg_method, rep)
         if not problems:
             self._verified, self._verified_bg = key, bg_method
             self._mismatch_since = None
@@ -383,7 +396,8 @@ class IntegrityChecker:
                             for p in problems)
         return rep
 
-    def _compare(self, st: slots.KernelPolicyState, exp: Expectation, bg_method: str) -> list[str]:
+    def _compare(self, st: slots.KernelPolicyState, exp: Expectation, bg_method: str,
+                 rep: IntegrityReport | None = None) -> list[str]:
         a, slot = st.active, st.active_slot
         out: list[str] = []
         if not a.valid:
@@ -418,12 +432,28 @@ class IntegrityChecker:
                        f"{', host-wide' if host else ''}; generation {gen} has {len(cp.rules)}, "
                        f"{len(cp.scopes)}{', host-wide' if cp.host_scope else ''}")
         want_r, want_s = self._entries(rec, slot)
-        rules_ok = slot_table(self.maps.rules, _RULE_DT, slot) == want_r
+        got_rules = slot_table(self.maps.rules, _RULE_DT, slot)
+        rules_ok = got_rules == want_r
+        if rules_ok:
+            self._inherited_seen = b""
+        else:
+            got_rules, inherited = _without_inherited(got_rules, cp)
+            if len(inherited):
+                if rep is not None:
+                    rep.inherited = len(inherited)
+                seen = inherited.tobytes()
+                if seen != self._inherited_seen and self.on_inherited is not None:
+                    self.on_inherited()
+                self._inherited_seen = seen
+                rules_ok = got_rules == want_r
+            else:
+                self._inherited_seen = b""
         scopes_ok = slot_table(self.maps.scopes, _SCOPE_DT, slot) == want_s
         if rules_ok and scopes_ok:
             return out
         exp_r, exp_s = expected_entries(cp, slot)  # a mismatch: the full diff, to name it
         got_r, got_s = slot_entries(self.maps, slot)
+        got_r = frozenset(e for e in got_r if not _legit_inherited(cp, e[abi.INODE_KEY.size:]))
         if not rules_ok:
             out.append(f"rule map, slot {slot} (generation {gen}): "
                        + (_describe_rules(cp, slot, exp_r, got_r) or "changed while read"))
@@ -444,6 +474,37 @@ class IntegrityChecker:
                 out[c] = texts[0] + "".join(
                     "; " + (t[len(prefix):] if t.startswith(prefix) else t) for t in texts[1:])
         return out
+
+
+def _path_actions(cp: CompiledPolicy) -> np.ndarray:
+    """rule_id -> the actions of a path rule (-1: not a path rule)."""
+    out = np.full(len(cp.rules), -1, dtype=np.int64)
+    for r in cp.rules:
+        if not r.source.startswith("inode:") and 0 <= r.index < len(out):
+            out[r.index] = r.actions
+    return out
+
+
+def _without_inherited(t: SlotTable, cp: CompiledPolicy) -> tuple[SlotTable, np.ndarray]:
+    """``t`` less the entries the kernel's rename hook added legitimately (flag
+    RULE_INHERITED, a path rule's rule_id and its actions), and the keys of those."""
+    v = t.values
+    inh = (v["flags"] & abi.RULE_INHERITED) != 0
+    if not inh.any() or not cp.rules:
+        return t, t.keys[:0]
+    rid = v["rule_id"].astype(np.int64)
+    known = rid < len(cp.rules)
+    acts = _path_actions(cp)[np.where(known, rid, 0)]
+    legit = inh & known & (acts >= 0) & (acts == v["actions"].astype(np.int64))
+    return SlotTable(t.keys[~legit], v[~legit]), t.keys[legit]
+
+
+def _legit_inherited(cp: CompiledPolicy, value: bytes) -> bool:
+    rule_id, actions, flags, _gen = abi.RULE.unpack(value)
+    if not flags & abi.RULE_INHERITED or rule_id >= len(cp.rules):
+        return False
+    r = cp.rules[rule_id]
+    return r.index == rule_id and not r.source.startswith("inode:") and r.actions == actions
 
 
 def _expectation_of(lines: list[bytes]) -> Expectation | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from aegis_stream.errors import KernelError, StateError
 from aegis_stream.kernel import abi, counters
 from aegis_stream.kernel.maps import PolicyMaps
-from aegis_stream.policy.compiler import CompiledPolicy
+from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule
 
 CONTROL_KEY = struct.pack("<I", 0)
 # in-flight decisions that read the old control word finish within microseconds
@@ -80,18 +80,32 @@ def read_state(maps: PolicyMaps) -> KernelPolicyState:
     return KernelPolicyState(active, (slots[0], slots[1]))
 
 
+def rule_value(r: CompiledRule) -> bytes:
+    """A rule's kernel entry: RULE_PATH for a rule compiled from a path, so that a file renamed
+    over the path inherits it before the rename returns (bpf/continuity.bpf.h); a rule given
+    by inode names that inode only.  i_generation as the compiler recorded it (0: unknown)."""
+    flags = 0 if r.source.startswith("inode:") else abi.RULE_PATH
+    if r.check_gen:  # a reused (dev, ino) with another i_generation is a miss (GAP-INO-REUSE)
+        flags |= abi.RULE_CHECK_GEN
+    return abi.RULE.pack(r.index, r.actions, flags, r.i_generation or 0)
+
+
 def _rule_entries(cp: CompiledPolicy, slot: int) -> dict[bytes, bytes]:
     out = {
-        # CHECK_GEN: a reused (dev, ino) with another i_generation is a miss (GAP-INO-REUSE)
-        abi.INODE_KEY.pack(r.ino, r.dev, slot): abi.RULE.pack(
-            r.index, r.actions, abi.RULE_CHECK_GEN if r.check_gen else 0, r.i_generation or 0)
+        abi.INODE_KEY.pack(r.ino, r.dev, slot): rule_value(r)
         for r in cp.rules
     }
     # btrfs: also the superblock key, for a kernel that could not key by subvolume
     for r in cp.rules:
         if r.sb_dev and r.sb_dev != r.dev:
-            value = out[abi.INODE_KEY.pack(r.ino, r.dev, slot)]
-            out.setdefault(abi.INODE_KEY.pack(r.ino, r.sb_dev, slot), value)
+            out.setdefault(abi.INODE_KEY.pack(r.ino, r.sb_dev, slot), rule_value(r))
+    # a path rule's earlier inodes (policy/continuity.py), under the rule's index; never a
+    # key a rule holds (the restage drops such a carried inode)
+    # (no RULE_PATH: a carried inode is no longer at the path, a rename onto it inherits nothing)
+    for c in cp.carried:
+        flags = abi.RULE_CHECK_GEN if c.check_gen and c.i_generation is not None else 0
+        out.setdefault(abi.INODE_KEY.pack(c.ino, c.dev, slot),
+                       abi.RULE.pack(c.index, c.actions, flags, c.i_generation or 0))
     return out
 
 
@@ -109,11 +123,22 @@ def _slot_of_scope_key(key: bytes) -> int:
     return abi.SCOPE_KEY.unpack(key)[1]
 
 
+def _inherited(value: bytes) -> bool:
+    """An entry the kernel added when a file was renamed over a path rule's path (not the
+    generation's own: bpf/continuity.bpf.h)."""
+    return len(value) >= abi.RULE.size and bool(abi.RULE.unpack(value[: abi.RULE.size])[2]
+                                                 & abi.RULE_INHERITED)
+
+
 def slot_digest(maps: PolicyMaps, slot: int) -> str:
-    """Digest of what the kernel holds for one slot, read back from the maps."""
+    """Digest of what the agent wrote for one slot, read back from the maps.  Entries the
+    kernel inherited on a rename onto a path rule's path are left out: they may appear in
+    either slot at any time (also while this one is staged) and are not the generation's."""
     h = hashlib.sha256()
     rules = sorted(
-        (k, maps.rules.lookup(k) or b"") for k in maps.rules.keys() if _slot_of_rule_key(k) == slot
+        kv for kv in ((k, maps.rules.lookup(k) or b"") for k in maps.rules.keys()
+                      if _slot_of_rule_key(k) == slot)
+        if not _inherited(kv[1])
     )
     scopes = sorted(
         (k, maps.scopes.lookup(k) or b"")

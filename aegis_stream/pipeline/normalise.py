@@ -303,7 +303,7 @@ class GenerationIndex:
         try:
             for rec in ProvenanceLog(self.store.root).records():
                 if (rec.get("generation") == gen and rec.get("result", "ok") == "ok"
-                        and rec.get("action") in ("apply", "rollback")):
+                        and rec.get("action") in ("apply", "rollback", "restage")):
                     origin = str(rec.get("origin", "") or origin)
         except StateError:
             return ""
@@ -394,7 +394,7 @@ class Normaliser:
     def _context_fields(
         self, abi_version: int, hook: int, decision: int, rule_index: int, generation: int,
         cgroup_id: int, scope_cgroup_id: int, ino: int, dev: int, action: int, uid: int, gid: int,
-        mode: int, slot: int, comm: str,
+        mode: int, slot: int, comm: str, rule_flags: int = 0,
     ) -> tuple[dict, tuple[str, ...]]:
         missing: list[str] = []
         info = self.generations.get(generation)
@@ -440,13 +440,14 @@ class Normaliser:
             policy_signer=rec.signer if rec else "",
             policy_source=info.source if info else "",
             workload=self.workloads.lookup(cgroup_id, cg_path),
+            inherited=bool(rule_flags & abi.RULE_INHERITED),
         )
         return fields, tuple(missing)
 
     def normalise(self, raw: RawDecision) -> DecisionEvent:
         key = (raw.abi_version, raw.hook, raw.decision, raw.rule_id, raw.generation, raw.cgroup_id,
                raw.scope_cgroup_id, raw.ino, raw.dev, raw.action, raw.uid, raw.gid, raw.mode,
-               raw.slot, raw.comm)
+               raw.slot, raw.comm, raw.rule_flags)
         cache = self._ref_contexts
         hit = cache.get_fresh(key)
         if hit is not None:
@@ -524,7 +525,7 @@ class Normaliser:
             int(rec["abi_version"]), int(rec["hook"]), int(rec["decision"]), int(rec["rule_id"]),
             int(rec["generation"]), int(rec["cgroup_id"]), int(rec["scope_cgroup_id"]),
             int(rec["ino"]), int(rec["dev"]), int(rec["action"]), int(rec["uid"]), int(rec["gid"]),
-            int(rec["mode"]), int(rec["slot"]), comm,
+            int(rec["mode"]), int(rec["slot"]), comm, int(rec["rule_flags"]),
         )
         ctx = _Context(fields, missing)
         ctx.segs = self._render(ctx)

@@ -79,6 +79,9 @@ class DecisionEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.decisi
     policy_signer: str = ""  # key id that signed the generation ("" = unsigned)
     policy_source: str = ""  # the file the generation was applied from (provenance log)
     workload: Workload | None = None  # from cgroup_path; None when the path shows no workload
+    # the deciding rule was inherited in the kernel: the file was renamed over the rule's
+    # path, and the rule passed to it (bpf/continuity.bpf.h; docs/POLICY_SEMANTICS.md)
+    inherited: bool = False
 
 
 class StormEvent(msgspec.Struct, frozen=True, kw_only=True, tag="aegis.storm.v1", tag_field="schema"):
@@ -174,6 +177,10 @@ class ExplainedRule(msgspec.Struct, frozen=True, kw_only=True):
     source: str  # the path (or inode literal) the rule was compiled from
     inode: str  # MAJOR:MINOR:INO the kernel matched
     actions: list[str]
+    # how that inode holds the rule: "" the inode the path names (or the inode rule's),
+    # "inherited" renamed over the rule's path (the kernel passed the rule on), "carried" an
+    # earlier inode of the rule's path, kept while it exists (a restaged generation)
+    via: str = ""
 
 
 class ExplainedPolicy(msgspec.Struct, frozen=True, kw_only=True):

@@ -97,6 +97,20 @@ class CompiledRule(msgspec.Struct, frozen=True):
     sb_dev: int = 0
 
 
+class CarriedInode(msgspec.Struct, frozen=True):
+    """An inode a path rule named before its path moved (policy/continuity.py): kept in the
+    kernel under the rule's ``index`` while it exists, so a file renamed away or still open
+    stays protected; dropped once it is gone (its file handle no longer opens)."""
+    index: int  # the rule's kernel rule_id
+    id: str
+    source: str  # the rule's path
+    dev: int
+    ino: int
+    actions: int
+    fstype: str = ""
+    i_generation: int | None = None
+    check_gen: bool = False  # as the rule had it: a reused number is a miss, not a deny
+
 
 class CompiledScope(msgspec.Struct, frozen=True):
     """One scope resolved to its cgroup v2 id (the id the kernel compares against) at apply time."""
@@ -105,16 +119,19 @@ class CompiledScope(msgspec.Struct, frozen=True):
     cgroup_id: int
 
 
-class CompiledPolicy(msgspec.Struct, frozen=True):
+class CompiledPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
     """A policy resolved for the kernel: rules as (dev, ino) keys in kernel rule_id order, scopes as
     cgroup ids (none: host-wide).  It is stored with every generation, so an event's rule_id and
-    generation always name exactly the entry that decided; the ``digest`` is the source policy's."""
+    generation always name exactly the entry that decided; the ``digest`` is the source policy's.
+    ``carried``: the earlier inodes of path rules whose path moved, still protected under the
+    rule's index (a restage, policy/continuity.py; empty after a plain compile)."""
     name: str
     version: int
     mode: str
     digest: str
     rules: list[CompiledRule]
     scopes: list[CompiledScope]
+    carried: list[CarriedInode] = []
 
     @property
     def host_scope(self) -> bool:

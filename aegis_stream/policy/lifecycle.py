@@ -19,6 +19,11 @@ Until ``activated`` the previously active generation is the one in force; a refu
 before it discards the new generation's record.  After a crash, :func:`reconcile` reads
 the journal and the kernel's control word, finds that exactly the old or the new
 generation is effective, cleans up, and records which.
+
+restage (:meth:`Lifecycle.restage_paths`, policy/continuity.py) goes through the same
+steps with the same signed policy: its path rules re-resolved, a new generation and record,
+the counter untouched (the version does not move), a ``restage`` provenance record saying
+which paths moved from which inode to which.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import enum
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +43,9 @@ import msgspec
 from aegis_stream.errors import AegisError, PolicyError, SignatureError, StateError
 from aegis_stream.kernel import abi, slots
 from aegis_stream.kernel.maps import PolicyMaps
-from aegis_stream.policy import compiler, model, signing
+from aegis_stream.policy import compiler, continuity, model, signing
 from aegis_stream.policy.antirollback import RESTORE_ACTION, VersionCounter
+from aegis_stream.policy.compiler import CarriedInode
 from aegis_stream.policy.provenance import ProvenanceLog, RecordMismatchError
 from aegis_stream.policy.store import (
     PRIVATE_DIR_MODE,
@@ -74,6 +80,7 @@ class JournalOp(enum.StrEnum):
     """The operation a pending journal records, so :meth:`Lifecycle.reconcile` knows what it was finishing."""
     APPLY = "apply"
     ROLLBACK = "rollback"
+    RESTAGE = "restage"  # the same policy, its path rules re-resolved (policy/continuity.py)
 
 
 class PendingJournal(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,6 +129,27 @@ class ApplyOutcome:
     policy: compiler.CompiledPolicy
     mode: str
     signer: str
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A generation ready for :meth:`Lifecycle._commit`: compiled, with the mode, signer,
+    source and envelope its record keeps, and whether it moves the anti-rollback counter."""
+    compiled: compiler.CompiledPolicy
+    mode: str
+    signer: str
+    source: bytes
+    envelope: bytes
+    move_counter: bool
+
+
+@dataclass(frozen=True)
+class RestageOutcome:
+    """What :meth:`Lifecycle.restage_paths` did: the generation it looked at, the new
+    generation when paths moved (None: nothing to restage), and what it found."""
+    checked_generation: int
+    applied: ApplyOutcome | None
+    found: continuity.Reresolved
 
 
 @dataclass(frozen=True)
@@ -364,68 +392,156 @@ class Lifecycle:
             return self._apply_locked(data, origin, mode_override)
 
     def _apply_locked(self, data: bytes, origin: str, mode_override: str | None) -> ApplyOutcome:
-        info: dict[str, Any] = {"origin": origin}
-        recorded_gen = 0
-        counter_committed = False
-        counter_before = None
-        try:
+        def prepare(info: dict[str, Any]) -> _Prepared:
             adm = self.admit(data, origin, mode_override=mode_override)
             info.update(policy=adm.policy.name, version=adm.policy.version, digest=adm.digest,
                         signer=adm.signer_label, mode=adm.mode)
             self._persist_rebuilt_counter()
             self.counter.check(adm.policy.name, adm.policy.version, adm.digest)
-            compiled = compiler.compile_policy(adm.policy)
+            # only an enforced (hence signed) version moves the counter: an audit apply,
+            # which root may make unsigned, cannot block later signed versions
+            return _Prepared(compiler.compile_policy(adm.policy), adm.mode, adm.signer,
+                             adm.source, adm.envelope, move_counter=adm.mode == ENFORCE)
+
+        return self._commit(JournalOp.APPLY, {"origin": origin}, prepare)
+
+    def _commit(self, op: JournalOp, info: dict[str, Any],
+                prepare: Callable[[dict[str, Any]], _Prepared]) -> ApplyOutcome:
+        """The one way a new generation gets into the kernel (apply and restage): ``prepare``
+        admits and compiles it (adding what it learns to ``info``), then the steps of
+        ``STEPS``; any refusal discards what was written, restores the counter and is
+        recorded as ``op`` ``refused``."""
+        recorded_gen = 0
+        counter_committed = False
+        counter_before = None
+        prep: _Prepared | None = None
+        try:
+            prep = prepare(info)
+            compiled = prep.compiled
             st, old_gen = self._active()
             gen = self._new_generation(st)
             info.update(generation=gen, previous_generation=old_gen)
             self._step("verified")
             self._write_pending(PendingJournal(
-                op=JournalOp.APPLY, old_generation=old_gen, new_generation=gen,
-                policy=adm.policy.name, version=adm.policy.version, digest=adm.digest))
+                op=op, old_generation=old_gen, new_generation=gen,
+                policy=compiled.name, version=compiled.version, digest=compiled.digest))
             self._step("pending")
             recorded_gen = gen
             info["record_sha256"] = self.store.record(
-                GenerationRecord(gen, self.clock(), compiled, adm.signer, adm.mode),
-                adm.source, envelope=adm.envelope,
+                GenerationRecord(gen, self.clock(), compiled, prep.signer, prep.mode),
+                prep.source, envelope=prep.envelope,
             )
             self._step("recorded")
-            if adm.mode == ENFORCE:
-                # only an enforced (hence signed) version moves the counter: an audit apply,
-                # which root may make unsigned, cannot block later signed versions
-                counter_before = self.counter.get(adm.policy.name)
-                self.counter.commit(adm.policy.name, adm.policy.version, adm.digest,
+            if prep.move_counter:
+                counter_before = self.counter.get(compiled.name)
+                self.counter.commit(compiled.name, compiled.version, compiled.digest,
                                     now=self.clock())
                 counter_committed = True
             self._step("counter")
             slots.wait_grace(self._last_switch)
-            staged = slots.stage(self.maps, compiled, gen, _mode_val(adm.mode))
+            staged = slots.stage(self.maps, compiled, gen, _mode_val(prep.mode))
             self._step("staged")
-            if adm.mode == ENFORCE and self.break_glass_state() is not None:
-                raise PolicyError("break-glass was engaged during the apply; not activated")
+            if prep.mode == ENFORCE and self.break_glass_state() is not None:
+                raise PolicyError(f"break-glass was engaged during the {op}; not activated")
             slots.activate(self.maps, staged.slot)
             self._last_switch = time.monotonic()
         except AegisError as exc:
             if recorded_gen:
                 self.store.discard(recorded_gen)
-            if counter_committed:
+            if counter_committed and prep is not None:
                 # the kernel refused the generation (e.g. rule map full) before activation:
                 # the version was never effective, so it must not stay taken
-                self.counter.restore(adm.policy.name, counter_before)
+                self.counter.restore(prep.compiled.name, counter_before)
             self._clear_pending()
-            self._record_refusal("apply", exc, info)
+            self._record_refusal(op.value, exc, info)
             raise
         except OSError as exc:  # store/journal write failed before activation
             if recorded_gen:
                 self.store.discard(recorded_gen)
             self._clear_pending()
             err = StateError(f"cannot write the state dir ({exc}); nothing applied")
-            self._record_refusal("apply", err, info)
+            self._record_refusal(op.value, err, info)
             raise err from None
         self._step("activated")
-        self.log.append("apply", slot=staged.slot, **info)
+        self.log.append(op.value, slot=staged.slot, **info)
         self._step("logged")
         self._clear_pending()
-        return ApplyOutcome(gen, old_gen, staged.slot, compiled, adm.mode, adm.signer)
+        return ApplyOutcome(gen, old_gen, staged.slot, compiled, prep.mode, prep.signer)
+
+    # ---------------------------------------------------------------- restage
+    def restage_paths(
+        self,
+        paths: Iterable[str] | None = None,
+        *,
+        origin: str = "path-watch",
+        generation: int | None = None,
+        alive: Callable[[CarriedInode], bool | None] | None = None,
+        lock_wait_s: float | None = None,
+    ) -> RestageOutcome:
+        """Follow the active generation's path rules to the inodes their paths name now
+        (policy/continuity.py): the same signed policy (digest, version, signer, record
+        source and envelope), a new generation through :meth:`_commit`, the anti-rollback
+        counter untouched.  ``paths``: the rule paths to re-resolve (None: all); carried
+        inodes are checked every time.  ``generation``: restage only if that generation is
+        still the active one (the watcher's view may be a step behind an apply).  Nothing
+        is written, and no record appended, when nothing moved.  ``lock_wait_s``: give up
+        (StateError) when the lifecycle lock stays busy that long (None: wait)."""
+        with self._locked(wait_s=lock_wait_s) as got:
+            if not got:
+                raise StateError(f"the lifecycle lock stayed busy for {lock_wait_s:g}s (another "
+                                 "apply, rollback or restage); will retry")
+            self._reconcile_locked()
+            st, cur = self._active()
+            if not st.active.valid or not cur or (generation is not None and cur != generation):
+                return RestageOutcome(cur, None, continuity.Reresolved(None))
+            rec = self.store.load(cur)  # checked against the digest its apply logged
+            policy = self._restage_source(rec)
+            found = continuity.reresolve(rec.policy, policy, paths=paths,
+                                         alive=alive or continuity.inode_alive)
+            if found.compiled is None:
+                return RestageOutcome(cur, None, found)
+            compiled = found.compiled
+            mode = AUDIT if self.break_glass_state() is not None else (rec.mode or rec.policy.mode)
+            info: dict[str, Any] = {
+                # where the policy came from stays what it was (events' policy_source);
+                # ``trigger`` says what restaged it
+                "origin": self._origin_of(cur), "trigger": origin,
+                "policy": compiled.name, "version": compiled.version,
+                "digest": compiled.digest, "signer": rec.signer or "unsigned", "mode": mode,
+                "restaged_from": cur,
+                "moves": [msgspec.to_builtins(m) for m in found.moves],
+                "carried": [continuity.ident(c.dev, c.ino, c.i_generation) for c in found.carried],
+                "dropped": [continuity.ident(c.dev, c.ino, c.i_generation) for c in found.dropped],
+            }
+            if found.problems:
+                info["problems"] = [msgspec.to_builtins(p) for p in found.problems]
+            source = self.store.source(cur) or b""
+            envelope = self.store.envelope(cur) or b""
+            out = self._commit(JournalOp.RESTAGE, info, lambda _info: _Prepared(
+                compiled, mode, rec.signer, source, envelope, move_counter=False))
+            return RestageOutcome(cur, out, found)
+
+    def _origin_of(self, gen: int) -> str:
+        """The ``origin`` of the record that made generation ``gen`` ("" if none says)."""
+        origin = ""
+        for rec in self.log.records():
+            if (rec.get("generation") == gen and rec.get("result") == "ok"
+                    and rec.get("action") in ("apply", "rollback", "restage")):
+                origin = str(rec.get("origin", "") or origin)
+        return origin
+
+    def _restage_source(self, rec: GenerationRecord) -> model.Policy:
+        """The policy a generation was compiled from (its stored source), checked against the
+        record's digest: a restage keeps the rules' ``accept_target`` s."""
+        g = rec.generation
+        src = self.store.source(g)
+        if src is None:
+            raise StateError(f"generation {g}: policy source missing from the store; "
+                             "cannot restage its path rules (apply the policy again)")
+        policy = model.loads(src, f"generation {g}")
+        if model.policy_digest(policy) != rec.policy.digest:
+            raise StateError(f"generation {g}: stored policy source does not match its record")
+        return policy
 
     def _persist_rebuilt_counter(self) -> None:
         """versions.json was missing or corrupt and the counter was rebuilt from the

@@ -50,7 +50,7 @@ HEAD_NAME = "provenance.head"
 _enc = msgspec.json.Encoder(order="sorted")
 
 #: the actions whose successful record names the generation the kernel then enforces
-GENERATION_ACTIONS = ("apply", "rollback", "reconcile")
+GENERATION_ACTIONS = ("apply", "rollback", "reconcile", "restage")  # restage: continuity.py
 
 
 class _GenerationFact(msgspec.Struct):

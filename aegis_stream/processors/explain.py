@@ -37,6 +37,7 @@ def explain(event: DecisionEvent, info: GenerationInfo | None) -> ExplanationEve
     inode = f"{event.dev}:{event.ino}"
     rec = info.record if info else None
     rule = None
+    via = ""
     if rec is None:
         problems.append(f"no record of generation {event.generation} in the store")
         path.append(f"inode {inode} matched rule index {event.rule_index} "
@@ -48,9 +49,25 @@ def explain(event: DecisionEvent, info: GenerationInfo | None) -> ExplanationEve
     else:
         rule = rec.policy.rules[event.rule_index]
         ma, mi = split_kernel_dev(rule.dev)
-        if (f"{ma}:{mi}", rule.ino) != (event.dev, event.ino):
-            problems.append(f"rule {rule.id} names inode {ma}:{mi}:{rule.ino}, the event {inode}")
-        path.append(f"inode {inode} matched rule {rule.id} [{','.join(_actions(rule.actions))}]")
+        acts = ",".join(_actions(rule.actions))
+        at_rule = (f"{ma}:{mi}", rule.ino) == (event.dev, event.ino)
+        carried = not at_rule and any(
+            c.index == rule.index and c.ino == event.ino
+            and "{}:{}".format(*split_kernel_dev(c.dev)) == event.dev for c in rec.policy.carried)
+        if event.inherited:
+            via = "inherited"
+            path.append(f"inode {inode} matched rule {rule.id} [{acts}] inherited: the file was "
+                        f"renamed over the rule's path {rule.source}, and the kernel passed the "
+                        f"rule on (the generation names inode {ma}:{mi}:{rule.ino})")
+        elif carried:
+            via = "carried"
+            path.append(f"inode {inode} matched rule {rule.id} [{acts}] carried: an earlier inode "
+                        f"of its path {rule.source}, kept while it exists (restaged; the path now "
+                        f"names {ma}:{mi}:{rule.ino})")
+        else:
+            if not at_rule:
+                problems.append(f"rule {rule.id} names inode {ma}:{mi}:{rule.ino}, the event {inode}")
+            path.append(f"inode {inode} matched rule {rule.id} [{acts}]")
     action_bit = abi.ACTION_BITS.get(event.action, 0)
     if rule is not None and not rule.actions & action_bit:
         problems.append(f"action {event.action} is not in rule {rule.id}'s actions")
@@ -106,6 +123,7 @@ def explain(event: DecisionEvent, info: GenerationInfo | None) -> ExplanationEve
             source=rule.source if rule else event.rule_source,
             inode=inode,
             actions=_actions(rule.actions) if rule else [],
+            via=via or ("inherited" if event.inherited else ""),
         ),
         policy=ExplainedPolicy(
             name=rec.policy.name if rec else event.policy_name,

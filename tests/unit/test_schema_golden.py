@@ -48,6 +48,9 @@ CASES = {
     "unknown-generation-and-cgroup": _raw(ktime_ns=7_000_000_000, generation=99, cgroup_id=555, scope_cgroup_id=CG_OTHER),
     "host-scope-mmap-rule-out-of-range": _raw(ktime_ns=8_999_999_999, hook=2, rule_id=9, scope_cgroup_id=0, slot=0),
     "kubernetes-pod-workload": _raw(ktime_ns=9_000_000_000, cgroup_id=CG_POD, scope_cgroup_id=0, pid=31, tgid=31),
+    # a file renamed over a path rule's path: the kernel passed the rule on (bpf/continuity.bpf.h)
+    "deny-open-inherited-rule": _raw(ktime_ns=9_500_000_000, ino=4321,
+                                     rule_flags=abi.RULE_PATH | abi.RULE_INHERITED),
 }
 
 
