@@ -111,6 +111,7 @@ class ReasonCode(enum.StrEnum):
     LOAD_FAILED = "load_failed"
     POLICY_TAMPERED = "policy_tampered"
     BREAK_GLASS = "break_glass"
+    PATH_RULE_MOVED = "path_rule_moved"
 
 
 class Reason(msgspec.Struct, frozen=True):

@@ -7,6 +7,8 @@ Task tree (one nursery owns everything; cancellation is explicit)::
         ├── Pipeline.run        readers, spool feeder, normalisers, writers, ticker
         │                       (see aegis_stream/pipeline.py)
         ├── serve_metrics       Prometheus text at --metrics-addr (trio-native HTTP)
+        ├── PathWatcher.run     path rules follow their paths: inotify on their parent
+        │                       directories, restage on a move (agent/pathwatch.py)
         └── stop_on_signal      SIGINT/SIGTERM: drain what the kernel already produced,
                                 then stop
 
@@ -21,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,6 +36,7 @@ from aegis_stream import inputs
 from aegis_stream.agent import reasons
 from aegis_stream.agent.health import Reason, ReasonCode, State, hooks_reason, unique_codes
 from aegis_stream.agent.integrity import IntegrityChecker
+from aegis_stream.agent.pathwatch import PathWatcher
 from aegis_stream.agent.sdnotify import Notifier
 from aegis_stream.agent.status import HookPhase, ReconcileInfo, StatusFile
 from aegis_stream.errors import AegisError, LoadError
@@ -179,14 +182,18 @@ async def serve_pipeline(
     started: Callable[[], object] | None = None,
     reopen: Callable[[], None] | None = None,
     stopping: Callable[[], object] | None = None,
+    background: Sequence[Callable[..., Awaitable[object]]] = (),
 ) -> None:
     """Run the pipeline (and the metrics endpoint) until a signal or ``exit_after``;
     either way what the kernel already produced is drained first.  ``started`` is
     called once the pipeline and the metrics endpoint run (systemd's READY=1),
     ``reopen`` on SIGHUP (the events file, for logrotate), ``stopping`` when a stop
-    begins."""
+    begins.  ``background``: more tasks the nursery owns (``nursery.start``: each says
+    when it is running), cancelled with the rest."""
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
+        for task in background:
+            await nursery.start(task)
         if metrics_addr:
             from aegis_stream.pipeline.metrics import AegisMetrics, serve_metrics
 
@@ -400,7 +407,13 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
         pipeline.monitor.set_condition(code, why)
     # every tick: the kernel's active slot, mode and rule map against the signed generation
     # record and the provenance log (a bpftool write is reported, never silent)
-    pipeline.ticker.checks.append(IntegrityChecker(obj.policy_maps()).conditions)
+    integrity = IntegrityChecker(obj.policy_maps())
+    pipeline.ticker.checks.append(integrity.conditions)
+    # path rules follow their paths (delete + create, a replaced parent directory, what moved
+    # while the agent was down): restaged through the lifecycle, path_rule_moved until then
+    watcher = PathWatcher(lifecycle)
+    pipeline.ticker.checks.append(watcher.conditions)
+    integrity.on_inherited = watcher.trigger
     if kafka is not None:
         kafka.bind_monitor(pipeline.monitor)  # broker away: degraded, sink_failing
 
@@ -438,7 +451,8 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
         await serve_pipeline(pipeline, metrics_addr=cfg.metrics_addr, exit_after=cfg.exit_after,
                              metrics_listeners=listeners, heartbeat=heartbeat,
                              started=lambda: notify.ready(status_line()), reopen=reopen,
-                             stopping=lambda: notify.stopping(f"stopping: draining; {status_line()}"))
+                             stopping=lambda: notify.stopping(f"stopping: draining; {status_line()}"),
+                             background=[watcher.run])
     finally:
         with trio.CancelScope(shield=True):
             for s in sinks:

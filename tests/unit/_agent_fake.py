@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import trio
 
 from aegis_stream.agent import run as agent
 from aegis_stream.kernel import abi
@@ -21,13 +22,35 @@ from aegis_stream.testing import FakeKernel, install, sample_record
 _CLASS_OF = {abi.MAP_DENY_EVENTS: "deny", abi.MAP_AUDIT_EVENTS: "audit"}
 
 
+class _NoPathWatch:
+    """The path watcher's stand-in: the sample generation names host paths (/etc/shadow,
+    /usr/bin/nc) with made-up inodes and no stored source, which the real watcher would
+    rightly report as moved and unrestageable.  tests/unit/test_path_watch.py runs the
+    real one in the agent over real files."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        pass
+
+    def conditions(self) -> dict:
+        return {}
+
+    def trigger(self, why: str = "") -> None:
+        pass
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+
 def use_fake_kernel(monkeypatch: pytest.MonkeyPatch, kernel: FakeKernel, state_dir: str, *,
-                    generation: int | None = 7) -> SimpleNamespace:
+                    generation: int | None = 7, path_watch: bool = False) -> SimpleNamespace:
     """Point ``run_agent`` at ``kernel`` (state under ``state_dir``); ``generation``:
     a sample enforce-mode generation already active in the kernel, as after a restart.
+    ``path_watch``: run the real path watcher (off: the sample world's paths are made up).
     Returns a handle whose ``report`` is the agent's AttachReport once it attached (a
     test sets a program's ``phase`` to ``failed`` to take its hook away)."""
     handle = SimpleNamespace(report=None)
+    if not path_watch:
+        monkeypatch.setattr(agent, "PathWatcher", _NoPathWatch)
     monkeypatch.setenv("AEGIS_STATE_DIR", state_dir)
     monkeypatch.setenv("AEGIS_PIN_ROOT", f"{state_dir}/pins")
     if generation is not None:

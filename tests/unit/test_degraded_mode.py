@@ -530,6 +530,11 @@ def _trigger_state(code: str) -> list[str]:
         m.set_condition(code, agent.reconcile_conditions(
             ReconcileOutcome("inconsistent", "unknown", 4, "kernel runs 4"))[code])
         samples[code] = [sample()]
+    if code == "path_rule_moved":  # the path watcher's tick check, a real inotify event
+        samples[code] = [sample()]
+        for c, why in _path_watch_conditions().items():
+            if why:
+                m.set_condition(c, why)
     if code in ("policy_tampered", "break_glass"):  # the agent's per-tick integrity check
         samples[code] = [sample()]
         for c, why in _integrity_conditions(code).items():
@@ -559,6 +564,29 @@ def _integrity_conditions(code: str) -> dict:
         else:
             lc.break_glass("INC-1")
         return dict(IntegrityChecker(env.maps, env.state).conditions())
+
+
+def _path_watch_conditions() -> dict:
+    """A signed generation with a path rule, then the file deleted and created again, as the
+    agent's path watcher sees it before its restage."""
+    import tempfile
+
+    from aegis_stream.agent.pathwatch import Inotify, PathWatcher
+
+    with tempfile.TemporaryDirectory() as d:
+        env = Signed(Path(d))
+        lc = env.lc()
+        lc.apply(env.signed(1, "a"), "x")
+        w = PathWatcher(lc)
+        w.inotify = Inotify()
+        try:
+            w._load()
+            (Path(d) / "a").unlink()
+            (Path(d) / "a").write_text("new")
+            w.handle(w.inotify.read())
+            return dict(w.conditions())
+        finally:
+            w.inotify.close()
 
 
 def _trigger_status(code: str) -> list[str]:
