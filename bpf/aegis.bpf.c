@@ -196,6 +196,8 @@ static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __
 }
 #endif /* AEGIS_NO_TASK_STORAGE */
 
+#include "continuity.bpf.h" /* after aegis_rules: it inserts into it */
+
 /* the active slot's config, or NULL (no valid slot: counted, allow) */
 static __always_inline struct aegis_slot_config *active(__u32 hook, __u32 *slot)
 {
@@ -335,6 +337,9 @@ static __always_inline int decide_untrusted(struct inode *inode, __u32 hook, __u
 #ifndef AEGIS_SEC_FILE_MPROTECT
 #define AEGIS_SEC_FILE_MPROTECT "lsm/file_mprotect"
 #endif
+#ifndef AEGIS_SEC_INODE_RENAME
+#define AEGIS_SEC_INODE_RENAME "lsm/inode_rename"
+#endif
 #if defined(AEGIS_BREAK_VERIFIER) || defined(AEGIS_BREAK_CORE)
 struct inode___aegis_fixture {
 	long aegis_no_such_field;
@@ -455,4 +460,15 @@ int BPF_PROG(aegis_file_mprotect, struct vm_area_struct *vma, unsigned long reqp
 	if (!sc)
 		return 0;
 	return decide(file->f_inode, AEGIS_HOOK_FILE_MPROTECT, AEGIS_ACTION_EXEC, sc, slot);
+}
+
+/* path continuity (bpf/continuity.bpf.h): not a decision hook, never denies */
+SEC(AEGIS_SEC_INODE_RENAME)
+int BPF_PROG(aegis_inode_rename, struct inode *old_dir, struct dentry *old_dentry,
+	     struct inode *new_dir, struct dentry *new_dentry, int ret)
+{
+	if (ret) /* another LSM refused the rename: nothing moves */
+		return ret;
+	inherit_path_rules(old_dentry, new_dentry);
+	return 0;
 }

@@ -78,6 +78,16 @@ struct aegis_inode_key {
 #define AEGIS_RULE_INHERITED (1U << 1) /* inherited by rename onto a path rule's path */
 #define AEGIS_RULE_PATH (1U << 2)      /* compiled from a path: a rename onto it passes it on */
 
+/* path continuity counters (aegis_continuity_counters, per-CPU array; bpf/continuity.bpf.h) */
+enum aegis_continuity_counter {
+	AEGIS_CONT_INHERITED = 0,      /* a renamed-over path rule passed to the new inode */
+	AEGIS_CONT_INHERIT_FAILED = 1, /* insert failed (rule map full): the path is unprotected */
+	AEGIS_CONT_KEPT = 2,           /* the source already had a rule in the slot: it wins */
+	AEGIS_CONT_STALE_TARGET = 3,   /* the target's entry is stale (i_generation): not passed on */
+	AEGIS_CONT_LAST_ERRNO = 4,     /* not a count: the errno of this CPU's last failed insert */
+	AEGIS_CONT_COUNT = 5,
+};
+
 struct aegis_rule {
 	__u32 rule_id;  /* index into the compiled policy's rule table */
 	__u32 actions;  /* AEGIS_ACTION_* */

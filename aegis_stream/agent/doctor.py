@@ -23,7 +23,7 @@ import msgspec
 from aegis_stream import textsafe
 from aegis_stream.errors import AegisError
 from aegis_stream.kernel import abi, builds, libbpf, slots
-from aegis_stream.kernel.loader import REQUIRED_PROGRAMS, BpfObject
+from aegis_stream.kernel.loader import ALL_PROGRAMS, OPTIONAL_PROGRAMS, REQUIRED_PROGRAMS, BpfObject
 from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope, cgroup2_mounts
 
 SCHEMA = "aegis.doctor.v1"
@@ -239,8 +239,10 @@ def probe_program(name: str, lsm_has_bpf: bool = True) -> Check:
         obj.open()
         lib = libbpf.lib()
         assert obj._obj is not None
-        for other in REQUIRED_PROGRAMS:
+        for other in ALL_PROGRAMS:
             p = lib.bpf_object__find_program_by_name(obj._obj, other.encode())
+            if not p:  # an optional program an older object lacks
+                continue
             lib.bpf_program__set_autoload(p, other == name)
         ret = lib.bpf_object__load(obj._obj)
         if ret < 0:
@@ -341,6 +343,16 @@ def check_build(choice: builds.BuildChoice) -> Check:
     return Check("build", "pass", f"{name} build ({choice.path.name}): {choice.reason}")
 
 
+def optional_probe(c: Check) -> Check:
+    """An optional program (path continuity) that does not load is a warning: enforcement works
+    without it, degraded (path rules protect the inode named at apply until the agent restages)."""
+    if c.status != "fail":
+        return c
+    return Check(c.name, "warn", "path continuity unavailable (enforcement works; a file renamed "
+                 f"over a path rule's path is protected only once the agent restages): {c.reason}",
+                 c.fix)
+
+
 def run_doctor() -> DoctorReport:
     ctx = Ctx()
     checks = [f(ctx) for f in (check_kernel, check_config, check_btf, check_lsm, check_bpffs, check_cgroup2,
@@ -352,6 +364,7 @@ def run_doctor() -> DoctorReport:
         checks.append(check_build(choice))
         probes = [probe_program(p, ctx.lsm_has_bpf) for p in REQUIRED_PROGRAMS]
         checks += probes
+        checks += [optional_probe(probe_program(p, ctx.lsm_has_bpf)) for p in OPTIONAL_PROGRAMS]
         if all(c.status == "pass" for c in probes):
             checks.append(synthetic_deny_proof())
         else:
@@ -371,5 +384,3 @@ def render(report: DoctorReport) -> str:
             lines.append(f"         fix: {c.fix}")
     lines.append(f"verdict: {report.verdict} (exit {report.exit_code})")
     return textsafe.join(lines)
-
-

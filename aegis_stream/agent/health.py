@@ -112,6 +112,7 @@ class ReasonCode(enum.StrEnum):
     POLICY_TAMPERED = "policy_tampered"
     BREAK_GLASS = "break_glass"
     PATH_RULE_MOVED = "path_rule_moved"
+    PATH_CONTINUITY_UNAVAILABLE = "path_continuity_unavailable"
 
 
 class Reason(msgspec.Struct, frozen=True):
@@ -130,9 +131,15 @@ def unique_codes(reasons: Iterable[Reason]) -> list[ReasonCode]:
     return out
 
 
+#: the attach-state names of programs that are not decision hooks (abi.AUX_PROGRAMS): their
+#: absence is judged by :func:`continuity_reason`, never counted as a missing hook
+AUX_HOOKS = frozenset(abi.AUX_PROGRAMS.values())
+
+
 def hooks_reason(expected: Sequence[str], attached: Iterable[str]) -> Reason | None:
     """The "hooks N/M attached" reason (the monitor, ``aegis status`` and the agent's
     start all say it the same way); ``None`` when every expected hook is attached."""
+    expected = [h for h in expected if h not in AUX_HOOKS]
     up = set(attached)
     n = sum(1 for h in expected if h in up)
     if n == 0:
@@ -141,4 +148,16 @@ def hooks_reason(expected: Sequence[str], attached: Iterable[str]) -> Reason | N
         missing = ", ".join(h for h in expected if h not in up)
         return Reason(ReasonCode.HOOKS_MISSING,
                       f"hooks {n}/{len(expected)} attached (missing {missing})")
+    return None
+
+
+def continuity_reason(expected: Iterable[str], attached: Iterable[str]) -> Reason | None:
+    """``path_continuity_unavailable`` when the path-continuity program (lsm/inode_rename,
+    bpf/continuity.bpf.h) was expected and is not attached: enforcement works, but a file
+    renamed over a path rule's path is protected only once the agent restages."""
+    hook = abi.AUX_PROGRAMS[abi.PROGRAM_CONTINUITY]
+    if hook in set(expected) and hook not in set(attached):
+        return Reason(ReasonCode.PATH_CONTINUITY_UNAVAILABLE,
+                      f"path continuity unavailable: {hook} not attached (a file renamed over a "
+                      "path rule's path is protected only once the agent restages)")
     return None

@@ -34,7 +34,14 @@ import trio
 
 from aegis_stream import inputs
 from aegis_stream.agent import reasons
-from aegis_stream.agent.health import Reason, ReasonCode, State, hooks_reason, unique_codes
+from aegis_stream.agent.health import (
+    Reason,
+    ReasonCode,
+    State,
+    continuity_reason,
+    hooks_reason,
+    unique_codes,
+)
 from aegis_stream.agent.integrity import IntegrityChecker
 from aegis_stream.agent.pathwatch import PathWatcher
 from aegis_stream.agent.sdnotify import Notifier
@@ -355,11 +362,14 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
             state = State.healthy(active.mode)
     start_reasons = [Reason(code, why) for code, why in conditions.items()]
     hooks = hooks_reason([p.hook for p in report.programs.values()], report.attached)
+    cont = continuity_reason([p.hook for p in report.programs.values()], report.attached)
     if hooks is not None:
         state = State.BLIND if hooks.code is ReasonCode.HOOKS_NONE else State.DEGRADED
         start_reasons.insert(0, hooks)
-    elif conditions:
+    elif conditions or cont is not None:
         state = State.DEGRADED
+    if cont is not None:
+        start_reasons.append(cont)
     try:
         write_status(status_path, report, state, base, start_reasons)
     except OSError as exc:
@@ -469,4 +479,3 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
         _log(f"stopped; {summary}; pinned links keep enforcing")
         notify.close()
     return 0
-

@@ -32,14 +32,14 @@ import msgspec
 
 from aegis_stream import inputs, textsafe
 from aegis_stream.agent import reasons
-from aegis_stream.agent.health import Enforcement, Reason, ReasonCode, State, hooks_reason
+from aegis_stream.agent.health import Enforcement, Reason, ReasonCode, State, continuity_reason, hooks_reason
 from aegis_stream.errors import StateError
 from aegis_stream.kernel import abi
 from aegis_stream.pipeline.schema import StatusAgent, StatusHook, StatusKernel, StatusReport
 
 EXIT_UNKNOWN = 3
 STALE_S = 30.0  # the agent refreshes its file every 5 s; older than this = unresponsive
-HOOK_OF_PROGRAM = {prog: abi.HOOK_NAMES[h] for h, prog in abi.HOOK_PROGRAMS.items()}
+HOOK_OF_PROGRAM = {prog: abi.HOOK_NAMES[h] for h, prog in abi.HOOK_PROGRAMS.items()} | abi.AUX_PROGRAMS
 STATUS_FILE_VERSION = 1
 
 
@@ -158,15 +158,15 @@ def read_kernel(root: str | None = None) -> KernelFacts:
     """The pinned state; ``loaded=False`` when nothing is pinned.  Raises AegisError when
     pins exist but cannot be opened (permissions)."""
     from aegis_stream.kernel import libbpf
-    from aegis_stream.kernel.loader import REQUIRED_PROGRAMS, open_pinned, pin_root
+    from aegis_stream.kernel.loader import ALL_PROGRAMS, open_pinned, pin_root
 
     root = root or pin_root()
     if not os.path.isdir(f"{root}/maps") and not os.path.isdir(f"{root}/links"):
-        return KernelFacts(False, root, {p: False for p in REQUIRED_PROGRAMS})
+        return KernelFacts(False, root, {p: False for p in ALL_PROGRAMS})
     pinned = open_pinned(root)
     try:
         links: dict[str, bool] = {}
-        for prog in REQUIRED_PROGRAMS:
+        for prog in ALL_PROGRAMS:
             path = f"{root}/links/{prog}"
             ok = os.path.exists(path)
             if ok:  # the pin is a live BPF link object, not a stray file
@@ -254,6 +254,13 @@ def judge_coded(kernel: KernelFacts, agent: AgentFacts, *, stale_s: float = STAL
         if hooks is not None:
             state = State.BLIND if hooks.code is ReasonCode.HOOKS_NONE else State.DEGRADED
             why.append(hooks)
+        # judged only where the facts know the program (pins of an agent that has it)
+        aux = [p for p in abi.AUX_PROGRAMS if p in kernel.links]
+        cont = continuity_reason([HOOK_OF_PROGRAM[p] for p in aux],
+                                 [HOOK_OF_PROGRAM[p] for p in aux if kernel.links.get(p)])
+        if cont is not None and any(kernel.links.get(p) for p in expected):
+            state = State.worst(state, State.DEGRADED)
+            why.append(cont)
         if kernel.mode == abi.MODE_NONE:
             state = State.worst(state, State.DEGRADED)
             why.append(Reason(ReasonCode.NO_POLICY,
@@ -305,7 +312,7 @@ def judge_coded(kernel: KernelFacts, agent: AgentFacts, *, stale_s: float = STAL
     if last_error and kernel.loaded and not agent.alive:
         summary += f" (last start refused: {last_error})"
     hooks_out = []
-    for prog in expected:
+    for prog in expected + [p for p in abi.AUX_PROGRAMS if p in kernel.links]:
         hook = HOOK_OF_PROGRAM[prog]
         ah = doc.hooks.get(hook)
         hooks_out.append(StatusHook(hook=hook, program=prog, pinned=bool(kernel.links.get(prog)),

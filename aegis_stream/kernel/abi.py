@@ -45,6 +45,12 @@ HOOK_PROGRAMS: Final = {
     Hook.FILE_MPROTECT: "aegis_file_mprotect",
 }
 
+#: programs that are not decision hooks (no ``enum aegis_hook`` row, no per-hook counters):
+#: loaded, attached, pinned and reported like the hooks, but enforcement works without them
+#: (their absence is a degraded state with its own reason code, never a refusal)
+PROGRAM_CONTINUITY: Final = "aegis_inode_rename"  # bpf/continuity.bpf.h: path rules follow renames
+AUX_PROGRAMS: Final = {PROGRAM_CONTINUITY: "inode_rename"}  # program -> LSM hook
+
 
 class Decision(enum.IntEnum):
     """What the kernel decided (``enum aegis_decision``): DENY returned -EPERM (enforce mode), AUDIT
@@ -139,6 +145,16 @@ RULE = Layout("aegis_rule", (("rule_id", "I"), ("actions", "I"), ("flags", "I"),
 RULE_CHECK_GEN: Final = 1 << 0  # i_generation must match (GAP-INO-REUSE)
 RULE_INHERITED: Final = 1 << 1  # inherited by a rename onto a path rule's path
 RULE_PATH: Final = 1 << 2  # compiled from a path: a rename onto the path passes the rule on
+
+
+class ContinuityCounter(enum.IntEnum):
+    """Indexes of ``aegis_continuity_counters`` (per-CPU u64, ``enum aegis_continuity_counter``): what the
+    lsm/inode_rename program did when a file was renamed over a path rule's inode."""
+    INHERITED = 0  # the source inode got the path rule (RULE_INHERITED)
+    INHERIT_FAILED = 1  # the insert failed (rule map full): the path is unprotected until a restage
+    KEPT = 2  # the source already had a rule in that slot: it wins
+    STALE_TARGET = 3  # the target's entry was stale (i_generation): not passed on
+    LAST_ERRNO = 4  # not a count: the errno of a CPU's last failed insert (the highest is read)
 SCOPE_KEY = Layout("aegis_scope_key", (("cgroup_id", "Q"), ("slot", "I"), ("_pad", "I")))
 SCOPE = Layout("aegis_scope", (("scope_id", "I"), ("_pad", "I")))
 CONTROL = Layout("aegis_control", (("active_slot", "I"), ("_pad", "I"), ("storm_window_ns", "Q")))
@@ -216,6 +232,7 @@ MAP_COUNTERS: Final = "aegis_counters"
 MAP_RULE_COUNTERS: Final = "aegis_rule_counters"
 MAP_DENY_EVENTS: Final = "aegis_deny_events"
 MAP_AUDIT_EVENTS: Final = "aegis_audit_events"
+MAP_CONTINUITY_COUNTERS: Final = "aegis_continuity_counters"
 MAP_STORMS: Final = "aegis_storms"
 MAP_STORM_REPORTED: Final = "aegis_storm_reported"
 MAP_STORM_STATS: Final = "aegis_storm_stats"
@@ -227,6 +244,7 @@ ALL_MAPS: Final = (
     MAP_RULE_COUNTERS,
     MAP_DENY_EVENTS,
     MAP_AUDIT_EVENTS,
+    MAP_CONTINUITY_COUNTERS,
     MAP_STORMS,
     MAP_STORM_REPORTED,
     MAP_STORM_STATS,
@@ -241,6 +259,7 @@ MAP_MAX_ENTRIES: Final = {
     MAP_RULE_COUNTERS: MAX_RULE_COUNTERS,
     MAP_DENY_EVENTS: DENY_RING_BYTES,
     MAP_AUDIT_EVENTS: AUDIT_RING_BYTES,
+    MAP_CONTINUITY_COUNTERS: len(ContinuityCounter),
     MAP_STORMS: MAX_STORM_KEYS,
     MAP_STORM_REPORTED: MAX_STORM_KEYS,
     MAP_STORM_STATS: len(StormStat),

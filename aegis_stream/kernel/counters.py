@@ -60,6 +60,22 @@ def read_hook_counters(maps: Mapping[str, Any], ncpu: int | None = None) -> dict
     return hooks
 
 
+def read_continuity_counters(maps: Mapping[str, Any], ncpu: int | None = None) -> dict[str, int]:
+    """``aegis_continuity_counters`` summed over CPUs: ``{"inherited": N, "inherit_failed": M, ...}``
+    (abi.ContinuityCounter, bpf/continuity.bpf.h); empty when the maps have none (an older object,
+    the fake kernel)."""
+    m = maps.get(abi.MAP_CONTINUITY_COUNTERS)
+    if m is None:
+        return {}
+    n = _ncpu(ncpu)
+    out = {}
+    for c in abi.ContinuityCounter:
+        vals = [_u64.unpack(v)[0] for v in m.lookup_percpu(_u32.pack(c), n) or []]
+        # LAST_ERRNO is no count: the errno of a CPU's last failed insert (0: none)
+        out[c.name.lower()] = max(vals, default=0) if c is abi.ContinuityCounter.LAST_ERRNO else sum(vals)
+    return out
+
+
 def _is_retired_key(gen: int, rule_id: int) -> bool:
     return gen == RETIRED_GENERATION and rule_id == RETIRED_RULE_ID
 
@@ -208,9 +224,11 @@ def prune_rule_counters(
 
 @dataclass(frozen=True)
 class CounterSnapshot:
-    """Per-hook kernel counters summed over CPUs: ``hooks[hook_name][counter_name]``."""
+    """Per-hook kernel counters summed over CPUs: ``hooks[hook_name][counter_name]``; ``continuity``: the
+    path-continuity program's counters (:func:`read_continuity_counters`; empty when not read)."""
 
     hooks: Mapping[str, Mapping[str, int]]
+    continuity: Mapping[str, int] = field(default_factory=dict)
 
     def total(self, counter: abi.Counter) -> int:
         return sum(h[counter.name.lower()] for h in self.hooks.values())
@@ -243,4 +261,5 @@ class MapCounterSource:
         self.ncpu = _ncpu(ncpu)
 
     def read(self) -> CounterSnapshot:
-        return CounterSnapshot(read_hook_counters(self.maps, self.ncpu))
+        return CounterSnapshot(read_hook_counters(self.maps, self.ncpu),
+                               read_continuity_counters(self.maps, self.ncpu))

@@ -24,6 +24,10 @@ from aegis_stream.kernel.maps import FdMap, PolicyMaps
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/aegis"
 REQUIRED_PROGRAMS = tuple(abi.HOOK_PROGRAMS.values())
+#: loaded, attached, pinned and reported like the hooks, but not needed to enforce
+#: (abi.AUX_PROGRAMS; e.g. path continuity): their absence degrades, never refuses
+OPTIONAL_PROGRAMS = tuple(abi.AUX_PROGRAMS)
+ALL_PROGRAMS = REQUIRED_PROGRAMS + OPTIONAL_PROGRAMS
 LOG_BUF_SIZE = 1 << 20
 
 ProgramPhase = Literal["not_loaded", "loaded", "attached", "failed"]
@@ -78,15 +82,29 @@ class AttachReport:
 
     @property
     def enforcing_capable(self) -> bool:
-        return bool(self.programs) and not self.failed
+        """Every decision hook attached (an optional program's absence is :attr:`degraded_optional`)."""
+        return bool(self.programs) and not [p for p in self.failed if p.name not in OPTIONAL_PROGRAMS]
+
+    @property
+    def degraded_optional(self) -> list[ProgramStatus]:
+        """Optional programs (abi.AUX_PROGRAMS) that are not attached: enforcement works, degraded."""
+        return [p for p in self.failed if p.name in OPTIONAL_PROGRAMS]
 
     def summary(self) -> str:
         if self.enforcing_capable:
+            opt = self.degraded_optional
+            if opt:
+                bad = ", ".join(f"{p.hook} ({p.name}): {p.phase}{' ' + p.error if p.error else ''}"
+                                for p in opt)
+                return (f"all {len(self.programs) - len(opt)} decision hooks attached; "
+                        f"degraded, not attached: {bad}")
             return f"all {len(self.programs)} hooks attached"
         bad = ", ".join(
             f"{p.hook} ({p.name}): {p.phase}{' ' + p.error if p.error else ''}" for p in self.failed
         )
-        return f"partial attach: {len(self.attached)}/{len(self.programs)} hooks; not attached: {bad}"
+        hooks = [p for p in self.programs.values() if p.name not in OPTIONAL_PROGRAMS]
+        up = sum(p.phase == "attached" for p in hooks)
+        return f"partial attach: {up}/{len(hooks)} hooks; not attached: {bad}"
 
 
 _FAILED_PROG = re.compile(
@@ -106,7 +124,7 @@ def fault_injection(text: str | None = None) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
         kind, _, prog = item.partition(":")
-        if kind != "attach" or prog not in REQUIRED_PROGRAMS:
+        if kind != "attach" or prog not in ALL_PROGRAMS:
             raise LoadError(f"{FAULTS_ENV}: unknown fault {item!r} (use attach:<program>)")
         out.setdefault(kind, set()).add(prog)
     return out
@@ -126,7 +144,7 @@ class VerifierStats:
 def parse_verifier_stats(log: str) -> VerifierStats | None:
     m = _VSTATS.search(log)
     return VerifierStats(*(int(g) for g in m.groups())) if m else None
-_HOOK_OF = {prog: abi.HOOK_NAMES[h] for h, prog in abi.HOOK_PROGRAMS.items()}
+_HOOK_OF = {prog: abi.HOOK_NAMES[h] for h, prog in abi.HOOK_PROGRAMS.items()} | abi.AUX_PROGRAMS
 
 
 class BpfObject:
@@ -143,7 +161,7 @@ class BpfObject:
         self.path = Path(path or default_object_path())
         self.pin_root = pin_root_dir or pin_root()
         self.report = AttachReport(
-            {name: ProgramStatus(name, _HOOK_OF[name]) for name in REQUIRED_PROGRAMS}
+            {name: ProgramStatus(name, _HOOK_OF[name]) for name in ALL_PROGRAMS}
         )
         self.log_level = log_level  # 4 = BPF_LOG_STATS: verified insns per program
         self.partial = partial  # keep the hooks that load when one does not
@@ -169,8 +187,13 @@ class BpfObject:
         if not obj:
             raise LoadError(f"bpf_object__open_file({self.path})", err=libbpf.errno_of())
         self._obj = obj
-        for name in REQUIRED_PROGRAMS:
+        for name in ALL_PROGRAMS:
             prog = lib.bpf_object__find_program_by_name(obj, name.encode())
+            if not prog and name in OPTIONAL_PROGRAMS:  # an older object: degraded, reported
+                st = self.report.programs[name]
+                st.phase, st.error = "failed", f"program {name} missing from {self.path.name}"
+                self._disabled.add(name)
+                continue
             if not prog:
                 self.close()
                 raise LoadError(f"program {name} missing from {self.path}")
@@ -241,7 +264,7 @@ class BpfObject:
                 break
             err = libbpf.errno_of(ret)
             tail = libbpf.log_tail(400)
-            failed = sorted(set(_FAILED_PROG.findall(tail)) & set(REQUIRED_PROGRAMS) - self._disabled)
+            failed = sorted(set(_FAILED_PROG.findall(tail)) & set(ALL_PROGRAMS) - self._disabled)
             for name in failed:
                 st = self.report.programs[name]
                 st.phase, st.errno = "failed", err
@@ -250,7 +273,7 @@ class BpfObject:
             self._disabled |= set(failed)
             remaining = set(REQUIRED_PROGRAMS) - self._disabled
             if not failed or not remaining or not self.partial:
-                for name in remaining:
+                for name in set(ALL_PROGRAMS) - self._disabled:
                     st = self.report.programs[name]
                     st.phase, st.errno = "failed", err
                     st.error = st.error or "not loaded: the object load failed"
@@ -366,7 +389,7 @@ def open_pinned(root: str | None = None) -> PinnedState:
             "start the agent with `aegis run`"
         )
     maps = {n: FdMap(n, libbpf.obj_get(f"{root}/maps/{n}"), owns_fd=True) for n in abi.ALL_MAPS}
-    links = {p: os.path.exists(f"{root}/links/{p}") for p in REQUIRED_PROGRAMS}
+    links = {p: os.path.exists(f"{root}/links/{p}") for p in ALL_PROGRAMS}
     return PinnedState(root, maps, links)
 
 

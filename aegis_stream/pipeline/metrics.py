@@ -153,7 +153,14 @@ class KernelCountersCollector(StatsCollector):
                 "not the rule's file (allowed; GAP-INO-REUSE)", ["hook"])
         kf = _c("aegis_kernel_ringbuf_reserve_failures",
                 "Ring-buffer reserves that failed in the kernel (event lost, decision kept)", ["hook"])
+        inh = _c("aegis_path_rule_inherited",
+                 "Files renamed over a path rule's path that inherited its rule in the kernel")
+        inh_failed = _c("aegis_path_rule_inherit_failed",
+                        "Renames over a path rule's path whose rule could not be inherited (rule map full)")
         if st is not None:
+            cont = st.kernel.continuity
+            inh.add_metric([], cont.get("inherited", 0))
+            inh_failed.add_metric([], cont.get("inherit_failed", 0))
             for hook, ctrs in sorted(st.kernel.hooks.items()):
                 for name, v in ctrs.items():
                     kc.add_metric([hook, name], v)
@@ -162,7 +169,7 @@ class KernelCountersCollector(StatsCollector):
                 kd.add_metric([hook, "audit"], ctrs["audited"])
                 kf.add_metric([hook], ctrs["ringbuf_fail"])
                 ks.add_metric([hook], ctrs.get("stale", 0))
-        yield from (kc, kd, kf, ks)
+        yield from (kc, kd, kf, ks, inh, inh_failed)
         if self.sources.deprecated:
             yield old
 

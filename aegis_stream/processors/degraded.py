@@ -32,7 +32,15 @@ from typing import Any, Literal
 
 import msgspec
 
-from aegis_stream.agent.health import Reason, ReasonCode, Severity, State, hooks_reason, unique_codes
+from aegis_stream.agent.health import (
+    Reason,
+    ReasonCode,
+    Severity,
+    State,
+    continuity_reason,
+    hooks_reason,
+    unique_codes,
+)
 from aegis_stream.agent.reasons import BY_CODE, STATE_CODES, code_of
 from aegis_stream.kernel import abi
 
@@ -119,6 +127,9 @@ class DegradedMonitor:
         hooks = hooks_reason(s.hooks_expected, s.hooks_attached)
         if hooks is not None:
             (blind if hooks.code is ReasonCode.HOOKS_NONE else degraded).append(hooks)
+        cont = continuity_reason(s.hooks_expected, s.hooks_attached)
+        if cont is not None:
+            degraded.append(cont)
         if s.deny_lost:
             blind.append(Reason(ReasonCode.DENY_EVENTS_LOST,
                                 f"{s.deny_lost} deny events lost in the short window"))

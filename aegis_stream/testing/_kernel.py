@@ -89,6 +89,9 @@ class FakeKernel:
             abi.MAP_MAX_ENTRIES[abi.MAP_RULE_COUNTERS], ncpu,
         )
         self.policy_maps.rule_counters = self.rule_counters  # slots.stage prunes it
+        # path continuity (bpf/continuity.bpf.h): what rename() did
+        self.continuity_counters = FakePercpuArray(
+            abi.MAP_CONTINUITY_COUNTERS, abi.MAP_MAX_ENTRIES[abi.MAP_CONTINUITY_COUNTERS], ncpu)
         # deny storms (bpf/storm.bpf.h)
         self.storms = FakeMap(abi.MAP_STORMS, abi.STORM_KEY.size, abi.STORM.size, abi.MAX_STORM_KEYS)
         self.storm_reported = FakeMap(abi.MAP_STORM_REPORTED, abi.STORM_KEY.size, abi.STORM_REPORTED.size,
@@ -111,6 +114,7 @@ class FakeKernel:
             abi.MAP_CONFIG: self.policy_maps.config,
             abi.MAP_COUNTERS: self.counters,
             abi.MAP_RULE_COUNTERS: self.rule_counters,
+            abi.MAP_CONTINUITY_COUNTERS: self.continuity_counters,
             abi.MAP_STORMS: self.storms,
             abi.MAP_STORM_REPORTED: self.storm_reported,
             abi.MAP_STORM_STATS: self.storm_stats,
@@ -236,6 +240,45 @@ class FakeKernel:
             self.truth.ring_failed[klass] += 1
         self.cpu = (self.cpu + 1) % self.ncpu
         return -EPERM if enforce else 0
+
+    def rename(self, dev: int, src_ino: int, src_gen: int, dst_ino: int | None,
+               dst_gen: int = 0) -> None:
+        """Model of the lsm/inode_rename program (bpf/continuity.bpf.h): the file (dev,
+        src_ino) is renamed over (dev, dst_ino) (``None``: a new name).  In each slot where
+        the target holds a path rule (a live one when it checks i_generation), the source
+        inherits it (flags | RULE_INHERITED, i_generation = ``src_gen``); a live existing
+        entry of the source wins, a stale one (both generations known, different) is
+        replaced.  Never denies.  A RENAME_EXCHANGE is two calls, the second with the files
+        swapped."""
+        if dst_ino is None:
+            return
+        rules = self.policy_maps.rules
+        c = abi.ContinuityCounter
+        for slot in range(abi.SLOTS):
+            raw = rules.lookup(abi.INODE_KEY.pack(dst_ino, dev, slot))
+            if raw is None:
+                continue
+            rule_id, actions, flags, igen = abi.RULE.unpack(raw)
+            if not flags & abi.RULE_PATH:
+                continue
+            if flags & abi.RULE_CHECK_GEN and igen != dst_gen:
+                self.continuity_counters.add(c.STALE_TARGET, self.cpu)
+                continue
+            key = abi.INODE_KEY.pack(src_ino, dev, slot)
+            value = abi.RULE.pack(rule_id, actions, flags | abi.RULE_INHERITED, src_gen)
+            cur = rules.lookup(key)
+            if cur is not None:
+                _, _, _, cgen = abi.RULE.unpack(cur)
+                if not cgen or not src_gen or cgen == src_gen:
+                    self.continuity_counters.add(c.KEPT, self.cpu)
+                    continue
+            try:
+                rules.update(key, value)
+            except KernelError as exc:  # the map is full
+                self.continuity_counters.add(c.INHERIT_FAILED, self.cpu)
+                self.continuity_counters.values[c.LAST_ERRNO][self.cpu % self.ncpu] = exc.errno
+                continue
+            self.continuity_counters.add(c.INHERITED, self.cpu)
 
     def emit_bulk(self, klass: str, bodies: bytes, count: int, hook: abi.Hook = abi.Hook.FILE_OPEN) -> int:
         """Load generator: ``count`` pre-built 96-byte decision records of one class and

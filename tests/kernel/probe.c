@@ -20,6 +20,7 @@
  *   open_wait_open PATH           migrate PATH CGROUP_PROCS    open_tree DIR NAME
  *   truncate PATH                 hold_mmap PATH               hold_exec PATH SELF
  *   readfd FD                     find FILE NEEDLE
+ *   open_for PATH SECONDS         exec_for PATH SECONDS        (loops: counts per outcome)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,6 +39,7 @@
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef OPEN_TREE_CLONE
@@ -755,6 +757,53 @@ int main(int argc, char **argv)
 		if (n < 0)
 			return fail_at("read");
 		printf("{\"ok\": true, \"found\": false}\n");
+		return 0;
+	}
+	if ((!strcmp(op, "open_for") || !strcmp(op, "exec_for")) && argc > 3) {
+		/* path continuity races (tests/kernel/test_path_continuity.py): open or exec the
+		 * path for SECONDS while it is replaced; every success is a protection gap */
+		struct timespec t0, t;
+		long n = 0, ok_n = 0, eperm = 0, other = 0;
+		double secs = atof(argv[3]);
+		int exec = !strcmp(op, "exec_for");
+
+		clock_gettime(CLOCK_MONOTONIC, &t0);
+		printf("{\"stage\": \"looping\"}\n");
+		fflush(stdout);
+		do {
+			if (exec) {
+				pid_t pid = fork();
+				int wst = 0;
+
+				if (pid == 0) {
+					char *xargv[] = { (char *)path, NULL };
+
+					execve(path, xargv, environ);
+					_exit(errno == EPERM ? 100 : 101);
+				}
+				if (pid < 0 || waitpid(pid, &wst, 0) < 0)
+					other++;
+				else if (WIFEXITED(wst) && WEXITSTATUS(wst) == 0)
+					ok_n++;
+				else if (WIFEXITED(wst) && WEXITSTATUS(wst) == 100)
+					eperm++;
+				else
+					other++;
+			} else {
+				fd = open(path, O_RDONLY);
+				if (fd >= 0) {
+					ok_n++;
+					close(fd);
+				} else if (errno == EPERM)
+					eperm++;
+				else
+					other++;
+			}
+			n++;
+			clock_gettime(CLOCK_MONOTONIC, &t);
+		} while ((t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) / 1e9 < secs);
+		printf("{\"n\": %ld, \"succeeded\": %ld, \"eperm\": %ld, \"other\": %ld}\n",
+		       n, ok_n, eperm, other);
 		return 0;
 	}
 	fprintf(stderr, "unknown op %s\n", op);

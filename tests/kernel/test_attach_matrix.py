@@ -78,7 +78,26 @@ def test_attach_matrix_attach_refused(prog: str, monkeypatch):
         assert report.programs[prog].phase == "failed"
         assert report.programs[prog].errno == 95
         assert not report.enforcing_capable
-        assert sum(p.phase == "attached" for p in report.programs.values()) == len(HOOK_PROGS) - 1
+        assert sum(report.programs[p].phase == "attached" for p in HOOK_PROGS.values()) == len(HOOK_PROGS) - 1
+    finally:
+        obj.close(keep_pins=False)
+
+
+def test_attach_matrix_continuity_refused_is_degraded_not_refused(monkeypatch):
+    """The path-continuity program (not a decision hook) refused: every hook attached, so the
+    object is enforcing-capable, and the report names the missing program as degraded."""
+    prog = abi.PROGRAM_CONTINUITY
+    monkeypatch.setenv("AEGIS_FAULT_INJECT", f"attach:{prog}")
+    obj = BpfObject(pin_root_dir=PIN)
+    try:
+        obj.open()
+        obj.load()
+        report = obj.attach_all(pin=False)
+        assert report.programs[prog].phase == "failed"
+        assert all(report.programs[p].phase == "attached" for p in HOOK_PROGS.values())
+        assert report.enforcing_capable
+        assert [p.name for p in report.degraded_optional] == [prog]
+        assert "degraded, not attached: inode_rename" in report.summary()
     finally:
         obj.close(keep_pins=False)
 
@@ -116,7 +135,7 @@ def test_verifier_budget(record_testsuite_property):
         stats = obj.verifier_stats
     finally:
         obj.close(keep_pins=False)
-    assert set(stats) == set(abi.HOOK_PROGRAMS.values())
+    assert set(stats) == set(abi.HOOK_PROGRAMS.values()) | set(abi.AUX_PROGRAMS)
     over = []
     for prog, s in stats.items():
         record_testsuite_property(f"{prog}.insns_processed", s.insns_processed)

@@ -525,6 +525,7 @@ def _trigger_state(code: str) -> list[str]:
         "audit_drops": [sample(drop_ratio={"audit": 0.5})],
         "sink_failing": [sample(sink_failing=["file:/var/log/aegis.jsonl"])],
         "denies_spooled": [sample(spooled_denies=3)],
+        "path_continuity_unavailable": [sample(hooks_expected=[*HOOKS, "inode_rename"])],
     }
     if code == "reconcile_inconsistent":
         m.set_condition(code, agent.reconcile_conditions(
