@@ -4,7 +4,7 @@
  *
  * A rule compiled from `path = "/etc/shadow"` (AEGIS_RULE_PATH) keys the inode the path
  * named at apply time.  Tools replace files instead of editing them (passwd, sed -i,
- * install, dpkg/rpm unpack: write a new file, rename it over the path), which would leave
+ * perl -pi, dpkg/rpm unpack: write a new file, rename it over the path), which would leave
  * the rule on an inode that no longer has the name.  On lsm/inode_rename, when the
  * rename's target inode holds a path rule in a slot, the source inode gets the same rule
  * in that slot (flags |= AEGIS_RULE_INHERITED) before the rename happens: there is no
@@ -15,13 +15,17 @@
  * never denies (it returns the previous LSM's answer) and costs one hash lookup per slot
  * when the target has no rule.  RENAME_EXCHANGE calls the hook twice, the second time
  * with the two dentries swapped (security_inode_rename() on 6.1 .. 7.x), so each side
- * inherits the other's rule.  What the kernel cannot see (delete + create, a replaced
- * parent directory) is the agent's watcher's (aegis_stream/policy/continuity.py).
+ * inherits the other's rule.  What the kernel cannot see (delete + create such as
+ * install(1), a replaced parent directory) is the agent's path watcher's
+ * (aegis_stream/agent/pathwatch.py, aegis_stream/policy/continuity.py).
  *
- * An existing entry of the source inode wins (BPF_NOEXIST): a file that already has a
- * rule in the slot keeps it, unless that entry is stale (its recorded i_generation is not
- * the file's: a deleted file's inode number reused).  Inherited entries are the kernel's, not the generation's:
- * the agent's read-back digests skip them, and staging clears them with the slot.
+ * An existing entry of the source inode wins: a file that already has a rule in the slot
+ * keeps it, unless that entry is stale (its recorded i_generation is not the file's: a
+ * deleted file's inode number reused, as ext4 does on every other `sed -i`).  The check is
+ * a lookup, then BPF_ANY: in the 6.1 lab a BPF_NOEXIST insert followed by a BPF_EXIST
+ * replace of the stale entry failed (counted inherit_failed), the lookup + BPF_ANY did not.
+ * Inherited entries are the kernel's, not the generation's: the agent's read-back digests
+ * skip them, and staging clears them with the slot.
  */
 #ifndef AEGIS_CONTINUITY_BPF_H
 #define AEGIS_CONTINUITY_BPF_H
