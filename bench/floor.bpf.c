@@ -40,3 +40,12 @@ int BPF_PROG(floor_file_mprotect, struct vm_area_struct *vma, unsigned long reqp
 {
 	return ret;
 }
+
+/* path continuity (bpf/continuity.bpf.h): not a decision hook, but it runs on every
+ * rename on the host, so its cost is measured above the same floor */
+SEC("lsm/inode_rename")
+int BPF_PROG(floor_inode_rename, struct inode *old_dir, struct dentry *old_dentry,
+	     struct inode *new_dir, struct dentry *new_dentry, int ret)
+{
+	return ret;
+}
