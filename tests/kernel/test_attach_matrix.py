@@ -17,13 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from aegis_stream.kernel import abi
+from aegis_stream.kernel import abi, builds
 from aegis_stream.kernel.loader import BpfObject, fault_injection
 
 from .agentlib import aegis
 from .conftest import IN_LAB
 
+# the fixtures of the build this kernel runs (tests/kernel/Makefile builds both sets)
 BUILD = Path(__file__).parent / ".build"
+if builds.probe_task_storage() is False:
+    BUILD = BUILD / builds.Build.NO_TASK_STORAGE.value
 HOOK_PROGS = {"file_open": "aegis_file_open", "bprm_check": "aegis_bprm_check",
               "mmap_file": "aegis_mmap_file", "file_mprotect": "aegis_file_mprotect"}
 EXPECT = {
