@@ -37,6 +37,45 @@ def pin_root() -> str:
     return os.environ.get("AEGIS_PIN_ROOT", DEFAULT_PIN_ROOT)
 
 
+class _OpenOpts(ctypes.Structure):
+    """The head of libbpf's ``struct bpf_object_open_opts`` (libbpf 1.x), up to
+    ``btf_custom_path``; ``sz`` tells libbpf how much of it we pass."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("object_name", ctypes.c_char_p),
+                ("relaxed_maps", ctypes.c_bool), ("pin_root_path", ctypes.c_char_p),
+                ("_removed_attach_prog_fd", ctypes.c_uint32), ("kconfig", ctypes.c_char_p),
+                ("btf_custom_path", ctypes.c_char_p)]
+
+
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+CAP_SYS_ADMIN = 21
+
+
+def _has_sys_admin() -> bool:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << CAP_SYS_ADMIN))
+    except OSError:
+        pass
+    return False
+
+
+def _open_opts() -> _OpenOpts | None:
+    """Without CAP_SYS_ADMIN (the hardened unit: CAP_BPF + CAP_PERFMON) libbpf cannot walk
+    the kernel modules' BTF (BPF_BTF_GET_NEXT_ID needs CAP_SYS_ADMIN) and the whole load
+    fails with EPERM as soon as a CO-RE type is not in vmlinux (btrfs_inode: the
+    GAP-BTRFS-SUBVOL key, measured in the 6.1 lab under the unit's capability set).  Naming
+    vmlinux's BTF as the target makes libbpf skip module BTF: the btrfs type is then
+    absent, its branch is dead, and btrfs rules match by s_dev (the compiler writes both
+    keys: docs/BYPASS_CATALOG.md GAP-BTRFS-SUBVOL)."""
+    if _has_sys_admin() or not Path(VMLINUX_BTF).exists():
+        return None
+    o = _OpenOpts(sz=ctypes.sizeof(_OpenOpts))
+    o.btf_custom_path = VMLINUX_BTF.encode()
+    return o
+
+
 def default_object_path() -> Path:
     """The object to load on this kernel: ``AEGIS_BPF_OBJECT``, else the build the feature
     probe picks (aegis_stream/kernel/builds.py)."""
@@ -183,7 +222,9 @@ class BpfObject:
 
     def _open_obj(self) -> None:
         lib = libbpf.lib()
-        obj = lib.bpf_object__open_file(str(self.path).encode(), None)
+        self._opts = _open_opts()
+        obj = lib.bpf_object__open_file(str(self.path).encode(),
+                                        ctypes.byref(self._opts) if self._opts else None)
         if not obj:
             raise LoadError(f"bpf_object__open_file({self.path})", err=libbpf.errno_of())
         self._obj = obj
