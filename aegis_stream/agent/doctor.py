@@ -23,7 +23,13 @@ import msgspec
 from aegis_stream import textsafe
 from aegis_stream.errors import AegisError
 from aegis_stream.kernel import abi, builds, libbpf, slots
-from aegis_stream.kernel.loader import ALL_PROGRAMS, OPTIONAL_PROGRAMS, REQUIRED_PROGRAMS, BpfObject
+from aegis_stream.kernel.loader import (
+    ALL_PROGRAMS,
+    OPTIONAL_PROGRAMS,
+    REQUIRED_PROGRAMS,
+    BpfObject,
+    effective_capabilities,
+)
 from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope, cgroup2_mounts
 
 SCHEMA = "aegis.doctor.v1"
@@ -162,15 +168,8 @@ def check_cgroup2(ctx: Ctx) -> Check:
                  "scope paths must name directories under that mount")
 
 
-def _cap_eff() -> int:
-    for line in (_read("/proc/self/status") or "").splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
 def check_caps(ctx: Ctx) -> Check:
-    eff = _cap_eff()
+    eff = effective_capabilities()
     have = {n for n, b in (("CAP_SYS_ADMIN", CAP_SYS_ADMIN), ("CAP_BPF", CAP_BPF),
                            ("CAP_PERFMON", CAP_PERFMON)) if eff & (1 << b)}
     if "CAP_SYS_ADMIN" in have or {"CAP_BPF", "CAP_PERFMON"} <= have:
@@ -232,7 +231,8 @@ def check_memlock(ctx: Ctx) -> Check:
     # libbpf >= 1.0 raises RLIMIT_MEMLOCK to infinity itself at load when the kernel does
     # not charge BPF memory to memcg (5.10: measured in the lab, every map created with a
     # 64 KiB soft limit); it can when the hard limit allows or CAP_SYS_RESOURCE lets it
-    if hard == resource.RLIM_INFINITY or hard >= enough or _cap_eff() & (1 << CAP_SYS_RESOURCE):
+    raisable = effective_capabilities() & (1 << CAP_SYS_RESOURCE)
+    if hard == resource.RLIM_INFINITY or hard >= enough or raisable:
         return Check("memlock", "pass",
                      f"RLIMIT_MEMLOCK {soft} bytes, raised by libbpf at load (kernel < 5.11 "
                      "charges BPF memory to memlock)")

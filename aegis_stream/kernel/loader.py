@@ -51,14 +51,15 @@ VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 CAP_SYS_ADMIN = 21
 
 
-def _has_sys_admin() -> bool:
+def effective_capabilities() -> int:
+    """This process's effective capability mask (CapEff in /proc/self/status; 0 if unreadable)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) & (1 << CAP_SYS_ADMIN))
+                return int(line.split()[1], 16)
     except OSError:
         pass
-    return False
+    return 0
 
 
 def _open_opts() -> _OpenOpts | None:
@@ -69,7 +70,7 @@ def _open_opts() -> _OpenOpts | None:
     vmlinux's BTF as the target makes libbpf skip module BTF: the btrfs type is then
     absent, its branch is dead, and btrfs rules match by s_dev (the compiler writes both
     keys: docs/BYPASS_CATALOG.md GAP-BTRFS-SUBVOL)."""
-    if _has_sys_admin() or not Path(VMLINUX_BTF).exists():
+    if effective_capabilities() & (1 << CAP_SYS_ADMIN) or not Path(VMLINUX_BTF).exists():
         return None
     o = _OpenOpts(sz=ctypes.sizeof(_OpenOpts))
     o.btf_custom_path = VMLINUX_BTF.encode()
