@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -197,59 +197,67 @@ async def serve_pipeline(
     ``reopen`` on SIGHUP (the events file, for logrotate), ``stopping`` when a stop
     begins.  ``background``: more tasks the nursery owns (``nursery.start``: each says
     when it is running), cancelled with the rest."""
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pipeline.run)
-        for task in background:
-            await nursery.start(task)
-        if metrics_addr:
-            from aegis_stream.pipeline.metrics import AegisMetrics, serve_metrics
+    # the signal receiver opens before anything slow starts (a Kafka sink's broker probe and
+    # producer process take minutes under TCG): a SIGTERM during start-up waits in it instead
+    # of killing the agent by the default action (6.12 CI: exit -15), and it stays open
+    # through the drain so a repeated SIGTERM cannot cut the drain short
+    with contextlib.ExitStack() as stack:
+        sigs = (stack.enter_context(trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+                if signals else None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            for task in background:
+                await nursery.start(task)
+            if metrics_addr:
+                from aegis_stream.pipeline.metrics import AegisMetrics, serve_metrics
 
-            metrics = AegisMetrics(pipeline.statistics, caches=pipeline.norm.cache_statistics,
-                                   state_root=pipeline.norm.store.root)  # policy expiry, canaries
-            bound = await nursery.start(partial(serve_metrics, listeners=metrics_listeners),
-                                        metrics, metrics_addr)
-            _log(f"metrics on http://{bound[0]}:{bound[1]}/metrics")
-            if metrics_started is not None:
-                metrics_started(bound)
+                metrics = AegisMetrics(pipeline.statistics, caches=pipeline.norm.cache_statistics,
+                                       state_root=pipeline.norm.store.root)  # policy expiry, canaries
+                bound = await nursery.start(partial(serve_metrics, listeners=metrics_listeners),
+                                            metrics, metrics_addr)
+                _log(f"metrics on http://{bound[0]}:{bound[1]}/metrics")
+                if metrics_started is not None:
+                    metrics_started(bound)
 
-        if started is not None:
-            started()
+            if started is not None:
+                started()
 
-        async def finish() -> None:
-            if stopping is not None:
-                stopping()
-            await pipeline.drain_and_stop(drain_timeout)
-            nursery.cancel_scope.cancel()
+            async def finish() -> None:
+                if stopping is not None:
+                    stopping()
+                await pipeline.drain_and_stop(drain_timeout)
+                nursery.cancel_scope.cancel()
 
-        if heartbeat is not None:
-            async def beat() -> None:
-                failures = 0
-                while True:
-                    await trio.sleep(heartbeat_s)
-                    try:
-                        heartbeat()
-                    except OSError as exc:  # a full disk must not stop the agent; a bug must
-                        failures += 1       # not be swallowed, so nothing else is caught
-                        if failures == 1 or failures % 60 == 0:
-                            _log(f"status file not refreshed ({failures} times): {exc}")
+            if heartbeat is not None:
+                async def beat() -> None:
+                    failures = 0
+                    while True:
+                        await trio.sleep(heartbeat_s)
+                        try:
+                            heartbeat()
+                        except OSError as exc:  # a full disk must not stop the agent; a bug must
+                            failures += 1       # not be swallowed, so nothing else is caught
+                            if failures == 1 or failures % 60 == 0:
+                                _log(f"status file not refreshed ({failures} times): {exc}")
 
-            nursery.start_soon(beat)
+                nursery.start_soon(beat)
 
-        if signals:
-            async def stop_on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+            if sigs is not None:
+                async def stop_on_signal(sigs: AsyncIterator[int]) -> None:
+                    stopping_now = False
                     async for signum in sigs:
                         if signum == signal.SIGHUP:  # logrotate: reopen, keep running
                             if reopen is not None:
                                 reopen()
                             continue
-                        nursery.start_soon(finish)
-                        return
+                        if not stopping_now:  # a repeated SIGTERM while draining changes nothing
+                            stopping_now = True
+                            nursery.start_soon(finish)
 
-            nursery.start_soon(stop_on_signal)
-        if exit_after is not None:
-            await trio.sleep(exit_after)
-            await finish()
+                nursery.start_soon(stop_on_signal, sigs)
+            if exit_after is not None:
+                await trio.sleep(exit_after)
+                await finish()
 
 
 def _summary(st: PipelineStatistics) -> str:

@@ -266,3 +266,33 @@ async def test_start_under_load_reports_no_phantom_deny_loss(kernel, store, tmp_
     assert deny.kernel_dropped == 0 and deny.dropped_userspace == 0
     assert deny.delivered == 4 == sink.by_class["deny"]
     assert st.state != "blind", st.reasons
+
+
+async def test_sigterm_during_a_slow_start_waits_and_stops_cleanly(kernel, store, tmp_path):
+    """A SIGTERM that arrives while a background task is still starting (a Kafka sink's
+    probe takes minutes under TCG) is held by the receiver serve_pipeline opened first, and
+    stops the agent once it runs; a second SIGTERM during the drain is absorbed.  Before,
+    the receiver opened last and the default action killed the agent (6.12 CI: -15)."""
+    import os
+    import signal
+
+    from aegis_stream.agent.run import serve_pipeline
+
+    sink = MemorySink(keep=False)
+    p, _ = make(kernel, store, tmp_path, [sink])
+    stopping: list[int] = []
+
+    async def slow_start(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # while this task has not said it runs
+        await trio.sleep(0.2)
+        task_status.started()
+        await trio.sleep_forever()
+
+    def on_stopping() -> None:
+        stopping.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # systemd's or an impatient operator's repeat
+
+    with trio.fail_after(10):
+        await serve_pipeline(p, signals=True, drain_timeout=0.05, background=[slow_start],
+                             stopping=on_stopping)
+    assert stopping == [1]
