@@ -172,7 +172,7 @@ def test_path_005_dpkg_style_upgrade_under_a_scoped_loop(lab: Lab, ext4_dir: Pat
             os.rename(new, b)
             upgrades += 1
             time.sleep(0.2)
-        res = [p.communicate(timeout=120)[0] for p in (ex, op)]
+        res = [rest_of_output(p, 120) for p in (ex, op)]
     finally:
         for p in (ex, op):
             if p.poll() is None:
@@ -255,6 +255,15 @@ def test_path_010_passwd_style_replace_ext4(lab: Lab, ext4_dir: Path):
         assert e.rule_flags & abi.RULE_INHERITED, e
 
 
+def rest_of_output(p, timeout: float) -> str:
+    """What an opener wrote after the "looping" line read with readline(): waits for its
+    exit, then reads through the buffered file object.  communicate() reads the raw pipe and
+    misses what readline() already buffered: an opener that finished before its "looping"
+    line was read (50 spawns under TCG outlast 30 s) had its result line lost that way (7.2)."""
+    p.wait(timeout)
+    return p.stdout.read()
+
+
 def test_path_011_replace_race_50_scoped_openers(lab: Lab, record_testsuite_property):
     """PATH-011: replace-by-rename in a loop (host side, out of scope) against 50 scoped
     processes opening the path for 30 s: not one open succeeds, whichever file was at the
@@ -273,13 +282,16 @@ def test_path_011_replace_race_50_scoped_openers(lab: Lab, record_testsuite_prop
             replace_by_rename(f, f"v{i}\n", suffix=f".{i % 2}")
         replaced[0] = i
 
-    procs = [lab.spawn([PROBE, "open_for", str(f), "30"]) for _ in range(50)]
+    # the replacer runs before the first opener starts: spawning 50 processes under TCG can
+    # take longer than an opener's 30 s, and every opener must race it for its whole loop
     t = threading.Thread(target=replacer)
+    t.start()
+    procs: list = []
     try:
+        procs += [lab.spawn([PROBE, "open_for", str(f), "30"]) for _ in range(50)]
         for p in procs:
             assert "looping" in p.stdout.readline()
-        t.start()
-        outs = [p.communicate(timeout=300)[0] for p in procs]
+        outs = [rest_of_output(p, 300) for p in procs]
     finally:
         stop.set()
         if t.is_alive():
