@@ -189,32 +189,11 @@ def summary(res: dict[str, Any]) -> str:
 
 def _lab(args: argparse.Namespace, cfg: LoopConfig) -> dict[str, Any]:
     """Real maps, programs attached, the driver in the selected cgroup (its opens are probed)."""
-    from aegis_stream.kernel.loader import BpfObject
-    from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount
+    from stress.guest import attached
 
-    ensure_guest_mounts()
-    work = Path(tempfile.mkdtemp(prefix="aegis-loop-"))
-    mount_tmpfs(work, "512m")
-    cg = Path("/sys/fs/cgroup") / f"aegis-loop-{os.getpid()}"
-    cg.mkdir()
-    obj = BpfObject(pin_root_dir="/sys/fs/bpf/aegis-loop")
-    try:
-        obj.open()
-        obj.load()
-        rep = obj.attach_all(pin=False)
-        if not rep.enforcing_capable:
-            raise SystemExit(f"rollback_loop: cannot enforce: {rep.summary()}")
-        (cg / "cgroup.procs").write_text(str(os.getpid()))
-        return run_loop(obj.policy_maps(), work, str(cg), cfg)
-    finally:
-        Path("/sys/fs/cgroup/cgroup.procs").write_text(str(os.getpid()))
-        obj.close(keep_pins=False)
-        try:
-            cg.rmdir()
-        except OSError:
-            pass
-        umount(work)
-
+    with attached("loop") as g:
+        (g.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+        return run_loop(g.obj.policy_maps(), g.work, str(g.cgroup), cfg)
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

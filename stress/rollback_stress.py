@@ -50,7 +50,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -498,38 +497,20 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("rollback_stress: run as root inside a lab kernel (stress/run)", file=sys.stderr)
         return 2
-    from aegis_stream.kernel.loader import BpfObject
-    from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount
+    from stress.guest import attached
 
-    ensure_guest_mounts()
-    work = Path(tempfile.mkdtemp(prefix="aegis-stress-"))
-    mount_tmpfs(work, "512m")
-    cg = Path("/sys/fs/cgroup") / f"aegis-stress-{os.getpid()}"
-    cg.mkdir()
-    obj = BpfObject(pin_root_dir="/sys/fs/bpf/aegis-stress")
     rings: list[RingBuffer] = []
-    try:
-        obj.open()
-        obj.load()
-        rep = obj.attach_all(pin=False)
-        if not rep.enforcing_capable:
-            print(f"rollback_stress: cannot enforce: {rep.summary()}", file=sys.stderr)
-            return 2
-        maps = obj.maps()
-        rings = [RingBuffer(maps[n].fd, maps[n].max_entries, n)
-                 for n in (abi.MAP_DENY_EVENTS, abi.MAP_AUDIT_EVENTS)]
-        cfg = StressConfig(args.iterations, args.rate, args.exec_every, args.rollback,
-                           args.dwell_ms, workload=args.workload)
-        res = run_stress(Env(maps, rings, cg, work), cfg)
-    finally:
-        for r in rings:
-            r.close()
-        obj.close(keep_pins=False)
+    with attached("stress") as g:
         try:
-            cg.rmdir()
-        except OSError:
-            pass
-        umount(work)
+            maps = g.obj.maps()
+            rings = [RingBuffer(maps[n].fd, maps[n].max_entries, n)
+                     for n in (abi.MAP_DENY_EVENTS, abi.MAP_AUDIT_EVENTS)]
+            cfg = StressConfig(args.iterations, args.rate, args.exec_every, args.rollback,
+                               args.dwell_ms, workload=args.workload)
+            res = run_stress(Env(maps, rings, g.cgroup, g.work), cfg)
+        finally:
+            for r in rings:
+                r.close()
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     print(table(res))
