@@ -180,7 +180,14 @@ static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __
 
 	if (sc->flags & AEGIS_SLOT_SCOPE_HOST)
 		return 0;
+#ifdef AEGIS_BENCH_SCOPE_NOCACHE /* bench variant only: the walk on every decision */
+	return match_scope(sc, slot);
+#endif
 	cg = bpf_get_current_cgroup_id();
+#ifdef AEGIS_BENCH_SCOPE_ID_ONLY /* bench variant only: the cheapest conceivable scope test
+				 * (one helper, no lookup; wrong for nested cgroups) */
+	return cg == sc->generation ? (__s64)cg : -1;
+#endif
 	c = bpf_task_storage_get(&aegis_scope_cache, bpf_get_current_task_btf(), 0,
 				 BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (c && c->generation == sc->generation && c->slot == slot && c->cgroup_id == cg)
@@ -220,23 +227,31 @@ static __always_inline struct aegis_slot_config *active(__u32 hook, __u32 *slot)
 
 #include "storm.bpf.h" /* after aegis_config and count(): it uses both */
 
-/* the decision on the inode (ino, dev, i_generation): dev is the key's device (the
- * superblock's s_dev; a btrfs inode's subvolume device: inode_dev()) */
+/* the scope answer, counted: < 0 outside every selected cgroup.  Asked before anything is
+ * read from the inode: most tasks on a host are outside every selected cgroup, and their
+ * path should not pay for the key's loads (the btrfs check, i_generation) */
+static __always_inline __s64 in_scope(__u32 hook, const struct aegis_slot_config *sc, __u32 slot)
+{
+	__s64 scope;
+
+#ifndef AEGIS_BENCH_NO_EVAL_COUNT /* bench variant only: what the per-CPU increment costs */
+	count(hook, AEGIS_CTR_EVALUATED);
+#endif
+	scope = cached_scope(sc, slot);
+	if (scope >= 0)
+		count(hook, AEGIS_CTR_SCOPE_MATCHED);
+	return scope;
+}
+
+/* the decision on the inode (ino, dev, i_generation) for a task in scope: dev is the key's
+ * device (the superblock's s_dev; a btrfs inode's subvolume device: inode_dev()) */
 static __always_inline int decide_id(__u64 ino, __u32 dev, __u32 igen, __u32 hook, __u32 action,
-				     const struct aegis_slot_config *sc, __u32 slot)
+				     const struct aegis_slot_config *sc, __u32 slot, __s64 scope)
 {
 	struct aegis_inode_key key = {};
 	struct aegis_rule *rule;
 	struct aegis_event *e;
-	__s64 scope;
 	bool enforce;
-
-	count(hook, AEGIS_CTR_EVALUATED);
-	/* scope first: most tasks on a host are outside every selected cgroup */
-	scope = cached_scope(sc, slot);
-	if (scope < 0)
-		return 0;
-	count(hook, AEGIS_CTR_SCOPE_MATCHED);
 
 	key.slot = slot;
 	key.ino = ino;
@@ -297,10 +312,15 @@ static __always_inline int decide_id(__u64 ino, __u32 dev, __u32 igen, __u32 hoo
 static __always_inline int decide(struct inode *inode, __u32 hook, __u32 action,
 				  const struct aegis_slot_config *sc, __u32 slot)
 {
+	__s64 scope;
+
 	if (!inode)
 		return 0;
+	scope = in_scope(hook, sc, slot);
+	if (scope < 0)
+		return 0;
 	return decide_id(inode->i_ino, inode_dev(inode), inode->i_generation, hook, action, sc,
-			 slot);
+			 slot, scope);
 }
 
 /* the same for an inode reached through a plain (untrusted) pointer: probe reads */
@@ -308,15 +328,19 @@ static __always_inline int decide_untrusted(struct inode *inode, __u32 hook, __u
 					    const struct aegis_slot_config *sc, __u32 slot)
 {
 	__u32 dev = 0;
+	__s64 scope;
 
 	if (!inode)
+		return 0;
+	scope = in_scope(hook, sc, slot);
+	if (scope < 0)
 		return 0;
 	if (BPF_CORE_READ(inode, i_sb, s_magic) == BTRFS_SUPER_MAGIC)
 		dev = btrfs_subvol_dev(inode);
 	if (!dev)
 		dev = BPF_CORE_READ(inode, i_sb, s_dev);
 	return decide_id(BPF_CORE_READ(inode, i_ino), dev, BPF_CORE_READ(inode, i_generation), hook,
-			 action, sc, slot);
+			 action, sc, slot, scope);
 }
 
 /*
