@@ -74,6 +74,9 @@ class AgentFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pin_root: str | None = None  # default $AEGIS_PIN_ROOT or /sys/fs/bpf/aegis
     status_file: str | None = None  # default <state_dir>/status.json
     metrics_addr: str | None = None  # HOST:PORT of the Prometheus endpoint; absent: none
+    # export the deprecated metric names next to their replacements until they are removed
+    # (docs/METRICS.md "Deprecated names"); false: a scrape that passes promtool's lint now
+    metrics_deprecated_names: bool = True
     log_format: Literal["text", "json"] = "text"
     # repeats of one (rule, hook, cgroup, process) deny within this many seconds are counted in
     # the kernel and summarised (aegis.storm.v1) instead of one event each; 0 = off
@@ -151,4 +154,5 @@ def agent_config(doc: AgentFile, *, kafka: str | None = None,
         events_max_bytes=ev.max_bytes, events_backups=ev.backups,
         events_compress=ev.compress, events_file_mode=ev.file_mode,
         kafka=kafka, kafka_host_key=doc.fleet.host_key, storm_window_s=doc.storm_window_s,
+        metrics_deprecated_names=doc.metrics_deprecated_names,
     )

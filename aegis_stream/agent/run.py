@@ -90,6 +90,7 @@ class AgentConfig:
     policy: str | None = None
     events: str = "-"
     metrics_addr: str | None = None
+    metrics_deprecated_names: bool = True  # docs/METRICS.md "Deprecated names"
     mode: str | None = None  # override the policy's mode
     status_file: str | None = None
     exit_after: float | None = None  # for demos and tests: stop after N seconds
@@ -179,6 +180,7 @@ async def serve_pipeline(
     pipeline: Pipeline,
     *,
     metrics_addr: str | None = None,
+    metrics_deprecated: bool = True,
     exit_after: float | None = None,
     signals: bool = True,
     drain_timeout: float = 5.0,
@@ -212,7 +214,8 @@ async def serve_pipeline(
                 from aegis_stream.pipeline.metrics import AegisMetrics, serve_metrics
 
                 metrics = AegisMetrics(pipeline.statistics, caches=pipeline.norm.cache_statistics,
-                                       state_root=pipeline.norm.store.root)  # policy expiry, canaries
+                                       state_root=pipeline.norm.store.root,  # policy expiry, canaries
+                                       deprecated=metrics_deprecated)
                 bound = await nursery.start(partial(serve_metrics, listeners=metrics_listeners),
                                             metrics, metrics_addr)
                 _log(f"metrics on http://{bound[0]}:{bound[1]}/metrics")
@@ -466,7 +469,8 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
                      list(pipeline.monitor.judged))
 
     try:
-        await serve_pipeline(pipeline, metrics_addr=cfg.metrics_addr, exit_after=cfg.exit_after,
+        await serve_pipeline(pipeline, metrics_addr=cfg.metrics_addr,
+                             metrics_deprecated=cfg.metrics_deprecated_names, exit_after=cfg.exit_after,
                              metrics_listeners=listeners, heartbeat=heartbeat,
                              started=lambda: notify.ready(status_line()), reopen=reopen,
                              stopping=lambda: notify.stopping(f"stopping: draining; {status_line()}"),

@@ -74,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
              "status_file": args.status_file, "state_dir": args.state_dir, "pin_root": args.pin_root,
              "log_format": args.log_format, "events.path": args.events,
              "storm_window_s": args.storm_window,
+             "metrics_deprecated_names": False if args.no_deprecated_metrics else None,
              "fleet.kafka": args.kafka, "fleet.host_key": args.kafka_host_key})
     except agent_file.ConfigError as exc:
         return _fail(str(exc), 2)
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", help="policy TOML to apply at start")
     r.add_argument("--events", help="JSON lines output file ('-' = stdout, the default)")
     r.add_argument("--metrics-addr", help="HOST:PORT for Prometheus metrics")
+    r.add_argument("--no-deprecated-metrics", action="store_true",
+                   help="do not export deprecated metric names next to their replacements "
+                        "(a scrape that passes promtool check metrics; docs/METRICS.md)")
     r.add_argument("--mode", choices=["audit", "enforce"], help="override the policy's mode")
     r.add_argument("--status-file",
                    help="write the agent's state (JSON) here (default $AEGIS_STATE_DIR/status.json)")

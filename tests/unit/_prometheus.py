@@ -13,12 +13,12 @@ import trio
 from aegis_stream.policy.store import PolicyStore
 
 
-def tool(name: str) -> str:
-    """The path of a Prometheus binary (Debian's ``prometheus`` package): a skip when it is
-    absent on a developer machine, a failure under ``CI=true``."""
+def tool(name: str, package: str = "prometheus") -> str:
+    """The path of a binary from a Debian package (default ``prometheus``): a skip when it is
+    absent on a developer machine, a failure under ``CI=true`` (scripts/setup installs it)."""
     path = shutil.which(name)
     if path is None:
-        why = f"{name} not installed (apt-get install prometheus; scripts/setup does)"
+        why = f"{name} not installed (apt-get install {package}; scripts/setup does)"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{why}, and CI=true")
         pytest.skip(why)

@@ -30,7 +30,7 @@ def test_shipped_default_decodes_and_names_every_key():
                 assert f"{name} = " in text, name
     docs = (ROOT / "docs" / "OPERATIONS.md").read_text()
     for key in ("policy", "mode", "state_dir", "pin_root", "status_file", "metrics_addr",
-                "log_format", "events.path", "events.max_bytes", "events.backups",
+                "log_format", "metrics_deprecated_names", "events.path", "events.max_bytes", "events.backups",
                 "events.compress", "events.file_mode", "fleet.kafka", "fleet.host_key"):
         assert f"`{key}`" in docs, key
 
@@ -82,6 +82,9 @@ def test_agent_config_carries_every_key():
     assert (a.events, a.events_max_bytes, a.events_backups, a.events_compress, a.events_file_mode) == \
         ("/e", 5, 1, True, 0o600)
     assert (a.kafka, a.kafka_host_key, a.exit_after) == ("k:1", "h", 3.0)
+    assert a.metrics_deprecated_names is True  # the deprecation window's default
+    off = cf.agent_config(cf.merge(doc, {"metrics_deprecated_names": False}))
+    assert off.metrics_deprecated_names is False
 
 
 def test_environment_exports_state_dir_and_pin_root(monkeypatch):

@@ -96,6 +96,30 @@ async def test_promtool_check_metrics_on_a_real_scrape(make_pipeline, kernel, tm
     assert 0 < time.time() - s[("aegis_policy_canary_last_run_timestamp_seconds", (("result", "failed"),))] < 120
 
 
+async def test_agent_without_deprecated_names_passes_promtool(make_pipeline, kernel, tmp_path):
+    """``metrics_deprecated_names = false`` (``aegis run --no-deprecated-metrics``): the
+    agent's own endpoint drops the old name and its scrape passes the lint."""
+    tool("promtool")
+    store = signed_policy_world(kernel, tmp_path)
+    p = make_pipeline(kernel, store, [MemorySink()], tmp_path, tick_s=0.05)
+    bound: list[tuple[str, int]] = []
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: serve_pipeline(p, metrics_addr="127.0.0.1:0", metrics_deprecated=False,
+                                            signals=False, metrics_started=bound.append))
+        while not bound:
+            await trio.sleep(0.01)
+        kernel.emit_bulk("deny", make_events(2, decision=abi.Decision.DENY, generation=3), 2)
+        await p.drain(timeout=5)
+        await trio.sleep(0.2)  # a tick
+        _, body = await http_get(*bound[0], "/metrics")
+        n.cancel_scope.cancel()
+    text = body.decode()
+    out = _promtool_check(text)
+    assert (out.returncode, out.stdout + out.stderr) == (0, "")
+    assert "aegis_kernel_hook_counter_total" not in text
+    assert _samples(text)[("aegis_kernel_hook_counts_total", (("counter", "denied"), ("hook", "file_open")))] == 2
+
+
 def _policy_samples(col: PolicyCollector) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in col.collect() for s in fam.samples}
 
