@@ -199,6 +199,7 @@ def fleet_demo(events: Path, work: Path) -> int:
     n_audit = len(decisions) - n_deny
     _say("fleet: the guest has no network; its events came back through a shared directory")
     kb.fetch_kafka(log=print)
+    work.mkdir(parents=True, exist_ok=True)
     broker = kb.LocalBroker(work / "kafka")
     worker: subprocess.Popen[bytes] | None = None
     ok = False

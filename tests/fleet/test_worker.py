@@ -107,7 +107,7 @@ def test_throughput_one_worker(kafka_broker, tmp_path):
     r = run(kafka_broker.bootstrap, 200_000, tmp_path)
     print(f"fleet worker: {r.decisions_per_s:,} decisions/s, RSS {r.worker_rss_mb} MB")
     assert r.exact
-    assert r.decisions_per_s >= 12_000, r
+    assert r.decisions_per_s >= 20_000, r  # the target; 32,044/s with a lab guest on one core
 
 
 def test_missing_source_topic_is_a_one_line_error(kafka_broker):
