@@ -172,22 +172,14 @@ struct {
 	__type(value, struct aegis_scope_cache);
 } aegis_scope_cache SEC(".maps");
 
-static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __u32 slot)
+#include "bench_variants.bpf.h" /* bench-only -D knobs (issue 15); the shipped build: none */
+
+static __always_inline __s64 task_cached_scope(const struct aegis_slot_config *sc, __u32 slot,
+					       __u64 cg)
 {
 	struct aegis_scope_cache *c;
-	__u64 cg;
 	__s64 s;
 
-	if (sc->flags & AEGIS_SLOT_SCOPE_HOST)
-		return 0;
-#ifdef AEGIS_BENCH_SCOPE_NOCACHE /* bench variant only: the walk on every decision */
-	return match_scope(sc, slot);
-#endif
-	cg = bpf_get_current_cgroup_id();
-#ifdef AEGIS_BENCH_SCOPE_ID_ONLY /* bench variant only: the cheapest conceivable scope test
-				 * (one helper, no lookup; wrong for nested cgroups) */
-	return cg == sc->generation ? (__s64)cg : -1;
-#endif
 	c = bpf_task_storage_get(&aegis_scope_cache, bpf_get_current_task_btf(), 0,
 				 BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (c && c->generation == sc->generation && c->slot == slot && c->cgroup_id == cg)
@@ -200,6 +192,19 @@ static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __
 		c->scope = s;
 	}
 	return s;
+}
+
+static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __u32 slot)
+{
+	__u64 cg;
+
+	if (sc->flags & AEGIS_SLOT_SCOPE_HOST)
+		return 0;
+	BENCH_SCOPE_NOCACHE(sc, slot);
+	cg = current_cgroup_id();
+	BENCH_SCOPE_ID_ONLY(sc, cg);
+	BENCH_PERCPU_CACHE(sc, slot, cg);
+	return task_cached_scope(sc, slot, cg);
 }
 #endif /* AEGIS_NO_TASK_STORAGE */
 
