@@ -123,6 +123,9 @@ class KernelFacts:
     active_slot: int = 0
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str = ""
+    #: ``policy_tampered`` findings of a one-shot integrity check (:func:`tamper_findings`),
+    #: made by ``aegis status`` itself when no agent runs to make it every tick
+    tamper: list[Reason] = field(default_factory=list)
 
 
 @dataclass
@@ -154,9 +157,25 @@ def facts_from_maps(pin_root: str, links: Mapping[str, bool], policy_maps: Any,
                        mode, st.active_slot, counters)
 
 
-def read_kernel(root: str | None = None) -> KernelFacts:
+def tamper_findings(policy_maps: Any, state_root: str | Path | None = None) -> list[Reason]:
+    """One integrity check of the kernel's active policy against the signed generation record
+    and the provenance log (agent/integrity.py, what a running agent does every tick): its
+    ``policy_tampered`` findings.  A check the lifecycle lock defers (an apply in progress)
+    finds nothing; so does one that cannot read the state directory (not the question here)."""
+    from aegis_stream.agent.integrity import IntegrityChecker
+    from aegis_stream.errors import AegisError
+
+    try:
+        rep = IntegrityChecker(policy_maps, state_root).check()
+    except (AegisError, OSError):
+        return []
+    return [f for f in rep.findings if f.code is ReasonCode.POLICY_TAMPERED]
+
+
+def read_kernel(root: str | None = None, *, integrity: bool = False) -> KernelFacts:
     """The pinned state; ``loaded=False`` when nothing is pinned.  Raises AegisError when
-    pins exist but cannot be opened (permissions)."""
+    pins exist but cannot be opened (permissions).  ``integrity``: also run the tamper check
+    (:func:`tamper_findings`) on the pinned maps."""
     from aegis_stream.kernel import libbpf
     from aegis_stream.kernel.loader import ALL_PROGRAMS, open_pinned, pin_root
 
@@ -175,7 +194,10 @@ def read_kernel(root: str | None = None) -> KernelFacts:
                 except Exception:
                     ok = False
             links[prog] = ok
-        return facts_from_maps(root, links, pinned.policy_maps(), pinned.maps)
+        facts = facts_from_maps(root, links, pinned.policy_maps(), pinned.maps)
+        if integrity:
+            facts.tamper = tamper_findings(pinned.policy_maps())
+        return facts
     finally:
         pinned.close()
 
@@ -293,6 +315,9 @@ def judge_coded(kernel: KernelFacts, agent: AgentFacts, *, stale_s: float = STAL
         else:
             tail = "; no pinned hook links (nothing decides)"
         why.insert(0, reasons.reason(ReasonCode.AGENT_NOT_RUNNING, tail))
+    if kernel.tamper and not agent.alive:  # a running agent reports its own tick check
+        state = State.worst(state, State.DEGRADED)
+        why.extend(kernel.tamper)
     if break_glass is not None and not agent.alive:
         bg = reasons.break_glass_reason(break_glass)
         state = State.worst(state, State.DEGRADED)
@@ -396,8 +421,8 @@ def collect_coded(pin_root: str | None = None,
 
     agent = read_agent(status_file)
     marker = reasons.break_glass_marker(state_dir())
-    try:
-        kernel = read_kernel(pin_root)
+    try:  # no agent to check the maps every tick: the status command checks them once
+        kernel = read_kernel(pin_root, integrity=not agent.alive)
     except (AegisError, OSError) as exc:
         kernel = KernelFacts(True, pin_root or default_root(), error=str(exc))
         r, codes = judge_coded(KernelFacts(False, kernel.pin_root), agent)

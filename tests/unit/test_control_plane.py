@@ -314,6 +314,28 @@ def test_map_writes_outside_aegis_are_reported_and_restore_clears(env, how) -> N
     assert _codes(ic) == {}
 
 
+def test_status_without_an_agent_checks_the_maps_itself(env) -> None:
+    """``aegis status`` with no agent running (nothing checks every tick): it runs the tamper
+    check once on the pinned maps, so a bpftool write is not reported as "enforcing"."""
+    from aegis_stream.agent.status import AgentFacts, facts_from_maps, judge_coded, tamper_findings
+
+    env.lc.apply(env.signed(1, "ab"), "v1")
+    links = dict.fromkeys(abi.HOOK_PROGRAMS.values(), True)
+    assert tamper_findings(env.maps, env.state) == []
+    env.maps.rules.delete(_active_rule_keys(env.maps)[0])  # bpftool map delete
+    found = tamper_findings(env.maps, env.state)
+    assert [f.code for f in found] == [TAMPERED] and "missing r-" in found[0].text
+    facts = facts_from_maps("/sys/fs/bpf/aegis", links, env.maps, None)
+    facts.tamper = found
+    gone = AgentFacts("/nonexistent/status.json", None, False, None)
+    report, codes = judge_coded(facts, gone)
+    assert report.state == "degraded" and TAMPERED in codes, report
+    assert any("policy tampered" in r for r in report.reasons)
+    # an agent that runs reports its own tick check: the status command does not add its own
+    alive = AgentFacts("/x/status.json", None, True, 0.0)
+    assert TAMPERED not in judge_coded(facts, alive)[1]
+
+
 def test_legitimate_operations_never_look_like_tampering(env) -> None:
     """A check after every step of every lifecycle operation: none reports tampering
     (a step between the kernel write and its record is deferred, not reported)."""

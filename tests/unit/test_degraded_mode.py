@@ -489,7 +489,7 @@ def test_status_from_fake_kernel_maps(kernel, store):
 
 
 def test_status_unreadable_pins_exit_3(monkeypatch, tmp_path):
-    def boom(root=None):
+    def boom(root=None, **_kw):
         raise KernelError("bpf_obj_get(/sys/fs/bpf/aegis/maps/x)", err=errno.EPERM)
 
     monkeypatch.setattr(status, "read_kernel", boom)
