@@ -43,16 +43,27 @@ def ring_sizes():
     return 1 << 16, 1 << 14  # the audit ring overflows: drops and a degraded state on the scrape
 
 
-async def test_promtool_check_metrics_on_a_real_scrape(make_pipeline, kernel, tmp_path):
+def _world(make_pipeline, kernel, tmp_path):
+    """promtool present (or the skip/failure), a signed policy world, a pipeline over it."""
     tool("promtool")
     store = signed_policy_world(kernel, tmp_path)
-    p = make_pipeline(kernel, store, [MemorySink()], tmp_path, tick_s=0.05)
+    return store, make_pipeline(kernel, store, [MemorySink()], tmp_path, tick_s=0.05)
+
+
+async def _agent_endpoint(n: trio.Nursery, p, **kw) -> tuple[str, int]:
+    """serve_pipeline (the agent's own stop path and metrics endpoint) in ``n``; its address."""
     bound: list[tuple[str, int]] = []
+    n.start_soon(lambda: serve_pipeline(p, metrics_addr="127.0.0.1:0", signals=False,
+                                        metrics_started=bound.append, **kw))
+    while not bound:
+        await trio.sleep(0.01)
+    return bound[0]
+
+
+async def test_promtool_check_metrics_on_a_real_scrape(make_pipeline, kernel, tmp_path):
+    store, p = _world(make_pipeline, kernel, tmp_path)
     async with trio.open_nursery() as n:
-        n.start_soon(lambda: serve_pipeline(p, metrics_addr="127.0.0.1:0", signals=False,
-                                            metrics_started=bound.append))
-        while not bound:
-            await trio.sleep(0.01)
+        bound = [await _agent_endpoint(n, p)]
         clean = AegisMetrics(p.statistics, caches=p.norm.cache_statistics, state_root=store.root,
                              deprecated=False)
         host, port = await n.start(serve_metrics, clean, "127.0.0.1:0")
@@ -99,15 +110,9 @@ async def test_promtool_check_metrics_on_a_real_scrape(make_pipeline, kernel, tm
 async def test_agent_without_deprecated_names_passes_promtool(make_pipeline, kernel, tmp_path):
     """``metrics_deprecated_names = false`` (``aegis run --no-deprecated-metrics``): the
     agent's own endpoint drops the old name and its scrape passes the lint."""
-    tool("promtool")
-    store = signed_policy_world(kernel, tmp_path)
-    p = make_pipeline(kernel, store, [MemorySink()], tmp_path, tick_s=0.05)
-    bound: list[tuple[str, int]] = []
+    _, p = _world(make_pipeline, kernel, tmp_path)
     async with trio.open_nursery() as n:
-        n.start_soon(lambda: serve_pipeline(p, metrics_addr="127.0.0.1:0", metrics_deprecated=False,
-                                            signals=False, metrics_started=bound.append))
-        while not bound:
-            await trio.sleep(0.01)
+        bound = [await _agent_endpoint(n, p, metrics_deprecated=False)]
         kernel.emit_bulk("deny", make_events(2, decision=abi.Decision.DENY, generation=3), 2)
         await p.drain(timeout=5)
         await trio.sleep(0.2)  # a tick
