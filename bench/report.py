@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SERIES_ORDER = {"6.1": 0, "6.12": 1, "7": 2}
-SUITE = {"6.1": "Debian 12 bookworm", "6.12": "Debian 13 trixie", "7": "Debian sid"}
+SERIES_ORDER = {"5.10": 0, "6.1": 1, "6.12": 2, "7": 3}
+SUITE = {"5.10": "Debian 11 bullseye", "6.1": "Debian 12 bookworm", "6.12": "Debian 13 trixie",
+         "7": "Debian sid"}
 
 OVERHEAD = "overhead"
 MAPS = "map-memory"
