@@ -261,7 +261,11 @@ def rest_of_output(p, timeout: float) -> str:
     misses what readline() already buffered: an opener that finished before its "looping"
     line was read (50 spawns under TCG outlast 30 s) had its result line lost that way (7.2)."""
     p.wait(timeout)
-    return p.stdout.read()
+    out = p.stdout.read()
+    for pipe in (p.stdin, p.stdout, p.stderr):  # what communicate() would have closed
+        if pipe is not None:
+            pipe.close()
+    return out
 
 
 def test_path_011_replace_race_50_scoped_openers(lab: Lab, record_testsuite_property):
