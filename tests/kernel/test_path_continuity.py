@@ -270,7 +270,7 @@ def rest_of_output(p, timeout: float) -> str:
 
 def test_path_011_replace_race_50_scoped_openers(lab: Lab, record_testsuite_property):
     """PATH-011: replace-by-rename in a loop (host side, out of scope) against 50 scoped
-    processes opening the path for 30 s: not one open succeeds, whichever file was at the
+    processes opening the path for 15 s: not one open succeeds, whichever file was at the
     path."""
     import json
 
@@ -287,12 +287,12 @@ def test_path_011_replace_race_50_scoped_openers(lab: Lab, record_testsuite_prop
         replaced[0] = i
 
     # the replacer runs before the first opener starts: spawning 50 processes under TCG can
-    # take longer than an opener's 30 s, and every opener must race it for its whole loop
+    # take longer than an opener's 15 s, and every opener must race it for its whole loop
     t = threading.Thread(target=replacer)
     t.start()
     procs: list = []
     try:
-        procs += [lab.spawn([PROBE, "open_for", str(f), "30"]) for _ in range(50)]
+        procs += [lab.spawn([PROBE, "open_for", str(f), "15"]) for _ in range(50)]
         for p in procs:
             assert "looping" in p.stdout.readline()
         outs = [rest_of_output(p, 300) for p in procs]
