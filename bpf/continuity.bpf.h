@@ -54,7 +54,7 @@ static __always_inline void count_continuity(__u32 ctr)
 	__u64 *v = bpf_map_lookup_elem(&aegis_continuity_counters, &ctr);
 
 	if (v)
-		*v += 1;
+		percpu_inc(v);
 }
 
 /* the rename of old_dentry onto new_dentry: pass new_dentry's path rules to old_dentry */

@@ -52,7 +52,7 @@ static __always_inline void storm_stat(__u32 idx)
 	__u64 *v = bpf_map_lookup_elem(&aegis_storm_stats, &idx);
 
 	if (v)
-		*v += 1;
+		percpu_inc(v);
 }
 
 /* true: this decision is folded into its key's storm count (no event) */
