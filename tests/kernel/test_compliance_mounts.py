@@ -289,6 +289,17 @@ def test_mnt_025_overlay_exec_rule_on_lower_path(lab: Lab, ovl):
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
+def _userns_overlay_or_skip(out) -> None:
+    """The unprivileged overlay mount worked; where the kernel refuses it (overlayfs may be
+    mounted in a user namespace since Linux 5.11, "ovl: allow unprivileged mounts"), the
+    route does not exist: a kernel-feature skip, not a pass."""
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    if out.returncode == 3 and release < (5, 11):
+        pytest.skip("kernel-feature: overlayfs cannot be mounted in a user namespace before "
+                    f"5.11 (mount: {out.stderr.strip()[:80]})")
+    assert out.returncode != 3, out  # the unprivileged overlay mount itself worked
+
+
 def test_mnt_031_unprivileged_userns_overlay_exec_of_lower_denied_binary(lab: Lab):
     """MNT-031: the unprivileged route of GAP-OVL-EXEC: a non-root user in the selected
     cgroup creates a user and mount namespace (unshare -Urm), mounts an overlay whose lower
@@ -304,7 +315,7 @@ def test_mnt_031_unprivileged_userns_overlay_exec_of_lower_denied_binary(lab: La
     script = (f'mount -t overlay overlay -o lowerdir={low}:{empty} {merged} || exit 3; '
               f'{PROBE} exec {merged}/tool')
     out = lab.run([*NOBODY, "unshare", "-Urm", "/bin/sh", "-c", script])
-    assert out.returncode != 3, out  # the unprivileged overlay mount itself worked
+    _userns_overlay_or_skip(out)
     assert out.errno == EPERM, out
     e = assert_deny_event(lab, low / "tool", **OVL_EXEC)
     assert e.uid == 65534
@@ -327,7 +338,7 @@ def test_mnt_032_unprivileged_userns_overlay_denied_interpreter(lab: Lab):
     script = (f'mount -t overlay overlay -o lowerdir={low}:{empty} {merged} || exit 3; '
               f'{PROBE} exec {merged}/denied-sh; {PROBE} exec {script_file}')
     out = lab.run([*NOBODY, "unshare", "-Urm", "/bin/sh", "-c", script])
-    assert out.returncode != 3, out
+    _userns_overlay_or_skip(out)
     results = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
     assert [r.get("errno") for r in results] == [EPERM, EPERM], out
     ident = resolve_inode(str(low / "denied-sh"))
@@ -400,10 +411,23 @@ def test_mnt_011_xfs_loop_exec_denied(lab: Lab, loopfs):
     assert_deny_event(lab, b, **EXEC)
 
 
+def _subvolume_keys_or_xfail(loopfs) -> None:
+    """The kernel keys a btrfs inode by its subvolume's device only where it can read
+    BTRFS_I(inode)->root->anon_dev: through the btrfs module's BTF (bpf/core_fixes.bpf.h).
+    Module BTF arrived in Linux 5.11; on 5.10 btrfs inodes keep the superblock's s_dev
+    (the compiler writes that key too, so a rule still denies), and subvolumes with equal
+    inode numbers share a key: GAP-BTRFS-SUBVOL stays open there (docs/BYPASS_CATALOG.md)."""
+    loopfs("btrfs")  # the module is loaded (and its BTF registered) before the check
+    if not Path("/sys/kernel/btf/btrfs").exists():
+        pytest.xfail("GAP-BTRFS-SUBVOL open on this kernel: no btrfs module BTF (module BTF "
+                     "arrived in 5.11): btrfs inodes are keyed by the superblock's s_dev")
+
+
 def test_mnt_012_btrfs_top_level_denied_st_dev_is_not_s_dev(lab: Lab, loopfs):
     """MNT-012: btrfs: st_dev is the subvolume's anonymous device, never the superblock's
     s_dev; the kernel keys btrfs inodes by the subvolume's device (GAP-BTRFS-SUBVOL), so
     the rule and the event carry st_dev (the compiler also writes the s_dev key)."""
+    _subvolume_keys_or_xfail(loopfs)
     f = _fs_file(loopfs, "btrfs", "secret")
     ident = resolve_inode(str(f))
     assert ident.dev == kernel_dev_from_st_dev(os.stat(f).st_dev) != ident.sb_dev
@@ -424,6 +448,7 @@ def _subvol(loopfs, name: str) -> Path:
 def test_mnt_013_btrfs_subvolume_rule_matches(lab: Lab, loopfs):
     """MNT-013: a file in a btrfs subvolume (st_dev differs from the top level and from
     s_dev): denied, event dev = the subvolume's device (its st_dev)."""
+    _subvolume_keys_or_xfail(loopfs)
     sv = _subvol(loopfs, "svA")
     f = sv / "secret"
     f.write_text("secret\n")
@@ -437,6 +462,7 @@ def test_mnt_013_btrfs_subvolume_rule_matches(lab: Lab, loopfs):
 
 def test_mnt_014_btrfs_subvolume_exec_denied(lab: Lab, loopfs):
     """MNT-014: exec of a denied binary inside a btrfs subvolume."""
+    _subvolume_keys_or_xfail(loopfs)
     sv = _subvol(loopfs, "svX")
     shutil.copy2("/bin/true", sv / "tool")
     deny(lab, sv / "tool", ("exec",))
@@ -462,6 +488,7 @@ def test_mnt_016_btrfs_rule_does_not_deny_another_subvolumes_file(lab: Lab, loop
     """MNT-016: a rule on a file in subvolume A does not deny an unrelated file of
     subvolume B that has the same inode number (GAP-BTRFS-SUBVOL, mitigated: btrfs inodes
     are keyed by their subvolume's device); A's file stays denied."""
+    _subvolume_keys_or_xfail(loopfs)
     a, b = _subvol(loopfs, "svA"), _subvol(loopfs, "svB")
     (a / "secret").write_text("secret\n")
     (b / "other").write_text("other\n")
@@ -477,6 +504,7 @@ def test_mnt_034_btrfs_snapshot_is_its_own_subvolume(lab: Lab, loopfs):
     denies that copy and not the original (same inode number); a rule on the original
     denies the original and not a snapshot's copy (a new inode, like a reflink copy; see
     BYP-BTRFS-SNAPSHOT in docs/BYPASS_CATALOG.md)."""
+    _subvolume_keys_or_xfail(loopfs)
     a = _subvol(loopfs, "svS")
     (a / "secret").write_text("secret\n")
     snap = a.parent / f"snap-{tok()}"
