@@ -296,7 +296,7 @@ def _userns_overlay_or_skip(out) -> None:
     release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
     if out.returncode == 3 and release < (5, 11):
         pytest.skip("kernel-feature: overlayfs cannot be mounted in a user namespace before "
-                    f"5.11 (mount: {out.stderr.strip()[:80]})")
+                    f"5.11 (mount: {' '.join(out.stderr.split())[:80]})")
     assert out.returncode != 3, out  # the unprivileged overlay mount itself worked
 
 
