@@ -80,23 +80,10 @@ struct {
 const struct aegis_event *unused_event __attribute__((unused));
 const struct aegis_control *unused_control __attribute__((unused));
 
-/*
- * Per-CPU counters are incremented with an atomic add, not `*v += 1`: a program runs with
- * migration disabled but, on a preemptible kernel, not with preemption disabled (Debian's
- * 7.x builds are CONFIG_PREEMPT_LAZY), so a program preempted between the load and the
- * store of `+= 1` writes back a stale value over every increment the programs that ran on
- * its CPU meanwhile made (7.2 lab, STORM-001: the suppressed counter lost 29,004 of
- * 399,553).  The locked add is one instruction that preemption cannot split.
- */
-#define percpu_inc(p) __sync_fetch_and_add((p), 1)
-
+/* per-CPU atomic increments (bpf/maps.bpf.h percpu_inc: why not `+= 1`) */
 static __always_inline void count(__u32 hook, __u32 ctr)
 {
-	__u32 idx = hook * AEGIS_CTR_COUNT + ctr;
-	__u64 *v = bpf_map_lookup_elem(&aegis_counters, &idx);
-
-	if (v)
-		percpu_inc(v);
+	bpf_map_percpu_inc(&aegis_counters, hook * AEGIS_CTR_COUNT + ctr);
 }
 
 static __always_inline void count_rule(__u64 gen, __u32 rule_id, __u32 hook, bool denied)

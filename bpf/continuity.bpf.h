@@ -51,10 +51,7 @@ struct {
 
 static __always_inline void count_continuity(__u32 ctr)
 {
-	__u64 *v = bpf_map_lookup_elem(&aegis_continuity_counters, &ctr);
-
-	if (v)
-		percpu_inc(v);
+	bpf_map_percpu_inc(&aegis_continuity_counters, ctr);
 }
 
 /* the rename of old_dentry onto new_dentry: pass new_dentry's path rules to old_dentry */

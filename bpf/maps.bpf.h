@@ -29,4 +29,23 @@
 		__val;                                                            \
 	})
 
+/*
+ * Per-CPU counters are incremented with an atomic add, not `*v += 1`: a program runs with
+ * migration disabled but, on a preemptible kernel, not with preemption disabled (Debian's
+ * 7.x builds are CONFIG_PREEMPT_LAZY), so a program preempted between the load and the
+ * store of `+= 1` writes back a stale value over every increment the programs that ran on
+ * its CPU meanwhile made (7.2 lab, STORM-001: the suppressed counter lost 29,004 of
+ * 399,553).  The locked add is one instruction that preemption cannot split.
+ */
+#define percpu_inc(p) __sync_fetch_and_add((p), 1)
+
+/* one per-CPU __u64 counter of an array map, by index (a miss: nothing to count into) */
+#define bpf_map_percpu_inc(map, idx)                                              \
+	({                                                                        \
+		__u32 __idx = (idx);                                              \
+		__u64 *__v = bpf_map_lookup_elem(map, &__idx);                    \
+		if (__v)                                                          \
+			percpu_inc(__v);                                          \
+	})
+
 #endif /* AEGIS_MAPS_BPF_H */

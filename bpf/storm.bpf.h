@@ -49,10 +49,7 @@ struct {
 
 static __always_inline void storm_stat(__u32 idx)
 {
-	__u64 *v = bpf_map_lookup_elem(&aegis_storm_stats, &idx);
-
-	if (v)
-		percpu_inc(v);
+	bpf_map_percpu_inc(&aegis_storm_stats, idx);
 }
 
 /* true: this decision is folded into its key's storm count (no event) */
