@@ -194,9 +194,10 @@ def read_kernel(root: str | None = None, *, integrity: bool = False) -> KernelFa
                 except Exception:
                     ok = False
             links[prog] = ok
-        facts = facts_from_maps(root, links, pinned.policy_maps(), pinned.maps)
+        policy_maps = pinned.policy_maps()
+        facts = facts_from_maps(root, links, policy_maps, pinned.maps)
         if integrity:
-            facts.tamper = tamper_findings(pinned.policy_maps())
+            facts.tamper = tamper_findings(policy_maps)
         return facts
     finally:
         pinned.close()
