@@ -41,6 +41,7 @@ import os
 import re
 import select
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -1182,6 +1183,14 @@ def resources(doc: dict) -> dict:
                "rss_peak_mb": round(max(p[1] for p in pts) / 2**20, 1),
                "rss_steady_max_mb": round(max(p[1] for p in steady) / 2**20, 1) if steady else None,
                "cpu_s": round(pts[-1][2] - pts[0][2], 2)}
+        # RSS slope per hour: a least-squares line through the steady samples once the first
+        # flood has set the allocator's high-water (before that, the rise is the flood's);
+        # over >= 10 minutes only, a shorter line says little about hours
+        settled = [p for p in steady if not windows or p[0] > windows[0][1]]
+        if len(settled) >= 8 and settled[-1][0] - settled[0][0] >= 600:
+            fit = statistics.linear_regression([p[0] for p in settled], [p[1] for p in settled])
+            row["rss_slope_mb_per_h"] = round(fit.slope * 3600 / 2**20, 2)
+            row["rss_slope_span_s"] = round(settled[-1][0] - settled[0][0], 1)
         if len(tail) >= 8:
             q = len(tail) // 4
             row["rss_growth_from_mb"] = round(med([p[1] for p in tail[:q]]) / 2**20, 1)

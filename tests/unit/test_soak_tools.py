@@ -147,3 +147,26 @@ def test_soak_run_wrapper_and_driver_module_start(tmp_path):
     out = subprocess.run([sys.executable, "-m", "soak.driver", "--help"], cwd=root,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--swap-every" in out.stdout, out.stderr
+
+
+def test_rss_slope_per_hour_is_fitted_after_the_first_flood() -> None:
+    """The soak states RSS slope per hour per agent (issue 15): a line through the steady
+    samples after the first flood's recovery, so the flood's rise is not read as a leak."""
+    from soak import driver
+
+    mb = 2**20
+    samples = []
+    for t in range(0, 1800, 5):
+        rss = 60 * mb + (t * 2 * mb // 3600 if t > 400 else 0)  # +2 MB/h once settled
+        if 100 <= t <= 130:
+            rss += 20 * mb  # the flood's high-water, inside its window: not steady
+        samples.append({"t": float(t), "agent": 1, "rss": rss, "cpu_s": t / 100,
+                        "delivered_audit": 0, "delivered_deny": 0})
+    doc = {"samples": samples, "floods": [{"flood_start": 100.0, "drained": 130.0}],
+           "incarnations": [{"n": 1, "ready": 0.0}],
+           "accounting": {"deny": {"delivered": 0}, "audit": {"delivered": 0}}}
+    row = driver.resources(doc)["incarnations"][0]
+    assert 1.7 < row["rss_slope_mb_per_h"] < 2.3, row
+    assert row["rss_slope_span_s"] >= 600
+    short = {**doc, "samples": [s for s in samples if s["t"] < 600]}
+    assert "rss_slope_mb_per_h" not in driver.resources(short)["incarnations"][0]
