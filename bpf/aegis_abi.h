@@ -191,4 +191,13 @@ enum aegis_storm_stat {
 	AEGIS_STORM_STAT_COUNT = 4,
 };
 
+/* .rodata.btrfs, set by the loader before load where CO-RE cannot see btrfs's BTF
+ * (bpf/core_fixes.bpf.h, aegis_stream/kernel/btrfs_layout.py) */
+struct aegis_btrfs_layout {
+	__u32 known;     /* 0: no offsets (btrfs inodes keep s_dev) */
+	__u32 vfs_inode; /* offsetof(struct btrfs_inode, vfs_inode) */
+	__u32 root;      /* offsetof(struct btrfs_inode, root) */
+	__u32 anon_dev;  /* offsetof(struct btrfs_root, anon_dev) */
+};
+
 #endif /* AEGIS_ABI_H */

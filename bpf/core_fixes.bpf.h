@@ -65,10 +65,19 @@ static __always_inline bool backing_open(struct file *file)
  * reports as st_dev (btrfs_getattr) and what the compiler keys btrfs rules by.
  * struct btrfs_inode / btrfs_root live in the btrfs module's BTF (6.1, 6.12, 7.x: same
  * member names); libbpf relocates against it when btrfs is loaded at program load.
- * Without it (btrfs loaded later) the type-exists check is 0, the branch is dead, and
- * btrfs inodes keep s_dev: the compiler also writes that key for every btrfs rule
- * (kernel/slots.py), so the rule still matches (the old, fail-closed collision).
+ * Where libbpf cannot see that BTF (Linux 5.10 has no module BTF; the hardened unit
+ * lacks the CAP_SYS_ADMIN libbpf needs to walk module BTF) the agent fills
+ * aegis_btrfs_layout before load with the three offsets, read from /sys/kernel/btf/btrfs
+ * or looked up by the running btrfs.ko's GNU build ID in the table that
+ * scripts/btrfs-layout makes from Debian's -dbg package
+ * (aegis_stream/kernel/btrfs_layout.py).  It is read-only data: the verifier knows it
+ * and drops the branch not taken.  With neither (btrfs loaded after the programs, an
+ * unknown build) btrfs inodes keep s_dev: the compiler also writes that key for every
+ * btrfs rule (kernel/slots.py), so the rule still matches (the old, fail-closed
+ * collision), and `aegis doctor` says so.
  */
+const volatile struct aegis_btrfs_layout aegis_btrfs_layout SEC(".rodata.btrfs") = {};
+
 struct btrfs_root___aegis {
 	dev_t anon_dev;
 } __attribute__((preserve_access_index));
@@ -81,21 +90,27 @@ struct btrfs_inode___aegis {
 /* the subvolume's anon_dev of the btrfs inode at address inode; 0 when unknown */
 static __always_inline __u32 btrfs_subvol_dev(const void *inode)
 {
-	struct btrfs_inode___aegis *bi;
-	struct btrfs_root___aegis *root = 0;
+	unsigned long vfs_inode, root_off, anon_dev;
+	void *root = 0;
 	__u32 dev = 0;
 
-	if (!bpf_core_type_exists(struct btrfs_inode___aegis))
+	if (bpf_core_type_exists(struct btrfs_inode___aegis)) {
+		vfs_inode = bpf_core_field_offset(struct btrfs_inode___aegis, vfs_inode);
+		root_off = bpf_core_field_offset(struct btrfs_inode___aegis, root);
+		anon_dev = bpf_core_field_offset(struct btrfs_root___aegis, anon_dev);
+	} else if (aegis_btrfs_layout.known) {
+		vfs_inode = aegis_btrfs_layout.vfs_inode;
+		root_off = aegis_btrfs_layout.root;
+		anon_dev = aegis_btrfs_layout.anon_dev;
+	} else {
 		return 0;
-	bi = (void *)((unsigned long)inode -
-		      bpf_core_field_offset(struct btrfs_inode___aegis, vfs_inode));
+	}
 	if (bpf_probe_read_kernel(&root, sizeof(root),
-				  (void *)bi + bpf_core_field_offset(struct btrfs_inode___aegis, root)))
+				  (void *)((unsigned long)inode - vfs_inode + root_off)))
 		return 0;
 	if (!root)
 		return 0;
-	bpf_probe_read_kernel(&dev, sizeof(dev),
-			      (void *)root + bpf_core_field_offset(struct btrfs_root___aegis, anon_dev));
+	bpf_probe_read_kernel(&dev, sizeof(dev), root + anon_dev);
 	return dev;
 }
 

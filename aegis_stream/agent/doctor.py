@@ -22,12 +22,13 @@ import msgspec
 
 from aegis_stream import textsafe
 from aegis_stream.errors import AegisError
-from aegis_stream.kernel import abi, builds, libbpf, slots
+from aegis_stream.kernel import abi, btrfs_layout, builds, libbpf, slots
 from aegis_stream.kernel.loader import (
     ALL_PROGRAMS,
     OPTIONAL_PROGRAMS,
     REQUIRED_PROGRAMS,
     BpfObject,
+    core_uses_module_btf,
     effective_capabilities,
 )
 from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule, CompiledScope, cgroup2_mounts
@@ -352,6 +353,19 @@ def check_build(choice: builds.BuildChoice) -> Check:
     return Check("build", "pass", f"{name} build ({choice.path.name}): {choice.reason}")
 
 
+def check_btrfs(keying: btrfs_layout.BtrfsKeying) -> Check:
+    """How btrfs inodes will be keyed (GAP-BTRFS-SUBVOL): by subvolume (module BTF, its
+    file, or the build table), or by s_dev, which a loaded but unknown btrfs makes a warning:
+    a rule still denies, and so does a same-numbered file of another subvolume."""
+    if keying.source is not btrfs_layout.LayoutSource.NONE:
+        return Check("btrfs-keys", "pass", f"by subvolume ({keying.source}): {keying.reason}")
+    if btrfs_layout.module_build_id() is None:
+        return Check("btrfs-keys", "pass", keying.reason)
+    return Check("btrfs-keys", "warn", keying.reason,
+                 f"scripts/btrfs-layout --release {platform.release()} (needs the kernel's -dbg "
+                 "package), or a kernel with module BTF (5.11+)")
+
+
 def optional_probe(c: Check) -> Check:
     """An optional program (path continuity) that does not load is a warning: enforcement works
     without it, degraded (path rules protect the inode named at apply until the agent restages)."""
@@ -371,6 +385,7 @@ def run_doctor() -> DoctorReport:
         checks.append(Check("object", "fail", f"{choice.path} missing", "make -C bpf"))
     else:
         checks.append(check_build(choice))
+        checks.append(check_btrfs(btrfs_layout.choose(core_uses_module_btf=core_uses_module_btf())))
         probes = [probe_program(p, ctx.lsm_has_bpf) for p in REQUIRED_PROGRAMS]
         checks += probes
         checks += [optional_probe(probe_program(p, ctx.lsm_has_bpf)) for p in OPTIONAL_PROGRAMS]

@@ -198,6 +198,9 @@ STORM_KEY = Layout(
 )
 STORM = Layout("aegis_storm", (("first_ns", "Q"), ("window_ns", "Q"), ("suppressed", "Q")))
 STORM_REPORTED = Layout("aegis_storm_reported", (("first_ns", "Q"), ("reported", "Q")))
+#: btrfs's offsets where CO-RE cannot see btrfs's BTF (.rodata.btrfs; kernel/btrfs_layout.py)
+BTRFS_LAYOUT = Layout("aegis_btrfs_layout", (("known", "I"), ("vfs_inode", "I"), ("root", "I"),
+                                             ("anon_dev", "I")))
 
 
 class StormStat(enum.IntEnum):
@@ -222,6 +225,7 @@ ALL_LAYOUTS: Final = (
     STORM_KEY,
     STORM,
     STORM_REPORTED,
+    BTRFS_LAYOUT,
 )
 
 #: map names in aegis.bpf.c

@@ -101,6 +101,13 @@ class _Lib:
             "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
             "libbpf_num_possible_cpus": (c_int, []),
             "libbpf_probe_bpf_map_type": (c_int, [c_int, c_void_p]),
+            "bpf_map__set_initial_value": (c_int, [c_void_p, c_void_p, c_size_t]),
+            "btf__parse": (c_void_p, [c_char_p, c_void_p]),
+            "btf__parse_split": (c_void_p, [c_char_p, c_void_p]),
+            "btf__free": (None, [c_void_p]),
+            "btf__find_by_name_kind": (ctypes.c_int32, [c_void_p, c_char_p, c_uint32]),
+            "btf__type_by_id": (c_void_p, [c_void_p, c_uint32]),
+            "btf__name_by_offset": (c_char_p, [c_void_p, c_uint32]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(self.lib, name)

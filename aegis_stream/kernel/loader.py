@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from aegis_stream.errors import AttachError, KernelError, LoadError, NoAgentError
-from aegis_stream.kernel import abi, builds, libbpf
+from aegis_stream.kernel import abi, btrfs_layout, builds, libbpf
 from aegis_stream.kernel.maps import FdMap, PolicyMaps
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/aegis"
@@ -29,6 +29,8 @@ REQUIRED_PROGRAMS = tuple(abi.HOOK_PROGRAMS.values())
 OPTIONAL_PROGRAMS = tuple(abi.AUX_PROGRAMS)
 ALL_PROGRAMS = REQUIRED_PROGRAMS + OPTIONAL_PROGRAMS
 LOG_BUF_SIZE = 1 << 20
+#: the read-only section with btrfs's offsets (bpf/core_fixes.bpf.h: aegis_btrfs_layout)
+BTRFS_RODATA = ".rodata.btrfs"
 
 ProgramPhase = Literal["not_loaded", "loaded", "attached", "failed"]
 
@@ -68,13 +70,20 @@ def _open_opts() -> _OpenOpts | None:
     fails with EPERM as soon as a CO-RE type is not in vmlinux (btrfs_inode: the
     GAP-BTRFS-SUBVOL key, measured in the 6.1 lab under the unit's capability set).  Naming
     vmlinux's BTF as the target makes libbpf skip module BTF: the btrfs type is then
-    absent, its branch is dead, and btrfs rules match by s_dev (the compiler writes both
-    keys: docs/BYPASS_CATALOG.md GAP-BTRFS-SUBVOL)."""
+    absent to CO-RE, and the programs take btrfs's offsets from the read-only data the
+    loader fills from /sys/kernel/btf/btrfs (btrfs_layout.py; docs/BYPASS_CATALOG.md
+    GAP-BTRFS-SUBVOL)."""
     if effective_capabilities() & (1 << CAP_SYS_ADMIN) or not Path(VMLINUX_BTF).exists():
         return None
     o = _OpenOpts(sz=ctypes.sizeof(_OpenOpts))
     o.btf_custom_path = VMLINUX_BTF.encode()
     return o
+
+
+def core_uses_module_btf() -> bool:
+    """libbpf may relocate against module BTF at load (the loader does not pin CO-RE to
+    vmlinux's BTF): the btrfs types then come from the btrfs module (btrfs_layout.py)."""
+    return _open_opts() is None
 
 
 def default_object_path() -> Path:
@@ -213,6 +222,8 @@ class BpfObject:
         # test hook: programs whose attach is refused (AEGIS_FAULT_INJECT=attach:prog,...)
         self.fail_attach: set[str] = fault_injection().get("attach", set())
         self.verifier_stats: dict[str, VerifierStats] = {}
+        self.btrfs_keying = btrfs_layout.BtrfsKeying(btrfs_layout.LayoutSource.NONE, None,
+                                                     "not opened yet")
 
     # -- lifecycle --------------------------------------------------------------------
     def open(self) -> None:
@@ -229,6 +240,7 @@ class BpfObject:
         if not obj:
             raise LoadError(f"bpf_object__open_file({self.path})", err=libbpf.errno_of())
         self._obj = obj
+        self._set_btrfs_layout(obj)
         for name in ALL_PROGRAMS:
             prog = lib.bpf_object__find_program_by_name(obj, name.encode())
             if not prog and name in OPTIONAL_PROGRAMS:  # an older object: degraded, reported
@@ -249,6 +261,26 @@ class BpfObject:
                 lib.bpf_program__set_log_level(prog, self.log_level)
         if self._reuse:
             self._set_pin_paths()
+
+    def _set_btrfs_layout(self, obj: int) -> None:
+        """Hand the programs btrfs's offsets where CO-RE cannot find them
+        (aegis_stream/kernel/btrfs_layout.py): read-only data, set before load."""
+        self.btrfs_keying = btrfs_layout.choose(core_uses_module_btf=self._opts is None)
+        layout = self.btrfs_keying.layout
+        if layout is None:
+            return
+        lib = libbpf.lib()
+        m = lib.bpf_object__find_map_by_name(obj, BTRFS_RODATA.encode())
+        if not m:  # an object built before the layout existed: CO-RE, or s_dev keys
+            if self.btrfs_keying.source is not btrfs_layout.LayoutSource.MODULE_BTF:
+                self.btrfs_keying = btrfs_layout.BtrfsKeying(
+                    btrfs_layout.LayoutSource.NONE, None,
+                    f"{self.path.name} has no {BTRFS_RODATA}: btrfs inodes keyed by s_dev")
+            return
+        data = layout.rodata()
+        ret = lib.bpf_map__set_initial_value(m, data, len(data))
+        if ret < 0:
+            raise LoadError(f"bpf_map__set_initial_value({BTRFS_RODATA})", err=libbpf.errno_of(ret))
 
     def reuse_pinned_maps(self) -> list[str]:
         """Point every map at its pin path: libbpf reuses an existing pin at load."""

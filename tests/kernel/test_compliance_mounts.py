@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from aegis_stream.kernel import abi
+from aegis_stream.kernel.btrfs_layout import LayoutSource
 from aegis_stream.kernel.devnum import (
     btrfs_root_of_handle,
     file_handle,
@@ -411,23 +413,23 @@ def test_mnt_011_xfs_loop_exec_denied(lab: Lab, loopfs):
     assert_deny_event(lab, b, **EXEC)
 
 
-def _subvolume_keys_or_xfail(loopfs) -> None:
-    """The kernel keys a btrfs inode by its subvolume's device only where it can read
-    BTRFS_I(inode)->root->anon_dev: through the btrfs module's BTF (bpf/core_fixes.bpf.h).
-    Module BTF arrived in Linux 5.11; on 5.10 btrfs inodes keep the superblock's s_dev
-    (the compiler writes that key too, so a rule still denies), and subvolumes with equal
-    inode numbers share a key: GAP-BTRFS-SUBVOL stays open there (docs/BYPASS_CATALOG.md)."""
-    loopfs("btrfs")  # the module is loaded (and its BTF registered) before the check
-    if not Path("/sys/kernel/btf/btrfs").exists():
-        pytest.xfail("GAP-BTRFS-SUBVOL open on this kernel: no btrfs module BTF (module BTF "
-                     "arrived in 5.11): btrfs inodes are keyed by the superblock's s_dev")
+def _subvolume_keys(lab: Lab, loopfs) -> None:
+    """The kernel keys a btrfs inode by its subvolume's device where the programs can find
+    BTRFS_I(inode)->root->anon_dev (bpf/core_fixes.bpf.h): through the btrfs module's BTF
+    (CO-RE, 5.11+), or, on 5.10 (no module BTF), through the offsets the loader hands them
+    from the build table for this exact btrfs.ko (aegis_stream/kernel/btrfs_layout.py).
+    Every lab kernel has one of the two: a kernel with neither is a failure that names the
+    script filing its build (scripts/btrfs-layout), never a silent s_dev collision."""
+    loopfs("btrfs")  # loaded before the programs (conftest); the filesystem is made here
+    k = lab.obj.btrfs_keying
+    assert k.source is not LayoutSource.NONE, f"btrfs keyed by s_dev here: {k.reason}"
 
 
 def test_mnt_012_btrfs_top_level_denied_st_dev_is_not_s_dev(lab: Lab, loopfs):
     """MNT-012: btrfs: st_dev is the subvolume's anonymous device, never the superblock's
     s_dev; the kernel keys btrfs inodes by the subvolume's device (GAP-BTRFS-SUBVOL), so
     the rule and the event carry st_dev (the compiler also writes the s_dev key)."""
-    _subvolume_keys_or_xfail(loopfs)
+    _subvolume_keys(lab, loopfs)
     f = _fs_file(loopfs, "btrfs", "secret")
     ident = resolve_inode(str(f))
     assert ident.dev == kernel_dev_from_st_dev(os.stat(f).st_dev) != ident.sb_dev
@@ -448,7 +450,7 @@ def _subvol(loopfs, name: str) -> Path:
 def test_mnt_013_btrfs_subvolume_rule_matches(lab: Lab, loopfs):
     """MNT-013: a file in a btrfs subvolume (st_dev differs from the top level and from
     s_dev): denied, event dev = the subvolume's device (its st_dev)."""
-    _subvolume_keys_or_xfail(loopfs)
+    _subvolume_keys(lab, loopfs)
     sv = _subvol(loopfs, "svA")
     f = sv / "secret"
     f.write_text("secret\n")
@@ -462,7 +464,7 @@ def test_mnt_013_btrfs_subvolume_rule_matches(lab: Lab, loopfs):
 
 def test_mnt_014_btrfs_subvolume_exec_denied(lab: Lab, loopfs):
     """MNT-014: exec of a denied binary inside a btrfs subvolume."""
-    _subvolume_keys_or_xfail(loopfs)
+    _subvolume_keys(lab, loopfs)
     sv = _subvol(loopfs, "svX")
     shutil.copy2("/bin/true", sv / "tool")
     deny(lab, sv / "tool", ("exec",))
@@ -488,7 +490,7 @@ def test_mnt_016_btrfs_rule_does_not_deny_another_subvolumes_file(lab: Lab, loop
     """MNT-016: a rule on a file in subvolume A does not deny an unrelated file of
     subvolume B that has the same inode number (GAP-BTRFS-SUBVOL, mitigated: btrfs inodes
     are keyed by their subvolume's device); A's file stays denied."""
-    _subvolume_keys_or_xfail(loopfs)
+    _subvolume_keys(lab, loopfs)
     a, b = _subvol(loopfs, "svA"), _subvol(loopfs, "svB")
     (a / "secret").write_text("secret\n")
     (b / "other").write_text("other\n")
@@ -504,7 +506,7 @@ def test_mnt_034_btrfs_snapshot_is_its_own_subvolume(lab: Lab, loopfs):
     denies that copy and not the original (same inode number); a rule on the original
     denies the original and not a snapshot's copy (a new inode, like a reflink copy; see
     BYP-BTRFS-SNAPSHOT in docs/BYPASS_CATALOG.md)."""
-    _subvolume_keys_or_xfail(loopfs)
+    _subvolume_keys(lab, loopfs)
     a = _subvol(loopfs, "svS")
     (a / "secret").write_text("secret\n")
     snap = a.parent / f"snap-{tok()}"
@@ -520,6 +522,34 @@ def test_mnt_034_btrfs_snapshot_is_its_own_subvolume(lab: Lab, loopfs):
     assert_deny_event(lab, a / "secret")
     assert lab.probe("read", snap / "secret").result == {"ok": True}
 
+
+
+LOAD_AND_SAY = """
+import json, sys
+from aegis_stream.kernel.loader import BpfObject
+o = BpfObject(pin_root_dir=sys.argv[1])
+o.open()
+o.load()
+print(json.dumps({"source": o.btrfs_keying.source.value, "reason": o.btrfs_keying.reason}))
+o.close(keep_pins=False)
+"""
+
+
+def test_mnt_035_btrfs_subvolume_keys_under_the_units_capabilities(lab: Lab, loopfs, tmp_path):
+    """MNT-035: under the systemd unit's capability set (no CAP_SYS_ADMIN, so libbpf may not
+    walk module BTF and CO-RE sees vmlinux only) the programs still load and still get
+    btrfs's offsets: from /sys/kernel/btf/btrfs (5.11+) or the build table (5.10).  Before,
+    the hardened unit keyed btrfs inodes by s_dev on every kernel, silently."""
+    from .test_service_caps import bounded, unit_caps
+
+    loopfs("btrfs")
+    out = subprocess.run([*bounded(unit_caps()), sys.executable, "-c", LOAD_AND_SAY,
+                          str(tmp_path / "pins")], capture_output=True, text=True, timeout=240,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = "btf-file" if Path("/sys/kernel/btf/btrfs").exists() else "build-table"
+    assert got["source"] == want, got
 
 def test_mnt_026_raw_block_device_read_bypasses_inode_rules(lab: Lab, loopfs):
     """MNT-026 (accepted, BYP-RAW-BLOCK): a process that may read the block device reads a
