@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -184,10 +185,15 @@ class Kernel:
 
     def __init__(self, path: Path | None = None, storm_window_s: float = 0.0) -> None:
         self.storm_window_s = storm_window_s
+        remove_map_pins()  # a fresh policy: never an earlier run's pinned maps
         self.obj = BpfObject(path, pin_root_dir=PIN_ROOT, log_level=4)
         self.obj.open()
+        self.obj.reuse_pinned_maps()  # pinned: a reload of the programs shares the maps
         self.obj.load()
+        self.progs = self.obj  # the object whose programs attach (see attach())
+        self.reloads: list[BpfObject] = []
         self.attached = False
+        self.attached_once = False
         self.maps = self.obj.maps()
         self.pm = self.obj.policy_maps()
         self.slot = -1
@@ -196,21 +202,28 @@ class Kernel:
     def attach(self) -> None:
         if self.attached:
             return
-        rep = self.obj.attach_all(pin=False)
+        rep = self.progs.attach_all(pin=False)
+        if not rep.enforcing_capable and self.attached_once and reattach_refused(rep):
+            self.progs = self._reload()
+            rep = self.progs.attach_all(pin=False)
         if not rep.enforcing_capable:
             raise SystemExit(f"cannot attach: {rep.summary()}")
-        self.attached = True
+        self.attached = self.attached_once = True
+
+    def _reload(self) -> BpfObject:
+        """The same programs loaded again over the pinned maps (policy, counters and rings
+        stay): what a kernel that attaches a program once per load needs."""
+        obj = BpfObject(self.obj.path, pin_root_dir=PIN_ROOT)
+        obj.open()
+        obj.reuse_pinned_maps()
+        obj.load()
+        self.reloads.append(obj)
+        return obj
 
     def detach(self) -> None:
         if not self.attached:
             return
-        lib = libbpf.lib()
-        for link in self.obj._links.values():  # the loader has no detach; links are ours
-            lib.bpf_link__destroy(link)
-        self.obj._links.clear()
-        for st in self.obj.report.programs.values():
-            if st.phase == "attached":
-                st.phase = "loaded"
+        detach_links(self.progs)
         self.attached = False
 
     def stage(self, cp: CompiledPolicy) -> float:
@@ -245,7 +258,7 @@ class Kernel:
         lib = libbpf.lib()
         out = {}
         for name in abi.HOOK_PROGRAMS.values():
-            prog = lib.bpf_object__find_program_by_name(self.obj._obj, name.encode())
+            prog = lib.bpf_object__find_program_by_name(self.progs._obj, name.encode())
             fd = lib.bpf_program__fd(prog)
             d: dict[str, int] = {}
             with open(f"/proc/self/fdinfo/{fd}") as fh:
@@ -261,7 +274,34 @@ class Kernel:
 
     def close(self) -> None:
         self.detach()
+        for obj in self.reloads:
+            obj.close(keep_pins=True)
         self.obj.close(keep_pins=False)
+        remove_map_pins()
+
+
+def remove_map_pins() -> None:
+    for pin in Path(PIN_ROOT, "maps").glob("*"):
+        pin.unlink()
+
+
+def reattach_refused(rep) -> bool:
+    """Every hook refused with ENOENT: Linux before 5.13 attaches a tracing or LSM program
+    once per load; after its first link is gone the program has no saved target and
+    bpf_tracing_prog_attach returns -ENOENT (kernel/bpf/syscall.c, 5.10.262; re-attach came
+    with "bpf: Allow trampoline re-attach for tracing and lsm programs")."""
+    failed = [p for p in rep.failed if p.name in abi.HOOK_PROGRAMS.values()]
+    return bool(failed) and all(p.errno == errno.ENOENT for p in failed)
+
+
+def detach_links(obj: BpfObject) -> None:
+    lib = libbpf.lib()
+    for link in obj._links.values():  # the loader has no detach; links are ours
+        lib.bpf_link__destroy(link)
+    obj._links.clear()
+    for st in obj.report.programs.values():
+        if st.phase in ("attached", "failed") and st.errno in (0, errno.ENOENT):
+            st.phase, st.errno, st.error = "loaded", 0, ""
 
 
 def lsm_sections(obj: int) -> dict[str, str]:
@@ -300,13 +340,18 @@ class Floor:
             raise SystemExit(f"cannot open {path}: errno {libbpf.errno_of()}")
         self.sections = lsm_sections(self.obj)
         self.programs = floor_plan(main_sections, self.sections)
+        self._load()
+        self.links: list[int] = []
+        self.attached_once = False
+
+    def _load(self) -> None:
+        lib = libbpf.lib()
         for name in self.sections.values():
             if name not in self.programs:
                 prog = lib.bpf_object__find_program_by_name(self.obj, name.encode())
                 lib.bpf_program__set_autoload(prog, False)
         if lib.bpf_object__load(self.obj) < 0:
-            raise SystemExit(f"cannot load {path}: {libbpf.log_tail(20)}")
-        self.links: list[int] = []
+            raise SystemExit(f"cannot load {self.path}: {libbpf.log_tail(20)}")
 
     def attach(self) -> None:
         if self.links:
@@ -315,10 +360,21 @@ class Floor:
         for name in self.programs:
             prog = lib.bpf_object__find_program_by_name(self.obj, name.encode())
             link = lib.bpf_program__attach(prog)
+            if not link and libbpf.errno_of() == errno.ENOENT and self.attached_once and not self.links:
+                self._reload()  # attached once per load before 5.13 (reattach_refused)
+                return self.attach()
             if not link:
                 self.detach()
                 raise SystemExit(f"cannot attach floor program {name}: errno {libbpf.errno_of()}")
             self.links.append(link)
+        self.attached_once = True
+
+    def _reload(self) -> None:
+        lib = libbpf.lib()
+        lib.bpf_object__close(self.obj)
+        self.obj = lib.bpf_object__open_file(str(self.path).encode(), None)
+        self._load()
+        self.attached_once = False
 
     def detach(self) -> None:
         lib = libbpf.lib()
