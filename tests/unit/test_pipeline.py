@@ -334,8 +334,9 @@ async def test_serve_pipeline_exit_after_drains_what_the_kernel_produced(kernel,
 
 def test_heap_is_trimmed_once_after_a_burst_has_drained(make_pipeline, kernel, store, tmp_path, monkeypatch):
     """A burst (more than one batch in flight) leaves glibc holding the freed batches;
-    the ticker trims once when it has drained, and not while events are still in flight
-    or when no burst happened (a trim walks the heap: not every tick)."""
+    the ticker trims once when it has drained to a trickle (a quarter batch or less), not
+    while a backlog is still in flight or when no burst happened (a trim walks the heap:
+    not every tick)."""
     import aegis_stream.pipeline.ticker as pl
 
     calls: list[int] = []
@@ -359,6 +360,16 @@ def test_heap_is_trimmed_once_after_a_burst_has_drained(make_pipeline, kernel, s
     p.ticker.trim_after_burst()
     p.ticker.trim_after_burst()
     assert (calls, p.memory_trims) == ([1], 1)
+    # a burst that drains into a steady trickle (never zero in flight): trimmed once the
+    # backlog is a quarter batch or less, not when the trickle happens to pause
+    audit.read += 50
+    p.ticker.trim_after_burst()
+    audit.delivered += 47  # 3 in flight, new ones keep arriving
+    p.ticker.trim_after_burst()
+    audit.read += 2
+    audit.delivered += 2
+    p.ticker.trim_after_burst()
+    assert (calls, p.memory_trims) == ([1, 1], 2)
 
 
 def test_release_freed_memory_returns_heap_to_the_kernel():
