@@ -167,10 +167,10 @@ def choose(*, core_uses_module_btf: bool, btf_dir: str = BTF_DIR, note: str = BU
     """How the programs about to load will key btrfs inodes.  ``core_uses_module_btf``:
     libbpf may read module BTF (the loader does not pin CO-RE to vmlinux's BTF)."""
     has_file = (Path(btf_dir) / "btrfs").exists()
-    layout = from_btf(btf_dir) if has_file else None
-    if has_file and core_uses_module_btf:
-        return BtrfsKeying(LayoutSource.MODULE_BTF, layout,
+    if has_file and core_uses_module_btf:  # CO-RE finds the members: no offsets to hand over
+        return BtrfsKeying(LayoutSource.MODULE_BTF, None,
                            "btrfs module BTF: CO-RE relocates btrfs_inode/btrfs_root")
+    layout = from_btf(btf_dir) if has_file else None
     if layout:
         return BtrfsKeying(LayoutSource.BTF_FILE, layout,
                            f"offsets read from {btf_dir}/btrfs (libbpf may not walk module BTF "

@@ -230,11 +230,14 @@ class BpfObject:
         if not self.path.exists():
             raise LoadError(f"BPF object {self.path} not found; run `make -C bpf`")
         libbpf.clear_log()
+        self._opts = _open_opts()
+        self.btrfs_keying = btrfs_layout.choose(core_uses_module_btf=self._opts is None)
         self._open_obj()
 
     def _open_obj(self) -> None:
+        """Open the object file (again after a partial load) with the options and btrfs
+        layout that open() chose once."""
         lib = libbpf.lib()
-        self._opts = _open_opts()
         obj = lib.bpf_object__open_file(str(self.path).encode(),
                                         ctypes.byref(self._opts) if self._opts else None)
         if not obj:
@@ -265,7 +268,6 @@ class BpfObject:
     def _set_btrfs_layout(self, obj: int) -> None:
         """Hand the programs btrfs's offsets where CO-RE cannot find them
         (aegis_stream/kernel/btrfs_layout.py): read-only data, set before load."""
-        self.btrfs_keying = btrfs_layout.choose(core_uses_module_btf=self._opts is None)
         layout = self.btrfs_keying.layout
         if layout is None:
             return
