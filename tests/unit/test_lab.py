@@ -538,3 +538,49 @@ def test_cmd_lab_kernels(tmp_path: Path, capsys) -> None:
     rows = {ln.split()[0]: ln.split() for ln in out[1:]}
     assert rows["6.1"][2] == "6.1.0-56-amd64"
     assert rows["6.12"][2] == "(not" and rows["7"][1] == "sid"
+
+
+def test_precompile_writes_bytecode_the_guest_can_use_and_skips_the_rest(tmp_path: Path) -> None:
+    """lab/bytecode.py: the project's packages get timestamp pycs Python accepts (so the
+    guest, which never writes bytecode, reads them); venvs, results and build trees are
+    never walked; a directory that is not a project is left alone; a stale pyc is
+    replaced, a file that does not compile is reported."""
+    import importlib.util
+    import os
+
+    from aegis_stream.lab.bytecode import precompile
+
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    for rel in ("pkg/mod.py", "pkg/sub/deep.py", "top.py", ".venv/lib/v.py", "results/r.py",
+                "build/b.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("X = 1\n")
+
+    def pyc(rel: str) -> Path:
+        return Path(importlib.util.cache_from_source(str(tmp_path / rel)))
+
+    assert precompile(tmp_path)
+    for rel in ("pkg/mod.py", "pkg/sub/deep.py", "top.py"):
+        assert pyc(rel).is_file(), rel
+    for rel in (".venv/lib/v.py", "results/r.py", "build/b.py"):
+        assert not pyc(rel).exists(), rel
+    # the header Python checks: timestamp mode, the source's mtime and size
+    src = tmp_path / "pkg/mod.py"
+    head = pyc("pkg/mod.py").read_bytes()[:16]
+    assert head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == b"\0\0\0\0"
+    assert int.from_bytes(head[8:12], "little") == int(src.stat().st_mtime) & 0xFFFFFFFF
+    assert int.from_bytes(head[12:16], "little") == src.stat().st_size
+    # edited source: the pyc is rewritten for it
+    src.write_text("X = 22\n")
+    os.utime(src, (src.stat().st_atime, src.stat().st_mtime + 5))
+    assert precompile(tmp_path)
+    assert int.from_bytes(pyc("pkg/mod.py").read_bytes()[12:16], "little") == 7
+    # a syntax error is reported, not raised
+    (tmp_path / "pkg/bad.py").write_text("def (:\n")
+    assert precompile(tmp_path) is False
+    # not a project (no pyproject.toml): nothing is written
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "m.py").write_text("Y = 2\n")
+    assert precompile(other)
+    assert not (other / "__pycache__").exists()
