@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TextIO
 
 from aegis_stream.errors import LabError
-from aegis_stream.lab.bytecode import precompile
+from aegis_stream.lab.bytecode import precompile, prewrite_pytest
 from aegis_stream.lab.kernels import LabKernel, find_kernel, kernel_config
 
 DEFAULT_MEMORY = "1G"
@@ -278,7 +278,9 @@ def lab_exec(
     overlays = []
     if overlay_cwd and wd != "/" and not any(_under(wd, d) for d in _VNG_OVERLAYS):
         overlays.append(wd)
-    precompile(wd)  # the guest reads the host's bytecode instead of compiling under TCG
+    # the guest reads the host's bytecode instead of compiling (and rewriting tests) under TCG
+    precompile(wd)
+    prewrite_pytest(argv, wd)
     with tempfile.TemporaryDirectory(prefix="aegis-lab-") as iodir:
         io = Path(iodir)
         script = io / "run.sh"

@@ -584,3 +584,27 @@ def test_precompile_writes_bytecode_the_guest_can_use_and_skips_the_rest(tmp_pat
     (other / "m.py").write_text("Y = 2\n")
     assert precompile(other)
     assert not (other / "__pycache__").exists()
+
+
+def test_prewrite_pytest_leaves_the_rewritten_test_bytecode_the_guest_reads(tmp_path: Path) -> None:
+    """A guest pytest may not write bytecode but reads pytest's cache of rewritten test
+    modules: the host collects the command's test paths first, so the cache is there."""
+    from aegis_stream.lab.bytecode import prewrite_pytest, pytest_paths
+
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("def test_a():\n    assert 1 + 1 == 2\n")
+    (tmp_path / "tests" / "conftest.py").write_text("X = 1\n")
+    argv = ["pytest", "-q", "-p", "no:cacheprovider", "--junitxml=/tmp/j.xml", "-k", "nothing_here",
+            "tests/test_a.py::test_a", "tests/conftest.py"]
+    assert pytest_paths(argv, tmp_path) == ["tests/test_a.py", "tests/conftest.py"]
+    assert pytest_paths(["/v/bin/python", "-m", "pytest", "tests"], tmp_path) == ["tests"]
+    assert pytest_paths(["aegis", "run"], tmp_path) is None
+    assert pytest_paths(["pytest", "-q"], tmp_path) == []
+    assert prewrite_pytest(["pytest", "-q"], tmp_path) is False  # no paths: nothing collected
+    assert prewrite_pytest(["aegis", "run", "tests"], tmp_path) is False
+    assert prewrite_pytest(["pytest", "tests"], tmp_path) is True
+    cached = sorted(p.name for p in (tmp_path / "tests" / "__pycache__").glob("*-pytest-*.pyc"))
+    assert [n.split(".")[0] for n in cached] == ["conftest", "test_a"]
+    # a collection error: reported as False, nothing raised
+    (tmp_path / "tests" / "test_b.py").write_text("def (:\n")
+    assert prewrite_pytest(["pytest", "tests"], tmp_path) is False
