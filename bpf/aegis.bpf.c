@@ -133,18 +133,60 @@ static __always_inline __s64 match_scope(const struct aegis_slot_config *sc, __u
 	return -1;
 }
 
+/*
+ * Per cgroup: the scope answer of (generation, cgroup id), for the no-task-storage build.
+ * Declared in both builds so that every build pins the same maps (the task-storage build
+ * never touches it: an empty BPF_F_NO_PREALLOC hash holds no memory).  An entry is
+ * inserted once (BPF_NOEXIST) and never updated, and BPF_F_NO_PREALLOC frees a deleted
+ * element only after an RCU grace period, so a program (which runs under rcu_read_lock)
+ * always reads a whole value; a preallocated or LRU hash would recycle an element at once,
+ * under a reader on another CPU.  Userspace deletes the keys of retired generations when it
+ * stages (aegis_stream/kernel/slots.py); a full map only means the walk, as before.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, AEGIS_MAX_CG_SCOPES);
+	__type(key, struct aegis_cg_scope_key);
+	__type(value, __s64);
+} aegis_cg_scopes SEC(".maps");
+
 #ifdef AEGIS_NO_TASK_STORAGE
 /*
  * The no-task-storage build (Linux 5.10, e.g. Debian 11, Amazon Linux 2): task local
  * storage (BPF_MAP_TYPE_TASK_STORAGE) and bpf_get_current_task_btf() both arrived in
  * v5.11 ("bpf: Implement task local storage", "bpf: Add bpf_get_current_task_btf
- * helper"), so the scope is walked on every decision: the same answer, more
- * instructions for tasks in deep cgroups.  The agent picks this build by a feature probe
- * at load (aegis_stream/kernel/builds.py); `aegis doctor` says which build runs.
+ * helper").  Without them the ancestor walk cost ~1,300 instructions per decision at
+ * cgroup depth 4 (docs/PERFORMANCE.md), so the answer is cached per cgroup instead: a
+ * generation's scope set never changes once it is active and a cgroup id is never reused
+ * within a boot, so a hit is exactly what match_scope() would return (the task cache's
+ * argument).  Keyed by cgroup, not by CPU: tasks of different cgroups interleaving on a
+ * CPU do not thrash it, and no per-CPU entry can be torn by a preempted writer.  The agent
+ * picks this build by a feature probe at load (aegis_stream/kernel/builds.py); `aegis
+ * doctor` says which build runs.
  */
 static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __u32 slot)
 {
-	return match_scope(sc, slot);
+	struct aegis_cg_scope_key k = { .generation = sc->generation };
+	struct cgroup___v510 *cg;
+	__s64 *hit, s;
+	int own;
+
+	if (sc->flags & AEGIS_SLOT_SCOPE_HOST)
+		return 0;
+	cg = current_dfl_cgroup();
+	if (!cg)
+		return match_scope(sc, slot);
+	own = BPF_CORE_READ(cg, level);
+	k.cgroup_id = ancestor_cgroup_id_v510(cg, own, own); /* the cgroup's own id */
+	if (!k.cgroup_id)
+		return match_scope(sc, slot);
+	hit = bpf_map_lookup_elem(&aegis_cg_scopes, &k);
+	if (hit)
+		return *hit;
+	s = match_scope(sc, slot);
+	bpf_map_update_elem(&aegis_cg_scopes, &k, &s, BPF_NOEXIST);
+	return s;
 }
 #else
 /*

@@ -25,6 +25,7 @@
 #define AEGIS_DENY_RING_BYTES (1 << 20)       /* deny ring: small, drained first */
 #define AEGIS_AUDIT_RING_BYTES (4 << 20)      /* audit ring: telemetry, may overflow */
 #define AEGIS_MAX_STORM_KEYS 16384            /* deny-storm keys (bpf/storm.bpf.h) */
+#define AEGIS_MAX_CG_SCOPES 8192              /* (generation, cgroup) scope answers (5.10 build) */
 
 enum aegis_hook {
 	AEGIS_HOOK_FILE_OPEN = 0,
@@ -99,6 +100,13 @@ struct aegis_scope_key {
 	__u64 cgroup_id; /* cgroup v2 id (the cgroup directory's inode number) */
 	__u32 slot;
 	__u32 _pad;
+};
+
+/* aegis_cg_scopes (the no-task-storage build's scope cache): the scope answer of one
+ * cgroup under one generation; the value is match_scope()'s __s64 (-1: out of scope) */
+struct aegis_cg_scope_key {
+	__u64 generation;
+	__u64 cgroup_id;
 };
 
 struct aegis_scope {

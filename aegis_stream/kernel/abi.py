@@ -20,6 +20,7 @@ MAX_RULE_COUNTERS: Final = 16384  # (generation, rule, hook) exact counters
 DENY_RING_BYTES: Final = 1 << 20
 AUDIT_RING_BYTES: Final = 4 << 20
 MAX_STORM_KEYS: Final = 16384  # deny-storm keys (bpf/storm.bpf.h)
+MAX_CG_SCOPES: Final = 8192  # (generation, cgroup) scope answers (the no-task-storage build's cache)
 
 
 class Hook(enum.IntEnum):
@@ -157,6 +158,8 @@ class ContinuityCounter(enum.IntEnum):
     LAST_ERRNO = 4  # not a count: the errno of a CPU's last failed insert (the highest is read)
 SCOPE_KEY = Layout("aegis_scope_key", (("cgroup_id", "Q"), ("slot", "I"), ("_pad", "I")))
 SCOPE = Layout("aegis_scope", (("scope_id", "I"), ("_pad", "I")))
+#: aegis_cg_scopes' key (the value: match_scope()'s answer, a signed 64-bit cgroup id, -1 out of scope)
+CG_SCOPE_KEY = Layout("aegis_cg_scope_key", (("generation", "Q"), ("cgroup_id", "Q")))
 CONTROL = Layout("aegis_control", (("active_slot", "I"), ("_pad", "I"), ("storm_window_ns", "Q")))
 SLOT_CONFIG = Layout(
     "aegis_slot_config",
@@ -217,6 +220,7 @@ ALL_LAYOUTS: Final = (
     RULE,
     SCOPE_KEY,
     SCOPE,
+    CG_SCOPE_KEY,
     CONTROL,
     SLOT_CONFIG,
     RULE_COUNTER_KEY,
@@ -240,6 +244,7 @@ MAP_CONTINUITY_COUNTERS: Final = "aegis_continuity_counters"
 MAP_STORMS: Final = "aegis_storms"
 MAP_STORM_REPORTED: Final = "aegis_storm_reported"
 MAP_STORM_STATS: Final = "aegis_storm_stats"
+MAP_CG_SCOPES: Final = "aegis_cg_scopes"
 ALL_MAPS: Final = (
     MAP_RULES,
     MAP_SCOPES,
@@ -252,6 +257,7 @@ ALL_MAPS: Final = (
     MAP_STORMS,
     MAP_STORM_REPORTED,
     MAP_STORM_STATS,
+    MAP_CG_SCOPES,
 )
 #: every map's max_entries as aegis.bpf.c declares it (ring buffers: bytes); compared
 #: with the object's BTF map definitions by tests/unit/test_abi_btf.py
@@ -267,4 +273,5 @@ MAP_MAX_ENTRIES: Final = {
     MAP_STORMS: MAX_STORM_KEYS,
     MAP_STORM_REPORTED: MAX_STORM_KEYS,
     MAP_STORM_STATS: len(StormStat),
+    MAP_CG_SCOPES: MAX_CG_SCOPES,
 }

@@ -419,7 +419,7 @@ class BpfObject:
     def policy_maps(self) -> PolicyMaps:
         m = self.maps()
         return PolicyMaps(m[abi.MAP_RULES], m[abi.MAP_SCOPES], m[abi.MAP_CONFIG],
-                          m[abi.MAP_RULE_COUNTERS])
+                          m[abi.MAP_RULE_COUNTERS], m[abi.MAP_CG_SCOPES])
 
     def close(self, *, keep_pins: bool = True) -> None:
         """Release our references.  Pinned links keep enforcing unless keep_pins=False."""
@@ -447,7 +447,7 @@ class PinnedState:
     def policy_maps(self) -> PolicyMaps:
         return PolicyMaps(
             self.maps[abi.MAP_RULES], self.maps[abi.MAP_SCOPES], self.maps[abi.MAP_CONFIG],
-            self.maps.get(abi.MAP_RULE_COUNTERS),
+            self.maps.get(abi.MAP_RULE_COUNTERS), self.maps.get(abi.MAP_CG_SCOPES),
         )
 
     def close(self) -> None:

@@ -139,6 +139,9 @@ class PolicyMaps:
     #: aegis_rule_counters (per-CPU hash): staging prunes the keys of retired generations;
     #: None = not pruned
     rule_counters: MapHandle | None = None
+    #: aegis_cg_scopes (the no-task-storage build's per-cgroup scope answers, keyed by
+    #: generation): staging deletes the keys of retired generations; None = not pruned
+    cg_scopes: MapHandle | None = None
 
     @classmethod
     def fake(cls, max_rules: int = abi.MAX_RULES) -> PolicyMaps:
@@ -155,5 +158,8 @@ class PolicyMaps:
             rule_counters=FakeMap(
                 abi.MAP_RULE_COUNTERS, abi.RULE_COUNTER_KEY.size, abi.RULE_COUNTER.size,
                 abi.MAP_MAX_ENTRIES[abi.MAP_RULE_COUNTERS],
+            ),
+            cg_scopes=FakeMap(
+                abi.MAP_CG_SCOPES, abi.CG_SCOPE_KEY.size, 8, abi.MAP_MAX_ENTRIES[abi.MAP_CG_SCOPES],
             ),
         )

@@ -15,6 +15,7 @@ and the kept (rollback) generation's keys however many swaps there are.
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from aegis_stream.errors import KernelError, StateError
 from aegis_stream.kernel import abi, counters
 from aegis_stream.kernel.maps import PolicyMaps
 from aegis_stream.policy.compiler import CompiledPolicy, CompiledRule
+
+log = logging.getLogger(__name__)
 
 CONTROL_KEY = struct.pack("<I", 0)
 # in-flight decisions that read the old control word finish within microseconds
@@ -195,12 +198,38 @@ def prune_retired_counters(maps: PolicyMaps) -> counters.PruneResult | None:
     return counters.prune_rule_counters(maps.rule_counters, keep)
 
 
+def prune_retired_scope_answers(maps: PolicyMaps) -> int:
+    """Delete the cached scope answers (``aegis_cg_scopes``) of every generation neither slot
+    holds; returns how many.  No program asks for a retired generation again, so its keys
+    are dead weight that would fill the map (a full map only costs the ancestor walk).  An
+    answer a program still inserts for a generation retired under it is deleted by the next
+    stage.  A failure is logged, never raised: the cache must not stop a policy apply."""
+    if maps.cg_scopes is None:
+        return 0
+    try:
+        keep = {s.generation for s in read_state(maps).slots}
+        keys = maps.cg_scopes.keys()
+    except (StateError, KernelError):
+        return 0
+    deleted = 0
+    for key in keys:
+        if abi.CG_SCOPE_KEY.unpack(key)[0] in keep:
+            continue
+        try:
+            deleted += bool(maps.cg_scopes.delete(key))
+        except KernelError as exc:
+            log.warning("scope cache: deleting a retired generation's answer failed: %s", exc)
+            break  # the next stage tries again
+    return deleted
+
+
 def stage(maps: PolicyMaps, cp: CompiledPolicy, generation: int, mode: int) -> StagedSlot:
     """Write a generation into the inactive slot and verify it.  Nothing is activated."""
     state = read_state(maps)
     slot = state.inactive_slot
     clear_slot(maps, slot)  # retires the generation the slot held ...
     pruned = prune_retired_counters(maps)  # ... so its per-rule counters go
+    prune_retired_scope_answers(maps)  # ... and its cached scope answers
     try:
         for k, v in _rule_entries(cp, slot).items():
             maps.rules.update(k, v)

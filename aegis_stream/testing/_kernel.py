@@ -77,8 +77,12 @@ class FakeKernel:
         ncpu: int = 2,
         ktime_ns: Callable[[], int] = time.monotonic_ns,
         attached: tuple[str, ...] | None = None,
+        cgroup_scope_cache: bool = False,
     ) -> None:
         self.ncpu = ncpu
+        #: the no-task-storage build: scope answers cached per (generation, cgroup) in
+        #: aegis_cg_scopes, as its cached_scope() does (the task cache is not modelled)
+        self.cgroup_scope_cache = cgroup_scope_cache
         self.ktime_ns = ktime_ns
         self.policy_maps = PolicyMaps.fake()
         self.counters = FakePercpuArray(
@@ -118,6 +122,7 @@ class FakeKernel:
             abi.MAP_STORMS: self.storms,
             abi.MAP_STORM_REPORTED: self.storm_reported,
             abi.MAP_STORM_STATS: self.storm_stats,
+            abi.MAP_CG_SCOPES: self.policy_maps.cg_scopes,
         }
 
     def storm_table(self, **kw: object) -> StormTable:
@@ -191,6 +196,21 @@ class FakeKernel:
                 return cg
         return -1
 
+    def _cached_scope(self, generation: int, flags: int, slot: int, task: FakeTask) -> int:
+        cache = self.policy_maps.cg_scopes
+        if not self.cgroup_scope_cache or flags & abi.SLOT_SCOPE_HOST or cache is None:
+            return self._match_scope(flags, slot, task)
+        key = abi.CG_SCOPE_KEY.pack(generation, task.cgroup_id)
+        hit = cache.lookup(key)
+        if hit is not None:
+            return int.from_bytes(hit, "little", signed=True)
+        scope = self._match_scope(flags, slot, task)
+        try:
+            cache.update(key, scope.to_bytes(8, "little", signed=True), libbpf.BPF_NOEXIST)
+        except KernelError:
+            pass  # full (or inserted meanwhile): the walk next time, as the program does
+        return scope
+
     def decide(self, hook: abi.Hook, dev: int, ino: int, action: int, task: FakeTask | None = None,
                i_generation: int | None = None) -> int:
         """Model of decide() in aegis.bpf.c: 0 (allow) or -EPERM.  ``dev`` is the kernel
@@ -205,7 +225,7 @@ class FakeKernel:
             return 0
         generation, mode, flags, _rules, _scopes = sc
         self._count(hook, abi.Counter.EVALUATED)
-        scope = self._match_scope(flags, slot, task)  # scope first, as the program does
+        scope = self._cached_scope(generation, flags, slot, task)  # scope first, as the program does
         if scope < 0:
             return 0
         self._count(hook, abi.Counter.SCOPE_MATCHED)
