@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aegis_stream.errors import PolicyError
-from aegis_stream.kernel import abi
+from aegis_stream.kernel import abi, builds, slots
 
 from .conftest import CG_ROOT, EPERM, PROBE, Lab, assert_deny_event, cgroup_id
 
@@ -252,3 +252,38 @@ def test_scope_029_pid_namespace(lab: Lab):
     assert out.errno == EPERM, out
     e = assert_deny_event(lab, f)
     assert e.tgid != 1 and e.tgid != os.getpid()
+
+
+def test_scope_030_cached_scope_answers_follow_every_policy_change(lab: Lab, cgroups):
+    """SCOPE-030: the scope answer is cached (per task on 5.11+; per cgroup in
+    ``aegis_cg_scopes`` on 5.10, the no-task-storage build) under the policy generation.
+    The same two cgroups, decided twice each under every policy: each answer is the
+    current generation's, across applies that move the scope and a rollback.  On 5.10 the
+    cache is used (the answers are in it, exactly) and holds only the answers of the
+    generations the two slots hold: staging deleted the retired ones."""
+    other = mkcg(cgroups, lab.cg_selected.parent / "scope-030")
+    f = lab.file("secret")
+
+    def denied() -> list[bool]:
+        return [lab.probe("read", f, cgroup=cg).errno == EPERM
+                for cg in (lab.cg_selected, lab.cg_selected, other, other)]
+
+    deny(lab, f)
+    assert denied() == [True, True, False, False]
+    deny(lab, f, scopes=[other])
+    assert denied() == [False, False, True, True]
+    deny(lab, f, scopes=[lab.cg_selected, other])
+    assert denied() == [True, True, True, True]
+    lab.lifecycle.rollback(reason="SCOPE-030")  # back to the version that selects `other`
+    assert denied() == [False, False, True, True]
+    assert builds.probe_task_storage() is not None
+    if builds.probe_task_storage():
+        return  # the per-task cache (task storage): nothing to read from userspace
+    state = slots.read_state(lab.lifecycle.maps)
+    held = {s.generation for s in state.slots}
+    answers = {abi.CG_SCOPE_KEY.unpack(k): int.from_bytes(v, "little", signed=True)
+               for k, v in lab.maps[abi.MAP_CG_SCOPES].items()}
+    assert {g for g, _ in answers} <= held, (answers, held)
+    gen = state.active.generation
+    assert answers[(gen, cgroup_id(lab.cg_selected))] == -1
+    assert answers[(gen, cgroup_id(other))] == cgroup_id(other)
