@@ -23,7 +23,9 @@ signed generation record says the lifecycle wrote:
 * **mode**: the mode the last activation record in the provenance log gave this
   generation (audit after a ``break-glass`` record);
 * **which generation**: the generation the last activation record (``apply`` /
-  ``rollback`` / ``reconcile``) in the provenance log names.
+  ``rollback`` / ``reconcile``) in the provenance log names;
+* **cached scope answers** (the 5.10 build's ``aegis_cg_scopes``): each answer of the
+  active generation against the cgroup tree (agent/scope_answers.py).
 
 The provenance log is read only when the kernel's (generation, mode, valid) differs from
 the last one verified, so a quiet tick reads no file.  A mismatch while the lifecycle lock
@@ -59,7 +61,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from aegis_stream.agent import reasons
+from aegis_stream.agent import reasons, scope_answers
 from aegis_stream.agent.health import Reason, ReasonCode
 from aegis_stream.errors import AegisError, KernelError, StateError
 from aegis_stream.kernel import abi, libbpf, slots
@@ -275,8 +277,11 @@ class IntegrityChecker:
     provenance log (see the module docstring); :meth:`conditions` is the ticker's hook."""
 
     def __init__(self, maps: PolicyMaps, root: Path | str | None = None, *,
-                 clock: Callable[[], float] = time.monotonic, grace_s: float = GRACE_S) -> None:
+                 clock: Callable[[], float] = time.monotonic, grace_s: float = GRACE_S,
+                 cgroup_root: str | os.PathLike[str] = scope_answers.CGROUP2_ROOT) -> None:
         self.maps = maps
+        #: the cgroup tree the 5.10 build's cached scope answers are checked against
+        self.cgroups = scope_answers.CgroupTree(cgroup_root, clock=clock)
         self.root = Path(root) if root else state_dir()
         self.store = PolicyStore(self.root)
         self.clock = clock
@@ -449,6 +454,7 @@ class IntegrityChecker:
             else:
                 self._inherited_seen = b""
         scopes_ok = slot_table(self.maps.scopes, _SCOPE_DT, slot) == want_s
+        out += self._scope_answer_problems(cp, gen)
         if rules_ok and scopes_ok:
             return out
         exp_r, exp_s = expected_entries(cp, slot)  # a mismatch: the full diff, to name it
@@ -461,6 +467,28 @@ class IntegrityChecker:
             out.append(f"scope map, slot {slot} (generation {gen}): {len(exp_s - got_s)} "
                        f"scope entries missing or changed, {len(got_s - exp_s)} not in the policy")
         return out
+
+    def _scope_answer_problems(self, cp: CompiledPolicy, gen: int) -> list[str]:
+        """The 5.10 build's cached scope answers of the active generation that the cgroup
+        tree contradicts (agent/scope_answers.py); a host-wide slot never caches."""
+        m = self.maps.cg_scopes
+        if m is None or cp.host_scope:
+            return []
+        kbytes, vbytes = map_columns(m)
+        if not kbytes:
+            return []
+        answers = scope_answers.cached_answers(kbytes, vbytes, gen)
+        bad = scope_answers.wrong_answers(answers, {s.cgroup_id for s in cp.scopes}, self.cgroups)
+        if not bad:
+            return []
+
+        def said(v: int) -> str:
+            return "out of scope" if v < 0 else f"in scope of cgroup {v}"
+
+        shown = "; ".join(f"cgroup {w.cgroup_id} cached {said(w.cached)}, the policy gives "
+                          f"{said(w.expected)}" for w in bad[:3])
+        return [f"scope cache, generation {gen}: {len(bad)} cached answer(s) differ from the "
+                f"policy ({shown}{'; ...' if len(bad) > 3 else ''})"]
 
     def conditions(self) -> Mapping[ReasonCode, str | None]:
         """The ticker's hook: each code this check owns, with its text (set) or None

@@ -13,6 +13,7 @@ test asks for ``signed=False``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from aegis_stream.kernel import abi
+from aegis_stream.kernel import abi, libbpf
 from aegis_stream.kernel.events import RawDecision, decode_raw
 from aegis_stream.kernel.loader import BpfObject
 from aegis_stream.kernel.maps import FdMap
@@ -180,6 +181,20 @@ class Lab:
 
 def cgroup_id(p: Path) -> int:
     return os.stat(p).st_ino
+
+
+@contextlib.contextmanager
+def bpftool_handle(lab: Lab, name: str) -> Iterator[FdMap]:
+    """What bpftool does: the map by its bpffs pin, an fd of our own (not the agent's)."""
+    pin = Path("/sys/fs/bpf") / f"aegis-kt-map-{os.getpid()}-{name}"
+    ret = libbpf.lib().bpf_obj_pin(lab.maps[name].fd, str(pin).encode())
+    assert ret == 0, f"bpf_obj_pin: errno {libbpf.errno_of(ret)}"
+    m = FdMap(name, libbpf.obj_get(str(pin)), owns_fd=True)
+    try:
+        yield m
+    finally:
+        m.close()
+        pin.unlink()
 
 
 def assert_deny_event(lab: Lab, path, *, hook=abi.Hook.FILE_OPEN, decision=abi.Decision.DENY,

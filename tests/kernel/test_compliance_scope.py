@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from aegis_stream.agent.integrity import IntegrityChecker
 from aegis_stream.errors import PolicyError
-from aegis_stream.kernel import abi, builds, slots
+from aegis_stream.kernel import abi, builds, libbpf, slots
 
-from .conftest import CG_ROOT, EPERM, PROBE, Lab, assert_deny_event, cgroup_id
+from .conftest import CG_ROOT, EPERM, PROBE, Lab, assert_deny_event, bpftool_handle, cgroup_id
 
 
 def deny(lab: Lab, f: Path, scopes=None):
@@ -287,3 +288,36 @@ def test_scope_030_cached_scope_answers_follow_every_policy_change(lab: Lab, cgr
     gen = state.active.generation
     assert answers[(gen, cgroup_id(lab.cg_selected))] == -1
     assert answers[(gen, cgroup_id(other))] == cgroup_id(other)
+
+
+def test_scope_031_forged_cached_answer_is_reported_by_the_tick_check(lab: Lab, cgroups):
+    """SCOPE-031 (5.10 build): a ``CAP_BPF`` holder writes (active generation, a cgroup
+    under the selected one) -> out of scope into ``aegis_cg_scopes`` before that cgroup's
+    first decision.  The file opens there (the bypass is real: BYP-MAP-TAMPER, not
+    preventable), the rule and scope maps are untouched, and the agent's tick check
+    reports ``policy_tampered`` naming the cgroup; deleting the forged answer restores the
+    deny and clears the finding."""
+    if builds.probe_task_storage():
+        pytest.skip("kernel-feature: the per-cgroup scope cache is the 5.10 build's "
+                    "(5.11+ caches the answer per task, in task storage)")
+    child = mkcg(cgroups, lab.cg_selected / "scope-031")
+    f = lab.file("secret")
+    res = deny(lab, f)
+    check = IntegrityChecker(lab.lifecycle.maps, lab.lifecycle.root)
+    check.cgroups.walk_every_s = 0  # learn every new cgroup at once
+    assert lab.probe("open", f).errno == EPERM  # the selected cgroup's own answer: cached
+    assert not check.check().findings
+    key = abi.CG_SCOPE_KEY.pack(res.generation, cgroup_id(child))
+    with bpftool_handle(lab, abi.MAP_CG_SCOPES) as cache:
+        cache.update(key, (-1).to_bytes(8, "little", signed=True), libbpf.BPF_NOEXIST)
+        try:
+            assert lab.probe("read", f, cgroup=child).result == {"ok": True}  # the bypass
+            rep = check.check()
+            assert rep.tampered, rep  # ... and not silent
+            text = " ".join(r.text for r in rep.findings)
+            assert f"cgroup {cgroup_id(child)} cached out of scope, the policy gives in scope " \
+                   f"of cgroup {cgroup_id(lab.cg_selected)}" in text, text
+        finally:
+            assert cache.delete(key)
+    assert lab.probe("open", f, cgroup=child).errno == EPERM
+    assert not check.check().findings

@@ -16,10 +16,8 @@ The unit versions (fake maps): tests/unit/test_control_plane.py.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,14 +25,12 @@ import pytest
 from aegis_stream.agent.health import ReasonCode
 from aegis_stream.agent.integrity import IntegrityChecker
 from aegis_stream.errors import SignatureError
-from aegis_stream.kernel import abi, libbpf, slots
-from aegis_stream.kernel.maps import FdMap
+from aegis_stream.kernel import abi, slots
 from aegis_stream.policy import signing
 
-from .conftest import EPERM, KEY_ID, Lab
+from .conftest import EPERM, KEY_ID, Lab, bpftool_handle
 
 TAMPERED = ReasonCode.POLICY_TAMPERED
-BPFFS = Path("/sys/fs/bpf")
 
 
 def _doc(lab: Lab, version: int, path: Path, mode: str) -> bytes:
@@ -113,18 +109,6 @@ def test_cp_003_state_dir_modes_after_an_apply(lab: Lab):
         assert must in checked, (must, checked)
 
 
-@contextlib.contextmanager
-def _bpftool_handle(lab: Lab, name: str) -> Iterator[FdMap]:
-    """What bpftool does: the map by its bpffs pin, an fd of our own (not the agent's)."""
-    pin = BPFFS / f"aegis-kt-cp-{os.getpid()}-{name}"
-    ret = libbpf.lib().bpf_obj_pin(lab.maps[name].fd, str(pin).encode())
-    assert ret == 0, f"bpf_obj_pin: errno {libbpf.errno_of(ret)}"
-    m = FdMap(name, libbpf.obj_get(str(pin)), owns_fd=True)
-    try:
-        yield m
-    finally:
-        m.close()
-        pin.unlink()
 
 
 def test_cp_004_bpftool_style_map_writes_detected_by_the_tick_check(lab: Lab):
@@ -135,7 +119,7 @@ def test_cp_004_bpftool_style_map_writes_detected_by_the_tick_check(lab: Lab):
     assert not check.check().findings
     r = res.policy.rules[0]
     key = abi.INODE_KEY.pack(r.ino, r.dev, res.slot)
-    with _bpftool_handle(lab, abi.MAP_RULES) as rules:
+    with bpftool_handle(lab, abi.MAP_RULES) as rules:
         val = rules.lookup(key)
         assert val is not None
         assert rules.delete(key)
@@ -147,7 +131,7 @@ def test_cp_004_bpftool_style_map_writes_detected_by_the_tick_check(lab: Lab):
         finally:
             rules.update(key, val)
     assert not check.check().findings and _denied(lab, f)
-    with _bpftool_handle(lab, abi.MAP_CONFIG) as config:
+    with bpftool_handle(lab, abi.MAP_CONFIG) as config:
         skey = slots.slot_key(res.slot)
         before = config.lookup(skey)
         assert before is not None
