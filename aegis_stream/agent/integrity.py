@@ -282,6 +282,7 @@ class IntegrityChecker:
         self.maps = maps
         #: the cgroup tree the 5.10 build's cached scope answers are checked against
         self.cgroups = scope_answers.CgroupTree(cgroup_root, clock=clock)
+        self._answers = scope_answers.AnswerAudit(self.cgroups)
         self.root = Path(root) if root else state_dir()
         self.store = PolicyStore(self.root)
         self.clock = clock
@@ -478,7 +479,7 @@ class IntegrityChecker:
         if not kbytes:
             return []
         answers = scope_answers.cached_answers(kbytes, vbytes, gen)
-        bad = scope_answers.wrong_answers(answers, {s.cgroup_id for s in cp.scopes}, self.cgroups)
+        bad = self._answers.check(answers, gen, {s.cgroup_id for s in cp.scopes})
         if not bad:
             return []
 

@@ -50,7 +50,7 @@ class CgroupTree:
 
     def ancestry(self, ids: Collection[int]) -> dict[int, tuple[int, ...] | None]:
         """The ancestry of every id in ``ids`` that is known by now (ids not seen yet wait
-        for the next walk if one ran within ``walk_every_s``).  Only ``ids`` are kept."""
+        for the next walk if one ran within ``walk_every_s``)."""
         missing = [i for i in ids if i not in self._known]
         now = self.clock()
         if missing and (self._last_walk is None or now - self._last_walk >= self.walk_every_s):
@@ -58,8 +58,14 @@ class CgroupTree:
             tree = self.walk()
             for i in missing:
                 self._known[i] = tree.get(i)
-        self._known = {i: self._known[i] for i in ids if i in self._known}
-        return dict(self._known)
+        return {i: self._known[i] for i in ids if i in self._known}
+
+    def retain(self, ids: Collection[int]) -> None:
+        """Forget every id but ``ids`` (the ones the cache still names): no growth with
+        cgroups that came and went."""
+        if len(self._known) > len(ids):
+            keep = set(ids)
+            self._known = {i: a for i, a in self._known.items() if i in keep}
 
     def walk(self) -> dict[int, tuple[int, ...]]:
         """Every cgroup under the mount: its id (the directory's inode) -> ancestors."""
@@ -110,16 +116,41 @@ def cached_answers(kbytes: bytes, vbytes: bytes, generation: int) -> dict[int, i
 
 
 def wrong_answers(answers: Mapping[int, int], scopes: Collection[int],
-                  tree: CgroupTree) -> list[WrongAnswer]:
-    """The cached answers the cgroup tree contradicts (removed cgroups are skipped)."""
+                  tree: CgroupTree) -> tuple[list[WrongAnswer], dict[int, int]]:
+    """The cached answers the cgroup tree contradicts, and the ones it confirms (removed
+    cgroups, and ids a rate-limited walk has not seen yet, are in neither)."""
     if not answers:
-        return []
+        return [], {}
     wanted = set(scopes)
-    out = []
+    bad, good = [], {}
     for cg, anc in sorted(tree.ancestry(list(answers)).items()):
         if anc is None:
             continue
         want = expected_answer(anc, wanted)
         if answers[cg] != want:
-            out.append(WrongAnswer(cg, answers[cg], want))
-    return out
+            bad.append(WrongAnswer(cg, answers[cg], want))
+        else:
+            good[cg] = want
+    return bad, good
+
+
+class AnswerAudit:
+    """One generation's cached answers, checked once each: an entry is inserted once and
+    never updated by the programs, so a tick re-checks only answers it has not confirmed
+    yet or that changed (a delete and a forged insert), not the whole map."""
+
+    def __init__(self, tree: CgroupTree) -> None:
+        self.tree = tree
+        self.generation = 0
+        self.confirmed: dict[int, int] = {}
+
+    def check(self, answers: Mapping[int, int], generation: int,
+              scopes: Collection[int]) -> list[WrongAnswer]:
+        if generation != self.generation:
+            self.generation, self.confirmed = generation, {}
+        fresh = {cg: a for cg, a in answers.items() if self.confirmed.get(cg) != a}
+        bad, good = wrong_answers(fresh, scopes, self.tree)
+        self.confirmed = {cg: a for cg, a in answers.items()
+                          if self.confirmed.get(cg) == a or good.get(cg) == a}
+        self.tree.retain(answers.keys())
+        return bad

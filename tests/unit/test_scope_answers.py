@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aegis_stream.agent.integrity import IntegrityChecker
 from aegis_stream.agent.scope_answers import (
+    AnswerAudit,
     CgroupTree,
     WrongAnswer,
     cached_answers,
@@ -64,11 +65,11 @@ def test_wrong_answers_names_a_forged_out_of_scope_answer_and_skips_removed_cgro
     scopes = {ino(d["a"])}
     right = {ino(d["a"]): ino(d["a"]), ino(d["a/b/c"]): ino(d["a"]), ino(d["x"]): -1,
              ino(d["root"]): -1}
-    assert wrong_answers(right, scopes, t) == []
+    assert wrong_answers(right, scopes, t) == ([], right)
     forged = {**right, ino(d["a/b"]): -1, 999_999_999: -1}  # 999...: a removed cgroup
-    assert wrong_answers(forged, scopes, t) == [WrongAnswer(ino(d["a/b"]), -1, ino(d["a"]))]
+    assert wrong_answers(forged, scopes, t) == ([WrongAnswer(ino(d["a/b"]), -1, ino(d["a"]))], right)
     # over-deny is reported too (x cached as in scope of a)
-    assert wrong_answers({ino(d["x"]): ino(d["a"])}, scopes, t) == [
+    assert wrong_answers({ino(d["x"]): ino(d["a"])}, scopes, t)[0] == [
         WrongAnswer(ino(d["x"]), ino(d["a"]), -1)]
 
 
@@ -84,8 +85,9 @@ def test_new_cgroups_are_learnt_by_a_walk_at_most_every_walk_every_s(tmp_path):
     assert ino(new) not in t.ancestry([ino(d["a"]), ino(new)]) and t.walks == 1  # waits
     now[0] = 2.5
     assert t.ancestry([ino(new)]) == {ino(new): (ino(new),)} and t.walks == 2
-    # only the ids asked for are kept
-    assert t.ancestry([ino(new)]).keys() == {ino(new)}
+    # only the ids still named are kept
+    t.retain([ino(new)])
+    assert t.ancestry([ino(new), ino(d["a"])]).keys() == {ino(new)}  # a: forgotten, no walk yet
 
 
 def test_cached_answers_reads_one_generation_from_the_map_columns():
@@ -125,3 +127,27 @@ def test_the_tick_check_reports_a_forged_answer_of_the_active_generation(tmp_pat
            f"{ino(d['a'])}" in msg
     host = CompiledPolicy("p", 1, "enforce", "sha256:" + "00" * 32, rules, [])
     assert chk._scope_answer_problems(host, 7) == []  # a host-wide slot never caches
+
+
+def test_an_answer_is_checked_once_and_again_when_it_changes(tmp_path):
+    """The audit confirms each (cgroup, answer) once per generation; a forged replacement
+    of a confirmed answer (delete + insert) is checked again and reported."""
+    d = tree(tmp_path)
+    t = CgroupTree(d["root"], walk_every_s=0)
+    audit = AnswerAudit(t)
+    scopes = {ino(d["a"])}
+    answers = {ino(d["a/b"]): ino(d["a"]), ino(d["x"]): -1}
+    assert audit.check(answers, 3, scopes) == [] and t.walks == 1
+    assert audit.confirmed == answers
+    calls = []
+    real = t.ancestry
+    t.ancestry = lambda ids: calls.append(sorted(ids)) or real(ids)  # type: ignore[method-assign]
+    assert audit.check(answers, 3, scopes) == [] and calls == []  # nothing new: nothing asked
+    forged = {**answers, ino(d["a/b"]): -1}
+    assert audit.check(forged, 3, scopes) == [WrongAnswer(ino(d["a/b"]), -1, ino(d["a"]))]
+    assert calls[-1] == [ino(d["a/b"])]
+    assert audit.check(forged, 3, scopes)  # still reported while it stays
+    assert audit.check(answers, 3, scopes) == []  # restored
+    # a new generation: every answer checked again (its policy may select other cgroups)
+    assert audit.check(answers, 4, {ino(d["x"])}) == [
+        WrongAnswer(ino(d["a/b"]), ino(d["a"]), -1), WrongAnswer(ino(d["x"]), -1, ino(d["x"]))]
