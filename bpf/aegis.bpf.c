@@ -242,6 +242,7 @@ static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __
 	BENCH_SCOPE_NOCACHE(sc, slot);
 	cg = current_cgroup_id();
 	BENCH_SCOPE_ID_ONLY(sc, cg);
+	BENCH_CG_SCOPES(sc, slot, cg);
 	BENCH_PERCPU_CACHE(sc, slot, cg);
 	return task_cached_scope(sc, slot, cg);
 }

@@ -16,6 +16,8 @@
  *                               count so a preempting program on the same CPU falls through
  *                               to the task cache instead of reading a half-written entry
  *   AEGIS_BENCH_NO_EVAL_COUNT   no per-CPU "evaluated" increment (aegis.bpf.c, in_scope())
+ *   AEGIS_BENCH_CG_SCOPES       the 5.10 build's per-cgroup answer (aegis_cg_scopes, keyed by
+ *                               generation and cgroup id) instead of the task-storage cache
  */
 #ifndef AEGIS_BENCH_VARIANTS_BPF_H
 #define AEGIS_BENCH_VARIANTS_BPF_H
@@ -92,6 +94,22 @@ static __always_inline int percpu_scope(const struct aegis_slot_config *sc, __u3
 	} while (0)
 #else
 #define BENCH_PERCPU_CACHE(sc, slot, cg) do { } while (0)
+#endif
+
+#ifdef AEGIS_BENCH_CG_SCOPES
+#define BENCH_CG_SCOPES(sc, slot, cg)                                                    \
+	do {                                                                             \
+		struct aegis_cg_scope_key __k = { .generation = (sc)->generation,        \
+						  .cgroup_id = (cg) };                   \
+		__s64 *__h = bpf_map_lookup_elem(&aegis_cg_scopes, &__k), __s;          \
+		if (__h)                                                                 \
+			return *__h;                                                     \
+		__s = match_scope(sc, slot);                                             \
+		bpf_map_update_elem(&aegis_cg_scopes, &__k, &__s, BPF_NOEXIST);         \
+		return __s;                                                              \
+	} while (0)
+#else
+#define BENCH_CG_SCOPES(sc, slot, cg) do { } while (0)
 #endif
 
 #endif /* AEGIS_BENCH_VARIANTS_BPF_H */
