@@ -478,8 +478,7 @@ class IntegrityChecker:
         kbytes, vbytes = map_columns(m)
         if not kbytes:
             return []
-        answers = scope_answers.cached_answers(kbytes, vbytes, gen)
-        bad = self._answers.check(answers, gen, {s.cgroup_id for s in cp.scopes})
+        bad = self._answers.check_columns(kbytes, vbytes, gen, {s.cgroup_id for s in cp.scopes})
         if not bad:
             return []
 

@@ -117,14 +117,16 @@ def cached_answers(kbytes: bytes, vbytes: bytes, generation: int) -> dict[int, i
 
 def wrong_answers(answers: Mapping[int, int], scopes: Collection[int],
                   tree: CgroupTree) -> tuple[list[WrongAnswer], dict[int, int]]:
-    """The cached answers the cgroup tree contradicts, and the ones it confirms (removed
-    cgroups, and ids a rate-limited walk has not seen yet, are in neither)."""
+    """The cached answers the cgroup tree contradicts, and the ones settled: confirmed, or
+    of a removed cgroup (no task left to decide).  Ids a rate-limited walk has not seen yet
+    are in neither: the next tick asks again."""
     if not answers:
         return [], {}
     wanted = set(scopes)
     bad, good = [], {}
     for cg, anc in sorted(tree.ancestry(list(answers)).items()):
         if anc is None:
+            good[cg] = answers[cg]
             continue
         want = expected_answer(anc, wanted)
         if answers[cg] != want:
@@ -141,16 +143,37 @@ class AnswerAudit:
 
     def __init__(self, tree: CgroupTree) -> None:
         self.tree = tree
-        self.generation = 0
+        self._policy: tuple[int, frozenset[int]] = (0, frozenset())
         self.confirmed: dict[int, int] = {}
+        self._last: tuple[int, bytes, bytes, frozenset[int]] | None = None
+        self._last_bad: list[WrongAnswer] = []
 
-    def check(self, answers: Mapping[int, int], generation: int,
-              scopes: Collection[int]) -> list[WrongAnswer]:
-        if generation != self.generation:
-            self.generation, self.confirmed = generation, {}
+    def check_columns(self, kbytes: bytes, vbytes: bytes, generation: int,
+                      scopes: Collection[int]) -> list[WrongAnswer]:
+        """:meth:`check` on the map's key and value columns; a tick whose columns are the
+        last fully settled tick's (nothing inserted, deleted or rewritten since) is a
+        bytes comparison."""
+        seen = (generation, kbytes, vbytes, frozenset(scopes))
+        if seen == self._last:
+            return list(self._last_bad)
+        answers = cached_answers(kbytes, vbytes, generation)
+        named = set(np.frombuffer(kbytes, dtype=_KEY_DT)["cgroup_id"].tolist())
+        bad = self.check(answers, generation, scopes, named)
+        settled = len(self.confirmed) + len(bad) == len(answers)
+        self._last, self._last_bad = (seen, list(bad)) if settled else (None, [])
+        return bad
+
+    def check(self, answers: Mapping[int, int], generation: int, scopes: Collection[int],
+              named: Collection[int] | None = None) -> list[WrongAnswer]:
+        """The wrong answers among ``answers`` (one generation's); ``named``: every cgroup id
+        the map names in any generation (the tree remembers those: the kept generation's
+        cgroups are the next one's)."""
+        policy = (generation, frozenset(scopes))  # one generation has one scope set
+        if policy != self._policy:
+            self._policy, self.confirmed = policy, {}
         fresh = {cg: a for cg, a in answers.items() if self.confirmed.get(cg) != a}
         bad, good = wrong_answers(fresh, scopes, self.tree)
         self.confirmed = {cg: a for cg, a in answers.items()
                           if self.confirmed.get(cg) == a or good.get(cg) == a}
-        self.tree.retain(answers.keys())
+        self.tree.retain(answers.keys() if named is None else named)
         return bad

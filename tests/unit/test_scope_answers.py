@@ -67,7 +67,8 @@ def test_wrong_answers_names_a_forged_out_of_scope_answer_and_skips_removed_cgro
              ino(d["root"]): -1}
     assert wrong_answers(right, scopes, t) == ([], right)
     forged = {**right, ino(d["a/b"]): -1, 999_999_999: -1}  # 999...: a removed cgroup
-    assert wrong_answers(forged, scopes, t) == ([WrongAnswer(ino(d["a/b"]), -1, ino(d["a"]))], right)
+    assert wrong_answers(forged, scopes, t) == ([WrongAnswer(ino(d["a/b"]), -1, ino(d["a"]))],
+                                               {**right, 999_999_999: -1})  # settled
     # over-deny is reported too (x cached as in scope of a)
     assert wrong_answers({ino(d["x"]): ino(d["a"])}, scopes, t)[0] == [
         WrongAnswer(ino(d["x"]), ino(d["a"]), -1)]
@@ -151,3 +152,56 @@ def test_an_answer_is_checked_once_and_again_when_it_changes(tmp_path):
     # a new generation: every answer checked again (its policy may select other cgroups)
     assert audit.check(answers, 4, {ino(d["x"])}) == [
         WrongAnswer(ino(d["a/b"]), ino(d["a"]), -1), WrongAnswer(ino(d["x"]), -1, ino(d["x"]))]
+
+
+def test_an_unchanged_map_is_a_bytes_comparison_and_a_change_is_checked(tmp_path):
+    d = tree(tmp_path)
+    t = CgroupTree(d["root"], walk_every_s=0)
+    audit = AnswerAudit(t)
+    scopes = {ino(d["a"])}
+
+    def cols(answers: dict[int, int], gen: int = 3) -> tuple[bytes, bytes]:
+        return (b"".join(abi.CG_SCOPE_KEY.pack(gen, cg) for cg in answers),
+                b"".join(a.to_bytes(8, "little", signed=True) for a in answers.values()))
+
+    good = {ino(d["a/b"]): ino(d["a"]), ino(d["x"]): -1}
+    assert audit.check_columns(*cols(good), 3, scopes) == []
+    calls = []
+    real = audit.check
+    audit.check = lambda *a: calls.append(a) or real(*a)  # type: ignore[method-assign]
+    assert audit.check_columns(*cols(good), 3, scopes) == [] and calls == []  # unchanged
+    forged = {**good, ino(d["a/b/c"]): -1}
+    bad = [WrongAnswer(ino(d["a/b/c"]), -1, ino(d["a"]))]
+    assert audit.check_columns(*cols(forged), 3, scopes) == bad and len(calls) == 1
+    assert audit.check_columns(*cols(forged), 3, scopes) == bad and len(calls) == 1  # still named
+    assert audit.check_columns(*cols(good), 3, scopes) == [] and len(calls) == 2
+    # the same bytes under another policy's scopes are checked again
+    assert audit.check_columns(*cols(good), 3, {ino(d["x"])}) and len(calls) == 3
+    # an id the rate-limited walk has not seen: not settled, so not remembered as checked
+    t.walk_every_s = 3600
+    new = d["root"] / "new"
+    new.mkdir()
+    late = {**good, ino(new): ino(d["a"])}  # forged: new is not under a
+    assert audit.check_columns(*cols(late), 3, scopes) == [] and len(calls) == 4
+    assert audit.check_columns(*cols(late), 3, scopes) == [] and len(calls) == 5  # asked again
+    t.walk_every_s = 0
+    assert audit.check_columns(*cols(late), 3, scopes) == [WrongAnswer(ino(new), ino(d["a"]), -1)]
+
+
+def test_a_new_generation_does_not_walk_the_tree_again_for_known_cgroups(tmp_path):
+    """After an apply the new generation's answers name the same cgroups as the kept one's:
+    their ancestry is remembered, so no walk (a walk is for cgroups never seen)."""
+    d = tree(tmp_path)
+    t = CgroupTree(d["root"], walk_every_s=0)
+    audit = AnswerAudit(t)
+
+    def cols(rows: list[tuple[int, int, int]]) -> tuple[bytes, bytes]:
+        return (b"".join(abi.CG_SCOPE_KEY.pack(g, cg) for g, cg, _ in rows),
+                b"".join(a.to_bytes(8, "little", signed=True) for _, _, a in rows))
+
+    a, b, x = ino(d["a"]), ino(d["a/b"]), ino(d["x"])
+    assert audit.check_columns(*cols([(1, b, a), (1, x, -1)]), 1, {a}) == [] and t.walks == 1
+    # generation 2 active, nothing decided yet under it: the tree keeps 1's cgroups
+    assert audit.check_columns(*cols([(1, b, a), (1, x, -1)]), 2, {x}) == [] and t.walks == 1
+    assert audit.check_columns(*cols([(1, b, a), (1, x, -1), (2, b, -1), (2, x, x)]), 2, {x}) == []
+    assert t.walks == 1
