@@ -175,17 +175,14 @@ static __always_inline __s64 cached_scope(const struct aegis_slot_config *sc, __
 	if (sc->flags & AEGIS_SLOT_SCOPE_HOST)
 		return 0;
 	cg = current_dfl_cgroup();
-	if (!cg)
-		return match_scope(sc, slot);
-	own = BPF_CORE_READ(cg, level);
-	k.cgroup_id = ancestor_cgroup_id_v510(cg, own, own); /* the cgroup's own id */
-	if (!k.cgroup_id)
-		return match_scope(sc, slot);
-	hit = bpf_map_lookup_elem(&aegis_cg_scopes, &k);
+	own = cg ? BPF_CORE_READ(cg, level) : 0;
+	k.cgroup_id = ancestor_cgroup_id_v510(cg, own, own); /* the cgroup's own id; 0: none */
+	hit = k.cgroup_id ? bpf_map_lookup_elem(&aegis_cg_scopes, &k) : 0;
 	if (hit)
 		return *hit;
-	s = match_scope(sc, slot);
-	bpf_map_update_elem(&aegis_cg_scopes, &k, &s, BPF_NOEXIST);
+	s = match_scope(sc, slot); /* one inlined walk: the verifier sees it once */
+	if (k.cgroup_id)
+		bpf_map_update_elem(&aegis_cg_scopes, &k, &s, BPF_NOEXIST);
 	return s;
 }
 #else
