@@ -927,16 +927,30 @@ class Soak:
             assert self.kv is not None
             pos = self.kv.rings_pos()
             lag = sum(p - c for p, c in pos.values())
-            if lag == 0 or t - self.phase_since > self.a.drain_timeout:
+            # drained means drained for the agent too: empty rings with a backlog still in
+            # the agent's channels are the flood's memory, not the steady state's
+            backlog = self.agent_backlog()
+            timed_out = t - self.phase_since > self.a.drain_timeout
+            if (lag == 0 and backlog <= TRICKLE) or timed_out:
                 self.floods[-1]["drained"] = round(t, 2)
                 self.floods[-1]["lag_left_bytes"] = lag
+                self.floods[-1]["agent_backlog_left"] = backlog
+                if timed_out:
+                    self.floods[-1]["drain_timed_out"] = True
                 self.phase, self.phase_since = "flood-draining-done", t
-                log(f"flood: drained (lag {lag} bytes); back to enforce")
+                log(f"flood: drained (lag {lag} bytes, {backlog} events in the agent"
+                    f"{', timed out' if timed_out else ''}); back to enforce")
         elif self.phase == "flood-draining-done":
             if self.mode_timeline[-1][1] == "enforce" and self.pending_apply is None:
                 self.phase, self.phase_since = "enforce", t
                 self.floods[-1]["enforce_again"] = round(t, 2)
                 self.next_flood = t + self.a.flood_every
+
+    def agent_backlog(self) -> int:
+        """Audit events in the running agent's hands at its last scrape (0: no agent)."""
+        if not self.incarnations:
+            return 0
+        return int(metric_sum(self.agent.last_metrics, "aegis_events_in_flight", **{"class": "audit"}))
 
     def cli_check(self) -> None:
         """Start `aegis stats --json` (non-blocking); poll_cli compares it with our own read
@@ -1156,6 +1170,8 @@ class Soak:
         return acc
 
 RECOVERY_S = 30  # after a flood drained, the agent is back to steady state this much later
+TRICKLE = 1024  # audit events in flight the agent counts as a trickle, not a backlog (a quarter
+# batch: the ticker's heap-trim condition, pipeline/ticker.py)
 
 
 def resources(doc: dict) -> dict:
@@ -1305,8 +1321,9 @@ def main() -> int:
     ap.add_argument("--flood-duration", type=float, default=20.0)
     ap.add_argument("--flood-procs", type=int, default=4,
                     help="flat-out open loops during a flood (enough to outrun the agent)")
-    ap.add_argument("--drain-timeout", type=float, default=60.0,
-                    help="after a flood: how long to wait for the rings to drain")
+    ap.add_argument("--drain-timeout", type=float, default=120.0,
+                    help="after a flood: how long to wait for the rings and the agent's "
+                         "backlog to drain")
     ap.add_argument("--final-drain-timeout", type=float, default=300.0,
                     help="at the end: how long to wait for the agent to deliver everything")
     ap.add_argument("--cli-apply-every", type=int, default=10,

@@ -13,12 +13,23 @@ seen in the soak (docs/PERFORMANCE.md) can be named, not guessed.
 
     .venv/bin/python -m soak.memgrowth --duration 600          # ~10 min, ~10% of a core
     .venv/bin/python -m soak.memgrowth --duration 120 --quick  # smoke
+
+``--allocators pymalloc,malloc`` runs the same workload once per allocator and round, each in
+its own interpreter (``PYTHONMALLOC`` is read at start-up), alternating, and prints what one
+flood leaves behind on each, side by side (the agent runs on malloc: agent/allocator.py):
+
+    .venv/bin/python -m soak.memgrowth --allocators pymalloc,malloc --rounds 2 \\
+        --duration 75 --flood-first 20 --flood-s 10 --flood-every 1000 --flood-rate 400000
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -79,18 +90,23 @@ async def drive(args: argparse.Namespace, tmp: Path, retire: bool = True) -> dic
         while (now := time.monotonic() - t0) < args.duration:
             if now >= next_swap:  # a new generation, alternating modes only during floods
                 gen += 1
-                flooding = bool(args.flood_every) and (now % args.flood_every) < args.flood_s
+                flooding = (bool(args.flood_every) and now >= args.flood_first
+                            and ((now - args.flood_first) % args.flood_every) < args.flood_s)
                 install(kernel, store, sample_record(gen, mode="audit" if flooding else "enforce"))
                 next_swap = now + args.swap_s
             n = args.flood_rate // 10 if flooding else max(1, args.deny_rate // 10)
-            for _ in range(n):
-                pid += 1
+            for i in range(n):
+                # a flood comes from a few processes (the soak's four loops), the denials
+                # from a new process each
+                if not flooding:
+                    pid += 1
+                fpid = 9_000 + i % 4 if flooding else pid
                 # the soak's denials come from several programs (comm) and both hooks:
                 # one normalisation context per (generation, rule, hook, comm, ...)
-                hook, action = HOOKS[pid % 2]
+                hook, action = HOOKS[fpid % 2]
                 kernel.decide(hook, DEV_SDA1, DENIED_INO, action,
-                              FakeTask(pid=pid, tgid=pid, cgroups=(1, CG_WORKLOADS),
-                                       comm=f"prog{pid % args.comms}"))
+                              FakeTask(pid=fpid, tgid=fpid, cgroups=(1, CG_WORKLOADS),
+                                       comm=f"prog{fpid % args.comms}"))
             if now >= next_scrape:
                 metrics.exposition()
                 pipeline.statistics()
@@ -128,6 +144,8 @@ def main() -> int:
     ap.add_argument("--deny-rate", type=int, default=10)
     ap.add_argument("--flood-every", type=float, default=150.0)
     ap.add_argument("--flood-s", type=float, default=20.0)
+    ap.add_argument("--flood-first", type=float, default=0.0,
+                    help="seconds before the first flood (a warm-up snapshot before any flood)")
     ap.add_argument("--flood-rate", type=int, default=5000)
     ap.add_argument("--comms", type=int, default=8, help="distinct programs that are denied")
     ap.add_argument("--scrape-s", type=float, default=2.0)
@@ -141,7 +159,13 @@ def main() -> int:
     ap.add_argument("--compare", action="store_true",
                     help="run --no-retire and the default, one after the other")
     ap.add_argument("--quick", action="store_true", help="warmup 30 s, rows every 10 s")
+    ap.add_argument("--allocators", default="",
+                    help="e.g. pymalloc,malloc: one interpreter per allocator and round, side by side")
+    ap.add_argument("--rounds", type=int, default=1, help="with --allocators: alternating rounds")
+    ap.add_argument("--summary-json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.allocators:
+        return compare_allocators(args)
     if args.quick:
         args.warmup, args.row_s = 30.0, 10.0
     if not args.no_trace:
@@ -153,6 +177,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="aegis-memgrowth-") as tmp:
             res = trio.run(drive, args, Path(tmp), retire)
         summary.append((retire, report(args, res)))
+        if args.summary_json:
+            print("SUMMARY " + json.dumps(res["rows"]), flush=True)
     if args.compare:
         print("\n| retire old generations | contexts cached at the end | rule tables cached "
               "| traced Python growth after warm-up, MB | RSS anon growth, MB |")
@@ -160,6 +186,34 @@ def main() -> int:
         for retire, (traced, anon, caches) in summary:
             print(f"| {'yes' if retire else 'no'} | {caches['context'] + caches['context_ref']:,} "
                   f"| {caches['generation']} | {traced:+.3f} | {anon:+.1f} |")
+    return 0
+
+
+def compare_allocators(args: argparse.Namespace) -> int:
+    """The same run once per allocator and round, alternating; anonymous RSS before the
+    first flood, at its peak and at the end (after every flood has drained)."""
+    child = [a for a in sys.argv[1:] if not a.startswith(("--allocators", "--rounds"))]
+    for flag in ("--allocators", "--rounds"):  # drop "--flag value" pairs
+        while flag in child:
+            i = child.index(flag)
+            del child[i:i + 2]
+    out: list[tuple[str, int, float, float, float]] = []
+    for rnd in range(1, args.rounds + 1):
+        for name in args.allocators.split(","):
+            env = dict(os.environ, PYTHONMALLOC=name)
+            proc = subprocess.run([sys.executable, "-m", "soak.memgrowth", *child, "--no-trace",
+                                   "--summary-json"], env=env, capture_output=True, text=True,
+                                  check=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("SUMMARY ")][-1]
+            rows = json.loads(line[len("SUMMARY "):])  # (t, rss, anon, generation)
+            before = [r[2] for r in rows if r[0] < args.flood_first] or [rows[0][2]]
+            out.append((name, rnd, before[-1], max(r[2] for r in rows), rows[-1][2]))
+            print(f"round {rnd} {name}: anon {before[-1]:.1f} -> peak {out[-1][3]:.1f} -> "
+                  f"end {rows[-1][2]:.1f} MB", flush=True)
+    print("\n| allocator | round | anon before the flood, MB | peak, MB | after, MB | left behind, MB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, rnd, b, peak, end in out:
+        print(f"| {name} | {rnd} | {b:.1f} | {peak:.1f} | {end:.1f} | {end - b:+.1f} |")
     return 0
 
 
