@@ -127,6 +127,12 @@ async def drive(args: argparse.Namespace, tmp: Path, retire: bool = True) -> dic
             await trio.sleep(0.1)
         gc.collect()  # the second snapshot while the pipeline still runs, as the first
         release_freed_memory()
+        # the last row after the trim the agent's ticker makes once a burst has drained
+        # (natively a flood may not be in flight at a tick, so the run makes sure of it)
+        parts = rss_parts_mb()
+        rows.append((time.monotonic() - t0, sum(parts.values()), parts["anon"], gen))
+        print(f"[{rows[-1][0]:7.1f}s] rss {rows[-1][1]:6.1f} MB (anon {parts['anon']:.1f}) "
+              "after gc.collect() and malloc_trim(0)", flush=True)
         caches = {c.name: c.size for c in pipeline.norm.cache_statistics()}
         snap1 = tracemalloc.take_snapshot() if snap0 is not None else None
         await pipeline.drain_and_stop(5.0)
@@ -192,11 +198,15 @@ def main() -> int:
 def compare_allocators(args: argparse.Namespace) -> int:
     """The same run once per allocator and round, alternating; anonymous RSS before the
     first flood, at its peak and at the end (after every flood has drained)."""
-    child = [a for a in sys.argv[1:] if not a.startswith(("--allocators", "--rounds"))]
-    for flag in ("--allocators", "--rounds"):  # drop "--flag value" pairs
-        while flag in child:
-            i = child.index(flag)
-            del child[i:i + 2]
+    child: list[str] = []
+    skip = False
+    for a in sys.argv[1:]:  # the command line without --allocators/--rounds (and values)
+        if skip or a.startswith(("--allocators=", "--rounds=")):
+            skip = False
+            continue
+        skip = a in ("--allocators", "--rounds")
+        if not skip:
+            child.append(a)
     out: list[tuple[str, int, float, float, float]] = []
     for rnd in range(1, args.rounds + 1):
         for name in args.allocators.split(","):
