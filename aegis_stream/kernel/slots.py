@@ -181,8 +181,18 @@ class StagedSlot:
     pruned: counters.PruneResult | None = field(default=None, compare=False)
 
 
-def prune_retired_counters(maps: PolicyMaps) -> counters.PruneResult | None:
-    """Delete the per-rule counter keys of every generation neither slot holds.
+def held_generations(maps: PolicyMaps) -> set[int] | None:
+    """The generations the two slots hold (valid or not: break-glass/unload keep theirs),
+    or None when the state cannot be read; what the prunes below keep."""
+    try:
+        return {s.generation for s in read_state(maps).slots}
+    except StateError:
+        return None
+
+
+def prune_retired_counters(maps: PolicyMaps, keep: set[int] | None = None) -> counters.PruneResult | None:
+    """Delete the per-rule counter keys of every generation neither slot holds (``keep``:
+    :func:`held_generations`, read here when not given).
 
     The active generation and the other slot's (the kept, rollback) generation are never
     touched, nor is a slot whose VALID flag was cleared (break-glass/unload keep its
@@ -190,26 +200,27 @@ def prune_retired_counters(maps: PolicyMaps) -> counters.PruneResult | None:
     policy apply, and the next stage retries whatever is left."""
     if maps.rule_counters is None:
         return None
-    try:
-        st = read_state(maps)
-    except StateError:
+    keep = held_generations(maps) if keep is None else keep
+    if keep is None:
         return None
-    keep = {s.generation for s in st.slots}
     return counters.prune_rule_counters(maps.rule_counters, keep)
 
 
-def prune_retired_scope_answers(maps: PolicyMaps) -> int:
+def prune_retired_scope_answers(maps: PolicyMaps, keep: set[int] | None = None) -> int:
     """Delete the cached scope answers (``aegis_cg_scopes``) of every generation neither slot
-    holds; returns how many.  No program asks for a retired generation again, so its keys
-    are dead weight that would fill the map (a full map only costs the ancestor walk).  An
-    answer a program still inserts for a generation retired under it is deleted by the next
-    stage.  A failure is logged, never raised: the cache must not stop a policy apply."""
+    holds (``keep`` as above); returns how many.  No program asks for a retired generation
+    again, so its keys are dead weight that would fill the map (a full map only costs the
+    ancestor walk).  An answer a program still inserts for a generation retired under it is
+    deleted by the next stage.  A failure is logged, never raised: the cache must not stop
+    a policy apply."""
     if maps.cg_scopes is None:
         return 0
+    keep = held_generations(maps) if keep is None else keep
+    if keep is None:
+        return 0
     try:
-        keep = {s.generation for s in read_state(maps).slots}
         keys = maps.cg_scopes.keys()
-    except (StateError, KernelError):
+    except KernelError:
         return 0
     deleted = 0
     for key in keys:
@@ -228,8 +239,11 @@ def stage(maps: PolicyMaps, cp: CompiledPolicy, generation: int, mode: int) -> S
     state = read_state(maps)
     slot = state.inactive_slot
     clear_slot(maps, slot)  # retires the generation the slot held ...
-    pruned = prune_retired_counters(maps)  # ... so its per-rule counters go
-    prune_retired_scope_answers(maps)  # ... and its cached scope answers
+    keep = held_generations(maps)  # one read of the slots for both prunes
+    pruned = None
+    if keep is not None:
+        pruned = prune_retired_counters(maps, keep)  # ... so its per-rule counters go
+        prune_retired_scope_answers(maps, keep)  # ... and its cached scope answers
     try:
         for k, v in _rule_entries(cp, slot).items():
             maps.rules.update(k, v)
