@@ -16,7 +16,8 @@ seen in the soak (docs/PERFORMANCE.md) can be named, not guessed.
 
 ``--allocators pymalloc,malloc`` runs the same workload once per allocator and round, each in
 its own interpreter (``PYTHONMALLOC`` is read at start-up), alternating, and prints what one
-flood leaves behind on each, side by side (the agent runs on malloc: agent/allocator.py):
+flood leaves behind on each, side by side.  Measured (docs/PERFORMANCE.md): once the ticker's
+trim has run, both leave ~1.5 MB; the agent stays on pymalloc, the faster of the two:
 
     .venv/bin/python -m soak.memgrowth --allocators pymalloc,malloc --rounds 2 \\
         --duration 75 --flood-first 20 --flood-s 10 --flood-every 1000 --flood-rate 400000

@@ -33,7 +33,7 @@ import msgspec
 import trio
 
 from aegis_stream import inputs
-from aegis_stream.agent import allocator, reasons
+from aegis_stream.agent import reasons
 from aegis_stream.agent.health import (
     Reason,
     ReasonCode,
@@ -343,7 +343,6 @@ async def _run_loaded(cfg: AgentConfig, status_path: str,
     lifecycle.set_storm_window(int(cfg.storm_window_s * 1e9))  # 0: off
     _log(f"deny-storm window: {cfg.storm_window_s:g} s" if cfg.storm_window_s
          else "deny-storm aggregation off")
-    _log(f"memory allocator: {allocator.allocator()}")
     conditions = reconcile_conditions(rec)
     if rec.status != "clean":
         _log(f"reconciled pinned state: {rec.status}, effective {rec.effective} "

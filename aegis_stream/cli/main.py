@@ -305,7 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``aegis`` entry point: the top-level guard (see the module docstring)."""
-    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     why = _screen(argv)
     if why is not None:
@@ -316,11 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         why = check_numbers(args)
         if why is not None:
             return _fail(why, EXIT_USAGE)
-        if from_command_line and args.func is cmd_run:
-            # the agent: before anything is loaded (agent/allocator.py says why)
-            from aegis_stream.agent.allocator import reexec_on_c_malloc
-
-            reexec_on_c_malloc()
         return int(args.func(args))
     except AegisError as exc:
         return _fail(str(exc))

@@ -367,6 +367,5 @@ def agent_env(lab: Lab, tmp_path) -> Iterator[dict]:
     env["AEGIS_PIN_ROOT"] = f"/sys/fs/bpf/aegis-agent-{os.getpid()}"
     env["AEGIS_STATE_DIR"] = str(tmp_path / "state")
     env.pop("AEGIS_FAULT_INJECT", None)
-    env["PYTHONMALLOC"] = "malloc"  # as the unit sets it: no re-exec at each agent start
     yield env
     aegis(["unload"], env)
