@@ -372,6 +372,34 @@ def test_heap_is_trimmed_once_after_a_burst_has_drained(make_pipeline, kernel, s
     assert (calls, p.memory_trims) == ([1, 1], 2)
 
 
+def test_heap_is_trimmed_after_a_burst_the_agent_kept_up_with(make_pipeline, kernel, store, tmp_path,
+                                                               monkeypatch):
+    """A flood the agent keeps up with never has a batch in flight when the tick looks,
+    but it read many batches (each allocated and freed): a burst all the same, trimmed
+    once the reads per tick are back to a trickle, and not while they stay high."""
+    import aegis_stream.pipeline.ticker as pl
+
+    calls: list[int] = []
+    monkeypatch.setattr(pl, "release_freed_memory", lambda: calls.append(1) or True)
+    p = make_pipeline(kernel, store, [MemorySink()], tmp_path, batch_max=16, spool_dir=None)
+    audit = p.acct["audit"]
+    p.ticker.trim_after_burst()
+    for _ in range(5):  # 100 events a tick, all delivered before the tick looks
+        audit.read += 100
+        audit.delivered += 100
+        p.ticker.trim_after_burst()
+    assert calls == []  # still flooding
+    audit.read += 10  # 10 read in this tick: more than a quarter batch (4): not yet a trickle
+    audit.delivered += 10
+    p.ticker.trim_after_burst()
+    assert calls == []
+    audit.read += 3
+    audit.delivered += 2
+    p.ticker.trim_after_burst()
+    p.ticker.trim_after_burst()
+    assert (calls, p.memory_trims) == ([1], 1)
+
+
 def test_release_freed_memory_returns_heap_to_the_kernel():
     """The real glibc call: after freeing many mid-sized blocks (as a flood's batches),
     a trim succeeds (returns True: memory given back)."""
