@@ -1203,6 +1203,15 @@ def resources(doc: dict) -> dict:
         # flood has set the allocator's high-water (before that, the rise is the flood's);
         # over >= 10 minutes only, a shorter line says little about hours
         settled = [p for p in steady if not windows or p[0] > windows[0][1]]
+        # what floods leave behind: the steady RSS before this agent's first flood against
+        # the steady RSS after it (medians: one lingering sample does not move them)
+        first = min((a for a, b in windows if a >= pts[0][0]), default=None)
+        before = [p[1] for p in steady if first is None or p[0] < first]
+        after = [p[1] for p in steady if first is not None and p[0] > first]
+        if before:
+            row["rss_median_before_floods_mb"] = round(med(before) / 2**20, 1)
+        if after:
+            row["rss_median_after_floods_mb"] = round(med(after) / 2**20, 1)
         if len(settled) >= 8 and settled[-1][0] - settled[0][0] >= 600:
             fit = statistics.linear_regression([p[0] for p in settled], [p[1] for p in settled])
             row["rss_slope_mb_per_h"] = round(fit.slope * 3600 / 2**20, 2)

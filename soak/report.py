@@ -223,15 +223,17 @@ def markdown(doc: dict, pngs: list[str]) -> str:
                      f"from {inc['final'].get('source')}")
     L += ["", "## Resources", ""]
     L.append("| agent | lived s | RSS peak MB (floods included) | steady-state max MB | "
+             "steady median before / after its first flood, MB | "
              "growth after the last flood, MB | RSS slope MB/h (steady, after the first flood) | CPU s |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|")
     for i in res["incarnations"]:
         gr = (f"{i['rss_growth_from_mb']} → {i['rss_growth_to_mb']} over {i['rss_growth_span_s']:.0f} s"
               if "rss_growth_to_mb" in i else "–")
         slope = (f"{i['rss_slope_mb_per_h']:+.2f} over {i['rss_slope_span_s'] / 60:.0f} min"
                  if "rss_slope_mb_per_h" in i else "– (< 10 min)")
+        medians = f"{i.get('rss_median_before_floods_mb', '–')} / {i.get('rss_median_after_floods_mb', '–')}"
         L.append(f"| {i['n']} | {i['seconds']:.0f} | {i['rss_peak_mb']} | {i.get('rss_steady_max_mb')} | "
-                 f"{gr} | {slope} | {i['cpu_s']} |")
+                 f"{medians} | {gr} | {slope} | {i['cpu_s']} |")
     kids = [x["rss_children"] for x in doc["samples"] if x.get("rss_children")]
     if kids:
         L.append(f"\nThe agent's child processes (audit workers) held up to {max(kids) / 2**20:.1f} MB "

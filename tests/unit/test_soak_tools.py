@@ -167,6 +167,9 @@ def test_rss_slope_per_hour_is_fitted_after_the_first_flood() -> None:
            "accounting": {"deny": {"delivered": 0}, "audit": {"delivered": 0}}}
     row = driver.resources(doc)["incarnations"][0]
     assert 1.7 < row["rss_slope_mb_per_h"] < 2.3, row
+    # before the flood 60 MB flat; after it the +2 MB/h line from 400 s (60.5 MB at the median)
+    assert row["rss_median_before_floods_mb"] == 60.0
+    assert 60.4 < row["rss_median_after_floods_mb"] < 60.7, row
     assert row["rss_slope_span_s"] >= 600
     short = {**doc, "samples": [s for s in samples if s["t"] < 600]}
     assert "rss_slope_mb_per_h" not in driver.resources(short)["incarnations"][0]
