@@ -61,6 +61,7 @@ from aegis_stream.kernel.events import RECORD_STRIDE
 from aegis_stream.kernel.maps import FdMap, PolicyMaps
 from aegis_stream.kernel.ringbuf import PAGE
 from aegis_stream.lab.mounts import ensure_guest_mounts, mount_tmpfs, umount
+from aegis_stream.pipeline.config import PipelineConfig
 from bench.hostinfo import cpu_model
 from soak.calib import calibrate
 
@@ -1170,8 +1171,9 @@ class Soak:
         return acc
 
 RECOVERY_S = 30  # after a flood drained, the agent is back to steady state this much later
-TRICKLE = 1024  # audit events in flight the agent counts as a trickle, not a backlog (a quarter
-# batch: the ticker's heap-trim condition, pipeline/ticker.py)
+# audit events in flight the agent counts as a trickle, not a backlog: a quarter of its batch,
+# the ticker's heap-trim condition (pipeline/ticker.py)
+TRICKLE = PipelineConfig().batch_max // 4
 
 
 def resources(doc: dict) -> dict:

@@ -190,9 +190,9 @@ def held_generations(maps: PolicyMaps) -> set[int] | None:
         return None
 
 
-def prune_retired_counters(maps: PolicyMaps, keep: set[int] | None = None) -> counters.PruneResult | None:
-    """Delete the per-rule counter keys of every generation neither slot holds (``keep``:
-    :func:`held_generations`, read here when not given).
+def prune_retired_counters(maps: PolicyMaps, keep: set[int]) -> counters.PruneResult | None:
+    """Delete the per-rule counter keys of every generation not in ``keep`` (the
+    generations the slots hold: :func:`held_generations`).
 
     The active generation and the other slot's (the kept, rollback) generation are never
     touched, nor is a slot whose VALID flag was cleared (break-glass/unload keep its
@@ -200,23 +200,17 @@ def prune_retired_counters(maps: PolicyMaps, keep: set[int] | None = None) -> co
     policy apply, and the next stage retries whatever is left."""
     if maps.rule_counters is None:
         return None
-    keep = held_generations(maps) if keep is None else keep
-    if keep is None:
-        return None
     return counters.prune_rule_counters(maps.rule_counters, keep)
 
 
-def prune_retired_scope_answers(maps: PolicyMaps, keep: set[int] | None = None) -> int:
-    """Delete the cached scope answers (``aegis_cg_scopes``) of every generation neither slot
-    holds (``keep`` as above); returns how many.  No program asks for a retired generation
+def prune_retired_scope_answers(maps: PolicyMaps, keep: set[int]) -> int:
+    """Delete the cached scope answers (``aegis_cg_scopes``) of every generation not in
+    ``keep`` (as above); returns how many.  No program asks for a retired generation
     again, so its keys are dead weight that would fill the map (a full map only costs the
     ancestor walk).  An answer a program still inserts for a generation retired under it is
     deleted by the next stage.  A failure is logged, never raised: the cache must not stop
     a policy apply."""
     if maps.cg_scopes is None:
-        return 0
-    keep = held_generations(maps) if keep is None else keep
-    if keep is None:
         return 0
     try:
         keys = maps.cg_scopes.keys()
