@@ -111,6 +111,19 @@ def produce_decisions(bootstrap: str, events: Iterator[DecisionEvent], *, topic:
     return n
 
 
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    """The consumer group's committed offsets on ``topic``, summed (records it will not
+    read again after a restart; a partition with no commit counts 0)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+    finally:
+        c.close()
+    return sum(max(tp.offset, 0) for tp in tps)
+
+
 def produce_states(bootstrap: str, records: list[tuple[str, bytes]], *, topic: str = STATE_TOPIC) -> None:
     from confluent_kafka import Producer
 

@@ -13,7 +13,8 @@
  *   handle PATH                   handle_save PATH OUT         handle_open IN MOUNTPATH
  *   uring_open PATH MODE          (MODE: inline | async | sqpoll | openat2)
  *   sendfd SOCK PATH              recvfd SOCK
- *   open_loop PATH N [DENIED_INO] exchange A B N (renameat2 RENAME_EXCHANGE; N 0 = forever)
+ *   open_loop PATH N [DENIED_INO] (env PROBE_PAUSE_AT=K: reads a line after K opens)
+ *   exchange A B N                (renameat2 RENAME_EXCHANGE; N 0 = forever)
  *   execveat PATH                 fexecve PATH                 exec_procfd PATH
  *   memfd_exec PATH               mprotect_exec PATH           mmap_read PATH
  *   threads PATH N                thread_exec PATH             fork_open PATH
@@ -578,9 +579,16 @@ int main(int argc, char **argv)
 	if (!strcmp(op, "open_loop") && argc > 3) {
 		long n = atol(argv[3]), i, opened = 0, opened_denied = 0, eperm = 0, other = 0;
 		unsigned long long denied = argc > 4 ? strtoull(argv[4], NULL, 10) : 0;
+		/* PROBE_PAUSE_AT=K: after K opens, wait for a line on stdin (a barrier the
+		 * test releases, so that a step it takes lands inside the loop, not after it) */
+		const char *pause = getenv("PROBE_PAUSE_AT");
+		long pause_at = pause ? atol(pause) : -1;
+		char line[16];
 		struct stat st;
 
 		for (i = 0; i < n; i++) {
+			if (i == pause_at && !fgets(line, sizeof(line), stdin))
+				return 3;
 			fd = open(path, O_RDONLY);
 			if (fd >= 0) {
 				if (denied && !fstat(fd, &st) && st.st_ino == denied)

@@ -56,10 +56,18 @@ def storm_window(lab: Lab):
 
 def _flooder(lab: Lab, target: Path, n: int, cgroup: Path) -> subprocess.Popen:
     """A process in ``cgroup`` that opens ``target`` n times once it reads a line on stdin
-    (so all of them start together), niced: the test itself (drain, two policy applies)
-    must not wait behind 200 CPU-bound loops on the guest's two vCPUs."""
-    return lab.spawn(["/bin/sh", "-c", f'read go && exec nice -n 19 {PROBE} open_loop "$0" {n}',
-                      str(target)], cgroup=cgroup)
+    (so all of them start together) and waits for a second line halfway (so the second
+    policy swap lands inside the flood on any host speed), niced: the test itself (drain,
+    two policy applies) must not wait behind 200 CPU-bound loops on the guest's two vCPUs."""
+    return lab.spawn(["/bin/sh", "-c", f'read go && PROBE_PAUSE_AT={n // 2} exec nice -n 19 '
+                      f'{PROBE} open_loop "$0" {n}', str(target)], cgroup=cgroup)
+
+
+def _release(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
 
 
 def _finish(procs: list[subprocess.Popen]) -> list[dict]:
@@ -96,23 +104,35 @@ def test_storm_001_flood_every_key_has_its_event_and_counts_add_up(lab: Lab, sto
     try:
         for i in range(PROCS):
             procs.append(_flooder(lab, target, OPENS, cgs[i % 2]))
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
         t0 = time.monotonic()
-        swaps = 0
+        total, half = PROCS * OPENS, PROCS * (OPENS // 2)
         other_denied = None
-        total = PROCS * OPENS
-        while any(p.poll() is None for p in procs):
-            assert time.monotonic() - t0 < HANG_GUARD_S, "flood never ended"
+
+        def flood_denied() -> int:
+            return _ctr(lab)["denied"] - c0["denied"] - (other_denied is not None)
+
+        # first half: swap 1 once a quarter of the flood is denied, the other deny at a
+        # third; every flooder then waits at its barrier (PROBE_PAUSE_AT)
+        _release(procs)
+        while (done := flood_denied()) < half:
+            assert time.monotonic() - t0 < HANG_GUARD_S, "flood never reached its barrier"
+            assert all(p.poll() is None for p in procs), "a flooder exited before its barrier"
             events += lab.drain()  # as the agent does: the ring must not be what limits
-            done = _ctr(lab)["denied"] - c0["denied"]
-            if swaps < 2 and done > (swaps + 1) * total / 4:
+            if len(gens) == 1 and done > total / 4:
                 gens.add(lab.apply(rules, drain=False).generation)  # a new generation mid-flood
-                swaps += 1
             if other_denied is None and done > total / 3:
                 other_denied = lab.probe("read", other).errno  # another deny, mid-flood
+            time.sleep(0.5)
+        if len(gens) == 1:  # the half went by between two looks: swap at the barrier
+            gens.add(lab.apply(rules, drain=False).generation)
+        if other_denied is None:
+            other_denied = lab.probe("read", other).errno
+        # second half: swap 2 as the flooders resume, racing their opens
+        _release(procs)
+        gens.add(lab.apply(rules, drain=False).generation)
+        while any(p.poll() is None for p in procs):
+            assert time.monotonic() - t0 < HANG_GUARD_S, "flood never ended"
+            events += lab.drain()
             time.sleep(0.5)
         record_testsuite_property("storm_001_flood_s", round(time.monotonic() - t0, 1))
         results = _finish(procs)
@@ -125,7 +145,7 @@ def test_storm_001_flood_every_key_has_its_event_and_counts_add_up(lab: Lab, sto
     c1 = _ctr(lab)
     stats1 = table.counts()
     deltas = table.scan()  # nothing reported before: each key's total
-    assert other_denied == EPERM and swaps == 2
+    assert other_denied == EPERM and len(gens) == 3  # three generations decided the flood
     assert all(r["eperm"] == OPENS for r in results), results[:3]
     eperm = sum(r["eperm"] for r in results)
     denied = c1["denied"] - c0["denied"]
