@@ -1,8 +1,12 @@
 """A direct consumer of the kernel's BPF ring-buffer layout (kernel/bpf/ringbuf.c).
 
 Mapping: page 0 = consumer position (read-write); page 1 = producer position and,
-after it, the data area mapped twice (read-only) so a record that wraps is still
-contiguous.  Each record has an 8-byte header: u32 len (bit 31 BUSY, bit 30
+after it, the data area (read-only).  The kernel maps the data pages twice in a row so
+that a record that wraps is contiguous, and libbpf maps both copies; this reader maps
+one and copies a wrapping record in two pieces (``_copy``).  Mapping both put every
+data page in the agent's RSS twice once the ring had cycled: 10 MB of RSS for the 5 MiB
+of the deny and audit rings, memory the kernel holds once (it is the maps' memlock).
+Each record has an 8-byte header: u32 len (bit 31 BUSY, bit 30
 DISCARD) and u32 page offset; records are 8-byte aligned.  The producer advances
 ``producer_pos`` when it *reserves* (the header still BUSY) and clears BUSY on submit,
 so the consumer stops at the first BUSY record: later ones wait behind it.
@@ -101,7 +105,7 @@ class RingBuffer:
         self.poll_fd = fd if wakeup_fd is None else wakeup_fd
         self._wakeup_fd = wakeup_fd
         self._cons = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._data = mmap.mmap(fd, PAGE + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE)
+        self._data = mmap.mmap(fd, PAGE + size, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE)
         self._view = memoryview(self._data)
         self._words = self._view.cast("I")
         # the positions are 8-byte words shared with the producer (the kernel): load and
@@ -124,6 +128,15 @@ class RingBuffer:
 
     def available_bytes(self) -> int:
         return self.producer_pos() - self.consumer_pos()
+
+    def _copy(self, pos: int, n: int) -> bytes:
+        """n bytes of the data area from ring position pos, in two pieces when they wrap."""
+        start = pos & self.mask
+        end = start + n
+        if end <= self.size:
+            return bytes(self._view[PAGE + start : PAGE + end])
+        head = bytes(self._view[PAGE + start : PAGE + self.size])
+        return head + bytes(self._view[PAGE : PAGE + end - self.size])
 
     def _ack_wakeup(self) -> None:
         if self._wakeup_fd is not None:
@@ -148,7 +161,7 @@ class RingBuffer:
             if length & DISCARD_BIT:
                 self.discarded += 1
             else:
-                out.append(bytes(self._view[off + HDR_SIZE : off + HDR_SIZE + n]))
+                out.append(self._copy(cons + HDR_SIZE, n))
             cons += (n + HDR_SIZE + 7) & ~7
         if cons != cons0:
             self._cons_word.value = cons
@@ -158,10 +171,10 @@ class RingBuffer:
         return out
 
     def _uniform_run(self, cons: int, prod: int, max_records: int) -> int:
-        """How many committed 96-byte event records start at ``cons``: one strided read
-        of the header words (the first one that is not exactly 96 is a real header,
-        because every record before it was 104 bytes long)."""
-        span = min(prod - cons, max_records * RECORD_STRIDE)
+        """How many committed 96-byte event records start at ``cons`` and end before the
+        data area does: one strided read of the header words (the first one that is not
+        exactly 96 is a real header, because every record before it was 104 bytes long)."""
+        span = min(prod - cons, max_records * RECORD_STRIDE, self.size - (cons & self.mask))
         w0 = (PAGE + (cons & self.mask)) // 4
         lens = self._words[w0 : w0 + (span + 3) // 4 : _STRIDE_WORDS].tolist()
         n = len(lens)
@@ -189,9 +202,13 @@ class RingBuffer:
             if length & BUSY_BIT:
                 break
             if length == EVENT_SIZE:
-                # the strided scan saw it BUSY and the producer has committed it since: an
-                # event like the others, taken by the fast path (skipping it as foreign lost
-                # a deny once in a CI soak; tests/unit/test_ringbuf.py reproduces the interleaving)
+                # an event that wraps past the end of the data area, or one the strided scan
+                # saw BUSY and the producer has committed since: an event like the others
+                # (skipping the latter as foreign lost a deny once in a CI soak;
+                # tests/unit/test_ringbuf.py reproduces both)
+                chunks.append(self._copy(cons, RECORD_STRIDE))
+                cons += RECORD_STRIDE
+                count += 1
                 continue
             if length & DISCARD_BIT:
                 self.discarded += 1
