@@ -173,7 +173,8 @@ class WorkerProcess:
         return self
 
     def metrics(self) -> dict[str, float]:
-        """Sample name with labels -> value (empty while the endpoint is not up)."""
+        """Sample name with labels -> value (empty while the endpoint is not up); the key
+        is the sample as exposed, e.g. ``aegis_fleet_decisions_total{decision="deny"}``."""
         import urllib.request
 
         try:
@@ -181,12 +182,7 @@ class WorkerProcess:
                 text = r.read().decode()
         except OSError:
             return {}
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return sample_map(text)
 
     def wait(self, pred: Any, timeout: float, what: str) -> dict[str, float]:
         deadline = time.monotonic() + timeout
@@ -226,6 +222,19 @@ class WorkerProcess:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
             self.kill9()
+
+
+def sample_map(text: str) -> dict[str, float]:
+    """A Prometheus exposition read by prometheus_client's parser: ``name{k="v",...}`` (labels
+    in exposition order) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
 
 
 def summary_of(m: dict[str, float]) -> str:
