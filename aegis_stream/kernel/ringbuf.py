@@ -192,8 +192,7 @@ class RingBuffer:
         while cons < prod and count < max_records:
             n = self._uniform_run(cons, prod, max_records - count)
             if n:
-                off = PAGE + (cons & self.mask)
-                chunks.append(bytes(self._view[off : off + n * RECORD_STRIDE]))
+                chunks.append(self._copy(cons, n * RECORD_STRIDE))  # a run never wraps: one piece
                 cons += n * RECORD_STRIDE
                 count += n
                 continue
